@@ -1,0 +1,159 @@
+"""The Python API: quantize a model in memory, save it, load it back; or quantize a checkpoint on disk block by
+block without ever holding it whole (what the CLI does)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from lowbit.errors import LowbitError
+from lowbit.io.atomic import atomic_directory, check_output_dir
+from lowbit.io.writer import ShardWriter, block_shard_name, runtime_module_configs, write_metadata
+from lowbit.models.lazy import LazyModel, output_embedding_key, ties_embeddings
+from lowbit.models.source import LOWBIT_CONFIG
+from lowbit.pipeline.loop import InMemoryStore, LazyStore, run_blocks
+from lowbit.pipeline.report import QuantizeReport
+from lowbit.recipe import AWQ, Recipe, SmoothQuant, Step
+from lowbit.runtime.registry import build_empty
+
+
+@dataclass
+class LowbitInfo:
+    """Attached to a quantized model as ``model.lowbit_info``: how it was made."""
+
+    recipe: Recipe
+    report: QuantizeReport | None = None
+    artifact: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def _as_recipe(recipe: Recipe | Sequence[Step]) -> Recipe:
+    return recipe if isinstance(recipe, Recipe) else Recipe(steps=tuple(recipe))
+
+
+def saved_artifact(recipe: Recipe) -> dict[str, torch.Tensor] | None:
+    """The transform artifact a recipe asks to re-apply (SmoothQuant/AWQ ``artifact=PATH``), if any."""
+    step = recipe.find(AWQ) or recipe.find(SmoothQuant)
+    if step is None or step.artifact is None:
+        return None
+    path = Path(step.artifact)
+    if path.is_dir():
+        path = path / "transforms.safetensors"
+    try:
+        return load_file(str(path))
+    except (OSError, Exception) as exc:  # safetensors raises its own error type for corrupt files
+        raise LowbitError(f"cannot read transform artifact {path}: {str(exc)[:160]}") from None
+
+
+def quantize(
+    model: nn.Module,
+    recipe: Recipe | Sequence[Step],
+    calibration: torch.Tensor,
+    *,
+    device: torch.device | str = "cpu",
+    batch_size: int = 8,
+    seed: int = 0,
+    progress: bool = False,
+) -> nn.Module:
+    """Quantize a transformers causal LM in place with ``recipe``; ``calibration`` is token ids [N, L].
+
+    Returns the same model, its Linears replaced by lowbit runtime modules, with ``model.lowbit_info``.
+    """
+    recipe = _as_recipe(recipe)
+    store = InMemoryStore(model)
+    report, artifact = run_blocks(
+        store, recipe, calibration, batch_size=batch_size, device=device, seed=seed,
+        saved=saved_artifact(recipe), progress=progress,
+    )
+    model.lowbit_info = LowbitInfo(recipe, report, artifact)
+    return model
+
+
+def save(model: nn.Module, folder: str | Path, *, tokenizer=None, overwrite: bool = False) -> Path:
+    """Write a quantized model (from ``quantize``) as a lowbit checkpoint; atomic: all or nothing."""
+    info: LowbitInfo | None = getattr(model, "lowbit_info", None)
+    if info is None:
+        raise LowbitError("save() takes a model returned by lowbit.quantize() or lowbit.load()")
+    folder = Path(folder)
+    store = InMemoryStore(model)
+    blocks = store.arch.blocks
+    skip = output_embedding_key(model) if ties_embeddings(model.config) else None
+    dtype = next(model.parameters()).dtype
+    with atomic_directory(folder, overwrite) as tmp:
+        writer = ShardWriter(tmp)
+        for i, block in enumerate(store.blocks):
+            writer.write_module(block_shard_name(f"{blocks}.{i}"), f"{blocks}.{i}", block)
+        rest = {k: v for k, v in model.state_dict().items() if not k.startswith(blocks + ".") and k != skip}
+        writer.write("rest.safetensors", rest)
+        writer.finish()
+        write_metadata(
+            tmp, model.config, runtime_module_configs(model), info.recipe.to_dict(), dtype,
+            info.report.to_dict() if info.report else None, info.artifact, tokenizer=tokenizer,
+        )
+    return folder
+
+
+def quantize_checkpoint(
+    source: Path,
+    recipe: Recipe,
+    calibration: torch.Tensor,
+    out: Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    batch_size: int = 8,
+    seed: int = 0,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> QuantizeReport:
+    """Quantize the HF checkpoint in ``source`` into ``out`` block by block: each block is read from disk when
+    its turn comes, written as soon as it is done, and freed. Peak memory is about one block plus activations."""
+    check_output_dir(out, overwrite)
+    lazy = LazyModel(source, dtype)
+    saved = saved_artifact(recipe)
+    with atomic_directory(out, overwrite) as tmp:
+        writer = ShardWriter(tmp)
+        store = LazyStore(lazy, lambda prefix, block: writer.write_module(block_shard_name(prefix), prefix, block))
+        report, artifact = run_blocks(
+            store, recipe, calibration, batch_size=batch_size, device=device, seed=seed, saved=saved, progress=progress
+        )
+        writer.write("rest.safetensors", lazy.tensors_outside_blocks(dtype))
+        writer.finish()
+        write_metadata(
+            tmp, lazy.config, runtime_module_configs(lazy.model), recipe.to_dict(), dtype,
+            report.to_dict(), artifact, tokenizer_source=source,
+        )
+    return report
+
+
+def read_lowbit_config(folder: Path) -> dict:
+    path = folder / LOWBIT_CONFIG
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise LowbitError(f"{folder} is not a lowbit checkpoint (no {LOWBIT_CONFIG}); quantize a model into it first") from None
+    except json.JSONDecodeError as exc:
+        raise LowbitError(f"{path} is corrupt ({exc.msg}); re-run lowbit quantize") from None
+    if config.get("format") != "lowbit" or not isinstance(config.get("modules"), dict):
+        raise LowbitError(f"{path} is not a lowbit config (format {config.get('format')!r}); re-run lowbit quantize")
+    return config
+
+
+def load(folder: str | Path, *, dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> nn.Module:
+    """Rebuild a lowbit checkpoint: skeleton on meta, runtime modules swapped in, packed tensors loaded as stored
+    (memory holds the packed bytes, never a float copy of the quantized weights)."""
+    folder = Path(folder)
+    config = read_lowbit_config(folder)
+    dtype = dtype or getattr(torch, config.get("dtype", "float32"))
+    lazy = LazyModel(folder, dtype)
+    for name, module_config in config["modules"].items():
+        lazy.model.set_submodule(name, build_empty(module_config, dtype))
+    lazy.materialize("")
+    model = lazy.model.to(device).eval()
+    model.lowbit_info = LowbitInfo(Recipe.from_dict(config["recipe"]))
+    return model

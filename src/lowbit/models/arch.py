@@ -1,0 +1,145 @@
+"""The one declarative table of supported architectures.
+
+Linear layers are discovered generically (every ``nn.Linear`` inside a decoder block). What cannot be
+discovered is described here per ``model_type``:
+  * where the decoder blocks live,
+  * the scale groups ``(previous op -> Linears it feeds)`` that SmoothQuant and AWQ fold scales through, with the
+    sub-module whose output AWQ compares,
+  * the true-sequential stages GPTQ quantizes in order (each stage sees inputs from the already quantized ones).
+A group that resolves to nothing raises an error naming the model type and the missing module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from lowbit.errors import LowbitError
+
+
+@dataclass(frozen=True)
+class ScaleGroup:
+    """``prev`` (a norm or a Linear, path inside the block) feeds ``linears``; AWQ replays ``inspect``.
+
+    ``inspect`` None means the group's single Linear is its own inspected module. ``optional`` groups are
+    skipped when their shapes do not allow folding (e.g. v_proj -> o_proj under grouped-query attention).
+    """
+
+    prev: str
+    linears: tuple[str, ...]
+    inspect: str | None = None
+    optional: bool = False
+
+
+@dataclass(frozen=True)
+class Arch:
+    blocks: str
+    groups: tuple[ScaleGroup, ...]
+    sequential: tuple[tuple[str, ...], ...]
+    norm_offset: float = 0.0  # Gemma's RMSNorm multiplies by (1 + weight)
+    conv1d: bool = False  # GPT-2 stores Linear weights transposed (transformers' Conv1D)
+    # AWQ does not clip query/key projections: their error is amplified by the softmax (llm-awq auto_clip)
+    no_clip: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj")
+
+
+_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+_LLAMA = Arch(
+    blocks="model.layers",
+    groups=(
+        ScaleGroup("input_layernorm", _QKV, inspect="self_attn"),
+        ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",), optional=True),
+        ScaleGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), inspect="mlp"),
+        ScaleGroup("mlp.up_proj", ("mlp.down_proj",)),
+    ),
+    sequential=(_QKV, ("self_attn.o_proj",), ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)),
+)
+_GEMMA3 = Arch(
+    blocks="model.layers",
+    groups=(
+        ScaleGroup("input_layernorm", _QKV, inspect="self_attn"),
+        ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",), optional=True),
+        ScaleGroup("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj"), inspect="mlp"),
+        ScaleGroup("mlp.up_proj", ("mlp.down_proj",)),
+    ),
+    sequential=_LLAMA.sequential,
+    norm_offset=1.0,
+)
+_PHI3 = Arch(
+    blocks="model.layers",
+    groups=(
+        ScaleGroup("input_layernorm", ("self_attn.qkv_proj",), inspect="self_attn"),
+        ScaleGroup("post_attention_layernorm", ("mlp.gate_up_proj",), inspect="mlp"),
+    ),
+    sequential=(("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",)),
+    no_clip=("self_attn.qkv_proj",),
+)
+_OPT_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+_OPT = Arch(
+    blocks="model.decoder.layers",
+    groups=(
+        ScaleGroup("self_attn_layer_norm", _OPT_QKV, inspect="self_attn"),
+        ScaleGroup("self_attn.v_proj", ("self_attn.out_proj",), optional=True),
+        ScaleGroup("final_layer_norm", ("fc1",)),
+        ScaleGroup("fc1", ("fc2",)),  # ReLU between them is positively homogeneous, so scales pass through
+    ),
+    sequential=(_OPT_QKV, ("self_attn.out_proj",), ("fc1",), ("fc2",)),
+)
+_GPT2 = Arch(
+    blocks="transformer.h",
+    groups=(
+        ScaleGroup("ln_1", ("attn.c_attn",), inspect="attn"),
+        ScaleGroup("ln_2", ("mlp.c_fc",), inspect="mlp"),
+    ),
+    sequential=(("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)),
+    conv1d=True,
+    no_clip=("attn.c_attn",),
+)
+
+ARCHITECTURES: dict[str, Arch] = {
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
+    "qwen3": _LLAMA,
+    "gemma3_text": _GEMMA3,
+    "phi3": _PHI3,
+    "opt": _OPT,
+    "gpt2": _GPT2,
+}
+
+
+def arch_for(model_type: str) -> Arch:
+    """The table entry for ``model_type``; unknown types get the Llama-like default, checked by ``check_block``."""
+    return ARCHITECTURES.get(model_type, _LLAMA)
+
+
+def get_submodule(root: nn.Module, path: str, model_type: str) -> nn.Module:
+    try:
+        return root.get_submodule(path)
+    except AttributeError:
+        supported = ", ".join(sorted(ARCHITECTURES))
+        raise LowbitError(
+            f"model type {model_type!r}: no module {path!r} where the architecture table expects one; "
+            f"supported model types: {supported} (add an entry to lowbit/models/arch.py for a new one)"
+        ) from None
+
+
+def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
+    """Every Linear inside a decoder block, by path relative to the block."""
+    return {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
+
+
+def check_block(arch: Arch, block: nn.Module, model_type: str) -> None:
+    """Fail loudly when the table does not describe this block: a missing module, or a Linear no stage covers."""
+    for group in arch.groups:
+        for path in (group.prev, *group.linears, *([group.inspect] if group.inspect else [])):
+            get_submodule(block, path, model_type)
+    staged = {name for stage in arch.sequential for name in stage}
+    for name in staged:
+        get_submodule(block, name, model_type)
+    unstaged = sorted(set(block_linears(block)) - staged)
+    if unstaged:
+        raise LowbitError(
+            f"model type {model_type!r}: Linear layers {unstaged} are not in the architecture table's "
+            "sequential stages; add them to its entry in lowbit/models/arch.py"
+        )

@@ -1,0 +1,173 @@
+"""A model skeleton on the meta device whose modules are materialised from disk only when their turn comes.
+
+Peak memory while quantizing is one decoder block plus calibration activations plus embeddings: a checkpoint
+larger than RAM is processed block by block. GPT-2's Conv1D layers (weights stored [in, out]) become plain
+``nn.Linear`` here, the one place weights are read, so nothing downstream needs to know about them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers.pytorch_utils import Conv1D
+
+from lowbit.errors import LowbitError
+from lowbit.models.arch import ARCHITECTURES, Arch, arch_for, check_block, get_submodule
+from lowbit.models.checkpoint import CheckpointReader
+from lowbit.models.source import LOWBIT_CONFIG
+
+
+def load_config(folder: Path) -> PretrainedConfig:
+    try:
+        return AutoConfig.from_pretrained(folder, local_files_only=True)
+    except (ValueError, OSError, KeyError) as exc:
+        raise LowbitError(f"cannot read {folder / 'config.json'}: {str(exc)[:200]}") from None
+
+
+def build_skeleton(config: PretrainedConfig, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """The model with parameters on meta (buffers such as rotary tables are real: they are computed, not loaded)."""
+    try:
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except ValueError as exc:
+        raise LowbitError(
+            f"model type {config.model_type!r} is not a causal LM transformers can build ({str(exc)[:120]}); "
+            f"supported model types: {', '.join(sorted(ARCHITECTURES))}"
+        ) from None
+    return model.eval()
+
+
+def conv1d_to_linear(root: nn.Module) -> set[str]:
+    """Replace every Conv1D under ``root`` by an equivalent nn.Linear (weights transposed; meta stays meta).
+    Returns the replaced module paths."""
+    replaced = set()
+    for name, module in list(root.named_modules()):
+        if isinstance(module, Conv1D):
+            in_features, out_features = module.weight.shape  # Conv1D stores [in, out]
+            linear = nn.Linear(in_features, out_features, bias=module.bias is not None, device="meta")
+            if module.weight.device.type != "meta":
+                linear.weight = nn.Parameter(module.weight.detach().t().contiguous(), requires_grad=False)
+                if module.bias is not None:
+                    linear.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
+            root.set_submodule(name, linear)
+            replaced.add(name)
+    return replaced
+
+
+def ties_embeddings(config: PretrainedConfig) -> bool:
+    return bool(getattr(config, "tie_word_embeddings", False))
+
+
+def output_embedding_key(model: PreTrainedModel) -> str:
+    """State-dict name of the LM head's weight (shared with the input embedding when tied)."""
+    head = model.get_output_embeddings()
+    for name, module in model.named_modules():
+        if module is head:
+            return f"{name}.weight"
+    return "lm_head.weight"
+
+
+class LazyModel:
+    """Skeleton + checkpoint reader. ``materialize(prefix)`` loads the tensors under a module; ``release`` frees them."""
+
+    def __init__(self, folder: Path, dtype: torch.dtype = torch.float32) -> None:
+        self.folder = folder
+        self.dtype = dtype
+        self.config = load_config(folder)
+        self.model_type: str = self.config.model_type
+        self.arch: Arch = arch_for(self.model_type)
+        self.model = build_skeleton(self.config, dtype)
+        converted = conv1d_to_linear(self.model) if self.arch.conv1d else set()
+        # HF checkpoints store Conv1D weights [in, out]; lowbit's own output is already in Linear layout
+        self.transposed = set() if (folder / LOWBIT_CONFIG).exists() else converted
+        self.reader = CheckpointReader(folder)
+        self.blocks: nn.ModuleList = get_submodule(self.model, self.arch.blocks, self.model_type)  # type: ignore[assignment]
+        if len(self.blocks) == 0:
+            raise LowbitError(f"model in {folder} has no decoder blocks at {self.arch.blocks!r}")
+        check_block(self.arch, self.blocks[0], self.model_type)
+        self._prefix = self.model.base_model_prefix + "."
+
+    @property
+    def tied_embeddings(self) -> bool:
+        return ties_embeddings(self.config)
+
+    def checkpoint_key(self, name: str) -> str:
+        """The checkpoint's name for model tensor ``name`` (some checkpoints omit the base-model prefix)."""
+        if name in self.reader:
+            return name
+        if name.startswith(self._prefix) and name[len(self._prefix) :] in self.reader:
+            return name[len(self._prefix) :]
+        raise LowbitError(
+            f"tensor {name!r} is missing from the checkpoint in {self.folder}; it does not match its config.json"
+        )
+
+    def materialize(self, prefix: str, device: torch.device | str = "cpu") -> None:
+        """Load every parameter and persistent buffer under module ``prefix`` ('' = the whole model)."""
+        root = self.model.get_submodule(prefix) if prefix else self.model
+        head = f"{prefix}." if prefix else ""
+        for name, placeholder in root.state_dict(keep_vars=True).items():
+            full = head + name
+            if self.tied_embeddings and full == self.output_embedding_key():
+                continue
+            tensor = self.reader.get(self.checkpoint_key(full))
+            owner_path, _, attr = full.rpartition(".")
+            if owner_path in self.transposed and attr == "weight":
+                tensor = tensor.t().contiguous()
+            set_tensor(self.model, full, tensor, placeholder, device)
+        if not prefix:
+            self.tie_embeddings()
+
+    def output_embedding_key(self) -> str:
+        return output_embedding_key(self.model)
+
+    def tie_embeddings(self) -> None:
+        if self.tied_embeddings:
+            self.model.get_output_embeddings().weight = self.model.get_input_embeddings().weight
+
+    def tensors_outside_blocks(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Embeddings, final norm and an untied head straight from the checkpoint, for writing them out."""
+        blocks = self.arch.blocks + "."
+        skip = self.output_embedding_key() if self.tied_embeddings else None
+        out = {}
+        for name in self.model.state_dict(keep_vars=True):
+            if name.startswith(blocks) or name == skip:
+                continue
+            tensor = self.reader.get(self.checkpoint_key(name))
+            out[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+        return out
+
+    def materialize_outside_blocks(self, device: torch.device | str = "cpu") -> None:
+        """Embeddings, final norm and the rest, except an untied output head (quantization never needs it)."""
+        skip = self.output_embedding_key()
+        blocks = self.arch.blocks + "."
+        for name, placeholder in self.model.state_dict(keep_vars=True).items():
+            if name.startswith(blocks) or name == skip:
+                continue
+            set_tensor(self.model, name, self.reader.get(self.checkpoint_key(name)), placeholder, device)
+
+    def release(self, prefix: str) -> None:
+        """Move a module's tensors back to meta, freeing their memory."""
+        self.model.get_submodule(prefix).to("meta")
+
+
+def set_tensor(model: nn.Module, name: str, tensor: torch.Tensor, placeholder: torch.Tensor, device) -> None:
+    """Replace parameter/buffer ``name`` by ``tensor``, checked against the placeholder's shape; floats are cast
+    to the placeholder's dtype, integer codes stay as stored."""
+    if tensor.shape != placeholder.shape:
+        raise LowbitError(
+            f"tensor {name!r} has shape {tuple(tensor.shape)} in the checkpoint but the model config implies "
+            f"{tuple(placeholder.shape)}; the weights do not belong to this config.json"
+        )
+    owner_path, _, attr = name.rpartition(".")
+    owner = model.get_submodule(owner_path) if owner_path else model
+    if tensor.is_floating_point() and placeholder.dtype.is_floating_point:
+        tensor = tensor.to(placeholder.dtype)
+    tensor = tensor.to(device)
+    if attr in owner._parameters:
+        owner._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+    else:
+        owner._buffers[attr] = tensor

@@ -1,0 +1,62 @@
+"""AWQ's weight clipping search: per group, the max |w| that minimises the group's output error once quantized."""
+
+from __future__ import annotations
+
+import torch
+
+from lowbit.numerics.grid import fake_quantize, fit_scale_zero
+from lowbit.numerics.rtn import group_size_for
+from lowbit.recipe import WeightQuant
+
+
+def _grouped(W: torch.Tensor, X: torch.Tensor, gs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """W [out, in] -> [out, n_groups, gs]; X [t, in] -> [t, n_groups, gs] (zero-padded to whole groups)."""
+    n = W.shape[1]
+    n_groups = -(-n // gs)
+    pad = n_groups * gs - n
+    Wg = torch.nn.functional.pad(W, (0, pad)).view(W.shape[0], n_groups, gs)
+    Xg = torch.nn.functional.pad(X, (0, pad)).view(X.shape[0], n_groups, gs)
+    return Wg, Xg
+
+
+def _quantize_groups(Wg: torch.Tensor, spec: WeightQuant) -> torch.Tensor:
+    scale, zero = fit_scale_zero(Wg.amin(dim=-1), Wg.amax(dim=-1), spec.bits, spec.symmetric)
+    return fake_quantize(Wg, scale.unsqueeze(-1), zero.unsqueeze(-1), spec.bits)
+
+
+def awq_clip(
+    W: torch.Tensor, X: torch.Tensor, spec: WeightQuant, n_grid: int = 20, max_shrink: float = 0.5, row_batch: int = 1024
+) -> torch.Tensor | None:
+    """Best clipping threshold max_val [out, n_groups] for W [out, in] given sample inputs X [tokens, in].
+
+    Candidates are max|w| * (1 - i / n_grid) for i < max_shrink * n_grid; the error of a group is the mean squared
+    difference of its partial outputs X_g W_g^T before and after clip + quantization. Per-tensor grids have no
+    per-group range to clip: None.
+    """
+    if spec.granularity == "tensor":
+        return None
+    gs = group_size_for(spec, W.shape[1])
+    best_rows = []
+    for r0 in range(0, W.shape[0], row_batch):
+        Wg, Xg = _grouped(W[r0 : r0 + row_batch].float(), X.float(), gs)  # [rows, g, gs], [t, g, gs]
+        reference = torch.einsum("tgk,ogk->ogt", Xg, Wg)  # [rows, g, t]
+        org_max = Wg.abs().amax(dim=-1)  # [rows, g]
+        best_max = org_max.clone()
+        best_err = torch.full_like(org_max, float("inf"))
+        for i in range(int(max_shrink * n_grid)):
+            max_val = org_max * (1 - i / n_grid)
+            clipped = torch.clamp(Wg, -max_val.unsqueeze(-1), max_val.unsqueeze(-1))
+            out = torch.einsum("tgk,ogk->ogt", Xg, _quantize_groups(clipped, spec))
+            err = (out - reference).pow(2).mean(dim=-1)  # [rows, g]
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_max = torch.where(better, max_val, best_max)
+        best_rows.append(best_max)
+    return torch.cat(best_rows, dim=0)
+
+
+def apply_clip(W: torch.Tensor, max_val: torch.Tensor, spec: WeightQuant) -> torch.Tensor:
+    """Clamp W [out, in] to [-max_val, max_val] of each group (max_val [out, n_groups])."""
+    gs = group_size_for(spec, W.shape[1])
+    bound = max_val.repeat_interleave(gs, dim=1)[:, : W.shape[1]]  # [out, in]
+    return torch.clamp(W, -bound, bound)

@@ -1,0 +1,189 @@
+"""GPTQ and SparseGPT: one Optimal-Brain-Surgeon sweep over columns with lazy block updates.
+
+Columns are visited left to right (or in act-order: by descending H_jj). Each column is rounded to the grid and/or
+pruned; its error, scaled by the inverse Hessian's diagonal, is pushed onto the not-yet-visited columns of the
+current block at once and onto the rest of the matrix once per block (lazy batch updates). Symbols follow the
+GPTQ paper and IST-DASLab/gptq: W, H, Hinv, Q, Err.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lowbit.errors import LowbitError
+from lowbit.numerics.grid import fit_scale_zero, round_to_grid
+from lowbit.numerics.hessian import inverse_hessian, prepare_hessian
+from lowbit.numerics.qweight import QWeight
+from lowbit.numerics.rtn import group_size_for, weight_ranges
+from lowbit.recipe import WeightQuant
+
+
+@dataclass
+class ObsResult:
+    weight: torch.Tensor  # W_hat [out, in] float32: dequantized and/or pruned
+    qweight: QWeight | None  # set when a grid was given
+    pruned: torch.Tensor  # bool [out, in], True where the weight was removed
+    damp: float
+    retries: int
+
+
+class _Grid:
+    """Scale/zero per group, fitted lazily as the sweep reaches each group (static groups: fitted up front)."""
+
+    def __init__(self, spec: WeightQuant, W: torch.Tensor, perm: torch.Tensor | None, static_groups: bool) -> None:
+        self.spec = spec
+        self.n = W.shape[1]
+        self.gs = group_size_for(spec, self.n)
+        self.grouped = spec.granularity == "group" and self.gs < self.n
+        self.perm = perm
+        self.static = static_groups and self.grouped
+        self.n_groups = -(-self.n // self.gs) if self.grouped else 1
+        self.scale: list[torch.Tensor | None] = [None] * self.n_groups
+        self.zero: list[torch.Tensor | None] = [None] * self.n_groups
+        if not self.grouped or self.static:
+            wmin, wmax = weight_ranges(W, spec)  # W in original column order: [out or 1, n_groups]
+            scale, zero = fit_scale_zero(wmin, wmax, spec.bits, spec.symmetric)
+            for g in range(self.n_groups):
+                self.scale[g], self.zero[g] = scale[:, g], zero[:, g]
+
+    def group_of(self, col: int) -> int:
+        """Group of the column at sweep position ``col``."""
+        if not self.grouped:
+            return 0
+        if self.static and self.perm is not None:
+            return int(self.perm[col]) // self.gs
+        return col // self.gs
+
+    def needs_fit(self, col: int) -> bool:
+        return self.scale[self.group_of(col)] is None
+
+    def fit(self, col: int, upcoming: torch.Tensor) -> None:
+        """Fit the group the sweep enters at ``col`` from ``upcoming`` [out, >=1]: the current (error-updated)
+        values of the group's columns."""
+        g = self.group_of(col)
+        wmin, wmax = upcoming[:, : self.gs].amin(dim=1), upcoming[:, : self.gs].amax(dim=1)
+        self.scale[g], self.zero[g] = fit_scale_zero(wmin, wmax, self.spec.bits, self.spec.symmetric)
+
+    def params(self, col: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scale/zero [out or 1] for sweep column ``col``."""
+        g = self.group_of(col)
+        return self.scale[g], self.zero[g]  # type: ignore[return-value]
+
+    def g_idx(self, invperm: torch.Tensor | None) -> torch.Tensor | None:
+        """Group of each ORIGINAL column when act-order made groups non-contiguous, else None."""
+        if not self.grouped or invperm is None or self.static:
+            return None
+        return (torch.arange(self.n, device=invperm.device) // self.gs)[invperm].to(torch.int32)
+
+    def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.stack(self.scale, dim=-1), torch.stack(self.zero, dim=-1)  # type: ignore[arg-type]
+
+
+def obs_compress(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    spec: WeightQuant | None,
+    *,
+    sparsity: float = 0.0,
+    nm: tuple[int, int] | None = None,
+    keep_mask: torch.Tensor | None = None,
+    act_order: bool = False,
+    static_groups: bool = False,
+    damp: float = 0.01,
+    block_size: int = 128,
+) -> ObsResult:
+    """Round (``spec``) and/or prune (``sparsity`` unstructured per block, or ``nm`` = (kept, M)) W [out, in]
+    using the Hessian H [in, in]. ``keep_mask`` (bool [out, in], False = already pruned) pins earlier pruning:
+    those weights stay exactly zero and their removal error is compensated like any other."""
+    out_features, n = W.shape
+    if nm is not None and n % nm[1] != 0:
+        raise LowbitError(f"N:M pruning needs in_features divisible by M={nm[1]}, got {n}")
+    W, H, dead = prepare_hessian(W, H)
+    perm = invperm = None
+    if act_order:
+        perm = torch.argsort(torch.diag(H), descending=True)
+        invperm = torch.argsort(perm)
+    grid = _Grid(spec, W, perm, static_groups) if spec is not None else None
+    if perm is not None:
+        W, H = W[:, perm], H[perm][:, perm]
+        keep_mask = keep_mask[:, perm] if keep_mask is not None else None
+    inv = inverse_hessian(H, damp)
+    Hinv = inv.Hinv
+
+    codes = torch.zeros(out_features, n, dtype=torch.uint8, device=W.device)
+    pruned = torch.zeros(out_features, n, dtype=torch.bool, device=W.device)
+    for i1 in range(0, n, block_size):
+        i2 = min(i1 + block_size, n)
+        count = i2 - i1
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        d = torch.diag(Hinv1)
+        mask1 = torch.zeros_like(W1, dtype=torch.bool)
+        if keep_mask is not None:
+            mask1 |= ~keep_mask[:, i1:i2]
+        if sparsity > 0 and nm is None:
+            # SparseGPT's adaptive mask: the block's lowest w^2 / [Hinv]_jj^2 go
+            score = W1**2 / d.unsqueeze(0) ** 2
+            threshold = torch.sort(score.flatten())[0][int(score.numel() * sparsity)]
+            mask1 |= score <= threshold
+        for i in range(count):
+            col = i1 + i
+            w = W1[:, i]
+            if nm is not None and i % nm[1] == 0:
+                score = W1[:, i : i + nm[1]] ** 2 / d[i : i + nm[1]].unsqueeze(0) ** 2
+                drop = torch.topk(score, nm[1] - nm[0], dim=1, largest=False).indices
+                mask1.scatter_(1, i + drop, True)
+            q = torch.where(mask1[:, i], torch.zeros_like(w), w)
+            if grid is not None:
+                if grid.needs_fit(col):
+                    grid.fit(col, torch.cat([W1[:, i:], W[:, i2 : col + grid.gs]], dim=1))
+                scale, zero = grid.params(col)
+                code = round_to_grid(q, scale, zero, grid.spec.bits)
+                code = torch.where(mask1[:, i], zero.expand_as(code), code)  # pruned -> exactly 0.0
+                codes[:, col] = code.to(torch.uint8)
+                q = (code - zero) * scale
+            Q1[:, i] = q
+            err = (w - q) / d[i]
+            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i1:i2] = Q1
+        pruned[:, i1:i2] = mask1
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    if invperm is not None:
+        W, codes, pruned = W[:, invperm], codes[:, invperm], pruned[:, invperm]
+    W[:, dead] = 0.0
+    qweight = None
+    if grid is not None:
+        scale, zero = grid.stacked()
+        qweight = QWeight(
+            codes=codes,
+            scale=scale.half(),
+            zero=None if grid.spec.symmetric else zero.to(torch.uint8),
+            bits=grid.spec.bits,
+            group_size=grid.gs,
+            g_idx=grid.g_idx(invperm),
+        )
+    return ObsResult(W, qweight, pruned, inv.damp, inv.retries)
+
+
+def gptq(W: torch.Tensor, H: torch.Tensor, spec: WeightQuant, **options) -> ObsResult:
+    """GPTQ rounding of W [out, in] with Hessian H [in, in]; options as ``obs_compress``."""
+    return obs_compress(W, H, spec, **options)
+
+
+def sparsegpt(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    sparsity: float,
+    nm: tuple[int, int] | None = None,
+    spec: WeightQuant | None = None,
+    damp: float = 0.01,
+    block_size: int = 128,
+) -> ObsResult:
+    """SparseGPT pruning (unstructured ``sparsity`` or N:M ``nm``), optionally rounding jointly to ``spec``."""
+    return obs_compress(W, H, spec, sparsity=0.0 if nm else sparsity, nm=nm, damp=damp, block_size=block_size)

@@ -1,0 +1,44 @@
+"""Everything the recipe does to one decoder block: transform, compress, measure."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from lowbit.pipeline.compress import compress_block
+from lowbit.pipeline.context import BlockContext
+from lowbit.pipeline.measure import measure_block
+from lowbit.pipeline.report import BlockRecord, LinearRecord
+from lowbit.pipeline.taps import run_with_taps
+from lowbit.pipeline.transforms import awq_block, smooth_block
+from lowbit.recipe import AWQ, Recipe, SmoothQuant
+
+
+def process_block(
+    ctx: BlockContext, recipe: Recipe, batch_size: int, saved: dict[str, torch.Tensor] | None, index: int
+) -> BlockRecord:
+    """Transform and compress ``ctx.block`` in place; afterwards ``ctx.data.hidden`` holds its quantized outputs."""
+    start = time.perf_counter()
+    smooth, awq = recipe.find(SmoothQuant), recipe.find(AWQ)
+    if smooth is not None:
+        fp_outputs = smooth_block(ctx, smooth, saved)
+    elif awq is not None:
+        fp_outputs = awq_block(ctx, awq, batch_size, saved)
+    else:
+        fp_outputs = run_with_taps(ctx.block, ctx.data, max_outputs=ctx.error_batches)
+    # the full-precision reference of each Linear after the (output-preserving) transform
+    references = {
+        path: (lin.weight.detach().clone(), None if lin.bias is None else lin.bias.detach().clone())
+        for path, lin in ctx.targets.items()
+    }
+    compressed = compress_block(ctx, recipe)
+    measured = measure_block(ctx.block, ctx.data, {p: c.module for p, c in compressed.items()}, references, fp_outputs)
+    linears = []
+    for path, c in compressed.items():
+        note = c.note
+        if path in measured.outlier_share:
+            note = f"{note}, " if note else ""
+            note += f"outlier columns {measured.outlier_share[path]:.2%}"
+        linears.append(LinearRecord(ctx.full_name(path), c.method, measured.linear_error[path], c.seconds, note))
+    return BlockRecord(index, time.perf_counter() - start, measured.block_error, linears)

@@ -1,0 +1,154 @@
+"""The one block loop every algorithm runs in.
+
+capture block-0 inputs once -> for each block: materialise it, transform, compress, measure (its quantized
+outputs feed the next block), hand it to the caller (write it out and free it, or keep it) -> report.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lowbit.errors import LowbitError
+from lowbit.models.arch import arch_for, check_block, get_submodule
+from lowbit.models.lazy import LazyModel, conv1d_to_linear
+from lowbit.pipeline.block import process_block
+from lowbit.pipeline.capture import capture_block_calls
+from lowbit.pipeline.context import BlockContext, select_targets
+from lowbit.pipeline.report import QuantizeReport, block_row
+from lowbit.pipeline.taps import BlockData
+from lowbit.recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+ERROR_SEQUENCES = 32  # sequences whose full-precision block outputs are kept to measure block errors
+
+
+def move_outside_blocks(model: nn.Module, blocks_path: str, device: torch.device | str) -> None:
+    """Move every materialised tensor that is not inside a decoder block, keeping tied parameters tied."""
+    for name, module in model.named_modules():
+        if name == blocks_path or name.startswith(blocks_path + "."):
+            continue
+        for param in module.parameters(recurse=False):
+            if param.device.type != "meta":
+                param.data = param.data.to(device)
+        for key, buf in list(module._buffers.items()):
+            if buf is not None and buf.device.type != "meta":
+                module._buffers[key] = buf.to(device)
+
+
+class InMemoryStore:
+    """Blocks of a model that is already in memory: moved to the work device one at a time, kept afterwards."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.model_type: str = model.config.model_type
+        self.arch = arch_for(self.model_type)
+        if self.arch.conv1d:
+            conv1d_to_linear(model)
+        self.blocks: nn.ModuleList = get_submodule(model, self.arch.blocks, self.model_type)  # type: ignore[assignment]
+        check_block(self.arch, self.blocks[0], self.model_type)
+        self.home = next(model.parameters()).device
+
+    def prepare(self, device: torch.device | str) -> None:
+        move_outside_blocks(self.model, self.arch.blocks, device)
+
+    def load(self, index: int, device: torch.device | str) -> nn.Module:
+        return self.blocks[index].to(device)
+
+    def finish(self, index: int, block: nn.Module) -> None:
+        block.to(self.home)
+
+    def close(self) -> None:
+        move_outside_blocks(self.model, self.arch.blocks, self.home)
+
+
+class LazyStore:
+    """Blocks read from disk when their turn comes; each finished block goes to ``on_block_done`` and is freed."""
+
+    def __init__(self, lazy: LazyModel, on_block_done: Callable[[str, nn.Module], None]) -> None:
+        self.lazy = lazy
+        self.model, self.model_type, self.arch, self.blocks = lazy.model, lazy.model_type, lazy.arch, lazy.blocks
+        self.on_block_done = on_block_done
+
+    def prepare(self, device: torch.device | str) -> None:
+        self.lazy.materialize_outside_blocks(device)
+        move_outside_blocks(self.model, self.arch.blocks, device)
+
+    def load(self, index: int, device: torch.device | str) -> nn.Module:
+        prefix = f"{self.arch.blocks}.{index}"
+        self.lazy.materialize(prefix, device)
+        return self.blocks[index]
+
+    def finish(self, index: int, block: nn.Module) -> None:
+        prefix = f"{self.arch.blocks}.{index}"
+        self.on_block_done(prefix, block)
+        self.lazy.release(prefix)
+
+    def close(self) -> None:
+        pass
+
+
+def check_calibration(ids: torch.Tensor) -> torch.Tensor:
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
+        raise LowbitError("calibration must be a LongTensor of token ids shaped [n_sequences, seq_len]")
+    return ids.long()
+
+
+def run_blocks(
+    store: InMemoryStore | LazyStore,
+    recipe: Recipe,
+    ids: torch.Tensor,
+    *,
+    batch_size: int = 8,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    saved: dict[str, torch.Tensor] | None = None,
+    progress: bool = True,
+) -> tuple[QuantizeReport, dict[str, torch.Tensor]]:
+    """Quantize every block of ``store`` with ``recipe`` on calibration ``ids`` [N, L].
+
+    Returns the report and the transform artifact (SmoothQuant/AWQ scales and clips, by tensor name).
+    ``saved`` is an earlier run's artifact to re-apply instead of searching.
+    """
+    ids = check_calibration(ids)
+    start = time.perf_counter()
+    report = QuantizeReport(
+        recipe.to_dict(),
+        {"n_sequences": ids.shape[0], "seq_len": ids.shape[1], "batch_size": batch_size, "seed": seed},
+    )
+    artifact: dict[str, torch.Tensor] = {}
+    store.prepare(device)
+    try:
+        calls = capture_block_calls(store.model, store.blocks, ids, batch_size, device)
+        hidden = calls.hidden
+        n_blocks = len(store.blocks)
+        for i in tqdm(range(n_blocks), desc="quantizing blocks", unit="block", disable=not progress):
+            prefix = f"{store.arch.blocks}.{i}"
+            block = store.load(i, device)
+            ctx = BlockContext(
+                prefix=prefix,
+                block=block,
+                data=BlockData(hidden, calls.calls[i]),
+                arch=store.arch,
+                model_type=store.model_type,
+                targets=select_targets(block, prefix, recipe.ignore),
+                artifact=artifact,
+                seed=seed + i,
+                error_batches=math.ceil(ERROR_SEQUENCES / batch_size),
+            )
+            record = process_block(ctx, recipe, batch_size, saved, i)
+            calls.calls[i] = []  # this block's masks and rotary tables are no longer needed
+            store.finish(i, block)
+            report.blocks.append(record)
+            log.info(block_row(record))
+    finally:
+        store.close()
+    report.seconds = time.perf_counter() - start
+    return report, artifact

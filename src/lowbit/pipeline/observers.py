@@ -1,0 +1,110 @@
+"""Streaming accumulators over a module's inputs x [..., in], fed one calibration batch at a time.
+
+Only the AWQ replay keeps raw activations (a bounded number of calls); everything else is a running statistic.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x.detach().reshape(-1, x.shape[-1]).float()  # [tokens, in]
+
+
+class HessianObserver:
+    """H = 2 X^T X / n_tokens, as a running average (IST-DASLab/gptq GPTQ.add_batch)."""
+
+    def __init__(self) -> None:
+        self.H: torch.Tensor | None = None
+        self.n = 0
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        rows = _rows(x)
+        t = rows.shape[0]
+        if self.H is None:
+            self.H = torch.zeros(rows.shape[1], rows.shape[1], device=rows.device)
+        self.H *= self.n / (self.n + t)
+        self.n += t
+        rows = rows * (2.0 / self.n) ** 0.5
+        self.H += rows.T @ rows
+
+
+class InputNormObserver:
+    """||X_j||_2 over all tokens, per input feature (Wanda's activation term)."""
+
+    def __init__(self) -> None:
+        self.sumsq: torch.Tensor | None = None
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        sq = _rows(x).pow(2).sum(dim=0)
+        self.sumsq = sq if self.sumsq is None else self.sumsq + sq
+
+    @property
+    def norm(self) -> torch.Tensor:
+        assert self.sumsq is not None
+        return self.sumsq.sqrt()
+
+
+class AbsMaxObserver:
+    """max |X_j| per input feature (SmoothQuant, static activation scales)."""
+
+    def __init__(self) -> None:
+        self.absmax: torch.Tensor | None = None
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        m = _rows(x).abs().amax(dim=0)
+        self.absmax = m if self.absmax is None else torch.maximum(self.absmax, m)
+
+
+class MeanAbsObserver:
+    """mean |X_j| per input feature (AWQ's activation statistic)."""
+
+    def __init__(self) -> None:
+        self.total: torch.Tensor | None = None
+        self.n = 0
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        rows = _rows(x)
+        s = rows.abs().sum(dim=0)
+        self.total = s if self.total is None else self.total + s
+        self.n += rows.shape[0]
+
+    @property
+    def mean(self) -> torch.Tensor:
+        assert self.total is not None
+        return self.total / self.n
+
+
+class TokenSampleObserver:
+    """A uniform random sample of at most ``max_tokens`` input rows (AWQ clip search), seeded."""
+
+    def __init__(self, max_tokens: int, seed: int = 0) -> None:
+        self.max_tokens = max_tokens
+        self.generator = torch.Generator().manual_seed(seed)
+        self.rows: torch.Tensor | None = None
+        self.keys: torch.Tensor | None = None
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        rows = _rows(x)
+        keys = torch.rand(rows.shape[0], generator=self.generator)
+        if self.rows is not None:
+            rows = torch.cat([self.rows, rows.to(self.rows.device)])
+            keys = torch.cat([self.keys, keys])
+        keep = torch.topk(keys, min(self.max_tokens, keys.numel())).indices
+        self.rows, self.keys = rows[keep.to(rows.device)], keys[keep]
+
+
+class CallRecorder:
+    """The full (args, kwargs) of a module's first ``max_calls`` calls, to replay it later (AWQ's loss)."""
+
+    def __init__(self, max_calls: int) -> None:
+        self.max_calls = max_calls
+        self.calls: list[tuple[tuple, dict[str, Any]]] = []
+
+    def add_call(self, args: tuple, kwargs: dict[str, Any]) -> None:
+        if len(self.calls) < self.max_calls:
+            detached = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+            self.calls.append((detached, dict(kwargs)))

@@ -1,0 +1,68 @@
+"""What a quantization run reports: per Linear and per block, the method, relative output error and time."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from rich.table import Table
+
+
+@dataclass
+class LinearRecord:
+    name: str
+    method: str
+    rel_error: float  # ||y_q - y_fp|| / ||y_fp|| on the calibration inputs this Linear really saw
+    seconds: float
+    note: str = ""
+
+
+@dataclass
+class BlockRecord:
+    index: int
+    seconds: float
+    rel_error: float  # the whole block's output error
+    linears: list[LinearRecord] = field(default_factory=list)
+
+
+@dataclass
+class QuantizeReport:
+    recipe: dict[str, Any]
+    calibration: dict[str, Any]
+    blocks: list[BlockRecord] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QuantizeReport:
+        blocks = [
+            BlockRecord(**{**b, "linears": [LinearRecord(**r) for r in b["linears"]]}) for b in data.get("blocks", [])
+        ]
+        return cls(data["recipe"], data["calibration"], blocks, data.get("seconds", 0.0))
+
+    def mean_linear_error(self) -> float:
+        errors = [r.rel_error for b in self.blocks for r in b.linears]
+        return sum(errors) / len(errors) if errors else 0.0
+
+
+def block_row(record: BlockRecord) -> str:
+    """One log line per finished block, so a long run shows whether it is healthy."""
+    worst = max(record.linears, key=lambda r: r.rel_error, default=None)
+    tail = f", worst {worst.name.rsplit('.', 2)[-2]}.{worst.name.rsplit('.', 1)[-1]} {worst.rel_error:.4f}" if worst else ""
+    return f"block {record.index}: output error {record.rel_error:.4f} in {record.seconds:.1f}s{tail}"
+
+
+def layer_table(report: QuantizeReport, per_linear: bool = True) -> Table:
+    """Rows per Linear (layer, method, relative output error, time, note) and a bold row per block."""
+    table = Table(title=f"per-layer report: {report.recipe.get('name', '')}")
+    for column, justify in (("layer", "left"), ("method", "left"), ("rel. error", "right"), ("time s", "right"), ("note", "left")):
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    for b in report.blocks:
+        for r in b.linears if per_linear else []:
+            table.add_row(r.name, r.method, f"{r.rel_error:.4f}", f"{r.seconds:.2f}", r.note)
+        worst = max((r.rel_error for r in b.linears), default=0.0)
+        table.add_row(f"block {b.index} output", "", f"{b.rel_error:.4f}", f"{b.seconds:.1f}", f"worst Linear {worst:.4f}", style="bold")
+    return table

@@ -1,0 +1,117 @@
+"""Equivalence transforms on one block: SmoothQuant scales and AWQ scale + clip search.
+
+Each runs the block once in full precision (the reference outputs the block's error is measured against), turns
+the statistics into scales, folds them, and records the result in ``ctx.artifact`` so that a later run can
+re-apply it (``saved``) without calibrating. AWQ's clip thresholds are recorded here and applied when the
+weights are rounded (``compress``), so the clip is part of the measured rounding error.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lowbit.errors import LowbitError
+from lowbit.numerics.rtn import rtn
+from lowbit.numerics.scales import awq_ratios, awq_scales, smoothquant_scales
+from lowbit.numerics.awq_clip import awq_clip
+from lowbit.pipeline.context import BlockContext, ResolvedGroup, resolve_groups
+from lowbit.pipeline.fold import fold_scales
+from lowbit.pipeline.observers import AbsMaxObserver, CallRecorder, MeanAbsObserver, TokenSampleObserver
+from lowbit.pipeline.taps import replay, run_with_taps
+from lowbit.recipe import AWQ, SmoothQuant, WeightQuant
+
+SMOOTH_KEY = "smooth_scales"
+AWQ_SCALE_KEY = "awq_scales"
+AWQ_CLIP_KEY = "awq_clip"
+
+
+def saved_tensor(saved: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    if name not in saved:
+        raise LowbitError(f"the transform artifact has no tensor {name!r}; it was made for another model or recipe")
+    return saved[name]
+
+
+def smooth_block(ctx: BlockContext, step: SmoothQuant, saved: dict[str, torch.Tensor] | None) -> list[torch.Tensor]:
+    """SmoothQuant on every norm -> Linears group; returns the block's full-precision outputs."""
+    groups = resolve_groups(ctx, norms_only=True)
+    observers = {g.spec.linears[0]: AbsMaxObserver() for g in groups} if saved is None else {}
+    reference = run_with_taps(
+        ctx.block, ctx.data, {k: [v] for k, v in observers.items()}, max_outputs=ctx.error_batches
+    )
+    for g in groups:
+        name = ctx.full_name(f"{g.spec.prev}.{SMOOTH_KEY}")
+        if saved is not None:
+            s = saved_tensor(saved, name)
+        else:
+            weight_absmax = torch.stack([lin.weight.abs().amax(dim=0) for lin in g.linears]).amax(dim=0)
+            s = smoothquant_scales(observers[g.spec.linears[0]].absmax, weight_absmax, step.alpha)
+        fold_scales(g.prev, g.linears, s, ctx.arch.norm_offset)
+        ctx.artifact[name] = s.cpu()
+    return reference
+
+
+def _search_scale(g: ResolvedGroup, module: torch.nn.Module, calls: list, x_mean: torch.Tensor,
+                  spec: WeightQuant, n_grid: int) -> torch.Tensor:
+    """AWQ grid search: the s = mean|x|^a (normalised) whose Q(W s) / s gives the inspected module's output
+    closest to full precision on the recorded calls."""
+    reference = replay(module, calls)
+    originals = [lin.weight.detach().clone() for lin in g.linears]
+    best_loss, best_s = math.inf, torch.ones_like(x_mean)
+    try:
+        for ratio in awq_ratios(n_grid):
+            s = awq_scales(x_mean, ratio).to(originals[0].device)
+            for lin, W in zip(g.linears, originals):
+                lin.weight.copy_((rtn(W * s, spec).dequantize() / s).to(W.dtype))
+            outputs = replay(module, calls)
+            loss = sum(float((o - r).float().pow(2).sum()) for o, r in zip(outputs, reference))
+            if loss < best_loss:
+                best_loss, best_s = loss, s
+    finally:
+        for lin, W in zip(g.linears, originals):
+            lin.weight.copy_(W)
+    return best_s
+
+
+def awq_block(ctx: BlockContext, step: AWQ, batch_size: int, saved: dict[str, torch.Tensor] | None) -> list[torch.Tensor]:
+    """AWQ scale search per group (folded at once), then clip search per Linear; returns fp outputs."""
+    groups = resolve_groups(ctx)
+    clip_paths = [p for p in ctx.targets if p not in ctx.arch.no_clip] if step.clip else []
+    taps: dict[str, list] = {}
+    recorders: dict[str, CallRecorder] = {}
+    if saved is None:
+        n_calls = max(1, math.ceil(step.replay_sequences / batch_size))
+        for g in groups:
+            taps.setdefault(g.spec.linears[0], []).append(MeanAbsObserver())
+            recorders[g.inspect_path] = CallRecorder(n_calls)
+        for path in clip_paths:
+            taps.setdefault(path, []).append(TokenSampleObserver(step.clip_tokens, seed=ctx.seed))
+    reference = run_with_taps(ctx.block, ctx.data, taps, recorders, max_outputs=ctx.error_batches)
+    samples = {p: next(o for o in taps[p] if isinstance(o, TokenSampleObserver)) for p in clip_paths if p in taps}
+
+    for g in groups:
+        name = ctx.full_name(f"{g.spec.prev}.{AWQ_SCALE_KEY}")
+        if saved is not None:
+            s = saved_tensor(saved, name)
+        else:
+            x_mean = next(o for o in taps[g.spec.linears[0]] if isinstance(o, MeanAbsObserver)).mean
+            module = ctx.block.get_submodule(g.inspect_path)
+            s = _search_scale(g, module, recorders[g.inspect_path].calls, x_mean, step.weights, step.n_grid)
+        fold_scales(g.prev, g.linears, s, ctx.arch.norm_offset)
+        ctx.artifact[name] = s.cpu()
+        for path in g.spec.linears:  # these Linears now see x / s
+            if path in samples and samples[path].rows is not None:
+                samples[path].rows = samples[path].rows / s.to(samples[path].rows.device)
+
+    for path in clip_paths:
+        name = ctx.full_name(f"{path}.{AWQ_CLIP_KEY}")
+        if saved is not None:
+            max_val = saved.get(name)
+        else:
+            rows = samples[path].rows
+            assert rows is not None
+            max_val = awq_clip(ctx.targets[path].weight.detach(), rows, step.weights, step.n_grid, step.max_shrink)
+        if max_val is not None:
+            ctx.artifact[name] = max_val.cpu()
+    return reference

@@ -1,0 +1,77 @@
+"""Named recipes for the CLI's ``--recipe NAME`` (a path to a JSON recipe works too)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lowbit.errors import LowbitError
+from lowbit.recipe import (
+    AWQ,
+    GPTQ,
+    RTN,
+    ActQuant,
+    LLMInt8,
+    Prune,
+    Recipe,
+    SmoothQuant,
+    SparseGPT,
+    WeightQuant,
+)
+
+W8_CHANNEL = WeightQuant(bits=8, symmetric=True, granularity="channel")
+W8_TENSOR = WeightQuant(bits=8, symmetric=True, granularity="tensor")
+W4_G128 = WeightQuant(bits=4, symmetric=False, granularity="group", group_size=128)
+W3_G128 = WeightQuant(bits=3, symmetric=False, granularity="group", group_size=128)
+PER_TOKEN = ActQuant(bits=8, granularity="token", dynamic=True)
+PER_TENSOR_STATIC = ActQuant(bits=8, granularity="tensor", dynamic=False)
+
+
+def _presets() -> dict[str, tuple[str, tuple]]:
+    return {
+        "w8": ("RTN INT8 symmetric per-channel weights", (RTN(W8_CHANNEL),)),
+        "w4g128": ("RTN INT4 asymmetric g128 weights (the demo default)", (RTN(W4_G128),)),
+        "w3g128": ("RTN INT3 asymmetric g128 weights", (RTN(W3_G128),)),
+        "gptq-w4g128": ("GPTQ INT4 g128", (GPTQ(W4_G128),)),
+        "gptq-w4g128-actorder": ("GPTQ INT4 g128 with act-order", (GPTQ(W4_G128, act_order=True),)),
+        "gptq-w3g128": ("GPTQ INT3 g128", (GPTQ(W3_G128),)),
+        "awq-w4g128": ("AWQ scale + clip search, INT4 g128", (AWQ(W4_G128),)),
+        "awq-w3g128": ("AWQ scale + clip search, INT3 g128", (AWQ(W3_G128),)),
+        "awq-gptq-w4g128": ("AWQ scales and clip, then GPTQ rounding, INT4 g128", (AWQ(W4_G128), GPTQ(W4_G128))),
+        "w8a8-naive": (
+            "INT8 per-tensor weights and per-tensor static INT8 inputs (the naive baseline)",
+            (RTN(W8_TENSOR), PER_TENSOR_STATIC),
+        ),
+        "w8a8-token": ("INT8 per-channel weights, per-token dynamic INT8 inputs", (RTN(W8_CHANNEL), PER_TOKEN)),
+        "smoothquant-w8a8": (
+            "SmoothQuant a=0.5, INT8 per-channel weights, per-token dynamic INT8 inputs",
+            (SmoothQuant(0.5), RTN(W8_CHANNEL), PER_TOKEN),
+        ),
+        "smoothquant-w8a8-static": (
+            "SmoothQuant a=0.5, INT8 per-channel weights, per-tensor static INT8 inputs",
+            (SmoothQuant(0.5), RTN(W8_CHANNEL), PER_TENSOR_STATIC),
+        ),
+        "llm-int8": ("LLM.int8(): outlier input columns (|x|>6) in float, the rest INT8", (LLMInt8(6.0),)),
+        "magnitude-50": ("magnitude pruning, 50% unstructured", (Prune("magnitude", 0.5),)),
+        "wanda-50": ("Wanda pruning, 50% unstructured", (Prune("wanda", 0.5),)),
+        "wanda-2of4": ("Wanda pruning, 2:4 semi-structured", (Prune("wanda", None, "2:4"),)),
+        "wanda-2of4-w4g128": ("Wanda 2:4, then RTN INT4 g128", (Prune("wanda", None, "2:4"), RTN(W4_G128))),
+        "sparsegpt-50": ("SparseGPT 50% unstructured", (SparseGPT(0.5),)),
+        "sparsegpt-2of4": ("SparseGPT 2:4 semi-structured", (SparseGPT(None, "2:4"),)),
+    }
+
+
+def preset_names() -> dict[str, str]:
+    """Name -> one-line description of every preset."""
+    return {name: description for name, (description, _) in _presets().items()}
+
+
+def resolve_recipe(name_or_path: str) -> Recipe:
+    """A preset name, or the path of a JSON recipe file."""
+    presets = _presets()
+    if name_or_path in presets:
+        return Recipe(steps=presets[name_or_path][1], name=name_or_path)
+    if Path(name_or_path).suffix == ".json" or Path(name_or_path).exists():
+        return Recipe.from_file(name_or_path)
+    raise LowbitError(
+        f"unknown recipe {name_or_path!r}: pass a preset ({', '.join(presets)}) or the path of a JSON recipe file"
+    )

@@ -1,0 +1,39 @@
+"""Int8OutlierLinear: LLM.int8()'s mixed-precision decomposition.
+
+Input columns holding any |x| > threshold in this call are outliers: they multiply their weight columns in
+float. All other columns are quantized per token to INT8 and multiply the INT8 (per-output-channel) weights. The
+two partial products are summed. Written as one matmul over a mixed input, which equals the sum of the two.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from lowbit.numerics.activations import quantize_activations
+from lowbit.runtime.weight_only import WeightOnlyLinear
+
+
+def outlier_columns(x: torch.Tensor, threshold: float) -> torch.Tensor:
+    """bool [in]: columns of x [..., in] where any token exceeds the threshold in magnitude."""
+    return (x.abs() > threshold).reshape(-1, x.shape[-1]).any(dim=0)
+
+
+class Int8OutlierLinear(WeightOnlyLinear):
+    def __init__(self, *args: Any, threshold: float = 6.0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.threshold = threshold
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "threshold": self.threshold}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outliers = outlier_columns(x, self.threshold)  # [in]
+        regular = quantize_activations(x.masked_fill(outliers, 0.0), 8, per_token=True, symmetric=True)
+        mixed = torch.where(outliers, x, regular)
+        return F.linear(mixed, self.dequantized_weight(x.dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, outlier threshold={self.threshold}"

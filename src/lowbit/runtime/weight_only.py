@@ -1,0 +1,101 @@
+"""WeightOnlyLinear: packed INT2..INT8 weights with per-tensor / per-channel / per-group float16 scales."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowbit.numerics.packing import packed_length
+from lowbit.numerics.qweight import QWeight
+
+
+class WeightOnlyLinear(nn.Module):
+    """A Linear whose weight lives as packed integer codes; forward dequantizes and multiplies.
+
+    Buffers: qweight uint8 [out, packed], scales float16 [out or 1, n_groups], qzeros uint8 (asymmetric only),
+    g_idx int32 [in] (act-order only), bias [out] (if any).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        group_size: int,
+        symmetric: bool,
+        per_tensor: bool = False,
+        has_g_idx: bool = False,
+        has_bias: bool = False,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "meta",
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
+        self.per_tensor, self.has_g_idx = per_tensor, has_g_idx
+        n_groups = -(-in_features // group_size)
+        rows = 1 if per_tensor else out_features
+        self.register_buffer("qweight", torch.empty(out_features, packed_length(in_features, bits), dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.empty(rows, n_groups, dtype=torch.float16, device=device))
+        self.qzeros: torch.Tensor | None
+        self.g_idx: torch.Tensor | None
+        self.bias: torch.Tensor | None
+        self.register_buffer("qzeros", None if symmetric else torch.empty(rows, packed_length(n_groups, bits), dtype=torch.uint8, device=device))
+        self.register_buffer("g_idx", torch.empty(in_features, dtype=torch.int32, device=device) if has_g_idx else None)
+        self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if has_bias else None)
+
+    @classmethod
+    def from_qweight(cls, qweight: QWeight, bias: torch.Tensor | None, **extra: Any) -> WeightOnlyLinear:
+        module = cls(
+            qweight.in_features,
+            qweight.out_features,
+            qweight.bits,
+            qweight.group_size,
+            qweight.symmetric,
+            per_tensor=qweight.scale.shape[0] == 1 and qweight.out_features > 1,
+            has_g_idx=qweight.g_idx is not None,
+            has_bias=bias is not None,
+            dtype=bias.dtype if bias is not None else torch.float32,
+            device=qweight.codes.device,
+            **extra,
+        )
+        for name, tensor in qweight.pack().items():
+            setattr(module, name, tensor)
+        if bias is not None:
+            module.bias = bias.detach().clone()
+        return module
+
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments, stored per module in lowbit_config.json."""
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "symmetric": self.symmetric,
+            "per_tensor": self.per_tensor,
+            "has_g_idx": self.has_g_idx,
+            "has_bias": self.bias is not None,
+        }
+
+    def unpacked(self) -> QWeight:
+        tensors = {"qweight": self.qweight, "scales": self.scales}
+        if self.qzeros is not None:
+            tensors["qzeros"] = self.qzeros
+        if self.g_idx is not None:
+            tensors["g_idx"] = self.g_idx
+        return QWeight.unpack(tensors, self.bits, self.group_size, self.in_features)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """W_hat [out, in], bit-identical to the fake-quant weight the block loop evaluated."""
+        return self.unpacked().dequantize(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        grid = "per-tensor" if self.per_tensor else f"group_size={self.group_size}"
+        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, {grid}, sym={self.symmetric}"
