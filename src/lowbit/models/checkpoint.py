@@ -14,12 +14,15 @@ INDEX_FILE = "model.safetensors.index.json"
 
 
 class CheckpointReader:
-    """Lazy name -> tensor access over ``model.safetensors`` or the shards named by its index file."""
+    """Lazy name -> tensor access over ``model.safetensors`` or the shards named by its index file.
+
+    Files are opened per read and tensors copied out, so the memory map (whose touched pages count as resident
+    memory while it is open) never outlives a read: a released block really frees its memory.
+    """
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self._file_of: dict[str, Path] = {}
-        self._handles: dict[Path, object] = {}
         index = folder / INDEX_FILE
         if index.exists():
             try:
@@ -36,20 +39,20 @@ class CheckpointReader:
                 "re-save the model with save_pretrained(..., safe_serialization=True)"
             )
         for path in files:
-            for name in self._open(path).keys():
-                self._file_of[name] = path
+            with self._open(path) as handle:
+                for name in handle.keys():
+                    self._file_of[name] = path
 
-    def _open(self, path: Path):
-        if path not in self._handles:
-            if not path.exists():
-                raise LowbitError(f"checkpoint shard {path} is missing; re-download or re-export the model")
-            try:
-                self._handles[path] = safe_open(str(path), framework="pt")
-            except SafetensorError as exc:
-                raise LowbitError(
-                    f"cannot read {path}: {exc}; the file is corrupt or truncated, re-download or re-export it"
-                ) from None
-        return self._handles[path]
+    @staticmethod
+    def _open(path: Path):
+        if not path.exists():
+            raise LowbitError(f"checkpoint shard {path} is missing; re-download or re-export the model")
+        try:
+            return safe_open(str(path), framework="pt")
+        except SafetensorError as exc:
+            raise LowbitError(
+                f"cannot read {path}: {exc}; the file is corrupt or truncated, re-download or re-export it"
+            ) from None
 
     def keys(self) -> list[str]:
         return list(self._file_of)
@@ -58,20 +61,32 @@ class CheckpointReader:
         return name in self._file_of
 
     def get(self, name: str) -> torch.Tensor:
-        """One tensor, checked for NaN/inf (a corrupt checkpoint must not quantize into garbage silently)."""
-        try:
-            tensor = self._open(self._file_of[name]).get_tensor(name)
-        except KeyError:
-            raise LowbitError(f"tensor {name!r} is not in the checkpoint at {self.folder}") from None
-        except SafetensorError as exc:
-            raise LowbitError(f"cannot read tensor {name!r} from {self.folder}: {exc}; the file is corrupt") from None
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise LowbitError(
-                f"tensor {name!r} in {self.folder} contains NaN or inf values; the checkpoint is corrupt "
-                "(re-download or re-export it)"
-            )
-        return tensor
+        return self.get_many([name])[name]
+
+    def get_many(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """Tensors by name, each file opened once; checked for NaN/inf (a corrupt checkpoint must not
+        quantize into garbage silently)."""
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            if name not in self._file_of:
+                raise LowbitError(f"tensor {name!r} is not in the checkpoint at {self.folder}")
+            by_file.setdefault(self._file_of[name], []).append(name)
+        out = {}
+        for path, file_names in by_file.items():
+            with self._open(path) as handle:
+                for name in file_names:
+                    try:
+                        tensor = handle.get_tensor(name).clone()
+                    except SafetensorError as exc:
+                        raise LowbitError(f"cannot read tensor {name!r} from {path}: {exc}; the file is corrupt") from None
+                    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                        raise LowbitError(
+                            f"tensor {name!r} in {self.folder} contains NaN or inf values; the checkpoint is corrupt "
+                            "(re-download or re-export it)"
+                        )
+                    out[name] = tensor
+        return out
 
     def nbytes(self) -> int:
-        """Bytes of tensor data (file sizes, headers included: what the model costs on disk)."""
+        """Bytes of the weight files (headers included: what the model costs on disk)."""
         return sum(p.stat().st_size for p in set(self._file_of.values()))

@@ -105,21 +105,44 @@ class LazyModel:
             f"tensor {name!r} is missing from the checkpoint in {self.folder}; it does not match its config.json"
         )
 
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """Model tensors by model name, read from the checkpoint (Conv1D weights transposed to Linear layout)."""
+        keys = {name: self.checkpoint_key(name) for name in names}
+        raw = self.reader.get_many(list(keys.values()))
+        out = {}
+        for name, key in keys.items():
+            owner_path, _, attr = name.rpartition(".")
+            tensor = raw[key]
+            out[name] = tensor.t().contiguous() if owner_path in self.transposed and attr == "weight" else tensor
+        return out
+
+    def _load(self, names: dict[str, torch.Tensor], device: torch.device | str) -> None:
+        """Fill placeholders ``names`` (model name -> meta placeholder) from the checkpoint."""
+        for name, tensor in self.read(list(names)).items():
+            set_tensor(self.model, name, tensor, names[name], device)
+
+    def _outside_blocks(self, skip_head: bool) -> dict[str, torch.Tensor]:
+        blocks = self.arch.blocks + "."
+        skip = self.output_embedding_key() if skip_head else None
+        return {n: t for n, t in self.model.state_dict(keep_vars=True).items() if not n.startswith(blocks) and n != skip}
+
     def materialize(self, prefix: str, device: torch.device | str = "cpu") -> None:
         """Load every parameter and persistent buffer under module ``prefix`` ('' = the whole model)."""
         root = self.model.get_submodule(prefix) if prefix else self.model
         head = f"{prefix}." if prefix else ""
-        for name, placeholder in root.state_dict(keep_vars=True).items():
-            full = head + name
-            if self.tied_embeddings and full == self.output_embedding_key():
-                continue
-            tensor = self.reader.get(self.checkpoint_key(full))
-            owner_path, _, attr = full.rpartition(".")
-            if owner_path in self.transposed and attr == "weight":
-                tensor = tensor.t().contiguous()
-            set_tensor(self.model, full, tensor, placeholder, device)
+        tied = self.output_embedding_key() if self.tied_embeddings else None
+        self._load({head + n: t for n, t in root.state_dict(keep_vars=True).items() if head + n != tied}, device)
         if not prefix:
             self.tie_embeddings()
+
+    def materialize_outside_blocks(self, device: torch.device | str = "cpu") -> None:
+        """Embeddings, final norm and the rest, except the output head (quantization never needs it)."""
+        self._load(self._outside_blocks(skip_head=True), device)
+
+    def tensors_outside_blocks(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Embeddings, final norm and an untied head straight from the checkpoint, for writing them out."""
+        tensors = self.read(list(self._outside_blocks(skip_head=self.tied_embeddings)))
+        return {n: t.to(dtype) if t.is_floating_point() else t for n, t in tensors.items()}
 
     def output_embedding_key(self) -> str:
         return output_embedding_key(self.model)
@@ -127,27 +150,6 @@ class LazyModel:
     def tie_embeddings(self) -> None:
         if self.tied_embeddings:
             self.model.get_output_embeddings().weight = self.model.get_input_embeddings().weight
-
-    def tensors_outside_blocks(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """Embeddings, final norm and an untied head straight from the checkpoint, for writing them out."""
-        blocks = self.arch.blocks + "."
-        skip = self.output_embedding_key() if self.tied_embeddings else None
-        out = {}
-        for name in self.model.state_dict(keep_vars=True):
-            if name.startswith(blocks) or name == skip:
-                continue
-            tensor = self.reader.get(self.checkpoint_key(name))
-            out[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
-        return out
-
-    def materialize_outside_blocks(self, device: torch.device | str = "cpu") -> None:
-        """Embeddings, final norm and the rest, except an untied output head (quantization never needs it)."""
-        skip = self.output_embedding_key()
-        blocks = self.arch.blocks + "."
-        for name, placeholder in self.model.state_dict(keep_vars=True).items():
-            if name.startswith(blocks) or name == skip:
-                continue
-            set_tensor(self.model, name, self.reader.get(self.checkpoint_key(name)), placeholder, device)
 
     def release(self, prefix: str) -> None:
         """Move a module's tensors back to meta, freeing their memory."""

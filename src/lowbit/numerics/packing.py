@@ -13,8 +13,8 @@ from lowbit.errors import LowbitError
 
 
 def packed_length(n: int, bits: int) -> int:
-    """Bytes needed for ``n`` codes of ``bits`` bits (rounded up to whole runs of 8 codes)."""
-    return (n + 7) // 8 * bits
+    """Bytes needed for ``n`` codes of ``bits`` bits (rounded up to whole runs of 8 codes; 8-bit codes are bytes)."""
+    return n if bits == 8 else (n + 7) // 8 * bits
 
 
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -38,13 +38,13 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """Inverse of ``pack_bits``: uint8 [..., packed_length(n, bits)] -> uint8 [..., n]."""
-    if bits == 8:
-        return packed[..., :n]
     if packed.shape[-1] != packed_length(n, bits):
         raise LowbitError(
             f"packed tensor has {packed.shape[-1]} bytes per row, expected {packed_length(n, bits)} "
             f"for {n} codes of {bits} bits; the checkpoint is corrupt or its config does not match"
         )
+    if bits == 8:
+        return packed
     x = packed.to(torch.int64).view(*packed.shape[:-1], -1, bits)  # [..., runs, bits]
     byte_shifts = torch.arange(bits, device=packed.device, dtype=torch.int64) * 8
     words = (x << byte_shifts).sum(dim=-1)  # [..., runs]

@@ -26,14 +26,16 @@ def process_block(
     elif awq is not None:
         fp_outputs = awq_block(ctx, awq, batch_size, saved)
     else:
-        fp_outputs = run_with_taps(ctx.block, ctx.data, max_outputs=ctx.error_batches)
+        # nothing to calibrate: only the reference outputs for the error measurement are needed
+        fp_outputs = run_with_taps(ctx.block, ctx.data, max_outputs=ctx.error_batches, max_batches=ctx.error_batches)
     # the full-precision reference of each Linear after the (output-preserving) transform
     references = {
         path: (lin.weight.detach().clone(), None if lin.bias is None else lin.bias.detach().clone())
         for path, lin in ctx.targets.items()
     }
     compressed = compress_block(ctx, recipe)
-    measured = measure_block(ctx.block, ctx.data, {p: c.module for p, c in compressed.items()}, references, fp_outputs)
+    modules = {p: c.module for p, c in compressed.items()}
+    measured = measure_block(ctx.block, ctx.data, modules, references, fp_outputs)
     linears = []
     for path, c in compressed.items():
         note = c.note

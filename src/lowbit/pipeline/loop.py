@@ -21,6 +21,7 @@ from lowbit.models.lazy import LazyModel, conv1d_to_linear
 from lowbit.pipeline.block import process_block
 from lowbit.pipeline.capture import capture_block_calls
 from lowbit.pipeline.context import BlockContext, select_targets
+from lowbit.pipeline.memory import release_freed_memory
 from lowbit.pipeline.report import QuantizeReport, block_row
 from lowbit.pipeline.taps import BlockData
 from lowbit.recipe import Recipe
@@ -59,6 +60,9 @@ class InMemoryStore:
     def prepare(self, device: torch.device | str) -> None:
         move_outside_blocks(self.model, self.arch.blocks, device)
 
+    def captured(self) -> None:
+        pass
+
     def load(self, index: int, device: torch.device | str) -> nn.Module:
         return self.blocks[index].to(device)
 
@@ -81,6 +85,10 @@ class LazyStore:
         self.lazy.materialize_outside_blocks(device)
         move_outside_blocks(self.model, self.arch.blocks, device)
 
+    def captured(self) -> None:
+        """Embeddings are only needed to capture block 0's inputs (they are copied to the output from disk)."""
+        self.model.to("meta")
+
     def load(self, index: int, device: torch.device | str) -> nn.Module:
         prefix = f"{self.arch.blocks}.{index}"
         self.lazy.materialize(prefix, device)
@@ -101,6 +109,7 @@ def check_calibration(ids: torch.Tensor) -> torch.Tensor:
     return ids.long()
 
 
+@torch.no_grad()
 def run_blocks(
     store: InMemoryStore | LazyStore,
     recipe: Recipe,
@@ -127,6 +136,7 @@ def run_blocks(
     store.prepare(device)
     try:
         calls = capture_block_calls(store.model, store.blocks, ids, batch_size, device)
+        store.captured()
         hidden = calls.hidden
         n_blocks = len(store.blocks)
         for i in tqdm(range(n_blocks), desc="quantizing blocks", unit="block", disable=not progress):
@@ -146,6 +156,7 @@ def run_blocks(
             record = process_block(ctx, recipe, batch_size, saved, i)
             calls.calls[i] = []  # this block's masks and rotary tables are no longer needed
             store.finish(i, block)
+            release_freed_memory()
             report.blocks.append(record)
             log.info(block_row(record))
     finally:

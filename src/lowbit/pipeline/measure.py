@@ -34,14 +34,17 @@ def measure_block(
 ) -> Measurement:
     """Run the compressed block over every batch, replacing ``data.hidden`` in place by its outputs (the inputs
     are not needed again, and this halves the activation memory). ``fp_outputs`` holds the full-precision outputs
-    of the first batches; the block error is measured on those."""
+    of the first batches; the block and Linear errors are measured on those batches only."""
     sums = {path: [0.0, 0.0] for path in modules}
+    measuring = [True]  # whether the current batch is one of the measured ones
     shares: dict[str, list[float]] = {p: [] for p, m in modules.items() if isinstance(m, Int8OutlierLinear)}
 
     def error_hook(path: str):
         W_ref, b_ref = references[path]
 
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            if not measuring[0]:
+                return
             x = args[0]
             y_ref = F.linear(x, W_ref.to(x.dtype), None if b_ref is None else b_ref.to(x.dtype))
             sums[path][0] += float((output.float() - y_ref.float()).pow(2).sum())
@@ -56,6 +59,7 @@ def measure_block(
     try:
         with torch.no_grad():
             for b, call in enumerate(data.calls):
+                measuring[0] = b < len(fp_outputs)
                 out = run_block(block, data.hidden[b], call)
                 if b < len(fp_outputs):
                     ref = fp_outputs[b].float()

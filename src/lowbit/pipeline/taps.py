@@ -27,12 +27,14 @@ def run_with_taps(
     recorders: Mapping[str, CallRecorder] | None = None,
     stop_early: bool = False,
     max_outputs: int | None = None,
+    max_batches: int | None = None,
 ) -> list[torch.Tensor]:
     """Forward every batch; feed the input of each tapped module (path in the block) to its observers.
 
     ``recorders`` keep whole calls of a module for replay. With ``stop_early`` a batch ends as soon as every
     tapped module has seen its input (nothing after them is needed), and no outputs are returned. Otherwise
-    the outputs of the first ``max_outputs`` batches (all when None) are returned.
+    the outputs of the first ``max_outputs`` batches (all when None) are returned. ``max_batches`` limits the
+    pass to the first batches.
     """
     taps = dict(taps or {})
     fired: set[str] = set()
@@ -61,7 +63,7 @@ def run_with_taps(
         for name, recorder in (recorders or {}).items():
             handles.append(block.get_submodule(name).register_forward_pre_hook(record_hook(recorder), with_kwargs=True))
         with torch.no_grad():
-            for hidden, call in zip(data.hidden, data.calls):
+            for hidden, call in list(zip(data.hidden, data.calls))[:max_batches]:
                 fired.clear()
                 try:
                     out = run_block(block, hidden, call)

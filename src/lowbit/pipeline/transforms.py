@@ -9,6 +9,7 @@ weights are rounded (``compress``), so the clip is part of the measured rounding
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -16,7 +17,7 @@ from lowbit.errors import LowbitError
 from lowbit.numerics.rtn import rtn
 from lowbit.numerics.scales import awq_ratios, awq_scales, smoothquant_scales
 from lowbit.numerics.awq_clip import awq_clip
-from lowbit.pipeline.context import BlockContext, ResolvedGroup, resolve_groups
+from lowbit.pipeline.context import BlockContext, resolve_groups
 from lowbit.pipeline.fold import fold_scales
 from lowbit.pipeline.observers import AbsMaxObserver, CallRecorder, MeanAbsObserver, TokenSampleObserver
 from lowbit.pipeline.taps import replay, run_with_taps
@@ -52,24 +53,26 @@ def smooth_block(ctx: BlockContext, step: SmoothQuant, saved: dict[str, torch.Te
     return reference
 
 
-def _search_scale(g: ResolvedGroup, module: torch.nn.Module, calls: list, x_mean: torch.Tensor,
-                  spec: WeightQuant, n_grid: int) -> torch.Tensor:
-    """AWQ grid search: the s = mean|x|^a (normalised) whose Q(W s) / s gives the inspected module's output
-    closest to full precision on the recorded calls."""
-    reference = replay(module, calls)
-    originals = [lin.weight.detach().clone() for lin in g.linears]
+@torch.no_grad()
+def search_awq_scale(
+    linears: list[torch.nn.Linear], x_mean: torch.Tensor, spec: WeightQuant, n_grid: int,
+    run: Callable[[], list[torch.Tensor]],
+) -> torch.Tensor:
+    """AWQ grid search: the s = mean|x|^a (normalised) for which quantizing the Linears as Q(W s) / s changes the
+    outputs of ``run`` (the inspected module replayed on recorded inputs) least. The weights are restored."""
+    reference = run()
+    originals = [lin.weight.detach().clone() for lin in linears]
     best_loss, best_s = math.inf, torch.ones_like(x_mean)
     try:
         for ratio in awq_ratios(n_grid):
             s = awq_scales(x_mean, ratio).to(originals[0].device)
-            for lin, W in zip(g.linears, originals):
+            for lin, W in zip(linears, originals):
                 lin.weight.copy_((rtn(W * s, spec).dequantize() / s).to(W.dtype))
-            outputs = replay(module, calls)
-            loss = sum(float((o - r).float().pow(2).sum()) for o, r in zip(outputs, reference))
+            loss = sum(float((o - r).float().pow(2).sum()) for o, r in zip(run(), reference))
             if loss < best_loss:
                 best_loss, best_s = loss, s
     finally:
-        for lin, W in zip(g.linears, originals):
+        for lin, W in zip(linears, originals):
             lin.weight.copy_(W)
     return best_s
 
@@ -96,8 +99,8 @@ def awq_block(ctx: BlockContext, step: AWQ, batch_size: int, saved: dict[str, to
             s = saved_tensor(saved, name)
         else:
             x_mean = next(o for o in taps[g.spec.linears[0]] if isinstance(o, MeanAbsObserver)).mean
-            module = ctx.block.get_submodule(g.inspect_path)
-            s = _search_scale(g, module, recorders[g.inspect_path].calls, x_mean, step.weights, step.n_grid)
+            module, calls = ctx.block.get_submodule(g.inspect_path), recorders[g.inspect_path].calls
+            s = search_awq_scale(g.linears, x_mean, step.weights, step.n_grid, lambda: replay(module, calls))
         fold_scales(g.prev, g.linears, s, ctx.arch.norm_offset)
         ctx.artifact[name] = s.cpu()
         for path in g.spec.linears:  # these Linears now see x / s

@@ -1,0 +1,57 @@
+"""Shared CLI plumbing: options, device and dtype parsing, memory readings, output formatting."""
+
+from __future__ import annotations
+
+import argparse
+import resource
+
+import torch
+from rich.console import Console
+
+from lowbit.errors import LowbitError
+from lowbit.models.embedded import DEFAULT_MODEL, DEFAULT_TEXT
+
+console = Console()
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the unquantized tensors (default float32)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: where each block is processed")
+
+
+def add_calibration_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--calib", default=DEFAULT_TEXT, help="calibration text: 'wiki' (embedded) or a .txt/.jsonl/.json file or datasets dir")
+    parser.add_argument("--nsamples", type=int, default=128, help="calibration sequences N (default 128)")
+    parser.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence L (default 512)")
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for the calibration sample (default 0)")
+
+
+def add_eval_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", default=DEFAULT_TEXT, help="evaluation text source (its evaluation part is used)")
+    parser.add_argument("--window", type=int, default=2048, help="perplexity window length in tokens (default 2048)")
+    parser.add_argument("--max-windows", type=int, default=16, help="evaluate at most this many windows; 0 = all (default 16)")
+
+
+def parse_device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise LowbitError(f"--device {name!r} is not a device name; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LowbitError(f"--device {name} but no CUDA GPU is visible; use --device cpu")
+    return device
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def mib(n: float) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def default_model() -> str:
+    return DEFAULT_MODEL

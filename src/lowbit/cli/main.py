@@ -1,0 +1,53 @@
+"""The `lowbit` command. It only parses options into configs; library code never sees argparse."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from lowbit.errors import LowbitError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from lowbit.cli import demo_cmd, quantize_cmd, recipes_cmd
+
+    parser = argparse.ArgumentParser(prog="lowbit", description="Post-training compression of Hugging Face causal LMs.")
+    parser.add_argument("--quiet", action="store_true", help="only warnings and results")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module in (quantize_cmd, demo_cmd, recipes_cmd):
+        module.register(sub)
+    return parser
+
+
+def configure_logging(quiet: bool) -> None:
+    from rich.logging import RichHandler
+    from transformers.utils import logging as hf_logging
+
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO, format="%(message)s",
+        handlers=[RichHandler(show_path=False, show_time=False)],
+    )
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def main(argv: list[str] | None = None) -> int:
+    # lowbit works from local files only: make sure no library reaches for the network and hangs
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    args = build_parser().parse_args(argv)
+    configure_logging(args.quiet)
+    try:
+        return int(args.func(args) or 0)
+    except LowbitError as exc:
+        print(f"lowbit: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lowbit: interrupted; no partial output was left behind", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""`lowbit quantize` and `lowbit eval`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from lowbit.api import quantize_checkpoint
+from lowbit.cli.common import (
+    DTYPES, add_calibration_options, add_eval_options, add_model_options, console, default_model, mib,
+    parse_device, peak_rss_bytes,
+)
+from lowbit.data.calibration import calibration_ids
+from lowbit.data.text import documents
+from lowbit.errors import LowbitError
+from lowbit.evaluation.evaluate import Evaluation, evaluate
+from lowbit.io.atomic import check_output_dir
+from lowbit.models.checkpoint import CheckpointReader
+from lowbit.models.open import load_tokenizer
+from lowbit.models.source import resolve_model
+from lowbit.pipeline.report import QuantizeReport, layer_table
+from lowbit.presets import resolve_recipe
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    q = sub.add_parser("quantize", help="quantize a model with a recipe into an output directory")
+    q.add_argument("--model", default=default_model(), help="HF folder, .gguf file, or 'smollm2-135m' (default)")
+    q.add_argument("--recipe", default="w4g128", help="preset name (see `lowbit recipes`) or a JSON recipe file")
+    q.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    q.add_argument("--verbose", action="store_true", help="print a row per Linear, not only per block")
+    q.add_argument("--json", action="store_true", help="print the run summary as JSON")
+    add_model_options(q)
+    add_calibration_options(q)
+    q.set_defaults(func=run_quantize)
+
+    e = sub.add_parser("eval", help="perplexity, bytes on disk and load time of a model or lowbit output")
+    e.add_argument("model", help="HF folder, .gguf file, lowbit output directory, or 'smollm2-135m'")
+    e.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_model_options(e)
+    add_eval_options(e)
+    e.set_defaults(func=run_eval)
+
+
+@dataclass
+class QuantizeRun:
+    report: QuantizeReport
+    out: Path
+    source_bytes: int
+    out_bytes: int
+    peak_rss: int
+
+    def summary(self) -> dict:
+        return {
+            "out": str(self.out),
+            "recipe": self.report.recipe,
+            "calibration": self.report.calibration,
+            "seconds": round(self.report.seconds, 2),
+            "source_bytes": self.source_bytes,
+            "out_bytes": self.out_bytes,
+            "peak_rss_bytes": self.peak_rss,
+            "mean_linear_error": self.report.mean_linear_error(),
+        }
+
+
+def quantize_from_args(args: argparse.Namespace, out: Path, recipe_name: str, progress: bool = True) -> QuantizeRun:
+    """Calibrate and quantize as the CLI options say; shared by quantize, demo and compare."""
+    device = parse_device(args.device)
+    recipe = resolve_recipe(recipe_name)
+    check_output_dir(out, args.overwrite)
+    source = resolve_model(args.model)
+    if source.is_lowbit:
+        raise LowbitError(f"{args.model} is already a lowbit output; quantize the original model instead")
+    tokenizer = load_tokenizer(source.folder)
+    ids = calibration_ids(tokenizer, documents(args.calib, "calibration"), args.nsamples, args.seq_len, args.seed)
+    report = quantize_checkpoint(
+        source.folder, recipe, ids, out, dtype=DTYPES[args.dtype], device=device, batch_size=args.batch_size,
+        seed=args.seed, overwrite=args.overwrite, progress=progress,
+    )
+    return QuantizeRun(report, out, CheckpointReader(source.folder).nbytes(), CheckpointReader(out).nbytes(), peak_rss_bytes())
+
+
+def run_quantize(args: argparse.Namespace) -> int:
+    run = quantize_from_args(args, Path(args.out), args.recipe)
+    if args.json:
+        print(json.dumps(run.summary(), indent=2))
+        return 0
+    console.print(layer_table(run.report, per_linear=args.verbose))
+    cal = run.report.calibration
+    console.print(
+        f"[bold]{run.report.recipe['name']}[/bold]: {cal['n_sequences']} x {cal['seq_len']} calibration tokens, "
+        f"{run.report.seconds:.1f}s, peak RSS {mib(run.peak_rss)}, "
+        f"{mib(run.source_bytes)} -> {mib(run.out_bytes)} on disk, written to {run.out}"
+    )
+    return 0
+
+
+def evaluation_row(ev: Evaluation) -> dict:
+    p = ev.perplexity
+    return {
+        "model": ev.model,
+        "perplexity": round(p.perplexity, 4),
+        "tokens": p.tokens,
+        "window": p.seq_len,
+        "windows": p.windows,
+        "disk_bytes": ev.disk_bytes,
+        "memory_bytes": ev.memory_bytes,
+        "load_seconds": round(ev.load_seconds, 3),
+        "eval_seconds": round(p.seconds, 2),
+    }
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    ev = evaluate(
+        args.model, args.data, args.window, args.max_windows or None, DTYPES[args.dtype], parse_device(args.device),
+        progress=not args.json,
+    )
+    row = evaluation_row(ev)
+    if args.json:
+        print(json.dumps(row, indent=2))
+        return 0
+    p = ev.perplexity
+    console.print(
+        f"[bold]{args.model}[/bold]: perplexity {p.perplexity:.3f} (GPTQ protocol: {p.windows} non-overlapping "
+        f"windows of {p.seq_len} tokens, {p.tokens} predicted tokens), {mib(ev.disk_bytes)} parameters on disk, "
+        f"{mib(ev.memory_bytes)} in memory, loaded in {ev.load_seconds:.2f}s, evaluated in {p.seconds:.1f}s"
+    )
+    return 0

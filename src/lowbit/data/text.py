@@ -1,0 +1,112 @@
+"""Text sources and their deterministic split into disjoint calibration and evaluation documents.
+
+A source is the embedded default ("wiki": 10,033 English Wikipedia lead sections), a .txt file (documents
+separated by blank lines), a .jsonl file (one {"text": ...} per line), a .json file (a list of strings or of
+{"text": ...}), or a directory saved with ``datasets.Dataset.save_to_disk`` (its "text" column).
+Every source is split the same way: a document whose sha1 lands in the first ``EVAL_PERMILLE`` of the hash space
+is evaluation text, all others calibration text. The split depends on the text only, never on order or seed,
+so quantize and eval never see the same document.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from lowbit.errors import LowbitError
+from lowbit.models.embedded import DEFAULT_TEXT, WIKI_TEXT
+
+EVAL_PERMILLE = 100  # 10% of documents are evaluation text
+PARTS = ("calibration", "evaluation")
+
+
+def _wiki_documents() -> list[str]:
+    data = json.loads(WIKI_TEXT.verified_path().read_text())
+    return [data[title]["extract"] for title in sorted(data) if data[title].get("extract", "").strip()]
+
+
+def _jsonl_documents(path: Path) -> list[str]:
+    docs = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            docs.append(json.loads(line)["text"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise LowbitError(f"{path} line {number} is not a JSON object with a 'text' field") from None
+    return docs
+
+
+def _json_documents(path: Path) -> list[str]:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise LowbitError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if isinstance(data, list) and all(isinstance(d, str) for d in data):
+        return data
+    if isinstance(data, list) and all(isinstance(d, dict) and isinstance(d.get("text"), str) for d in data):
+        return [d["text"] for d in data]
+    raise LowbitError(f"{path} must hold a JSON list of strings or of objects with a 'text' field")
+
+
+def _datasets_documents(path: Path) -> list[str]:
+    try:
+        import datasets
+    except ImportError:
+        raise LowbitError(f"{path} looks like a `datasets` directory; install the `datasets` package to read it") from None
+    try:
+        dataset = datasets.load_from_disk(str(path))
+    except (FileNotFoundError, ValueError) as exc:
+        raise LowbitError(f"cannot load the datasets directory {path}: {str(exc)[:160]}") from None
+    if isinstance(dataset, datasets.DatasetDict):
+        dataset = dataset[next(iter(dataset))]
+    if "text" not in dataset.column_names:
+        raise LowbitError(f"datasets directory {path} has no 'text' column (columns: {dataset.column_names})")
+    return list(dataset["text"])
+
+
+def load_documents(source: str = DEFAULT_TEXT) -> list[str]:
+    """All non-empty documents of a text source, in a fixed order."""
+    if source == DEFAULT_TEXT:
+        docs = _wiki_documents()
+    else:
+        path = Path(source).expanduser()
+        if not path.exists():
+            raise LowbitError(f"text source {source!r} does not exist; pass a .txt/.jsonl/.json file, a datasets directory, or 'wiki'")
+        if path.is_dir():
+            docs = _datasets_documents(path)
+        elif path.suffix == ".jsonl":
+            docs = _jsonl_documents(path)
+        elif path.suffix == ".json":
+            docs = _json_documents(path)
+        else:
+            try:
+                text = path.read_text()
+            except UnicodeDecodeError:
+                raise LowbitError(f"{path} is not UTF-8 text; pass a .txt, .jsonl or .json file") from None
+            docs = text.split("\n\n")
+    docs = [d.strip() for d in docs if d and d.strip()]
+    if not docs:
+        raise LowbitError(f"text source {source!r} holds no text")
+    return docs
+
+
+def is_evaluation(document: str) -> bool:
+    digest = hashlib.sha1(document.encode("utf-8")).digest()
+    return int.from_bytes(digest[:4], "big") % 1000 < EVAL_PERMILLE
+
+
+def split_documents(docs: list[str], part: str) -> list[str]:
+    """The calibration or evaluation part of ``docs`` (disjoint, deterministic)."""
+    if part not in PARTS:
+        raise LowbitError(f"text part must be one of {PARTS}, got {part!r}")
+    want_eval = part == "evaluation"
+    return [d for d in docs if is_evaluation(d) == want_eval]
+
+
+def documents(source: str, part: str) -> list[str]:
+    selected = split_documents(load_documents(source), part)
+    if not selected:
+        raise LowbitError(f"text source {source!r} has no {part} documents after the 90/10 split; provide more documents")
+    return selected

@@ -1,0 +1,51 @@
+"""Evaluate a model by name or path: perplexity on the evaluation text, bytes on disk, load time."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from lowbit.data.text import documents
+from lowbit.evaluation.perplexity import Perplexity, evaluation_ids, perplexity
+from lowbit.models.open import open_model
+
+
+@dataclass
+class Evaluation:
+    model: str
+    perplexity: Perplexity
+    disk_bytes: int
+    memory_bytes: int  # parameters and buffers as loaded
+    load_seconds: float
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["perplexity"] = self.perplexity.to_dict()
+        return out
+
+
+def tensor_bytes(model: torch.nn.Module) -> int:
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def evaluate(
+    spec: str,
+    data: str,
+    window: int,
+    max_windows: int | None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> Evaluation:
+    opened = open_model(spec, dtype, device)
+    limit = getattr(opened.model.config, "max_position_embeddings", None) or getattr(opened.model.config, "n_positions", window)
+    seq_len = min(window, int(limit))
+    ids = evaluation_ids(opened.tokenizer, documents(data, "evaluation"))
+    result = perplexity(opened.model, ids, seq_len, max_windows, device, progress)
+    return Evaluation(spec, result, opened.disk_bytes, tensor_bytes(opened.model), opened.load_seconds)

@@ -1,0 +1,98 @@
+"""Every method on a tiny model of every supported architecture: quantize -> save -> load -> identical logits;
+and the equivalence transforms leave full-precision outputs unchanged."""
+
+import pytest
+import torch
+
+import lowbit
+from lowbit.models.arch import arch_for
+from lowbit.numerics.prune import nm_violations
+from lowbit.pipeline.capture import capture_block_calls, run_block
+from lowbit.pipeline.context import BlockContext, resolve_groups, select_targets
+from lowbit.pipeline.fold import fold_scales
+from lowbit.pipeline.loop import InMemoryStore
+from lowbit.pipeline.taps import BlockData
+from lowbit.recipe import AWQ, GPTQ, RTN, ActQuant, LLMInt8, Prune, SmoothQuant, SparseGPT, WeightQuant
+from lowbit.runtime.weight_only import WeightOnlyLinear
+from toy import ARCHITECTURES, byte_tokenizer, calibration, toy_model
+
+W4 = WeightQuant(4, False, "group", 32)
+W8 = WeightQuant(8, True, "channel")
+RECIPES = {
+    "rtn": (RTN(W4),),
+    "gptq-actorder": (GPTQ(W4, act_order=True),),
+    "awq": (AWQ(W4, n_grid=5, replay_sequences=4, clip_tokens=64),),
+    "awq-gptq": (AWQ(W4, n_grid=5, replay_sequences=4, clip_tokens=64), GPTQ(W4)),
+    "smoothquant-w8a8": (SmoothQuant(0.5), RTN(W8), ActQuant(8, "token")),
+    "w8a8-static": (RTN(W8), ActQuant(8, "tensor", dynamic=False)),
+    "llm-int8": (LLMInt8(6.0),),
+    "wanda-2of4-w4": (Prune("wanda", None, "2:4"), RTN(W4)),
+    "sparsegpt-50-w4": (SparseGPT(0.5, weights=W4),),
+    "magnitude-50": (Prune("magnitude", 0.5),),
+}
+
+
+@pytest.mark.parametrize("recipe_name", list(RECIPES))
+@pytest.mark.parametrize("model_type", ARCHITECTURES)
+def test_quantize_save_load_gives_identical_logits(model_type, recipe_name, tmp_path):
+    model = lowbit.quantize(toy_model(model_type), RECIPES[recipe_name], calibration(), batch_size=4)
+    test_ids = calibration(n=2, length=40, seed=1)
+    with torch.no_grad():
+        expected = model(test_ids).logits
+    report = model.lowbit_info.report
+    assert len(report.blocks) == 2 and all(r.rel_error >= 0 for b in report.blocks for r in b.linears)
+    lowbit.save(model, tmp_path / "out", tokenizer=byte_tokenizer())
+    loaded = lowbit.load(tmp_path / "out")
+    with torch.no_grad():
+        assert torch.equal(loaded(test_ids).logits, expected)
+    if recipe_name == "wanda-2of4-w4":
+        for module in loaded.modules():
+            if isinstance(module, WeightOnlyLinear):
+                assert nm_violations(module.dequantized_weight(), 2, 4) == 0
+
+
+def test_fake_quant_model_matches_the_packed_model_exactly(tmp_path):
+    """Packed runtime modules compute exactly what nn.Linear with the dequantized weight computes."""
+    model = lowbit.quantize(toy_model("llama"), [GPTQ(W4, act_order=True)], calibration(), batch_size=4)
+    lowbit.save(model, tmp_path / "out")
+    loaded = lowbit.load(tmp_path / "out")
+    fake = toy_model("llama")
+    fake_modules = dict(fake.named_modules())
+    for name, module in loaded.named_modules():
+        if isinstance(module, WeightOnlyLinear):
+            fake_modules[name].weight.data = module.dequantized_weight()
+    ids = calibration(n=2, length=40, seed=1)
+    with torch.no_grad():
+        assert torch.equal(fake(ids).logits, loaded(ids).logits)
+
+
+def test_gptq_beats_rtn_on_every_architecture():
+    for model_type in ARCHITECTURES:
+        errors = {}
+        for name, recipe in (("rtn", [RTN(WeightQuant(3, False, "group", 32))]), ("gptq", [GPTQ(WeightQuant(3, False, "group", 32))])):
+            report = lowbit.quantize(toy_model(model_type), recipe, calibration(), batch_size=4).lowbit_info.report
+            errors[name] = sum(b.rel_error for b in report.blocks)
+        assert errors["gptq"] < errors["rtn"], model_type
+
+
+@pytest.mark.parametrize("model_type", ARCHITECTURES)
+def test_folding_scales_leaves_fp32_outputs_unchanged(model_type):
+    model = toy_model(model_type)
+    store = InMemoryStore(model)
+    calls = capture_block_calls(model, store.blocks, calibration(n=4), 4, "cpu")
+    generator = torch.Generator().manual_seed(0)
+    hidden = calls.hidden[0]
+    for i, block in enumerate(store.blocks):
+        call = calls.calls[i][0]
+        with torch.no_grad():
+            before = run_block(block, hidden, call)
+            ctx = BlockContext(f"{store.arch.blocks}.{i}", block, BlockData([hidden], [call]), store.arch, model_type,
+                               select_targets(block, "", ()))
+            groups = resolve_groups(ctx)
+            assert groups, model_type
+            for g in groups:
+                width = g.linears[0].in_features
+                fold_scales(g.prev, g.linears, torch.rand(width, generator=generator) * 4 + 0.25, arch_for(model_type).norm_offset)
+            after = run_block(block, hidden, call)
+        assert torch.allclose(after, before, rtol=1e-4, atol=1e-4), model_type
+        hidden = after

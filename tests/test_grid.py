@@ -1,0 +1,61 @@
+"""RTN and the shared integer grid: exact grid points, granularities, QWeight storage round trips."""
+
+import pytest
+import torch
+
+from lowbit.numerics.grid import fit_scale_zero
+from lowbit.numerics.qweight import QWeight
+from lowbit.numerics.rtn import rtn
+from lowbit.recipe import WeightQuant
+from toy import outlier_inputs, random_weight
+
+
+def output_error(W, W_hat, X):
+    return float((X @ (W_hat - W).T).norm() / (X @ W.T).norm())
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("granularity", ["tensor", "channel", "group"])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_rtn_codes_are_in_range_and_pack_round_trip_is_exact(bits, granularity, symmetric):
+    W = random_weight(24, 80)  # 80 = 2 groups of 32 plus a partial group of 16
+    q = rtn(W, WeightQuant(bits, symmetric, granularity, group_size=32))
+    assert int(q.codes.max()) < 2**bits
+    n_groups = {"tensor": 1, "channel": 1, "group": 3}[granularity]
+    assert q.scale.shape == ((1 if granularity == "tensor" else 24), n_groups)
+    again = QWeight.unpack(q.pack(), q.bits, q.group_size, q.in_features)
+    assert torch.equal(again.dequantize(), q.dequantize())
+
+
+def test_zero_is_exact_and_absmax_is_a_grid_point():
+    W = random_weight(16, 64)
+    W[:, ::3] = 0.0
+    for sym in (True, False):
+        W_hat = rtn(W, WeightQuant(4, sym, "channel")).dequantize()
+        assert torch.all(W_hat[:, ::3] == 0)
+    W_hat = rtn(W, WeightQuant(8, True, "channel")).dequantize()
+    rows = torch.arange(16)
+    j = W.abs().argmax(dim=1)
+    assert torch.allclose(W_hat[rows, j], W[rows, j], rtol=1e-3)
+
+
+def test_error_falls_with_bits_and_finer_granularity():
+    W = random_weight(64, 256)
+    W[:, 7] *= 20  # an outlier weight column stretches coarse grids
+    X = torch.randn(256, 256)
+    errs = {b: output_error(W, rtn(W, WeightQuant(b, False, "channel")).dequantize(), X) for b in (2, 3, 4, 8)}
+    assert errs[2] > errs[3] > errs[4] > errs[8]
+    coarse = [output_error(W, rtn(W, WeightQuant(4, False, g, 32)).dequantize(), X) for g in ("tensor", "channel", "group")]
+    assert coarse[0] > coarse[1] > coarse[2]
+
+
+def test_scales_are_float16_exact():
+    scale, _ = fit_scale_zero(torch.tensor([-0.3]), torch.tensor([0.7]), 4, False)
+    assert scale.half().float().item() == scale.item()
+
+
+def test_rtn_on_outlier_inputs_is_the_baseline_other_methods_must_beat():
+    X = outlier_inputs()
+    W = random_weight()
+    err = output_error(W, rtn(W, WeightQuant(3, False, "group", 128)).dequantize(), X)
+    assert 0.0 < err < 1.0

@@ -1,0 +1,90 @@
+"""AWQ, SmoothQuant, LLM.int8() and activation quantization against their naive baselines, on one Linear whose
+inputs carry injected outlier channels (the failure each method exists to fix)."""
+
+import torch
+from torch import nn
+
+from lowbit.numerics.activations import quantize_activations, static_scale_from_absmax
+from lowbit.numerics.awq_clip import apply_clip, awq_clip
+from lowbit.numerics.rtn import rtn
+from lowbit.numerics.scales import awq_scales, smoothquant_scales
+from lowbit.pipeline.transforms import search_awq_scale
+from lowbit.recipe import WeightQuant
+from lowbit.runtime.act_quant import ActQuantLinear
+from lowbit.runtime.llm_int8 import Int8OutlierLinear, outlier_columns
+from toy import outlier_inputs, random_weight
+
+W3 = WeightQuant(3, False, "group", 128)
+W8 = WeightQuant(8, True, "channel")
+
+
+def output_error(W, Y_hat, X):
+    Y = X @ W.T
+    return float((Y_hat - Y).norm() / Y.norm())
+
+
+def test_awq_scale_search_beats_rtn():
+    X, W = outlier_inputs(scale=20.0), random_weight()
+    linear = nn.Linear(256, 128, bias=False)
+    linear.weight.data = W.clone()
+    s = search_awq_scale([linear], X.abs().mean(dim=0), W3, 20, lambda: [linear(X)])
+    assert torch.equal(linear.weight, W)  # the search restores the weights
+    awq = rtn(W * s, W3).dequantize()  # W * s sees inputs X / s
+    assert output_error(W, (X / s) @ awq.T, X) < output_error(W, X @ rtn(W, W3).dequantize().T, X)
+
+
+def test_awq_scales_are_normalised():
+    s = awq_scales(torch.rand(64) + 0.1, 0.5)
+    assert torch.isclose(s.max() * s.min(), torch.tensor(1.0), atol=1e-5)
+    assert torch.allclose(awq_scales(torch.rand(64), 0.0), torch.ones(64))
+
+
+def test_awq_clip_never_hurts_and_usually_helps():
+    X, W = outlier_inputs(scale=5.0), random_weight()
+    W[:, 5] *= 8  # a few large weights make min-max grids coarse
+    max_val = awq_clip(W, X[:256], W3)
+    clipped = rtn(apply_clip(W, max_val, W3), W3).dequantize()
+    assert output_error(W, X @ clipped.T, X) < output_error(W, X @ rtn(W, W3).dequantize().T, X)
+
+
+def test_smoothquant_w8a8_beats_naive_w8a8():
+    X, W = outlier_inputs(), random_weight()
+    naive = quantize_activations(X, 8, per_token=False, symmetric=True) @ rtn(W, W8).dequantize().T
+    s = smoothquant_scales(X.abs().amax(dim=0), W.abs().amax(dim=0), 0.5)
+    smooth = quantize_activations(X / s, 8, per_token=False, symmetric=True) @ rtn(W * s, W8).dequantize().T
+    assert output_error(W, smooth, X) < output_error(W, naive, X)
+
+
+def _modules(W):
+    q = rtn(W, W8)
+    return (
+        Int8OutlierLinear.from_qweight(q, None, threshold=6.0),
+        ActQuantLinear.from_qweight(q, None, act_bits=8, act_per_token=True, act_symmetric=True),
+    )
+
+
+def test_llm_int8_beats_plain_int8_and_finds_the_outlier_columns():
+    X, W = outlier_inputs(), random_weight()
+    mixed, plain = _modules(W)
+    assert output_error(W, mixed(X), X) < output_error(W, plain(X), X)
+    assert int(outlier_columns(X, 6.0).sum()) == 2  # the injected 1% of 256 channels
+
+
+def test_llm_int8_without_outliers_is_plain_int8():
+    X, W = torch.randn(64, 256) * 0.5, random_weight()
+    mixed, plain = _modules(W)
+    assert torch.equal(mixed(X), plain(X))
+
+
+def test_per_token_activation_quantization_handles_outlier_tokens():
+    X = torch.randn(128, 64)
+    X[::16] *= 100  # a few outlier tokens
+    per_tensor = quantize_activations(X, 8, per_token=False, symmetric=True)
+    per_token = quantize_activations(X, 8, per_token=True, symmetric=True)
+    assert (per_token - X).norm() < (per_tensor - X).norm()
+
+
+def test_static_scale_matches_dynamic_on_the_calibration_data():
+    X = torch.randn(32, 64)
+    static = quantize_activations(X, 8, False, True, static_scale_from_absmax(X.abs().max(), 8))
+    assert torch.allclose(static, quantize_activations(X, 8, False, True))
