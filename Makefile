@@ -24,5 +24,10 @@ demo: install
 test: install
 	$(PY) -m pytest -q
 
+# Measured figures in README.md come from these (long: see each script's header).
+bench: install
+	bench/methods.sh
+	$(PY) bench/peak_memory.py --synthetic
+
 clean:
 	rm -rf $(VENV) out

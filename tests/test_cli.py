@@ -159,3 +159,49 @@ def test_recipes_listing(capsys):
     assert code == 0 and "gptq-w4g128" in out and "smoothquant-w8a8" in out
     with pytest.raises(LowbitError):
         resolve_recipe("no-such-recipe")
+
+
+def test_transforms_option_reapplies_an_earlier_awq_run(toy_folder, corpus, tmp_path, capsys):
+    recipe = tmp_path / "awq.json"
+    recipe.write_text(json.dumps({"steps": [{"type": "awq", "bits": 4, "group_size": 32, "n_grid": 4,
+                                             "replay_sequences": 2, "clip_tokens": 32}]}))
+    first, again = tmp_path / "first", tmp_path / "again"
+    assert run(capsys, "quantize", "--model", toy_folder(), "--recipe", recipe, "--out", first, "--calib", corpus, *SMALL)[0] == 0
+    code, _, _ = run(capsys, "quantize", "--model", toy_folder(), "--recipe", recipe, "--out", again, "--calib", corpus,
+                     "--transforms", first, "--seed", "3", *SMALL)
+    assert code == 0
+    assert load_file(first / "transforms.safetensors").keys() == load_file(again / "transforms.safetensors").keys()
+    saved = json.loads((again / "lowbit_config.json").read_text())["recipe"]["steps"][0]
+    assert saved["artifact"] == str(first)
+    code, _, err = run(capsys, "quantize", "--model", toy_folder(), "--recipe", recipe, "--out", tmp_path / "x",
+                       "--calib", corpus, "--transforms", tmp_path / "missing", *SMALL)
+    assert code == 2 and "cannot read transform artifact" in err and not (tmp_path / "x").exists()
+
+
+def test_compare_writes_table_plot_and_resumes(toy_folder, corpus, tmp_path, capsys, monkeypatch):
+    import lowbit.cli.compare_cmd as compare_cmd
+
+    argv = ["compare", "--model", toy_folder(), "--recipes", "w8", "w3g128", "--out", tmp_path / "models",
+            "--results", tmp_path / "results", "--calib", corpus, "--data", corpus, "--window", "32", *SMALL]
+    code, _, _ = run(capsys, *argv)
+    assert code == 0
+    results = json.loads((tmp_path / "results" / "results.json").read_text())
+    rows = {r["recipe"]: r for r in results["rows"]}
+    assert list(rows) == ["float32", "w8", "w3g128"]
+    assert rows["w3g128"]["disk_bytes"] < rows["w8"]["disk_bytes"] < rows["float32"]["disk_bytes"]
+    assert rows["w8"]["peak_rss_bytes"] > 0 and rows["w8"]["quantize_seconds"] > 0
+    assert "| w3g128 |" in (tmp_path / "results" / "results.md").read_text()
+    assert (tmp_path / "results" / "results.png").read_bytes()[:4] == b"\x89PNG"
+
+    def no_requantizing(*_args):
+        raise AssertionError("--resume must reuse the rows it already has")
+
+    monkeypatch.setattr(compare_cmd, "quantize_in_child", no_requantizing)
+    code, _, _ = run(capsys, *argv, "--resume")
+    assert code == 0
+    assert json.loads((tmp_path / "results" / "results.json").read_text())["rows"] == results["rows"]
+
+
+def test_compare_checks_every_recipe_before_working(toy_folder, tmp_path, capsys):
+    code, _, err = run(capsys, "compare", "--model", toy_folder(), "--recipes", "w8", "no-such-recipe", "--out", tmp_path / "m")
+    assert code == 2 and "unknown recipe 'no-such-recipe'" in err and not (tmp_path / "m").exists()

@@ -3,8 +3,10 @@ and the equivalence transforms leave full-precision outputs unchanged."""
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 import lowbit
+from lowbit.errors import LowbitError
 from lowbit.models.arch import arch_for
 from lowbit.numerics.prune import nm_violations
 from lowbit.pipeline.capture import capture_block_calls, run_block
@@ -12,7 +14,7 @@ from lowbit.pipeline.context import BlockContext, resolve_groups, select_targets
 from lowbit.pipeline.fold import fold_scales
 from lowbit.pipeline.loop import InMemoryStore
 from lowbit.pipeline.taps import BlockData
-from lowbit.recipe import AWQ, GPTQ, RTN, ActQuant, LLMInt8, Prune, SmoothQuant, SparseGPT, WeightQuant
+from lowbit.recipe import AWQ, GPTQ, RTN, ActQuant, LLMInt8, Prune, Recipe, SmoothQuant, SparseGPT, WeightQuant
 from lowbit.runtime.weight_only import WeightOnlyLinear
 from toy import ARCHITECTURES, byte_tokenizer, calibration, toy_model
 
@@ -96,3 +98,34 @@ def test_folding_scales_leaves_fp32_outputs_unchanged(model_type):
             after = run_block(block, hidden, call)
         assert torch.allclose(after, before, rtol=1e-4, atol=1e-4), model_type
         hidden = after
+
+
+@pytest.mark.parametrize("recipe", [
+    (AWQ(W4, n_grid=5, replay_sequences=4, clip_tokens=64),),
+    (SmoothQuant(0.5), RTN(W8)),
+], ids=["awq", "smoothquant"])
+def test_saved_transforms_reapply_exactly_without_calibrating(recipe, tmp_path):
+    first = lowbit.quantize(toy_model("llama"), recipe, calibration(), batch_size=4)
+    lowbit.save(first, tmp_path / "first")
+    reused = Recipe(steps=recipe).reusing_transforms(str(tmp_path / "first"))
+    # different calibration text: only the saved scales and clips may decide the result
+    again = lowbit.quantize(toy_model("llama"), reused, calibration(seed=7), batch_size=4)
+    searched_again = lowbit.quantize(toy_model("llama"), recipe, calibration(seed=7), batch_size=4)
+    ids = calibration(n=2, length=40, seed=1)
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, first(ids).logits)
+        assert not torch.equal(searched_again(ids).logits, first(ids).logits)
+
+
+def test_transforms_of_another_model_are_refused(tmp_path):
+    recipe = (AWQ(W4, n_grid=3, replay_sequences=2, clip_tokens=32),)
+    lowbit.save(lowbit.quantize(toy_model("llama"), recipe, calibration(), batch_size=4), tmp_path / "first")
+    artifact = load_file(tmp_path / "first" / "transforms.safetensors")
+    name = next(k for k in artifact if k.endswith("awq_scales"))
+    artifact[name] = torch.ones(7)
+    save_file(artifact, tmp_path / "other.safetensors")
+    reused = Recipe(steps=recipe).reusing_transforms(str(tmp_path / "other.safetensors"))
+    with pytest.raises(LowbitError, match="made for another model"):
+        lowbit.quantize(toy_model("llama"), reused, calibration(), batch_size=4)
+    with pytest.raises(LowbitError, match="needs a recipe with a smoothquant or awq step"):
+        Recipe(steps=(RTN(W4),)).reusing_transforms(str(tmp_path / "first"))

@@ -294,6 +294,14 @@ class Recipe:
         awq = self.find(AWQ)
         return RTN(awq.weights) if awq is not None else None
 
+    def reusing_transforms(self, path: str) -> Recipe:
+        """This recipe with its SmoothQuant/AWQ step re-applying the scales (and clips) saved in ``path`` (an earlier
+        output directory, or its transforms.safetensors) instead of searching them again."""
+        step = self.find(AWQ) or self.find(SmoothQuant)
+        _check(step is not None, "re-applying saved transforms needs a recipe with a smoothquant or awq step")
+        steps = tuple(dataclasses.replace(s, artifact=path) if s is step else s for s in self.steps)
+        return dataclasses.replace(self, steps=steps)
+
     def find(self, cls: type[Step]) -> Any:
         return next((s for s in self.steps if isinstance(s, cls)), None)
 

@@ -8,15 +8,16 @@ import os
 import sys
 
 from lowbit.errors import LowbitError
+from lowbit.pipeline.memory import prefer_mmap_for_large_allocations
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lowbit.cli import demo_cmd, quantize_cmd, recipes_cmd
+    from lowbit.cli import compare_cmd, quantize_cmd, recipes_cmd
 
     parser = argparse.ArgumentParser(prog="lowbit", description="Post-training compression of Hugging Face causal LMs.")
     parser.add_argument("--quiet", action="store_true", help="only warnings and results")
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (quantize_cmd, demo_cmd, recipes_cmd):
+    for module in (quantize_cmd, compare_cmd, recipes_cmd):
         module.register(sub)
     return parser
 
@@ -39,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     args = build_parser().parse_args(argv)
     configure_logging(args.quiet)
+    prefer_mmap_for_large_allocations()
     try:
         return int(args.func(args) or 0)
     except LowbitError as exc:

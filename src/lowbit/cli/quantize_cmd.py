@@ -15,7 +15,7 @@ from lowbit.cli.common import (
 from lowbit.data.calibration import calibration_ids
 from lowbit.data.text import documents
 from lowbit.errors import LowbitError
-from lowbit.evaluation.evaluate import Evaluation, evaluate
+from lowbit.evaluation.evaluate import evaluate
 from lowbit.io.atomic import check_output_dir
 from lowbit.models.checkpoint import CheckpointReader
 from lowbit.models.open import load_tokenizer
@@ -30,6 +30,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--recipe", default="w4g128", help="preset name (see `lowbit recipes`) or a JSON recipe file")
     q.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    q.add_argument(
+        "--transforms", metavar="DIR",
+        help="re-apply the SmoothQuant/AWQ scales and clips saved in an earlier output DIR instead of searching again",
+    )
     q.add_argument("--verbose", action="store_true", help="print a row per Linear, not only per block")
     q.add_argument("--json", action="store_true", help="print the run summary as JSON")
     add_model_options(q)
@@ -65,10 +69,12 @@ class QuantizeRun:
         }
 
 
-def quantize_from_args(args: argparse.Namespace, out: Path, recipe_name: str, progress: bool = True) -> QuantizeRun:
-    """Calibrate and quantize as the CLI options say; shared by quantize, demo and compare."""
+def quantize_from_args(args: argparse.Namespace, out: Path, recipe_name: str) -> QuantizeRun:
+    """Calibrate and quantize as the CLI options say."""
     device = parse_device(args.device)
     recipe = resolve_recipe(recipe_name)
+    if args.transforms:
+        recipe = recipe.reusing_transforms(args.transforms)
     check_output_dir(out, args.overwrite)
     source = resolve_model(args.model)
     if source.is_lowbit:
@@ -77,7 +83,7 @@ def quantize_from_args(args: argparse.Namespace, out: Path, recipe_name: str, pr
     ids = calibration_ids(tokenizer, documents(args.calib, "calibration"), args.nsamples, args.seq_len, args.seed)
     report = quantize_checkpoint(
         source.folder, recipe, ids, out, dtype=DTYPES[args.dtype], device=device, batch_size=args.batch_size,
-        seed=args.seed, overwrite=args.overwrite, progress=progress,
+        seed=args.seed, overwrite=args.overwrite,
     )
     return QuantizeRun(report, out, CheckpointReader(source.folder).nbytes(), CheckpointReader(out).nbytes(), peak_rss_bytes())
 
@@ -97,29 +103,13 @@ def run_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-def evaluation_row(ev: Evaluation) -> dict:
-    p = ev.perplexity
-    return {
-        "model": ev.model,
-        "perplexity": round(p.perplexity, 4),
-        "tokens": p.tokens,
-        "window": p.seq_len,
-        "windows": p.windows,
-        "disk_bytes": ev.disk_bytes,
-        "memory_bytes": ev.memory_bytes,
-        "load_seconds": round(ev.load_seconds, 3),
-        "eval_seconds": round(p.seconds, 2),
-    }
-
-
 def run_eval(args: argparse.Namespace) -> int:
     ev = evaluate(
         args.model, args.data, args.window, args.max_windows or None, DTYPES[args.dtype], parse_device(args.device),
         progress=not args.json,
     )
-    row = evaluation_row(ev)
     if args.json:
-        print(json.dumps(row, indent=2))
+        print(json.dumps({"model": args.model, **ev.summary()}, indent=2))
         return 0
     p = ev.perplexity
     console.print(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
@@ -19,10 +19,20 @@ class Evaluation:
     memory_bytes: int  # parameters and buffers as loaded
     load_seconds: float
 
-    def to_dict(self) -> dict:
-        out = asdict(self)
-        out["perplexity"] = self.perplexity.to_dict()
-        return out
+    def summary(self) -> dict:
+        """The flat record that `lowbit eval --json` prints and comparison rows hold."""
+        p = self.perplexity
+        return {
+            "perplexity": round(p.perplexity, 4),
+            "tokens": p.tokens,
+            "window": p.seq_len,
+            "windows": p.windows,
+            "disk_bytes": self.disk_bytes,
+            "memory_bytes": self.memory_bytes,
+            "load_seconds": round(self.load_seconds, 3),
+            "eval_seconds": round(p.seconds, 2),
+            "eval_tokens_per_second": round(p.tokens / p.seconds, 1) if p.seconds > 0 else 0.0,
+        }
 
 
 def tensor_bytes(model: torch.nn.Module) -> int:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -24,9 +24,6 @@ class Perplexity:
     windows: int
     seq_len: int
     seconds: float
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def evaluation_ids(tokenizer, docs: list[str]) -> torch.Tensor:

@@ -21,7 +21,7 @@ from lowbit.models.lazy import LazyModel, conv1d_to_linear
 from lowbit.pipeline.block import process_block
 from lowbit.pipeline.capture import capture_block_calls
 from lowbit.pipeline.context import BlockContext, select_targets
-from lowbit.pipeline.memory import release_freed_memory
+from lowbit.pipeline.memory import block_memory_bytes, release_freed_memory, reset_peak_memory
 from lowbit.pipeline.report import QuantizeReport, block_row
 from lowbit.pipeline.taps import BlockData
 from lowbit.recipe import Recipe
@@ -153,10 +153,12 @@ def run_blocks(
                 seed=seed + i,
                 error_batches=math.ceil(ERROR_SEQUENCES / batch_size),
             )
+            reset_peak_memory(device)
             record = process_block(ctx, recipe, batch_size, saved, i)
             calls.calls[i] = []  # this block's masks and rotary tables are no longer needed
             store.finish(i, block)
             release_freed_memory()
+            record.memory_bytes = block_memory_bytes(device)
             report.blocks.append(record)
             log.info(block_row(record))
     finally:

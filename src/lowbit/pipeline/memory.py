@@ -1,7 +1,11 @@
-"""Give freed memory back to the operating system between blocks.
+"""Give freed memory back to the operating system.
 
-glibc keeps freed heap pages for reuse; over 30+ blocks of differently sized activations the resident set then
-grows far past what is live. Trimming after each block keeps peak RSS near the real working set.
+glibc keeps freed heap pages for reuse. Worse, its mmap threshold is dynamic: once a large block is freed, later
+allocations up to 32 MiB (activation-sized tensors) come from the heap, where freed memory stays resident until a
+trim. Measured on SmolLM2-135M (RTN, 64 x 512 calibration tokens): peak RSS 988 MiB with glibc's defaults, 789 MiB with
+a fixed 1 MiB threshold, while the live working set after each block is ~475 MiB. The CLI, which owns its
+process, fixes the threshold (``prefer_mmap_for_large_allocations``); trimming after each block keeps RSS between
+blocks near the working set.
 """
 
 from __future__ import annotations
@@ -9,6 +13,9 @@ from __future__ import annotations
 import ctypes
 import functools
 import gc
+
+import psutil
+import torch
 
 
 @functools.cache
@@ -20,8 +27,33 @@ def _libc() -> ctypes.CDLL | None:
         return None
 
 
+M_MMAP_THRESHOLD = -3  # mallopt parameter number (glibc malloc.h)
+MMAP_THRESHOLD_BYTES = 1 << 20
+
+
+def prefer_mmap_for_large_allocations() -> None:
+    """Serve every allocation above 1 MiB with its own mmap, returned to the OS as soon as it is freed. Setting the
+    threshold explicitly also switches off glibc's dynamic raising of it. Process-wide: for entry points only."""
+    libc = _libc()
+    if libc is not None:
+        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+
+
 def release_freed_memory() -> None:
     gc.collect()
     libc = _libc()
     if libc is not None:
         libc.malloc_trim(0)
+
+
+def reset_peak_memory(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def block_memory_bytes(device: torch.device | str) -> int:
+    """What one block cost: the GPU's peak allocation since ``reset_peak_memory`` on CUDA, else this process's
+    resident set now (on CPU the working set is the whole process; a growing figure means a leak)."""
+    if torch.device(device).type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(psutil.Process().memory_info().rss)

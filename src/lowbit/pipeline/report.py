@@ -24,6 +24,7 @@ class BlockRecord:
     seconds: float
     rel_error: float  # the whole block's output error
     linears: list[LinearRecord] = field(default_factory=list)
+    memory_bytes: int = 0  # GPU peak during the block on CUDA; process RSS after it on CPU
 
 
 @dataclass
@@ -52,17 +53,24 @@ def block_row(record: BlockRecord) -> str:
     """One log line per finished block, so a long run shows whether it is healthy."""
     worst = max(record.linears, key=lambda r: r.rel_error, default=None)
     tail = f", worst {worst.name.rsplit('.', 2)[-2]}.{worst.name.rsplit('.', 1)[-1]} {worst.rel_error:.4f}" if worst else ""
-    return f"block {record.index}: output error {record.rel_error:.4f} in {record.seconds:.1f}s{tail}"
+    return (
+        f"block {record.index}: output error {record.rel_error:.4f} in {record.seconds:.1f}s, "
+        f"memory {record.memory_bytes / 2**20:,.0f} MiB{tail}"
+    )
 
 
 def layer_table(report: QuantizeReport, per_linear: bool = True) -> Table:
     """Rows per Linear (layer, method, relative output error, time, note) and a bold row per block."""
     table = Table(title=f"per-layer report: {report.recipe.get('name', '')}")
-    for column, justify in (("layer", "left"), ("method", "left"), ("rel. error", "right"), ("time s", "right"), ("note", "left")):
+    columns = (("layer", "left"), ("method", "left"), ("rel. error", "right"), ("time s", "right"), ("memory", "right"), ("note", "left"))
+    for column, justify in columns:
         table.add_column(column, justify=justify)  # type: ignore[arg-type]
     for b in report.blocks:
         for r in b.linears if per_linear else []:
-            table.add_row(r.name, r.method, f"{r.rel_error:.4f}", f"{r.seconds:.2f}", r.note)
+            table.add_row(r.name, r.method, f"{r.rel_error:.4f}", f"{r.seconds:.2f}", "", r.note)
         worst = max((r.rel_error for r in b.linears), default=0.0)
-        table.add_row(f"block {b.index} output", "", f"{b.rel_error:.4f}", f"{b.seconds:.1f}", f"worst Linear {worst:.4f}", style="bold")
+        table.add_row(
+            f"block {b.index} output", "", f"{b.rel_error:.4f}", f"{b.seconds:.1f}", f"{b.memory_bytes / 2**20:,.0f} MiB",
+            f"worst Linear {worst:.4f}", style="bold",
+        )
     return table

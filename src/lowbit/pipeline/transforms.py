@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.numerics.rtn import rtn
+from lowbit.numerics.rtn import group_size_for, rtn
 from lowbit.numerics.scales import awq_ratios, awq_scales, smoothquant_scales
 from lowbit.numerics.awq_clip import awq_clip
 from lowbit.pipeline.context import BlockContext, resolve_groups
@@ -28,9 +28,15 @@ AWQ_SCALE_KEY = "awq_scales"
 AWQ_CLIP_KEY = "awq_clip"
 
 
-def saved_tensor(saved: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+def saved_tensor(saved: dict[str, torch.Tensor], name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """A tensor of an earlier run's artifact, checked to fit this model (an artifact of another model must not fold)."""
     if name not in saved:
         raise LowbitError(f"the transform artifact has no tensor {name!r}; it was made for another model or recipe")
+    if tuple(saved[name].shape) != shape:
+        raise LowbitError(
+            f"the transform artifact's {name!r} has shape {tuple(saved[name].shape)}, this model needs {shape}; "
+            "it was made for another model"
+        )
     return saved[name]
 
 
@@ -44,7 +50,7 @@ def smooth_block(ctx: BlockContext, step: SmoothQuant, saved: dict[str, torch.Te
     for g in groups:
         name = ctx.full_name(f"{g.spec.prev}.{SMOOTH_KEY}")
         if saved is not None:
-            s = saved_tensor(saved, name)
+            s = saved_tensor(saved, name, (g.linears[0].in_features,))
         else:
             weight_absmax = torch.stack([lin.weight.abs().amax(dim=0) for lin in g.linears]).amax(dim=0)
             s = smoothquant_scales(observers[g.spec.linears[0]].absmax, weight_absmax, step.alpha)
@@ -96,7 +102,7 @@ def awq_block(ctx: BlockContext, step: AWQ, batch_size: int, saved: dict[str, to
     for g in groups:
         name = ctx.full_name(f"{g.spec.prev}.{AWQ_SCALE_KEY}")
         if saved is not None:
-            s = saved_tensor(saved, name)
+            s = saved_tensor(saved, name, (g.linears[0].in_features,))
         else:
             x_mean = next(o for o in taps[g.spec.linears[0]] if isinstance(o, MeanAbsObserver)).mean
             module, calls = ctx.block.get_submodule(g.inspect_path), recorders[g.inspect_path].calls
@@ -110,7 +116,10 @@ def awq_block(ctx: BlockContext, step: AWQ, batch_size: int, saved: dict[str, to
     for path in clip_paths:
         name = ctx.full_name(f"{path}.{AWQ_CLIP_KEY}")
         if saved is not None:
-            max_val = saved.get(name)
+            weight = ctx.targets[path].weight
+            n_groups = -(-weight.shape[1] // group_size_for(step.weights, weight.shape[1]))
+            # per-tensor grids have no clip, so the artifact may rightly lack this tensor
+            max_val = saved_tensor(saved, name, (weight.shape[0], n_groups)) if name in saved else None
         else:
             rows = samples[path].rows
             assert rows is not None
