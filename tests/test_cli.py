@@ -205,3 +205,14 @@ def test_compare_writes_table_plot_and_resumes(toy_folder, corpus, tmp_path, cap
 def test_compare_checks_every_recipe_before_working(toy_folder, tmp_path, capsys):
     code, _, err = run(capsys, "compare", "--model", toy_folder(), "--recipes", "w8", "no-such-recipe", "--out", tmp_path / "m")
     assert code == 2 and "unknown recipe 'no-such-recipe'" in err and not (tmp_path / "m").exists()
+
+
+def test_outliers_command_writes_rows_and_a_plot(toy_folder, corpus, tmp_path, capsys):
+    code, stdout, _ = run(capsys, "outliers", "--model", toy_folder(), "--calib", corpus, "--plot", tmp_path / "o.png",
+                          "--json", *SMALL)
+    assert code == 0
+    rows = json.loads(stdout)
+    assert rows[0]["name"] == "model.layers.0.self_attn.q_proj" and rows[0]["ratio"] > 1
+    assert (tmp_path / "o.png").read_bytes()[:4] == b"\x89PNG"
+    code, _, err = run(capsys, "outliers", "--model", toy_folder(), "--calib", corpus, "--plot", tmp_path / "no" / "o.png")
+    assert code == 2 and "does not exist" in err
