@@ -27,6 +27,7 @@ RECIPES = {
     "awq-gptq": (AWQ(W4, n_grid=5, replay_sequences=4, clip_tokens=64), GPTQ(W4)),
     "smoothquant-w8a8": (SmoothQuant(0.5), RTN(W8), ActQuant(8, "token")),
     "w8a8-static": (RTN(W8), ActQuant(8, "tensor", dynamic=False)),
+    "smoothquant-all-w8a8-static": (SmoothQuant(0.5, fold_into_linears=True), RTN(W8), ActQuant(8, "tensor", dynamic=False)),
     "llm-int8": (LLMInt8(6.0),),
     "wanda-2of4-w4": (Prune("wanda", None, "2:4"), RTN(W4)),
     "sparsegpt-50-w4": (SparseGPT(0.5, weights=W4),),
@@ -129,3 +130,23 @@ def test_transforms_of_another_model_are_refused(tmp_path):
         lowbit.quantize(toy_model("llama"), reused, calibration(), batch_size=4)
     with pytest.raises(LowbitError, match="needs a recipe with a smoothquant or awq step"):
         Recipe(steps=(RTN(W4),)).reusing_transforms(str(tmp_path / "first"))
+
+
+def test_smoothing_linear_pairs_repairs_down_proj_outliers():
+    """Outlier channels at down_proj's input (no norm before it) stay under norm-only SmoothQuant and stretch a
+    static per-tensor INT8 grid; folding through up_proj -> down_proj moves them into the weights."""
+
+    def model_with_down_proj_outliers():
+        model = toy_model("llama", outliers=False)
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.mlp.up_proj.weight[:4] *= 50.0  # up_proj rows 0..3 feed down_proj input channels 0..3
+        return model
+
+    errors = {}
+    for fold in (False, True):
+        recipe = (SmoothQuant(0.5, fold_into_linears=fold), RTN(W8), ActQuant(8, "tensor", dynamic=False))
+        info = lowbit.quantize(model_with_down_proj_outliers(), recipe, calibration(), batch_size=4).lowbit_info
+        errors[fold] = [r.rel_error for b in info.report.blocks for r in b.linears if r.name.endswith("down_proj")]
+        assert any(name.endswith("mlp.up_proj.smooth_scales") for name in info.artifact) == fold
+    assert all(folded < norm_only for folded, norm_only in zip(errors[True], errors[False]))

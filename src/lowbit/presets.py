@@ -50,6 +50,11 @@ def _presets() -> dict[str, tuple[str, tuple]]:
             "SmoothQuant a=0.5, INT8 per-channel weights, per-tensor static INT8 inputs",
             (SmoothQuant(0.5), RTN(W8_CHANNEL), PER_TENSOR_STATIC),
         ),
+        "smoothquant-all-w8a8-static": (
+            "SmoothQuant a=0.5 on norm and Linear->Linear inputs (up->down too), INT8 per-channel weights, "
+            "per-tensor static INT8 inputs",
+            (SmoothQuant(0.5, fold_into_linears=True), RTN(W8_CHANNEL), PER_TENSOR_STATIC),
+        ),
         "llm-int8": ("LLM.int8(): outlier input columns (|x|>6) in float, the rest INT8", (LLMInt8(6.0),)),
         "magnitude-50": ("magnitude pruning, 50% unstructured", (Prune("magnitude", 0.5),)),
         "wanda-50": ("Wanda pruning, 50% unstructured", (Prune("wanda", 0.5),)),

@@ -119,10 +119,17 @@ class AWQ(Step):
 
 @dataclass(frozen=True)
 class SmoothQuant(Step):
-    """SmoothQuant (Xiao et al. 2022): s_j = max|X_j|^a / max|W_j|^(1-a), folded into the preceding op."""
+    """SmoothQuant (Xiao et al. 2022): s_j = max|X_j|^a / max|W_j|^(1-a), folded into the preceding op.
+
+    The paper folds into the norms before the attention and MLP inputs only. ``fold_into_linears`` also smooths
+    the inputs whose previous op is a Linear (up_proj -> down_proj, fc1 -> fc2, v_proj -> o_proj where the shapes
+    allow): on models whose largest outliers sit at down_proj's input (SmolLM2-135M: up to 1800x the median
+    channel, see `lowbit outliers`), norm-only smoothing cannot reach them.
+    """
 
     kind: ClassVar[str] = "smoothquant"
     alpha: float = 0.5
+    fold_into_linears: bool = False
     artifact: str | None = None  # re-apply scales saved by an earlier run instead of calibrating
 
     def __post_init__(self) -> None:

@@ -41,8 +41,10 @@ def saved_tensor(saved: dict[str, torch.Tensor], name: str, shape: tuple[int, ..
 
 
 def smooth_block(ctx: BlockContext, step: SmoothQuant, saved: dict[str, torch.Tensor] | None) -> list[torch.Tensor]:
-    """SmoothQuant on every norm -> Linears group; returns the block's full-precision outputs."""
-    groups = resolve_groups(ctx, norms_only=True)
+    """SmoothQuant on every norm -> Linears group (and Linear -> Linear pairs when the step asks); returns the
+    block's full-precision outputs. All statistics come from one full-precision pass: folding preserves every
+    Linear's output, so later groups' inputs are unchanged by earlier folds."""
+    groups = resolve_groups(ctx, norms_only=not step.fold_into_linears)
     observers = {g.spec.linears[0]: AbsMaxObserver() for g in groups} if saved is None else {}
     reference = run_with_taps(
         ctx.block, ctx.data, {k: [v] for k, v in observers.items()}, max_outputs=ctx.error_batches
