@@ -4,13 +4,13 @@ lowbit never loads a model whole: the skeleton lives on the meta device and each
 when its turn comes. This benchmark measures what that buys. Each run is a fresh `lowbit quantize --json`
 process, which reports its own peak RSS (getrusage ru_maxrss). Three figures per model:
   * the floor: a process that only imports lowbit, torch and transformers;
-  * RTN W4 g128 and GPTQ W4 g128 quantization of the model;
+  * RTN W4 g128 (and, on the real model, GPTQ W4 g128) quantization of the model;
   * the model's float32 checkpoint size, the memory a whole-model tool would need at least.
 Models: the embedded SmolLM2-135M (real weights), and a randomly initialised Llama of about 1.1B parameters
 (``--synthetic``; TinyLlama's shape) written to disk once, which shows that peak memory follows one block, not the
 model. Writes bench/results/peak_memory.json and prints a Markdown table.
 
-    .venv/bin/python bench/peak_memory.py [--synthetic] [--nsamples 64 --seq-len 512]
+    .venv/bin/python bench/peak_memory.py [--synthetic] [--nsamples 32 --seq-len 512]
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "peak_memory.json"
 WORK = ROOT / "out" / "bench" / "memory"
-FLOOR = "import resource, torch, transformers, lowbit.api, lowbit.cli.main; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
+FLOOR = "import torch, transformers, lowbit.api; from lowbit.cli.common import peak_rss_bytes; print(peak_rss_bytes())"
 
 
 def lowbit(*argv: str) -> dict:
@@ -53,9 +53,9 @@ def synthetic_llama(folder: Path, tokenizer_source: Path) -> Path:
     return folder
 
 
-def measure(model: str, label: str, calibration: list[str]) -> dict:
+def measure(model: str, label: str, calibration: list[str], recipes: tuple[str, ...]) -> dict:
     rows = {}
-    for recipe in ("w4g128", "gptq-w4g128"):
+    for recipe in recipes:
         summary = lowbit("quantize", "--model", model, "--recipe", recipe, "--out", str(WORK / f"{label}-{recipe}"),
                          "--overwrite", "--json", *calibration)
         rows[recipe] = {"peak_rss_bytes": summary["peak_rss_bytes"], "seconds": summary["seconds"]}
@@ -66,18 +66,20 @@ def measure(model: str, label: str, calibration: list[str]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--synthetic", action="store_true", help="also measure a random 1.1B-parameter Llama")
-    parser.add_argument("--nsamples", default="64")
+    parser.add_argument("--nsamples", default="32")
     parser.add_argument("--seq-len", default="512")
     args = parser.parse_args()
     calibration = ["--nsamples", args.nsamples, "--seq-len", args.seq_len]
     WORK.mkdir(parents=True, exist_ok=True)
     floor = int(subprocess.run([sys.executable, "-c", FLOOR], stdout=subprocess.PIPE, text=True, check=True).stdout)
-    models = [measure("smollm2-135m", "smollm2-135m", calibration)]
+    models = [measure("smollm2-135m", "smollm2-135m", calibration, ("w4g128", "gptq-w4g128"))]
     if args.synthetic:
         from lowbit.models.source import resolve_model
 
         folder = synthetic_llama(WORK / "synthetic-llama-1.1b", resolve_model("smollm2-135m").folder)
-        models.append(measure(str(folder), "random llama 1.1B", calibration))
+        # RTN only: on 2 CPU cores every extra pass over a 1.1B model costs ~10 minutes; GPTQ's Hessians are
+        # measured on the real model above
+        models.append(measure(str(folder), "random llama 1.1B", calibration, ("w4g128",)))
     results = {
         "machine": f"{platform.machine()}, Python {platform.python_version()}",
         "calibration": f"{args.nsamples} x {args.seq_len} tokens",

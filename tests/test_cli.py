@@ -216,3 +216,18 @@ def test_outliers_command_writes_rows_and_a_plot(toy_folder, corpus, tmp_path, c
     assert (tmp_path / "o.png").read_bytes()[:4] == b"\x89PNG"
     code, _, err = run(capsys, "outliers", "--model", toy_folder(), "--calib", corpus, "--plot", tmp_path / "no" / "o.png")
     assert code == 2 and "does not exist" in err
+
+
+def test_peak_rss_is_the_child_processs_own():
+    """ru_maxrss of an exec'd child inherits its parent's high-water mark; the reported peak must not."""
+    import subprocess
+    import sys
+
+    from lowbit.cli.common import peak_rss_bytes
+
+    ballast = bytearray(400 * 2**20)
+    ballast[::4096] = b"\x01" * len(ballast[::4096])  # touch every page: 400 MiB resident in this process
+    code = "from lowbit.cli.common import peak_rss_bytes; print(peak_rss_bytes())"
+    child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert child < peak_rss_bytes() - 300 * 2**20
+    del ballast

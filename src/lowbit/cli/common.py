@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import resource
+import sys
+from pathlib import Path
 
 import torch
 from rich.console import Console
@@ -45,8 +47,20 @@ def parse_device(name: str) -> torch.device:
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """Peak resident set size of this process so far.
+
+    On Linux this is VmHWM, the high-water mark of this program's own address space. getrusage's ru_maxrss is not
+    used there: a child started by fork/vfork + exec inherits the parent's high-water mark in it, so a `lowbit
+    quantize` launched by `lowbit compare` right after an evaluation reported the parent's 1.7 GB, not its own peak.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    scale = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes, Linux KiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
 def mib(n: float) -> str:
