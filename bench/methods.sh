@@ -13,7 +13,7 @@ RECIPES=(
   w8a8-naive smoothquant-w8a8 llm-int8
   wanda-50 wanda-2of4 sparsegpt-50
   # the steps in between, which show what each fix repairs
-  w8 w8a8-token smoothquant-w8a8-static magnitude-50 awq-gptq-w4g128
+  w8 w8a8-token smoothquant-w8a8-static smoothquant-all-w8a8-static magnitude-50
 )
 exec .venv/bin/lowbit compare --recipes "${RECIPES[@]}" --nsamples 64 --seq-len 512 \
   --out out/bench/methods --results bench/results/methods --resume "$@"

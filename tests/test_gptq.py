@@ -99,3 +99,13 @@ def test_sparsegpt_two_four_with_joint_quantization(data):
     result = sparsegpt(W, H, 0.0, nm=(2, 4), spec=spec)
     assert nm_violations(result.weight, 2, 4) == 0
     assert torch.equal(result.qweight.dequantize(), result.weight)
+
+
+def test_hessian_can_leave_the_first_positions_out():
+    x = torch.randn(3, 6, 4)
+    x[:, 0] *= 1000  # a massive activation on every sequence's first position
+    obs = HessianObserver(skip_first=1)
+    obs.add_batch(x[:2])
+    obs.add_batch(x[2:])
+    rest = x[:, 1:].reshape(-1, 4)
+    assert torch.allclose(obs.H, 2 * rest.T @ rest / rest.shape[0], rtol=1e-4, atol=1e-4)

@@ -88,12 +88,14 @@ def _stages(ctx: BlockContext, recipe: Recipe) -> list[list[str]]:
 
 def compress_block(ctx: BlockContext, recipe: Recipe) -> dict[str, Compressed]:
     need_h, need_norm, need_absmax = _needs(recipe)
+    weight_step = recipe.weight_step
+    skip_first = weight_step.skip_first_positions if isinstance(weight_step, GPTQ) else 0
     label = describe(recipe)
     done: dict[str, Compressed] = {}
     for stage in _stages(ctx, recipe):
         stats = {
             p: _Stats(
-                HessianObserver() if need_h else None,
+                HessianObserver(skip_first) if need_h else None,
                 InputNormObserver() if need_norm else None,
                 AbsMaxObserver() if need_absmax else None,
             )

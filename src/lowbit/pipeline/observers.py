@@ -15,13 +15,19 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 
 class HessianObserver:
-    """H = 2 X^T X / n_tokens, as a running average (IST-DASLab/gptq GPTQ.add_batch)."""
+    """H = 2 X^T X / n_tokens, as a running average (IST-DASLab/gptq GPTQ.add_batch).
 
-    def __init__(self) -> None:
+    ``skip_first`` leaves the first positions of every sequence (x [batch, seq, in]) out.
+    """
+
+    def __init__(self, skip_first: int = 0) -> None:
         self.H: torch.Tensor | None = None
         self.n = 0
+        self.skip_first = skip_first
 
     def add_batch(self, x: torch.Tensor) -> None:
+        if self.skip_first and x.dim() == 3:
+            x = x[:, self.skip_first :]
         rows = _rows(x)
         t = rows.shape[0]
         if self.H is None:
