@@ -201,6 +201,16 @@ def test_compare_writes_table_plot_and_resumes(toy_folder, corpus, tmp_path, cap
     assert code == 0
     assert json.loads((tmp_path / "results" / "results.json").read_text())["rows"] == results["rows"]
 
+    def interrupted(*_args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(compare_cmd, "quantize_in_child", interrupted)
+    # w8 is reused and written, then a new row is interrupted: w3g128, measured earlier and not reached, must survive
+    argv[argv.index("w8") + 1 : argv.index("w8") + 1] = ["w4g128"]
+    code, _, _ = run(capsys, *argv, "--resume")
+    assert code == 130
+    assert json.loads((tmp_path / "results" / "results.json").read_text())["rows"] == results["rows"]
+
 
 def test_compare_checks_every_recipe_before_working(toy_folder, tmp_path, capsys):
     code, _, err = run(capsys, "compare", "--model", toy_folder(), "--recipes", "w8", "no-such-recipe", "--out", tmp_path / "m")

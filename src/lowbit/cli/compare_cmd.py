@@ -26,6 +26,7 @@ from lowbit.errors import LowbitError
 from lowbit.evaluation.comparison import RESULTS_MD, reusable_rows, write_results
 from lowbit.evaluation.evaluate import evaluate
 from lowbit.presets import preset_names, resolve_recipe
+from lowbit.recipe import Recipe
 
 DEMO_RECIPES = ("w8", "w4g128")
 
@@ -103,7 +104,8 @@ def run_compare(args: argparse.Namespace) -> int:
     results["rows"].append(base or {"recipe": args.dtype, "description": "unquantized", "config": None, **measure(args.model)})
     for name, (spec, recipe) in recipes.items():
         row = earlier.get(name)
-        if row is None or row.get("config") != recipe.to_dict():
+        # compare parsed recipes, so a field added since (with its default) does not invalidate a measured row
+        if row is None or row.get("config") is None or Recipe.from_dict(row["config"]) != recipe:
             console.print(f"[bold]{name}[/bold]: quantizing")
             summary = quantize_in_child(args, spec, out / name)
             row = {
@@ -113,7 +115,9 @@ def run_compare(args: argparse.Namespace) -> int:
                 "mean_linear_error": summary["mean_linear_error"],
             }
         results["rows"].append(row)
-        write_results(results, results_dir)  # after every row: an interrupted run keeps what it measured
+        # after every row, with the earlier run's rows not reached yet: an interrupted run loses nothing measured
+        pending = [earlier[n] for n in list(recipes)[len(results["rows"]) - 1 :] if n in earlier]
+        write_results({**results, "rows": results["rows"] + pending}, results_dir)
     console.print(results_table(results))
     console.print(f"results written to {results_dir / RESULTS_MD} (and .json, .png)")
     return 0

@@ -1,0 +1,35 @@
+"""Print README's method table from bench/results/methods/results.json.
+
+Eval speed is left out: the benchmark shared its two cores with other jobs. A peak RSS recorded before lowbit
+measured VmHWM (rows whose child inherited the parent's high-water mark, see cli/common.py) is shown as "n/m";
+bench/peak_memory.py measures those recipes alone.
+
+    .venv/bin/python bench/readme_table.py
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results" / "methods" / "results.json"
+INHERITED_PEAK = 1_796_554_752  # bytes: the parent's high-water mark that the first two rows' children inherited
+
+
+def main() -> None:
+    rows = json.loads(RESULTS.read_text())["rows"]
+    base = rows[0]
+    print("| recipe | what it does | perplexity | vs fp | size on disk | smaller by | mean Linear error | quantize peak RSS |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        peak = r.get("peak_rss_bytes")
+        rss = "" if peak is None else ("n/m" if peak == INHERITED_PEAK else f"{peak / 2**20:,.0f} MiB")
+        error = "" if r.get("mean_linear_error") is None else f"{r['mean_linear_error']:.4f}"
+        print(
+            f"| {r['recipe']} | {r['description']} | {r['perplexity']:.3f} | {(r['perplexity'] / base['perplexity'] - 1) * 100:+.1f}% | "
+            f"{r['disk_bytes'] / 2**20:,.1f} MiB | {base['disk_bytes'] / r['disk_bytes']:.2f}x | {error} | {rss} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
