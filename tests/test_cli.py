@@ -241,3 +241,19 @@ def test_peak_rss_is_the_child_processs_own():
     child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert child < peak_rss_bytes() - 300 * 2**20
     del ballast
+
+
+def test_json_output_stays_parseable_when_lowbit_warns(toy_folder, tmp_path):
+    """A real process (in-process, pytest's own log handlers would hide where the CLI's logs go)."""
+    import subprocess
+    import sys
+
+    short = write_corpus(tmp_path / "short.txt", repeats=12)  # fewer tokens than 64 x 32: a logged warning
+    child = subprocess.run(
+        [sys.executable, "-m", "lowbit.cli.main", "quantize", "--model", str(toy_folder()), "--recipe", "w8",
+         "--out", str(tmp_path / "q"), "--calib", str(short), "--nsamples", "64", "--seq-len", "32", "--json"],
+        capture_output=True, text=True,
+    )
+    assert child.returncode == 0, child.stderr
+    assert "holds only" in child.stderr
+    assert json.loads(child.stdout)["calibration"]["n_sequences"] < 64

@@ -23,12 +23,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def configure_logging(quiet: bool) -> None:
+    from rich.console import Console
     from rich.logging import RichHandler
     from transformers.utils import logging as hf_logging
 
+    # logs go to stderr: stdout carries results, which --json makes machine-readable
     logging.basicConfig(
         level=logging.WARNING if quiet else logging.INFO, format="%(message)s",
-        handlers=[RichHandler(show_path=False, show_time=False)],
+        handlers=[RichHandler(console=Console(stderr=True), show_path=False, show_time=False)],
     )
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
