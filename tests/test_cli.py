@@ -140,14 +140,18 @@ def test_interrupted_run_leaves_nothing_behind(toy_folder, tmp_path, monkeypatch
     assert not (tmp_path / "q").exists() and leftovers(tmp_path) == []
 
 
-def test_lazy_checkpoint_path_equals_in_memory_path(toy_folder, tmp_path):
-    """Quantizing from disk block by block gives exactly the model that in-memory quantization gives."""
+def test_lazy_checkpoint_path_equals_in_memory_path(toy_folder, tmp_path, monkeypatch):
+    """Quantizing from disk block by block gives exactly the model that in-memory quantization gives, with the
+    tensors outside the blocks streamed into shards of their own (every tensor counts as large here)."""
     import lowbit
+    import lowbit.api
     from toy import toy_model
 
+    monkeypatch.setattr(lowbit.api, "LARGE_TENSOR_BYTES", 1)
     ids = calibration(n=4, length=32)
     recipe = resolve_recipe("gptq-w4g128")
     quantize_checkpoint(toy_folder(), recipe, ids, tmp_path / "disk", batch_size=2, progress=False)
+    assert len(list((tmp_path / "disk").glob("rest-*.safetensors"))) == 3  # embed_tokens, final norm, untied lm_head
     in_memory = lowbit.quantize(toy_model("llama"), recipe, ids, batch_size=2)
     test_ids = calibration(n=2, length=24, seed=3)
     with torch.no_grad():

@@ -7,6 +7,7 @@ larger than RAM is processed block by block. GPT-2's Conv1D layers (weights stor
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -139,10 +140,12 @@ class LazyModel:
         """Embeddings, final norm and the rest, except the output head (quantization never needs it)."""
         self._load(self._outside_blocks(skip_head=True), device)
 
-    def tensors_outside_blocks(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """Embeddings, final norm and an untied head straight from the checkpoint, for writing them out."""
-        tensors = self.read(list(self._outside_blocks(skip_head=self.tied_embeddings)))
-        return {n: t.to(dtype) if t.is_floating_point() else t for n, t in tensors.items()}
+    def tensors_outside_blocks(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+        """Embeddings, final norm and an untied head straight from the checkpoint, one at a time (each is freed
+        before the next is read: together they are larger than a block), for writing them out."""
+        for name in self._outside_blocks(skip_head=self.tied_embeddings):
+            tensor = self.read([name])[name]
+            yield name, tensor.to(dtype) if tensor.is_floating_point() else tensor
 
     def output_embedding_key(self) -> str:
         return output_embedding_key(self.model)
