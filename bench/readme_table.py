@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from lowbit.evaluation.comparison import row_cells
+
 RESULTS = Path(__file__).resolve().parent / "results" / "methods" / "results.json"
 INHERITED_PEAK = 1_796_554_752  # bytes: the parent's high-water mark that the first two rows' children inherited
 
@@ -25,10 +27,9 @@ def main() -> None:
         peak = r.get("peak_rss_bytes")
         rss = "" if peak is None else ("n/m" if peak == INHERITED_PEAK else f"{peak / 2**20:,.0f} MiB")
         error = "" if r.get("mean_linear_error") is None else f"{r['mean_linear_error']:.4f}"
-        print(
-            f"| {r['recipe']} | {r['description']} | {r['perplexity']:.3f} | {(r['perplexity'] / base['perplexity'] - 1) * 100:+.1f}% | "
-            f"{r['disk_bytes'] / 2**20:,.1f} MiB | {base['disk_bytes'] / r['disk_bytes']:.2f}x | {error} | {rss} |"
-        )
+        cells = row_cells(r, base)
+        shared = [cells[c] for c in ("perplexity", "vs fp", "size on disk", "smaller by")]
+        print("| " + " | ".join([r["recipe"], r["description"], *shared, error, rss]) + " |")
 
 
 if __name__ == "__main__":

@@ -20,10 +20,10 @@ import torch
 from rich.table import Table
 
 from lowbit.cli.common import (
-    DTYPES, add_calibration_options, add_eval_options, add_model_options, console, default_model, mib, parse_device,
+    DTYPES, add_calibration_options, add_eval_options, add_model_options, console, default_model, parse_device,
 )
 from lowbit.errors import LowbitError
-from lowbit.evaluation.comparison import RESULTS_MD, reusable_rows, write_results
+from lowbit.evaluation.comparison import RESULTS_MD, reusable_rows, row_cells, write_results
 from lowbit.evaluation.evaluate import evaluate
 from lowbit.presets import preset_names, resolve_recipe
 from lowbit.recipe import Recipe
@@ -127,13 +127,9 @@ def results_table(results: dict[str, Any]) -> Table:
     rows = results["rows"]
     base = rows[0]
     table = Table(title=f"{results['model']}: perplexity on held-out text ({base['windows']} x {base['window']} tokens)")
-    for column in ("recipe", "perplexity", "vs fp", "size on disk", "smaller by", "quantize s", "peak RSS", "eval tok/s"):
-        table.add_column(column, justify="left" if column == "recipe" else "right")
+    table.add_column("recipe")
+    for column in row_cells(base, base):
+        table.add_column(column, justify="right")
     for r in rows:
-        table.add_row(
-            r["recipe"], f"{r['perplexity']:.3f}", f"{(r['perplexity'] / base['perplexity'] - 1) * 100:+.1f}%",
-            mib(r["disk_bytes"]), f"{base['disk_bytes'] / r['disk_bytes']:.2f}x",
-            "" if r.get("quantize_seconds") is None else f"{r['quantize_seconds']:.0f}",
-            "" if r.get("peak_rss_bytes") is None else mib(r["peak_rss_bytes"]), f"{r['eval_tokens_per_second']:,.0f}",
-        )
+        table.add_row(r["recipe"], *row_cells(r, base).values())
     return table

@@ -31,6 +31,19 @@ def _seconds(s: float | None) -> str:
     return "" if s is None else f"{s:,.0f} s"
 
 
+def row_cells(row: dict[str, Any], base: dict[str, Any]) -> dict[str, str]:
+    """One comparison row formatted for display, deltas relative to ``base`` (the unquantized row)."""
+    return {
+        "perplexity": f"{row['perplexity']:.3f}",
+        "vs fp": f"{(row['perplexity'] / base['perplexity'] - 1) * 100:+.1f}%",
+        "size on disk": _mib(row["disk_bytes"]),
+        "smaller by": f"{base['disk_bytes'] / row['disk_bytes']:.2f}x",
+        "quantize time": _seconds(row.get("quantize_seconds")),
+        "quantize peak RSS": _mib(row.get("peak_rss_bytes")),
+        "eval tokens/s": f"{row['eval_tokens_per_second']:,.0f}",
+    }
+
+
 def markdown_table(results: dict[str, Any]) -> str:
     """The comparison as Markdown: a header saying how it was measured, then one row per recipe."""
     rows = results["rows"]
@@ -48,12 +61,7 @@ def markdown_table(results: dict[str, Any]) -> str:
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        delta = (r["perplexity"] / base["perplexity"] - 1) * 100
-        lines.append(
-            f"| {r['recipe']} | {r['description']} | {r['perplexity']:.3f} | {delta:+.1f}% | {_mib(r['disk_bytes'])} | "
-            f"{base['disk_bytes'] / r['disk_bytes']:.2f}x | {_seconds(r.get('quantize_seconds'))} | "
-            f"{_mib(r.get('peak_rss_bytes'))} | {r['eval_tokens_per_second']:,.0f} |"
-        )
+        lines.append("| " + " | ".join([r["recipe"], r["description"], *row_cells(r, base).values()]) + " |")
     return "\n".join(lines) + "\n"
 
 
