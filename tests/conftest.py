@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
-from toy import save_toy  # noqa: E402
+from toy import save_toy, trained_toy, write_corpus  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -25,6 +25,13 @@ def toy_folder(tmp_path_factory):
         return cache[model_type]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def trained_folder(tmp_path_factory):
+    """A saved tiny Llama trained on the test corpus, with function-preserving outlier channels (toy.trained_toy)."""
+    root = tmp_path_factory.mktemp("trained")
+    return trained_toy(root / "model", write_corpus(root / "corpus.txt"))
 
 
 @pytest.fixture(autouse=True)

@@ -7,12 +7,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import lowbit
 import lowbit.pipeline.block
 from lowbit.api import quantize_checkpoint
 from lowbit.cli.main import main
 from lowbit.errors import LowbitError
 from lowbit.presets import resolve_recipe
-from toy import calibration, save_toy, write_corpus
+from toy import byte_tokenizer, calibration, save_toy, write_corpus
 
 SMALL = ["--nsamples", "4", "--seq-len", "32", "--batch-size", "2"]
 
@@ -186,7 +187,8 @@ def test_compare_writes_table_plot_and_resumes(toy_folder, corpus, tmp_path, cap
     import lowbit.cli.compare_cmd as compare_cmd
 
     argv = ["compare", "--model", toy_folder(), "--recipes", "w8", "w3g128", "--out", tmp_path / "models",
-            "--results", tmp_path / "results", "--calib", corpus, "--data", corpus, "--window", "32", *SMALL]
+            "--results", tmp_path / "results", "--calib", corpus, "--data", corpus, "--window", "32", "--no-inspect",
+            *SMALL]
     code, _, _ = run(capsys, *argv)
     assert code == 0
     results = json.loads((tmp_path / "results" / "results.json").read_text())
@@ -194,8 +196,12 @@ def test_compare_writes_table_plot_and_resumes(toy_folder, corpus, tmp_path, cap
     assert list(rows) == ["float32", "w8", "w3g128"]
     assert rows["w3g128"]["disk_bytes"] < rows["w8"]["disk_bytes"] < rows["float32"]["disk_bytes"]
     assert rows["w8"]["peak_rss_bytes"] > 0 and rows["w8"]["quantize_seconds"] > 0
-    assert "| w3g128 |" in (tmp_path / "results" / "results.md").read_text()
-    assert (tmp_path / "results" / "results.png").read_bytes()[:4] == b"\x89PNG"
+    report = (tmp_path / "results" / "report.md").read_text()
+    assert "| w3g128 |" in report and "## Recommendation" in report and "Pareto front" in report
+    assert "<td>w3g128</td>" in (tmp_path / "results" / "report.html").read_text()
+    for png in ("pareto.png", "ppl_vs_bits.png", "layer_error.png"):
+        assert (tmp_path / "results" / png).read_bytes()[:4] == b"\x89PNG"
+    assert len(rows["w3g128"]["block_errors"]) == 2  # the toy model's two blocks
 
     def no_requantizing(*_args):
         raise AssertionError("--resume must reuse the rows it already has")
@@ -216,20 +222,72 @@ def test_compare_writes_table_plot_and_resumes(toy_folder, corpus, tmp_path, cap
     assert json.loads((tmp_path / "results" / "results.json").read_text())["rows"] == results["rows"]
 
 
+def test_compare_sweep_builds_the_grid_and_reuses_searched_scales(toy_folder, corpus, tmp_path, capsys):
+    code, stdout, _ = run(
+        capsys, "compare", toy_folder(), "--methods", "rtn", "gptq", "--bits", "3", "4", "--group-sizes", "32", "0",
+        "--recipes", "smoothquant-w8a8", "smoothquant-w8a8-static", "--out", tmp_path / "m", "--calib", corpus,
+        "--data", corpus, "--window", "32", *SMALL,
+    )
+    assert code == 0
+    results = json.loads((tmp_path / "m" / "results.json").read_text())
+    rows = {r["recipe"]: r for r in results["rows"]}
+    assert list(rows)[1:3] == ["smoothquant-w8a8", "smoothquant-w8a8-static"]
+    assert sorted(list(rows)[3:]) == sorted(["w3g32", "w3pc", "w4g32", "w4pc", "gptq-w3g32", "gptq-w3pc", "gptq-w4g32", "gptq-w4pc"])
+    assert rows["gptq-w3pc"]["config"]["steps"][0]["weights"]["granularity"] == "channel"
+    # the second SmoothQuant row re-applied the first row's scales instead of searching again
+    assert rows["smoothquant-w8a8"]["transforms_from"] is None
+    assert rows["smoothquant-w8a8-static"]["transforms_from"] == "smoothquant-w8a8"
+    # at equal bits and grid GPTQ's layer error is below RTN's, and fewer bits cost more
+    for grid in ("g32", "pc"):
+        assert rows[f"gptq-w3{grid}"]["mean_linear_error"] < rows[f"w3{grid}"]["mean_linear_error"]
+        assert rows[f"w4{grid}"]["mean_linear_error"] < rows[f"w3{grid}"]["mean_linear_error"]
+    # the recommendation starts from the outlier diagnosis of the same calibration text
+    findings = json.loads((tmp_path / "m" / "inspect" / "inspect.json").read_text())["findings"]
+    assert f"- {findings[0]}" in (tmp_path / "m" / "report.md").read_text()
+
+
+def test_compare_ranks_outlier_methods_consistently_with_their_errors(trained_folder, corpus, tmp_path, capsys):
+    """On a trained tiny model with outlier channels: wherever two recipes' layer errors differ clearly (3x or
+    more; below that perplexity differences on a toy are noise), the ranking by perplexity agrees, and naive
+    per-tensor W8A8 ranks below SmoothQuant's repair of it."""
+    from lowbit.evaluation.recommend import ranking
+
+    code, _, _ = run(capsys, "compare", trained_folder, "--recipes", "w8", "w8a8-naive", "smoothquant-w8a8-static",
+                     "w3g128", "--out", tmp_path / "m", "--calib", corpus, "--data", corpus, "--window", "32",
+                     "--no-inspect", *SMALL)
+    assert code == 0
+    results = json.loads((tmp_path / "m" / "results.json").read_text())
+    order = ranking(results["rows"])
+    rows = results["rows"][1:]
+    clear = [(a, b) for a in rows for b in rows if b["mean_linear_error"] >= 3 * a["mean_linear_error"]]
+    assert len(clear) >= 3
+    for better, worse in clear:
+        assert order.index(better["recipe"]) < order.index(worse["recipe"]), (better["recipe"], worse["recipe"])
+    assert order.index("smoothquant-w8a8-static") < order.index("w8a8-naive")
+
+
+def test_compare_needs_something_to_compare(tmp_path, capsys):
+    code, _, err = run(capsys, "compare", "--out", tmp_path / "m")
+    assert code == 2 and "nothing to compare" in err and not (tmp_path / "m").exists()
+
+
 def test_compare_checks_every_recipe_before_working(toy_folder, tmp_path, capsys):
     code, _, err = run(capsys, "compare", "--model", toy_folder(), "--recipes", "w8", "no-such-recipe", "--out", tmp_path / "m")
     assert code == 2 and "unknown recipe 'no-such-recipe'" in err and not (tmp_path / "m").exists()
 
 
-def test_outliers_command_writes_rows_and_a_plot(toy_folder, corpus, tmp_path, capsys):
-    code, stdout, _ = run(capsys, "outliers", "--model", toy_folder(), "--calib", corpus, "--plot", tmp_path / "o.png",
-                          "--json", *SMALL)
+def test_inspect_command_writes_json_and_plots(toy_folder, corpus, tmp_path, capsys):
+    code, stdout, _ = run(capsys, "inspect", toy_folder(), "--calib", corpus, "--out", tmp_path / "i", "--json", *SMALL)
     assert code == 0
-    rows = json.loads(stdout)
-    assert rows[0]["name"] == "model.layers.0.self_attn.q_proj" and rows[0]["ratio"] > 1
-    assert (tmp_path / "o.png").read_bytes()[:4] == b"\x89PNG"
-    code, _, err = run(capsys, "outliers", "--model", toy_folder(), "--calib", corpus, "--plot", tmp_path / "no" / "o.png")
-    assert code == 2 and "does not exist" in err
+    report = json.loads(stdout)
+    assert report == json.loads((tmp_path / "i" / "inspect.json").read_text())
+    assert report["inputs"][0]["name"] == "model.layers.0.self_attn.q_proj" and report["inputs"][0]["ratio"] > 1
+    for png in ("channels.png", "heatmap.png", "zero_share.png"):
+        assert (tmp_path / "i" / png).read_bytes()[:4] == b"\x89PNG"
+    code, stdout, _ = run(capsys, "outliers", "--model", toy_folder(), "--calib", corpus, "--out", tmp_path / "j", *SMALL)
+    assert code == 0 and "Most stretched input" in stdout  # the old name still works
+    code, _, err = run(capsys, "inspect", toy_folder(), "--calib", corpus, "--ratio", "0.5")
+    assert code == 2 and "--ratio > 1" in err
 
 
 def test_peak_rss_is_the_child_processs_own():
@@ -261,3 +319,35 @@ def test_json_output_stays_parseable_when_lowbit_warns(toy_folder, tmp_path):
     assert child.returncode == 0, child.stderr
     assert "holds only" in child.stderr
     assert json.loads(child.stdout)["calibration"]["n_sequences"] < 64
+
+
+def test_generate_streams_the_greedy_continuation_of_a_quantized_model(toy_folder, corpus, tmp_path, capsys):
+    out = tmp_path / "q"
+    assert run(capsys, "quantize", "--model", toy_folder(), "--recipe", "w8", "--out", out, "--calib", corpus, *SMALL)[0] == 0
+    code, stdout, _ = run(capsys, "generate", out, "--prompt", "The quick", "--max-new-tokens", "6")
+    assert code == 0
+    model = lowbit.load(out)
+    tokenizer = byte_tokenizer()
+    ids = tokenizer("The quick", return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                                  pad_token_id=tokenizer.pad_token_id)
+    assert stdout.strip() == tokenizer.decode(expected[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    code, _, err = run(capsys, "generate", out, "--prompt", "x", "--chat")
+    assert code == 2 and "no chat template" in err
+
+
+def test_bench_measures_baselines_and_models_in_children(toy_folder, corpus, tmp_path, capsys):
+    out = tmp_path / "q"
+    assert run(capsys, "quantize", "--model", toy_folder(), "--recipe", "w4g128", "--out", out, "--calib", corpus, *SMALL)[0] == 0
+    code, _, _ = run(capsys, "bench", out, "--baseline", toy_folder(), "--prefill-tokens", "16", "--new-tokens", "3",
+                     "--repeats", "1", "--results", tmp_path / "r")
+    assert code == 0
+    rows = json.loads((tmp_path / "r" / "runtime.json").read_text())["rows"]
+    assert [r["dtype"] for r in rows] == ["float32", "bfloat16", "as stored"]
+    assert rows[2]["disk_bytes"] < rows[1]["disk_bytes"] == rows[0]["disk_bytes"]  # bf16 is loaded from the fp32 file
+    assert rows[2]["tensor_bytes"] < rows[1]["tensor_bytes"] < 0.51 * rows[0]["tensor_bytes"]
+    assert all(r["prefill_tokens_per_second"] > 0 and set(r["decode_tokens_per_second"]) == {"1", "8"} for r in rows)
+    assert "(1.00x)" in (tmp_path / "r" / "runtime.md").read_text()
+    code, _, err = run(capsys, "bench", tmp_path / "missing", "--baseline", toy_folder())
+    assert code == 2 and "missing" in err

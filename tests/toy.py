@@ -86,6 +86,37 @@ def save_toy(model_type: str, folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+def trained_toy(folder: Path, corpus: Path, steps: int = 150, outlier_scale: float = 30.0) -> Path:
+    """A tiny Llama trained for a few seconds on ``corpus`` (so quantization error shows up in perplexity, unlike a
+    random model's near-uniform predictions), then given outlier channels without changing its function: the
+    norms feeding the Linears scale OUTLIER_CHANNELS up and the Linears' matching weight columns scale down (the
+    inverse of SmoothQuant), the way real LLM outliers sit in norm weights."""
+    torch.manual_seed(0)
+    model = toy_model("llama", outliers=False).train()
+    ids = torch.tensor(byte_tokenizer()(corpus.read_text())["input_ids"])
+    generator = torch.Generator().manual_seed(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        starts = torch.randint(0, len(ids) - 65, (8,), generator=generator)
+        batch = torch.stack([ids[s : s + 64] for s in starts])  # [8, 64]
+        loss = model(batch, labels=batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for norm, linears in ((layer.input_layernorm, ("q_proj", "k_proj", "v_proj")),
+                                  (layer.post_attention_layernorm, ("gate_proj", "up_proj"))):
+                norm.weight[OUTLIER_CHANNELS] *= outlier_scale
+                parent = layer.self_attn if linears[0] == "q_proj" else layer.mlp
+                for name in linears:
+                    getattr(parent, name).weight[:, OUTLIER_CHANNELS] /= outlier_scale
+    model.save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    return folder
+
+
 TEXT = (
     "The quick brown fox jumps over the lazy dog. Quantization maps real numbers onto a small integer grid.\n\n"
     "Activation outliers stretch a min-max grid so far that ordinary values round to zero.\n\n"

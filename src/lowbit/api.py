@@ -14,7 +14,7 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.io.atomic import atomic_directory, check_output_dir
-from lowbit.io.writer import ShardWriter, block_shard_name, runtime_module_configs, write_metadata
+from lowbit.io.writer import ARTIFACT_FILE, ShardWriter, block_shard_name, runtime_module_configs, write_metadata
 from lowbit.models.lazy import LazyModel, output_embedding_key, ties_embeddings
 from lowbit.models.source import LOWBIT_CONFIG
 from lowbit.pipeline.loop import InMemoryStore, LazyStore, run_blocks
@@ -43,7 +43,7 @@ def saved_artifact(recipe: Recipe) -> dict[str, torch.Tensor] | None:
         return None
     path = Path(step.artifact)
     if path.is_dir():
-        path = path / "transforms.safetensors"
+        path = path / ARTIFACT_FILE
     try:
         return load_file(str(path))
     except (OSError, Exception) as exc:  # safetensors raises its own error type for corrupt files

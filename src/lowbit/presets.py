@@ -80,3 +80,28 @@ def resolve_recipe(name_or_path: str) -> Recipe:
     raise LowbitError(
         f"unknown recipe {name_or_path!r}: pass a preset ({', '.join(presets)}) or the path of a JSON recipe file"
     )
+
+
+# `lowbit compare --methods M... --bits B... --group-sizes G...`: weight-only methods as (name prefix, suffix, steps)
+SWEEP_METHODS = ("rtn", "gptq", "gptq-actorder", "awq", "awq-gptq")
+
+
+def sweep_recipe(method: str, bits: int, group_size: int) -> Recipe:
+    """One point of a quant-curve sweep: ``method`` at ``bits`` with an asymmetric grid of ``group_size`` columns
+    (0 = per output channel). Named like the presets (``gptq-w4g128``), so a sweep point equal to a preset is it."""
+    if method not in SWEEP_METHODS:
+        raise LowbitError(f"unknown sweep method {method!r}; pick from {', '.join(SWEEP_METHODS)}")
+    if group_size < 0:
+        raise LowbitError(f"group size {group_size} is negative; use 0 for per-channel or e.g. 128")
+    grid = WeightQuant(bits=bits, symmetric=False, granularity="group" if group_size else "channel",
+                       group_size=group_size or 128)
+    steps: dict[str, tuple] = {
+        "rtn": (RTN(grid),),
+        "gptq": (GPTQ(grid),),
+        "gptq-actorder": (GPTQ(grid, act_order=True),),
+        "awq": (AWQ(grid),),
+        "awq-gptq": (AWQ(grid), GPTQ(grid)),
+    }
+    head = {"rtn": "", "gptq-actorder": "gptq-"}.get(method, f"{method}-")
+    tail = "-actorder" if method == "gptq-actorder" else ""
+    return Recipe(steps=steps[method], name=f"{head}w{bits}{f'g{group_size}' if group_size else 'pc'}{tail}")

@@ -315,6 +315,15 @@ class Recipe:
         steps = tuple(dataclasses.replace(s, artifact=path) if s is step else s for s in self.steps)
         return dataclasses.replace(self, steps=steps)
 
+    @property
+    def label(self) -> str:
+        """One line naming each step and its weight grid, e.g. 'awq W4 asym g128 + gptq W4 asym g128'."""
+        parts = []
+        for step in self.steps:
+            grid = getattr(step, "weights", None)
+            parts.append(f"{step.kind} {grid.label}" if grid is not None else step.kind)
+        return " + ".join(parts)
+
     def find(self, cls: type[Step]) -> Any:
         return next((s for s in self.steps if isinstance(s, cls)), None)
 

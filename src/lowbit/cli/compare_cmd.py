@@ -1,9 +1,13 @@
-"""`lowbit compare`: one model, several recipes, the same calibration and evaluation text for every row, written
-as results.json, results.md and results.png. `lowbit demo` is compare on the embedded default with two recipes.
+"""`lowbit compare`: one model, several recipes (named, or a methods x bits x group-sizes sweep), the same
+calibration and evaluation text for every row, written as results.json, report.md, report.html and PNG plots, with
+a recommendation computed from the rows and from an outlier diagnosis (`lowbit inspect`) of the same calibration
+text. `lowbit demo` is compare on the embedded default with two recipes.
 
 Each recipe is quantized in a child process (`lowbit quantize --json`), so every row's peak RSS is that run's own
-rather than the maximum of everything the parent did before it. The results file is rewritten after every row;
-``--resume`` keeps the rows of an earlier run with the same settings, so a long comparison can be continued.
+rather than the maximum of everything the parent did before it. Recipes whose SmoothQuant/AWQ step equals an
+earlier row's re-apply that row's saved scales instead of searching again (``--no-reuse-transforms`` to search
+each time). The results are rewritten after every row; ``--resume`` keeps the rows of an earlier run with the same
+settings, so a long comparison can be continued.
 """
 
 from __future__ import annotations
@@ -18,24 +22,35 @@ from typing import Any
 
 import torch
 from rich.table import Table
+from tqdm.auto import tqdm
 
 from lowbit.cli.common import (
     DTYPES, add_calibration_options, add_eval_options, add_model_options, console, default_model, parse_device,
 )
 from lowbit.errors import LowbitError
-from lowbit.evaluation.comparison import RESULTS_MD, reusable_rows, row_cells, write_results
+from lowbit.evaluation.comparison import REPORT_MD, reusable_rows, row_cells, write_results
+from lowbit.cli.inspect_cmd import INSPECT_JSON
+from lowbit.io.writer import REPORT_FILE, ARTIFACT_FILE
 from lowbit.evaluation.evaluate import evaluate
-from lowbit.presets import preset_names, resolve_recipe
-from lowbit.recipe import Recipe
+from lowbit.evaluation.recommend import recommendations
+from lowbit.pipeline.report import QuantizeReport
+from lowbit.presets import SWEEP_METHODS, preset_names, resolve_recipe, sweep_recipe
+from lowbit.recipe import AWQ, Recipe, SmoothQuant
 
 DEMO_RECIPES = ("w8", "w4g128")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    c = sub.add_parser("compare", help="quantize one model with several recipes and compare them in one table")
-    c.add_argument("--model", default=default_model(), help="HF folder, .gguf file, or 'smollm2-135m' (default)")
-    c.add_argument("--recipes", nargs="+", required=True, help="presets or JSON recipe files, one row each")
+    c = sub.add_parser("compare", help="quantize one model with several recipes and compare them in one report")
+    c.add_argument("model_arg", nargs="?", metavar="MODEL", help="HF folder, .gguf file, or 'smollm2-135m' (default)")
+    c.add_argument("--model", default=default_model(), help=argparse.SUPPRESS)
+    c.add_argument("--recipes", nargs="+", default=[], help="presets or JSON recipe files, one row each")
+    c.add_argument("--methods", nargs="+", default=[], choices=SWEEP_METHODS, help="weight-only methods to sweep")
+    c.add_argument("--bits", nargs="+", type=int, default=[4], help="bit widths of the sweep (default 4)")
+    c.add_argument("--group-sizes", nargs="+", type=int, default=[128], help="group sizes of the sweep, 0 = per-channel (default 128)")
     c.add_argument("--out", required=True, help="folder for the quantized models (one sub-folder per recipe)")
+    c.add_argument("--no-reuse-transforms", action="store_true", help="search SmoothQuant/AWQ scales in every row")
+    c.add_argument("--no-inspect", action="store_true", help="skip the outlier diagnosis behind the recommendation")
     _add_shared(c)
     c.set_defaults(func=run_compare)
 
@@ -44,7 +59,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--out", default="out/demo", help="folder for the quantized models and results (default out/demo)")
     _add_shared(d)
     # RTN needs no statistics: a small calibration set only feeds the per-layer error table
-    d.set_defaults(func=run_compare, model=default_model(), nsamples=32)
+    d.set_defaults(func=run_compare, model=default_model(), model_arg=None, nsamples=32, methods=[], bits=[4],
+                   group_sizes=[128], no_reuse_transforms=False, no_inspect=True)
 
 
 def _add_shared(parser: argparse.ArgumentParser) -> None:
@@ -61,13 +77,18 @@ def machine_description(device: torch.device) -> str:
     return f"{os.cpu_count()} CPU cores (torch {torch.__version__})"
 
 
-def quantize_in_child(args: argparse.Namespace, recipe: str, out: Path) -> dict[str, Any]:
+def _child(args: argparse.Namespace, command: str) -> list[str]:
+    return [sys.executable, "-m", "lowbit.cli.main", "--quiet", command]
+
+
+def quantize_in_child(args: argparse.Namespace, recipe: str, out: Path, transforms: Path | None = None) -> dict[str, Any]:
     """Run `lowbit quantize --json` in a fresh process; returns its summary (peak RSS included)."""
     command = [
-        sys.executable, "-m", "lowbit.cli.main", "--quiet", "quantize", "--model", args.model, "--recipe", recipe,
+        *_child(args, "quantize"), "--model", args.model, "--recipe", recipe,
         "--out", str(out), "--overwrite", "--json", "--dtype", args.dtype, "--device", args.device,
         "--calib", args.calib, "--nsamples", str(args.nsamples), "--seq-len", str(args.seq_len),
         "--batch-size", str(args.batch_size), "--seed", str(args.seed),
+        *(["--transforms", str(transforms)] if transforms else []),
     ]
     child = subprocess.run(command, stdout=subprocess.PIPE, text=True)  # stderr (progress, errors) passes through
     if child.returncode != 0:
@@ -80,10 +101,62 @@ def row_name(recipe: str) -> str:
     return recipe if recipe in preset_names() else Path(recipe).stem
 
 
+def planned_recipes(args: argparse.Namespace, out: Path) -> dict[str, tuple[str, Recipe]]:
+    """Row name -> (what the child is given, the recipe): named recipes first, then the sweep. Every recipe is
+    built (and so checked) before anything is written; sweep points that are not presets go to out/recipes/."""
+    recipes = {row_name(r): (r, resolve_recipe(r)) for r in args.recipes}
+    sweep = [sweep_recipe(m, b, g) for m in args.methods for b in args.bits for g in args.group_sizes]
+    if not recipes and not sweep:
+        raise LowbitError("nothing to compare: pass --recipes NAME... and/or --methods METHOD... [--bits] [--group-sizes]")
+    for recipe in sweep:
+        if recipe.name in recipes:
+            continue
+        if recipe.name in preset_names() and resolve_recipe(recipe.name) == recipe:
+            recipes[recipe.name] = (recipe.name, recipe)
+            continue
+        path = out / "recipes" / f"{recipe.name}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(recipe.to_json())
+        recipes[recipe.name] = (str(path), recipe)
+    return recipes
+
+
+def transform_step(recipe: Recipe) -> AWQ | SmoothQuant | None:
+    """The search step whose result (scales, clips) a later row with the same step can re-apply."""
+    step = recipe.find(AWQ) or recipe.find(SmoothQuant)
+    return step if step is not None and step.artifact is None else None
+
+
+def block_errors(folder: Path) -> list[float]:
+    """Mean relative Linear output error per block, from a quantized folder's report."""
+    path = folder / REPORT_FILE
+    if not path.exists():
+        return []
+    report = QuantizeReport.from_dict(json.loads(path.read_text()))
+    return [sum(r.rel_error for r in b.linears) / max(len(b.linears), 1) for b in report.blocks]
+
+
+def inspect_in_child(args: argparse.Namespace, folder: Path, reuse: bool) -> dict[str, Any]:
+    """`lowbit inspect` on the same calibration text, in a fresh process; its inspect.json."""
+    path = folder / INSPECT_JSON
+    if reuse and path.exists():
+        return json.loads(path.read_text())
+    command = [
+        *_child(args, "inspect"), args.model, "--out", str(folder), "--json", "--dtype", args.dtype, "--device",
+        args.device, "--calib", args.calib, "--nsamples", str(args.nsamples), "--seq-len", str(args.seq_len),
+        "--batch-size", str(args.batch_size), "--seed", str(args.seed),
+    ]
+    child = subprocess.run(command, stdout=subprocess.DEVNULL)
+    if child.returncode != 0:
+        raise LowbitError(f"`lowbit inspect` failed with exit code {child.returncode}; its error is above")
+    return json.loads(path.read_text())
+
+
 def run_compare(args: argparse.Namespace) -> int:
+    args.model = args.model_arg or args.model
     device, dtype = parse_device(args.device), DTYPES[args.dtype]
-    recipes = {row_name(r): (r, resolve_recipe(r)) for r in args.recipes}  # every recipe checked before any work
     out = Path(args.out)
+    recipes = planned_recipes(args, out)
     results_dir = Path(args.results) if args.results else out
     out.mkdir(parents=True, exist_ok=True)
     max_windows = args.max_windows or None
@@ -102,24 +175,37 @@ def run_compare(args: argparse.Namespace) -> int:
 
     base = earlier.get(args.dtype)
     results["rows"].append(base or {"recipe": args.dtype, "description": "unquantized", "config": None, **measure(args.model)})
-    for name, (spec, recipe) in recipes.items():
-        row = earlier.get(name)
-        # compare parsed recipes, so a field added since (with its default) does not invalidate a measured row
-        if row is None or row.get("config") is None or Recipe.from_dict(row["config"]) != recipe:
-            console.print(f"[bold]{name}[/bold]: quantizing")
-            summary = quantize_in_child(args, spec, out / name)
-            row = {
-                "recipe": name, "description": preset_names().get(name, spec), "config": recipe.to_dict(),
-                **measure(str(out / name)),
-                "quantize_seconds": summary["seconds"], "peak_rss_bytes": summary["peak_rss_bytes"],
-                "mean_linear_error": summary["mean_linear_error"],
-            }
-        results["rows"].append(row)
-        # after every row, with the earlier run's rows not reached yet: an interrupted run loses nothing measured
-        pending = [earlier[n] for n in list(recipes)[len(results["rows"]) - 1 :] if n in earlier]
-        write_results({**results, "rows": results["rows"] + pending}, results_dir)
+    diagnosis = None if args.no_inspect else inspect_in_child(args, results_dir / "inspect", reuse=bool(earlier))
+    searched: dict[Any, str] = {}  # transform step -> the row whose output holds its scales
+    with tqdm(total=len(recipes), desc="compare", unit="recipe") as bar:
+        for name, (spec, recipe) in recipes.items():
+            step = transform_step(recipe)
+            source = None if args.no_reuse_transforms or step is None else searched.get(step)
+            row = earlier.get(name)
+            # compare parsed recipes, so a field added since (with its default) does not invalidate a measured row
+            if row is None or row.get("config") is None or Recipe.from_dict(row["config"]) != recipe:
+                console.print(f"[bold]{name}[/bold]: quantizing" + (f" (re-using {source}'s scales)" if source else ""))
+                summary = quantize_in_child(args, spec, out / name, out / source if source else None)
+                row = {
+                    "recipe": name, "description": preset_names().get(name, recipe.label), "config": recipe.to_dict(),
+                    **measure(str(out / name)),
+                    "quantize_seconds": summary["seconds"], "peak_rss_bytes": summary["peak_rss_bytes"],
+                    "mean_linear_error": summary["mean_linear_error"], "block_errors": block_errors(out / name),
+                    "transforms_from": source,
+                }
+            if step is not None and step not in searched and not row.get("transforms_from"):
+                if (out / name / ARTIFACT_FILE).exists():
+                    searched[step] = name
+            results["rows"].append(row)
+            # after every row, with the earlier run's rows not reached yet: an interrupted run loses nothing measured
+            pending = [earlier[n] for n in list(recipes)[len(results["rows"]) - 1 :] if n in earlier]
+            write_results({**results, "rows": results["rows"] + pending}, results_dir, diagnosis)
+            bar.update()
     console.print(results_table(results))
-    console.print(f"results written to {results_dir / RESULTS_MD} (and .json, .png)")
+    console.print("[bold]Recommendation[/bold]")
+    for line in recommendations(results, diagnosis):
+        console.print(f"- {line}")
+    console.print(f"report written to {results_dir / REPORT_MD} (and report.html, results.json, PNG plots)")
     return 0
 
 

@@ -1,19 +1,23 @@
 """A method comparison as data: rows of (recipe, perplexity, size, time, memory) on the same calibration and
-evaluation text, rendered as a Markdown table and a perplexity-vs-size plot.
+evaluation text, rendered as report.md / report.html with a recommendation section and plots.
 
 The first row is always the unquantized model; every delta is relative to it.
 """
 
 from __future__ import annotations
 
+import html
 import json
 import os
 from pathlib import Path
 from typing import Any
 
+from lowbit.evaluation.compare_plots import write_plots
+from lowbit.evaluation.recommend import recommendations
+
 RESULTS_JSON = "results.json"
-RESULTS_MD = "results.md"
-RESULTS_PNG = "results.png"
+REPORT_MD = "report.md"
+REPORT_HTML = "report.html"
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -65,36 +69,43 @@ def markdown_table(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(results: dict[str, Any], path: Path) -> None:
-    """Perplexity against size on disk, one labelled point per recipe; the unquantized model is the reference line."""
-    import matplotlib
+def report_markdown(results: dict[str, Any], recommendations: list[str], plots: list[str]) -> str:
+    """report.md: how it was measured, the table, the recommendations, the plots."""
+    lines = [f"# {results['model']}: quantization comparison", "", markdown_table(results), "## Recommendation", ""]
+    lines += [f"- {line}" for line in recommendations] + ["", "## Plots", ""]
+    lines += [f"![{name}]({name})" for name in plots]
+    return "\n".join(lines) + "\n"
 
-    matplotlib.use("Agg")  # files only, never a window
-    import matplotlib.pyplot as plt
 
+def report_html(results: dict[str, Any], recommendations: list[str], plots: list[str]) -> str:
+    """report.html: the same content as report.md, readable in a browser without a Markdown renderer."""
     rows = results["rows"]
-    fig, ax = plt.subplots(figsize=(9, 6))
-    ax.axhline(rows[0]["perplexity"], color="grey", linestyle="--", linewidth=1, label=f"{rows[0]['recipe']} perplexity")
-    for r in rows:
-        size = r["disk_bytes"] / 2**20
-        ax.scatter(size, r["perplexity"], s=36)
-        ax.annotate(r["recipe"], (size, r["perplexity"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    ax.set_xlabel("size on disk (MiB)")
-    ax.set_ylabel("perplexity (lower is better)")
-    ax.set_yscale("log")
-    ax.set_title(f"{results['model']}: quality against size")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="upper right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    base = rows[0]
+    header = ["recipe", "what it does", *row_cells(base, base)]
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in [r["recipe"], r["description"], *row_cells(r, base).values()]) + "</tr>"
+        for r in rows
+    )
+    intro = markdown_table(results).split("\n\n")[0]
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(results['model'])}</title>"
+        "<style>body{font-family:sans-serif;max-width:1200px;margin:auto}td,th{padding:2px 8px;border-bottom:1px solid #ddd}"
+        "td:nth-child(n+3){text-align:right}</style></head><body>"
+        f"<h1>{html.escape(results['model'])}: quantization comparison</h1><p>{html.escape(intro)}</p>"
+        "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + f"</tr>{body}</table>"
+        "<h2>Recommendation</h2><ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in recommendations) + "</ul>"
+        "<h2>Plots</h2>" + "".join(f"<p><img src='{name}' alt='{name}'></p>" for name in plots) + "</body></html>\n"
+    )
 
 
-def write_results(results: dict[str, Any], folder: Path) -> None:
+def write_results(results: dict[str, Any], folder: Path, diagnosis: dict[str, Any] | None = None) -> None:
+    """results.json (raw rows), report.md and report.html (table, recommendation, plots) and the PNGs."""
     folder.mkdir(parents=True, exist_ok=True)
     write_json_atomic(folder / RESULTS_JSON, results)
-    (folder / RESULTS_MD).write_text(markdown_table(results))
-    plot(results, folder / RESULTS_PNG)
+    plots = write_plots(results, folder)
+    advice = recommendations(results, diagnosis)
+    (folder / REPORT_MD).write_text(report_markdown(results, advice, plots))
+    (folder / REPORT_HTML).write_text(report_html(results, advice, plots))
 
 
 def reusable_rows(folder: Path, settings: dict[str, Any], model: str) -> dict[str, dict[str, Any]]:

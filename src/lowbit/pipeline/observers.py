@@ -84,6 +84,27 @@ class MeanAbsObserver:
         return self.total / self.n
 
 
+class MomentsObserver:
+    """Running sums of x, x^2, x^3, x^4 over every value (float64), for the kurtosis of a whole input tensor."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.sums = torch.zeros(4, dtype=torch.float64)
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        v = x.detach().reshape(-1).double()
+        self.sums += torch.stack([v.sum(), v.pow(2).sum(), v.pow(3).sum(), v.pow(4).sum()]).cpu()
+        self.n += v.numel()
+
+    @property
+    def kurtosis(self) -> float:
+        """Pearson kurtosis E[(x - mu)^4] / var^2: 3 for a Gaussian, far larger when a few values dominate."""
+        m1, m2, m3, m4 = (self.sums / max(self.n, 1)).tolist()
+        var = m2 - m1 * m1
+        central4 = m4 - 4 * m1 * m3 + 6 * m1 * m1 * m2 - 3 * m1**4
+        return central4 / (var * var) if var > 0 else 0.0
+
+
 class TokenSampleObserver:
     """A uniform random sample of at most ``max_tokens`` input rows (AWQ clip search), seeded."""
 

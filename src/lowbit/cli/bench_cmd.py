@@ -1,0 +1,132 @@
+"""`lowbit bench`: load time, resident memory and prefill / decode throughput of quantized models, against the
+fp32 and bf16 baselines of the same model in the same run, printed as ratios. A benchmark, not a test.
+
+Each model is measured in its own child process (`lowbit bench SPEC --single`), so its resident memory is its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.table import Table
+
+from lowbit.cli.common import DTYPES, console, default_model, mib, parse_device
+from lowbit.errors import LowbitError
+from lowbit.evaluation.comparison import write_json_atomic
+from lowbit.evaluation.evaluate import tensor_bytes
+from lowbit.evaluation.speed import measure_speed, resident_bytes
+from lowbit.models.checkpoint import CheckpointReader
+from lowbit.models.source import resolve_model
+
+BENCH_JSON = "runtime.json"
+BENCH_MD = "runtime.md"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    b = sub.add_parser("bench", help="memory and prefill/decode speed of models against fp32 and bf16 baselines")
+    b.add_argument("models", nargs="+", help="lowbit output directories (or any model lowbit opens)")
+    b.add_argument("--baseline", default=default_model(), help="the unquantized model, measured in float32 and bfloat16")
+    b.add_argument("--results", help="folder for runtime.json and runtime.md")
+    b.add_argument("--prefill-tokens", type=int, default=512, help="prompt length of the prefill measurement (default 512)")
+    b.add_argument("--new-tokens", type=int, default=32, help="tokens generated per decode measurement (default 32)")
+    b.add_argument("--repeats", type=int, default=3, help="timed runs per figure, median reported (default 3)")
+    b.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    b.add_argument("--single", action="store_true", help=argparse.SUPPRESS)  # child mode: one model, JSON on stdout
+    b.add_argument("--dtype", choices=DTYPES, default=None, help=argparse.SUPPRESS)
+    b.set_defaults(func=run_bench)
+
+
+def measure_one(spec: str, dtype: str | None, args: argparse.Namespace) -> dict[str, Any]:
+    """Open one model in this process and measure it (the child side)."""
+    from lowbit.models.open import open_model
+
+    device = parse_device(args.device)
+    before = resident_bytes()
+    start = time.perf_counter()
+    opened = open_model(spec, DTYPES[dtype] if dtype else None, device)
+    load_seconds = time.perf_counter() - start
+    after = resident_bytes()
+    vocab = opened.model.get_input_embeddings().num_embeddings
+    speed = measure_speed(opened.model, vocab, prefill_tokens=args.prefill_tokens, new_tokens=args.new_tokens,
+                          repeats=args.repeats)
+    return {
+        "model": spec, "dtype": dtype or "as stored", "disk_bytes": CheckpointReader(opened.source.folder).nbytes(),
+        "tensor_bytes": tensor_bytes(opened.model), "load_seconds": round(load_seconds, 3), "resident_bytes_after_load": after,
+        "model_resident_bytes": after - before, "prefill_tokens_per_second": round(speed.prefill_tokens_per_second, 1),
+        "decode_tokens_per_second": {str(b): round(v, 2) for b, v in speed.decode_tokens_per_second.items()},
+        "threads": torch.get_num_threads(),
+    }
+
+
+def measure_in_child(spec: str, dtype: str | None, args: argparse.Namespace) -> dict[str, Any]:
+    command = [sys.executable, "-m", "lowbit.cli.main", "--quiet", "bench", spec, "--single", "--device", args.device,
+               "--prefill-tokens", str(args.prefill_tokens), "--new-tokens", str(args.new_tokens),
+               "--repeats", str(args.repeats), *(["--dtype", dtype] if dtype else [])]
+    child = subprocess.run(command, stdout=subprocess.PIPE, text=True)
+    if child.returncode != 0:
+        raise LowbitError(f"measuring {spec} failed with exit code {child.returncode}; its error is above")
+    return json.loads(child.stdout)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    if args.prefill_tokens < 1 or args.new_tokens < 2 or args.repeats < 1:
+        raise LowbitError("need --prefill-tokens >= 1, --new-tokens >= 2 and --repeats >= 1")
+    if args.single:
+        print(json.dumps(measure_one(args.models[0], args.dtype, args)))
+        return 0
+    for spec in [args.baseline, *args.models]:
+        resolve_model(spec)  # every path checked before the first measurement
+    rows = [measure_in_child(args.baseline, "float32", args), measure_in_child(args.baseline, "bfloat16", args)]
+    rows += [measure_in_child(spec, None, args) for spec in args.models]
+    table = runtime_table(rows)
+    console.print(table)
+    if args.results:
+        folder = Path(args.results)
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(folder / BENCH_JSON, {"device": args.device, "rows": rows})
+        (folder / BENCH_MD).write_text(runtime_markdown(rows))
+        console.print(f"written: {folder / BENCH_JSON}, {folder / BENCH_MD}")
+    return 0
+
+
+def row_cells(row: dict[str, Any], base: dict[str, Any]) -> list[str]:
+    """Display cells; speeds as ratios to ``base`` (the fp32 baseline) next to their values."""
+    def rate(value: float, ref: float) -> str:
+        return f"{value:,.1f} ({value / ref:.2f}x)"
+
+    decode = row["decode_tokens_per_second"]
+    return [
+        Path(row["model"]).name or row["model"], row["dtype"], mib(row["disk_bytes"]), mib(row["tensor_bytes"]),
+        mib(row["model_resident_bytes"]),
+        f"{row['load_seconds']:.2f} s", rate(row["prefill_tokens_per_second"], base["prefill_tokens_per_second"]),
+        *(rate(decode[b], base["decode_tokens_per_second"][b]) for b in decode),
+    ]
+
+
+def _header(rows: list[dict[str, Any]]) -> list[str]:
+    batches = list(rows[0]["decode_tokens_per_second"])
+    return ["model", "dtype", "on disk", "tensors in memory", "RSS growth at load", "load", "prefill tok/s (vs fp32)",
+            *(f"decode b{b} tok/s (vs fp32)" for b in batches)]
+
+
+def runtime_table(rows: list[dict[str, Any]]) -> Table:
+    table = Table(title=f"runtime, {rows[0]['threads']} threads")
+    for i, column in enumerate(_header(rows)):
+        table.add_column(column, justify="left" if i < 2 else "right")
+    for row in rows:
+        table.add_row(*row_cells(row, rows[0]))
+    return table
+
+
+def runtime_markdown(rows: list[dict[str, Any]]) -> str:
+    header = _header(rows)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * 2 + "---:|" * (len(header) - 2)]
+    lines += ["| " + " | ".join(row_cells(row, rows[0])) + " |" for row in rows]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,39 @@
+"""`lowbit export`: a lowbit output directory in a format a serving engine loads."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from lowbit.cli.common import console, mib
+from lowbit.errors import LowbitError
+from lowbit.models.source import resolve_model
+
+FORMATS = ("gguf",)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    e = sub.add_parser("export", help="write a lowbit output as GGUF (llama.cpp / ollama)")
+    e.add_argument("model", help="a lowbit output directory")
+    e.add_argument("--format", choices=FORMATS, required=True, help="gguf: Q8_0 / Q4_0 / Q4_1 from W8 / W4 g32 grids")
+    e.add_argument("--out", required=True, help="the output file (e.g. model.gguf)")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    e.set_defaults(func=run_export)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from lowbit.api import load
+    from lowbit.export.gguf import write_gguf
+
+    source = resolve_model(args.model)
+    if not source.is_lowbit:
+        raise LowbitError(f"{args.model} is not a lowbit output; quantize it first (`lowbit quantize ... --out DIR`)")
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise LowbitError(f"{out} exists; pass --overwrite to replace it")
+    if not out.resolve().parent.is_dir():
+        raise LowbitError(f"--out {out}: its folder does not exist; create it first")
+    types = write_gguf(source.folder, load(source.folder), out)
+    counts = {t: list(types.values()).count(t) for t in sorted(set(types.values()))}
+    console.print(f"wrote {out} ({mib(out.stat().st_size)}): " + ", ".join(f"{n} Linears as {t}" for t, n in counts.items()))
+    return 0

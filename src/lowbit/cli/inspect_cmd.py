@@ -1,0 +1,78 @@
+"""`lowbit inspect`: see a model's activation outliers on calibration text, and what each grid does to them.
+
+Nothing is changed. Writes inspect.json and three PNGs to --out, and prints the findings and tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from lowbit.cli.common import DTYPES, add_calibration_options, add_model_options, console, default_model, parse_device
+from lowbit.data.calibration import calibration_ids
+from lowbit.data.text import documents
+from lowbit.errors import LowbitError
+from lowbit.evaluation.comparison import write_json_atomic
+from lowbit.evaluation.inspect_plots import write_plots
+from lowbit.evaluation.inspect_summary import inputs_table, inspection_json, kind_table, residual_table
+from lowbit.models.lazy import LazyModel
+from lowbit.models.open import load_tokenizer
+from lowbit.models.source import resolve_model
+from lowbit.pipeline.inspect import InspectSettings, inspect_model
+from lowbit.pipeline.loop import LazyStore
+
+INSPECT_JSON = "inspect.json"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    o = sub.add_parser(
+        "inspect", aliases=["outliers"],
+        help="activation outliers per layer, grid usage (zero share) per granularity, salient weights; JSON + plots",
+    )
+    o.add_argument("model_arg", nargs="?", metavar="MODEL", help="HF folder, .gguf file, or 'smollm2-135m' (default)")
+    o.add_argument("--model", default=default_model(), help=argparse.SUPPRESS)
+    o.add_argument("--out", default="out/inspect", help="folder for inspect.json and the PNG plots (default out/inspect)")
+    o.add_argument("--threshold", type=float, default=6.0, help="outlier if max |x| above this (default 6.0, LLM.int8())")
+    o.add_argument("--ratio", type=float, default=20.0, help="outlier if max |x| above this many median channels (default 20)")
+    o.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant migration strength for 'smoothed' (default 0.5)")
+    o.add_argument("--sample-tokens", type=int, default=512, help="tokens kept per input for grid usage (default 512)")
+    o.add_argument("--json", action="store_true", help="print the whole inspection as JSON instead of tables")
+    add_model_options(o)
+    add_calibration_options(o)
+    o.set_defaults(func=run_inspect, nsamples=16)
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    model = args.model_arg or args.model
+    if args.threshold <= 0 or args.ratio <= 1 or not 0 <= args.alpha <= 1 or args.sample_tokens < 1:
+        raise LowbitError("need --threshold > 0, --ratio > 1, 0 <= --alpha <= 1 and --sample-tokens >= 1")
+    source = resolve_model(model)
+    if source.is_lowbit:
+        raise LowbitError(f"{model} is a lowbit output; inspect the original model instead")
+    settings = InspectSettings(threshold=args.threshold, ratio=args.ratio, smooth_alpha=args.alpha,
+                               sample_tokens=args.sample_tokens)
+    ids = calibration_ids(load_tokenizer(source.folder), documents(args.calib, "calibration"), args.nsamples,
+                          args.seq_len, args.seed)
+    store = LazyStore(LazyModel(source.folder, DTYPES[args.dtype]), on_block_done=lambda prefix, block: None)
+    with tqdm(total=len(store.blocks), desc="inspecting blocks", unit="block") as bar:
+        inspection = inspect_model(store, ids, settings, batch_size=args.batch_size, device=parse_device(args.device),
+                                   on_block=lambda i: bar.update())
+    report = inspection_json(inspection)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / INSPECT_JSON, report)
+    title = f"{model}: {ids.shape[0]} x {ids.shape[1]} calibration tokens"
+    plots = write_plots(inspection, title, out)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    console.print(residual_table(inspection))
+    console.print(inputs_table(inspection))
+    console.print(kind_table(inspection))
+    for line in report["findings"]:
+        console.print(f"- {line}")
+    console.print(f"written: {out / INSPECT_JSON}, " + ", ".join(str(p) for p in plots))
+    return 0

@@ -1,0 +1,103 @@
+"""A comparison as pictures: perplexity against bits per method, perplexity against bytes with the Pareto front,
+and the per-block Linear error of every recipe."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from lowbit.evaluation.recommend import pareto_front, weight_grid
+
+PPL_VS_BITS_PNG = "ppl_vs_bits.png"
+PARETO_PNG = "pareto.png"
+LAYER_ERROR_PNG = "layer_error.png"
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a window
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _method(row: dict[str, Any]) -> str:
+    """The recipe's step types, e.g. 'awq+gptq'."""
+    return "+".join(s["type"] for s in row["config"]["steps"])
+
+
+def plot_ppl_vs_bits(results: dict[str, Any], path: Path) -> None:
+    """One line per (method, grid) over the weight-only rows: the quant curve."""
+    plt = _pyplot()
+    rows = results["rows"]
+    series: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    for r in rows[1:]:
+        grid = weight_grid(r)
+        if grid is not None:
+            extra = "-actorder" if any(s.get("act_order") for s in r["config"]["steps"]) else ""
+            series[f"{_method(r)}{extra} {grid[1]}"].append((grid[0], r["perplexity"]))
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    ax.axhline(rows[0]["perplexity"], color="grey", linestyle="--", linewidth=1, label=rows[0]["recipe"])
+    for name, points in sorted(series.items()):
+        bits, ppl = zip(*sorted(points))
+        ax.plot(bits, ppl, marker="o", label=name)
+    ax.set_xlabel("weight bits")
+    ax.set_ylabel("perplexity (lower is better)")
+    ax.set_yscale("log")
+    ax.set_title(f"{results['model']}: perplexity against bits (weight-only)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_pareto(results: dict[str, Any], path: Path) -> None:
+    """Perplexity against size on disk, one labelled point per recipe; the Pareto front joined."""
+    plt = _pyplot()
+    rows = results["rows"]
+    fig, ax = plt.subplots(figsize=(9, 6))
+    for r in rows:
+        size = r["disk_bytes"] / 2**20
+        ax.scatter(size, r["perplexity"], s=30)
+        ax.annotate(r["recipe"], (size, r["perplexity"]), textcoords="offset points", xytext=(5, 4), fontsize=7)
+    front = pareto_front(rows)
+    ax.plot([r["disk_bytes"] / 2**20 for r in front], [r["perplexity"] for r in front], color="black", linewidth=1,
+            label="Pareto front")
+    ax.set_xlabel("size on disk (MiB)")
+    ax.set_ylabel("perplexity (lower is better)")
+    ax.set_yscale("log")
+    ax.set_title(f"{results['model']}: quality against size")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_layer_error(results: dict[str, Any], path: Path) -> None:
+    """Mean relative Linear output error per block, one line per recipe that recorded it."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(10, 5.5))
+    for r in results["rows"][1:]:
+        errors = r.get("block_errors")
+        if errors:
+            ax.plot(range(len(errors)), errors, marker=".", linewidth=1, label=r["recipe"])
+    ax.set_xlabel("block")
+    ax.set_ylabel("mean relative Linear output error")
+    ax.set_yscale("log")
+    ax.set_title(f"{results['model']}: per-layer error of each recipe")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_plots(results: dict[str, Any], folder: Path) -> list[str]:
+    names = [PPL_VS_BITS_PNG, PARETO_PNG, LAYER_ERROR_PNG]
+    for plot, name in zip((plot_ppl_vs_bits, plot_pareto, plot_layer_error), names):
+        plot(results, folder / name)
+    return names

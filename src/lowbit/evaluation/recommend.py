@@ -1,0 +1,117 @@
+"""The recommendation section of a comparison: sentences derived from the measured rows (and the outlier diagnosis
+when one was run). No advice is written in advance; every number and every name comes from this run."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+BUDGETS = (0.01, 0.05, 0.25)  # perplexity increase relative to fp for "smallest model within ..."
+
+
+def family(row: dict[str, Any]) -> str:
+    """'fp', 'activations' (W8A8, LLM.int8()), 'sparse' (pruning) or 'weight-only', from the row's recipe."""
+    if row.get("config") is None:
+        return "fp"
+    kinds = {s["type"] for s in row["config"]["steps"]}
+    if kinds & {"act_quant", "llm_int8"}:
+        return "activations"
+    if kinds & {"prune", "sparsegpt"}:
+        return "sparse"
+    return "weight-only"
+
+
+def weight_grid(row: dict[str, Any]) -> tuple[int, str] | None:
+    """(bits, grid label) of a weight-only row's last weight step, e.g. (4, 'g128')."""
+    if family(row) != "weight-only":
+        return None
+    step = [s for s in row["config"]["steps"] if "weights" in s and s["weights"]][-1]["weights"]
+    grid = {"tensor": "per-tensor", "channel": "per-channel"}.get(step["granularity"], f"g{step['group_size']}")
+    return step["bits"], grid
+
+
+def is_rtn(row: dict[str, Any]) -> bool:
+    return row.get("config") is not None and [s["type"] for s in row["config"]["steps"]] == ["rtn"]
+
+
+def delta(row: dict[str, Any], base: dict[str, Any]) -> float:
+    return row["perplexity"] / base["perplexity"] - 1
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:+.1f}%"
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def pareto_front(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows no other row beats on both size and perplexity, smallest first."""
+    front: list[dict[str, Any]] = []
+    for r in sorted(rows, key=lambda r: (r["disk_bytes"], r["perplexity"])):
+        if not front or r["perplexity"] < front[-1]["perplexity"]:
+            front.append(r)
+    return front
+
+
+def ranking(rows: list[dict[str, Any]]) -> list[str]:
+    """Quantized recipes from best to worst perplexity."""
+    return [r["recipe"] for r in sorted(rows[1:], key=lambda r: r["perplexity"])]
+
+
+def recommendations(results: dict[str, Any], diagnosis: dict[str, Any] | None = None) -> list[str]:
+    rows = results["rows"]
+    base, quantized = rows[0], rows[1:]
+    lines: list[str] = []
+    if diagnosis:
+        lines.extend(diagnosis["findings"][:2])
+    if not quantized:
+        return lines
+    by_family: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in quantized:
+        by_family[family(r)].append(r)
+
+    acts = sorted(by_family["activations"], key=lambda r: r["perplexity"])
+    if acts:
+        best, worst = acts[0], acts[-1]
+        sentence = f"Activation quantization: {best['recipe']} is closest to {base['recipe']} ({_pct(delta(best, base))})"
+        if worst is not best:
+            sentence += f"; {worst['recipe']} is worst ({_pct(delta(worst, base))}, {worst['description']})"
+        lines.append(sentence + ".")
+
+    by_grid: dict[tuple[int, str], list[dict[str, Any]]] = defaultdict(list)
+    for r in by_family["weight-only"]:
+        by_grid[weight_grid(r)].append(r)  # type: ignore[index]
+    for (bits, grid), group in sorted(by_grid.items()):
+        best = min(group, key=lambda r: r["perplexity"])
+        sentence = f"For W{bits} {grid}, use {best['recipe']}: perplexity {best['perplexity']:.3f} ({_pct(delta(best, base))}), {_mib(best['disk_bytes'])}"
+        rtn = next((r for r in group if is_rtn(r)), None)
+        if rtn is not None and rtn is not best:
+            sentence += f"; round-to-nearest ({rtn['recipe']}) gives {_pct(delta(rtn, base))}"
+        beaten = [r["recipe"] for r in group if rtn is not None and r is not rtn and r["perplexity"] > rtn["perplexity"]]
+        if beaten:
+            sentence += f"; {', '.join(beaten)} did not beat it on this model"
+        lines.append(sentence + ".")
+
+    sparse = sorted(by_family["sparse"], key=lambda r: r["perplexity"])
+    if sparse:
+        lines.append(
+            f"Pruning: {sparse[0]['recipe']} keeps the most quality ({_pct(delta(sparse[0], base))})"
+            + (f", {sparse[-1]['recipe']} the least ({_pct(delta(sparse[-1], base))})" if len(sparse) > 1 else "")
+            + f"; on disk it is {base['disk_bytes'] / sparse[0]['disk_bytes']:.2f}x smaller than {base['recipe']}."
+        )
+
+    for budget in BUDGETS:
+        fits = [r for r in quantized if delta(r, base) <= budget]
+        if fits:
+            small = min(fits, key=lambda r: r["disk_bytes"])
+            lines.append(
+                f"Smallest within {100 * budget:g}% of {base['recipe']} perplexity: {small['recipe']} "
+                f"({_mib(small['disk_bytes'])}, {base['disk_bytes'] / small['disk_bytes']:.2f}x smaller, {_pct(delta(small, base))})."
+            )
+        else:
+            lines.append(f"No recipe stays within {100 * budget:g}% of {base['recipe']} perplexity.")
+    front = [r["recipe"] for r in pareto_front(rows)]
+    lines.append(f"Size/perplexity Pareto front, smallest first: {', '.join(front)}.")
+    return lines

@@ -1,0 +1,79 @@
+"""Run-time cost of a loaded model: resident memory, prefill and decode throughput (seed 003: space savings and
+speed-ups are two different things, so both are measured, never inferred from the bit width).
+
+Prefill: one forward over ``prefill_tokens`` tokens at batch 1. Decode: greedy generation with the KV cache at batch
+1 and 8; the per-token rate is (tokens of a long run - tokens of a 1-token run) / (time difference), so the prompt's
+prefill is not counted as decoding. Every figure is the median of ``repeats`` runs after one warm-up.
+"""
+
+from __future__ import annotations
+
+import itertools
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+@dataclass
+class SpeedResult:
+    prefill_tokens_per_second: float
+    decode_tokens_per_second: dict[int, float]  # batch size -> generated tokens per second (all sequences)
+
+
+def resident_bytes() -> int:
+    """Current resident set size of this process (VmRSS), 0 where /proc is missing."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _median_seconds(run, repeats: int) -> float:
+    run()  # warm-up: first-call allocations and kernel selection
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def measure_speed(
+    model: nn.Module, vocab_size: int, *, prefill_tokens: int = 512, new_tokens: int = 32, batches: tuple[int, ...] = (1, 8),
+    prompt_tokens: int = 16, repeats: int = 3, seed: int = 0,
+) -> SpeedResult:
+    device = next(itertools.chain(model.parameters(), model.buffers())).device
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab_size, (1, prefill_tokens), generator=generator).to(device)
+
+    def prefill() -> None:
+        model(ids, use_cache=False)
+        _sync(device)
+
+    prefill_rate = prefill_tokens / _median_seconds(prefill, repeats)
+    decode: dict[int, float] = {}
+    for batch in batches:
+        prompt = torch.randint(0, vocab_size, (batch, prompt_tokens), generator=generator).to(device)
+
+        def generate(n: int) -> None:
+            model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
+                           do_sample=False, pad_token_id=0)
+            _sync(device)
+
+        long = _median_seconds(lambda: generate(new_tokens), repeats)
+        short = _median_seconds(lambda: generate(1), repeats)
+        decode[batch] = batch * (new_tokens - 1) / max(long - short, 1e-9)
+    return SpeedResult(prefill_rate, decode)

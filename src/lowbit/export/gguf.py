@@ -1,0 +1,162 @@
+"""Export a lowbit checkpoint of a Llama-architecture model to GGUF (llama.cpp, ollama), keeping lowbit's own
+GPTQ/AWQ-optimised integer weights: quantized Linears become Q8_0 / Q4_0 / Q4_1 blocks (export/ggml_blocks.py),
+everything else float32.
+
+GGUF follows llama.cpp's converter: tensor names ``blk.N.attn_q.weight`` ..., q/k rows permuted into llama.cpp's
+rotary layout (transformers undoes this on load), and the config and byte-level BPE tokenizer as metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from lowbit.errors import LowbitError
+from lowbit.export.ggml_blocks import ggml_blocks, ggml_type_for
+from lowbit.runtime.weight_only import WeightOnlyLinear
+
+GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "llama"}
+_LINEAR_NAMES = {
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+}
+_NORM_NAMES = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+
+
+def permute_rows(t: torch.Tensor, n_head: int) -> torch.Tensor:
+    """llama.cpp's q/k row order: per head, the two rotary halves interleaved. t [out, ...] (codes or scales)."""
+    dim = t.shape[0] // n_head // 2
+    return t.reshape(n_head, 2, dim, *t.shape[1:]).transpose(1, 2).reshape(t.shape)
+
+
+def gguf_tensor_names(config: Any) -> dict[str, str]:
+    """HF module/parameter name -> GGUF tensor name."""
+    names = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+    for i in range(config.num_hidden_layers):
+        for hf, gg in {**_LINEAR_NAMES, **_NORM_NAMES}.items():
+            names[f"model.layers.{i}.{hf}"] = f"blk.{i}.{gg}"
+    return names
+
+
+def check_exportable(model: nn.Module) -> dict[str, str]:
+    """GGML type of every quantized Linear, checked before anything is written."""
+    model_type = model.config.model_type
+    if model_type not in GGUF_ARCHITECTURES:
+        raise LowbitError(
+            f"GGUF export supports Llama-architecture models ({', '.join(GGUF_ARCHITECTURES)}); this is {model_type!r}. "
+            "Use lowbit's own output folder for it"
+        )
+    types: dict[str, str] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, WeightOnlyLinear):
+            if type(module) is not WeightOnlyLinear:
+                raise LowbitError(
+                    f"{name} is {type(module).__name__} (activations quantized at run time), which GGUF cannot express; "
+                    "export a weight-only recipe"
+                )
+            try:
+                types[name] = ggml_type_for(module.unpacked())
+            except LowbitError as exc:
+                raise LowbitError(f"{name}: {exc}") from None
+    if not types:
+        raise LowbitError("no quantized Linear found: export a lowbit output directory made by `lowbit quantize`")
+    return types
+
+
+def tokenizer_metadata(folder: Path) -> dict[str, Any]:
+    """GGUF tokenizer keys from a byte-level BPE tokenizer.json (GPT-2 style, as Llama 3, SmolLM2, Qwen use)."""
+    path = folder / "tokenizer.json"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise LowbitError(f"cannot read {path} ({exc}); GGUF export needs the model's tokenizer.json") from None
+    model = data.get("model", {})
+    if model.get("type") != "BPE":
+        raise LowbitError(f"GGUF export handles byte-level BPE tokenizers; {path} is {model.get('type')!r}")
+    vocab: dict[str, int] = dict(model["vocab"])
+    special = {t["content"] for t in data.get("added_tokens", []) if t.get("special")}
+    for token in data.get("added_tokens", []):
+        vocab[token["content"]] = token["id"]
+    tokens = [f"[PAD{i}]" for i in range(max(vocab.values()) + 1)]
+    for token, index in vocab.items():
+        tokens[index] = token
+    types = [3 if t in special else (5 if t.startswith("[PAD") and t not in vocab else 1) for t in tokens]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    return {"tokens": tokens, "token_types": types, "merges": merges}
+
+
+def write_gguf(folder: Path, model: nn.Module, out: Path) -> dict[str, str]:
+    """Write ``model`` (a lowbit-loaded checkpoint from ``folder``) as GGUF file ``out``; returns the GGML type of
+    each quantized Linear. Written to a temporary sibling and renamed, so a failure leaves no partial file."""
+    import gguf
+
+    types = check_exportable(model)
+    config = model.config
+    tokenizer = tokenizer_metadata(folder)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    writer = gguf.GGUFWriter(str(tmp), "llama")
+    try:
+        writer.add_name(folder.name)
+        writer.add_block_count(config.num_hidden_layers)
+        writer.add_context_length(config.max_position_embeddings)
+        writer.add_embedding_length(config.hidden_size)
+        writer.add_feed_forward_length(config.intermediate_size)
+        writer.add_head_count(config.num_attention_heads)
+        writer.add_head_count_kv(config.num_key_value_heads)
+        writer.add_rope_dimension_count(head_dim)
+        writer.add_rope_freq_base(float(getattr(config, "rope_theta", None) or config.rope_parameters["rope_theta"]))
+        writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+        writer.add_vocab_size(config.vocab_size)
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre("default")
+        writer.add_token_list(tokenizer["tokens"])
+        writer.add_token_types(tokenizer["token_types"])
+        if tokenizer["merges"]:
+            writer.add_token_merges(tokenizer["merges"])
+        else:  # a byte vocabulary without merges (GGUF readers then expect scores to derive them from)
+            writer.add_token_scores([0.0] * len(tokenizer["tokens"]))
+        for key, value in (("bos", config.bos_token_id), ("eos", config.eos_token_id), ("pad", config.pad_token_id)):
+            if isinstance(value, int):
+                getattr(writer, f"add_{key}_token_id")(value)
+        add_tensors(writer, model, types)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    finally:
+        writer.close()
+    os.replace(tmp, out)
+    return types
+
+
+def add_tensors(writer: Any, model: nn.Module, types: dict[str, str]) -> None:
+    import gguf
+
+    config = model.config
+    names = gguf_tensor_names(config)
+    heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
+    tied = getattr(config, "tie_word_embeddings", False)
+    for name, module in model.named_modules():
+        gguf_name = names.get(name)
+        if gguf_name is None or (name == "lm_head" and tied):
+            continue
+        n_head = heads.get(gguf_name.rsplit(".", 1)[-1])
+        if name in types:
+            qweight = module.unpacked()  # type: ignore[operator]
+            if n_head is not None:  # permute whole rows: codes, scales and zeros alike, so nothing is re-rounded
+                qweight.codes, qweight.scale = permute_rows(qweight.codes, n_head), permute_rows(qweight.scale, n_head)
+                if qweight.zero is not None:
+                    qweight.zero = permute_rows(qweight.zero, n_head)
+            kind, blocks = ggml_blocks(qweight)
+            writer.add_tensor(f"{gguf_name}.weight", blocks, raw_dtype=getattr(gguf.GGMLQuantizationType, kind))
+            continue
+        weight = module.weight.detach().float()
+        if n_head is not None:
+            weight = permute_rows(weight, n_head)
+        writer.add_tensor(f"{gguf_name}.weight", np.ascontiguousarray(weight.cpu().numpy()))

@@ -1,0 +1,59 @@
+"""How much of an integer grid a tensor really uses: the seed's claim that one outlier channel stretches a min-max
+grid so far that ordinary values round to zero, measured instead of asserted.
+
+Every grid here is symmetric absmax (the grid W8A8 and LLM.int8() use). Two numbers per (tensor, grid):
+  * ``zero_share``: the share of non-zero values whose code is the zero code, i.e. that the grid erases;
+  * ``effective_levels``: exp(entropy of the code histogram), the number of equally used levels that would carry
+    the same information. A grid whose values all land on 3 codes scores about 3, whatever its bit width says.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+
+@dataclass(frozen=True)
+class GridUsage:
+    zero_share: float
+    effective_levels: float
+
+
+def grid_usage(x: torch.Tensor, absmax: torch.Tensor, bits: int) -> GridUsage:
+    """Usage of the symmetric grid whose range is ``absmax`` (broadcast against x) by the values of x."""
+    qmax = (1 << (bits - 1)) - 1  # codes -qmax..qmax, the symmetric grid of lowbit's RTN and W8A8
+    xf = x.float()
+    scale = absmax.float().clamp(min=torch.finfo(torch.float32).tiny) / qmax
+    codes = torch.round(xf / scale).clamp_(-qmax, qmax)
+    nonzero = torch.count_nonzero(xf)
+    erased = torch.count_nonzero((codes == 0) & (xf != 0))
+    counts = torch.histc(codes, bins=2 * qmax + 1, min=-qmax - 0.5, max=qmax + 0.5).double()
+    p = counts[counts > 0] / counts.sum()
+    return GridUsage(float(erased) / max(int(nonzero), 1), float(torch.exp(-(p * p.log()).sum())))
+
+
+def activation_usage(x: torch.Tensor, bits: int, tensor_absmax: torch.Tensor | None = None) -> dict[str, GridUsage]:
+    """x [tokens, features] under a per-tensor grid (range ``tensor_absmax``, the calibrated static range, or x's own
+    absmax) and under per-token grids (each row its own range)."""
+    per_tensor = tensor_absmax if tensor_absmax is not None else x.abs().amax()
+    return {
+        "per_tensor": grid_usage(x, per_tensor, bits),
+        "per_token": grid_usage(x, x.abs().amax(dim=1, keepdim=True), bits),  # [tokens, 1]
+    }
+
+
+def weight_usage(W: torch.Tensor, bits: int, group_size: int = 128) -> dict[str, GridUsage]:
+    """W [out, in] under one per-tensor range, one range per output channel, and one per ``group_size`` columns."""
+    out, n = W.shape
+    gs = min(group_size, n)
+    n_groups = -(-n // gs)
+    # zero padding changes no absmax; each column then reads its group's range: [out, n_groups] -> [out, in]
+    Wg = torch.nn.functional.pad(W.float().abs(), (0, n_groups * gs - n)).view(out, n_groups, gs)
+    group_absmax = Wg.amax(dim=-1)[:, torch.arange(n, device=W.device) // gs]
+    return {
+        "per_tensor": grid_usage(W, W.abs().amax(), bits),
+        "per_channel": grid_usage(W, W.abs().amax(dim=1, keepdim=True), bits),
+        f"g{group_size}": grid_usage(W, group_absmax, bits),
+    }

@@ -1,0 +1,73 @@
+"""GGUF export: lowbit's integer weights land in Q8_0 / Q4_0 / Q4_1 blocks exactly, transformers loads the file
+with the same logits as lowbit's own loader, and grids GGUF cannot hold are refused before anything is written."""
+
+import numpy as np
+import pytest
+import torch
+
+import lowbit
+from lowbit import RTN, GPTQ, WeightQuant
+from lowbit.errors import LowbitError
+from lowbit.export.gguf import permute_rows, write_gguf
+from lowbit.models.open import open_model
+from toy import byte_tokenizer, calibration, toy_model
+
+
+def quantized_folder(tmp_path, recipe, name="q"):
+    model = lowbit.quantize(toy_model("llama"), recipe, calibration(n=4, length=32), batch_size=2)
+    folder = tmp_path / name
+    lowbit.save(model, folder, tokenizer=byte_tokenizer())
+    return folder
+
+
+@pytest.mark.parametrize(
+    "grid, kind",
+    [(WeightQuant(bits=8, symmetric=True, group_size=32), "Q8_0"), (WeightQuant(bits=4, symmetric=True, group_size=32), "Q4_0"),
+     (WeightQuant(bits=4, symmetric=False, group_size=32), "Q4_1")],
+)
+def test_gguf_blocks_hold_lowbit_weights_and_transformers_loads_them(tmp_path, grid, kind):
+    import gguf
+
+    folder = quantized_folder(tmp_path, [GPTQ(grid)])
+    model = lowbit.load(folder)
+    out = tmp_path / "m.gguf"
+    types = write_gguf(folder, model, out)
+    assert set(types.values()) == {kind} and len(types) == 2 * 7
+    reader = gguf.GGUFReader(str(out))
+    tensors = {t.name: t for t in reader.tensors}
+    q = model.model.layers[1].self_attn.q_proj
+    stored = tensors["blk.1.attn_q.weight"]
+    assert stored.tensor_type.name == kind
+    restored = torch.from_numpy(gguf.quants.dequantize(stored.data, stored.tensor_type).copy())
+    expected = permute_rows(q.dequantized_weight(), model.config.num_attention_heads)
+    if kind == "Q4_1":  # m = -zero * scale is stored in float16
+        assert torch.allclose(restored, expected, atol=2e-3 * expected.abs().max().item())
+    else:
+        assert torch.equal(restored, expected)
+    # transformers reads the GGUF (metadata, tokenizer, q/k permutation) into the model lowbit evaluated
+    ids = calibration(n=2, length=24, seed=5)
+    with torch.no_grad():
+        ours = model(ids).logits
+        theirs = open_model(str(out)).model(ids).logits
+    tolerance = 1e-4 if kind != "Q4_1" else 5e-2
+    assert (theirs - ours).abs().max() < tolerance * ours.abs().max()
+
+
+def test_gguf_export_refuses_grids_it_cannot_hold(tmp_path, capsys):
+    from lowbit.cli.main import main
+
+    folder = quantized_folder(tmp_path, [RTN(WeightQuant(bits=4, group_size=64))])
+    code = main(["export", str(folder), "--format", "gguf", "--out", str(tmp_path / "x.gguf")])
+    assert code == 2 and "group size 64" in capsys.readouterr().err and not (tmp_path / "x.gguf").exists()
+    assert not list(tmp_path.glob(".x.gguf*"))
+    with pytest.raises(LowbitError, match="act-order"):
+        act_order = quantized_folder(tmp_path, [GPTQ(WeightQuant(bits=4, group_size=32), act_order=True)], "a")
+        write_gguf(act_order, lowbit.load(act_order), tmp_path / "a.gguf")
+
+
+def test_permutation_matches_transformers_inverse():
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+    w = torch.randn(64, 8)
+    back = LlamaTensorProcessor()._reverse_permute_weights(permute_rows(w, 4).numpy(), 4, 4)
+    assert np.array_equal(back, w.numpy())

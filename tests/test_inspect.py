@@ -1,0 +1,73 @@
+"""`inspect`: it finds exactly the injected outlier channels, measures what they do to a per-tensor grid, and
+changes nothing in the model."""
+
+import torch
+
+from lowbit.evaluation.inspect_summary import consistency, findings, inspection_json
+from lowbit.numerics.grid_usage import activation_usage, grid_usage, weight_usage
+from lowbit.numerics.salient import kept_column_errors
+from lowbit.pipeline.inspect import inspect_model
+from lowbit.pipeline.loop import InMemoryStore
+from lowbit.pipeline.observers import MomentsObserver
+from lowbit.recipe import WeightQuant
+from toy import OUTLIER_CHANNELS, calibration, outlier_inputs, random_weight, toy_model
+
+
+def test_inspect_finds_exactly_the_injected_channels():
+    inspection = inspect_model(InMemoryStore(toy_model("llama")), calibration(), batch_size=4)
+    first = inspection.inputs[0]  # block 0's q/k/v input: the embeddings after input_layernorm
+    assert first.name == "model.layers.0.self_attn.q_proj" and first.shared_with == ["k_proj", "v_proj"]
+    assert first.outlier_channels == OUTLIER_CHANNELS
+    assert inspection.residual[0].outlier_channels == OUTLIER_CHANNELS
+    # the embedding outliers ride the residual stream through both blocks
+    assert consistency(inspection)["residual_persistent_channels"] == {c: 2 for c in OUTLIER_CHANNELS}
+    plain = inspect_model(InMemoryStore(toy_model("llama", outliers=False)), calibration(), batch_size=4)
+    assert plain.inputs[0].outlier_channels == [] and plain.residual[0].outlier_channels == []
+    # the outliers stretch the per-tensor grid: more values erased than without them, and per-token erases fewer
+    stretched, even = first.activations["int8"], plain.inputs[0].activations["int8"]
+    assert stretched["per_tensor"].zero_share > even["per_tensor"].zero_share
+    assert stretched["per_token"].zero_share < stretched["per_tensor"].zero_share
+    assert stretched["smoothed_per_tensor"].zero_share < stretched["per_tensor"].zero_share
+    assert len(inspection.inputs) == 2 * 4 and inspection.residual_absmax.shape == (2, 64)
+    report = inspection_json(inspection)
+    assert report["findings"] == findings(inspection) and report["findings"][1].startswith("Most stretched input: model.layers.")
+
+
+def test_inspect_leaves_the_model_unchanged():
+    model = toy_model("qwen2")
+    ids = calibration(n=2, length=40, seed=1)
+    with torch.no_grad():
+        before = model(ids).logits
+        inspect_model(InMemoryStore(model), calibration(), batch_size=4)
+        assert torch.equal(model(ids).logits, before)
+
+
+def test_grid_usage_counts_erased_values_and_levels():
+    x = torch.tensor([[100.0, 0.1, -0.1, 0.2]])
+    usage = grid_usage(x, torch.tensor(100.0), bits=8)  # step 100/127: only 100 survives
+    assert usage.zero_share == 0.75 and 1.0 < usage.effective_levels < 2.0
+    even = grid_usage(torch.linspace(-1, 1, 255), torch.tensor(1.0), bits=8)
+    assert even.zero_share < 0.01 and even.effective_levels > 250
+
+
+def test_per_token_and_per_group_grids_erase_less():
+    x = outlier_inputs()
+    usage = activation_usage(x, 8)
+    assert usage["per_token"].zero_share <= usage["per_tensor"].zero_share
+    W = random_weight()
+    W[0, 0] = 50.0  # one huge weight stretches the per-tensor grid only
+    w = weight_usage(W, 4, group_size=64)
+    assert w["g64"].zero_share <= w["per_channel"].zero_share < w["per_tensor"].zero_share
+
+
+def test_activation_chosen_columns_beat_random_ones():
+    X, W = outlier_inputs(), random_weight()
+    errors = kept_column_errors(W, X, X.abs().mean(dim=0), WeightQuant(bits=3, group_size=128), share=0.02)
+    assert errors["salient_kept"] < errors["random_kept"] <= errors["quantized"] * 1.01
+
+
+def test_kurtosis_of_gaussian_and_heavy_tails():
+    gauss, heavy = MomentsObserver(), MomentsObserver()
+    gauss.add_batch(torch.randn(200_000, generator=torch.Generator().manual_seed(0)))
+    heavy.add_batch(outlier_inputs())
+    assert abs(gauss.kurtosis - 3.0) < 0.1 and heavy.kurtosis > 10
