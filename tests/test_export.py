@@ -71,3 +71,67 @@ def test_permutation_matches_transformers_inverse():
     w = torch.randn(64, 8)
     back = LlamaTensorProcessor()._reverse_permute_weights(permute_rows(w, 4).numpy(), 4, 4)
     assert np.array_equal(back, w.numpy())
+
+
+def test_quantize_with_gguf_format_checks_the_recipe_first_and_writes_the_file(tmp_path, capsys):
+    import json
+
+    from lowbit.cli.main import main
+    from toy import save_toy, write_corpus
+
+    model, corpus = save_toy("llama", tmp_path / "toy"), write_corpus(tmp_path / "c.txt")
+    small = ["--calib", str(corpus), "--nsamples", "4", "--seq-len", "32", "--batch-size", "2"]
+    code = main(["quantize", "--model", str(model), "--recipe", "w4g128", "--format", "gguf", "--out", str(tmp_path / "bad"), *small])
+    assert code == 2 and "use group_size 32" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    recipe = tmp_path / "q4_0.json"
+    recipe.write_text(json.dumps({"steps": [{"type": "gptq", "weights": {"bits": 4, "symmetric": True, "group_size": 32}}]}))
+    out = tmp_path / "ok"
+    assert main(["quantize", "--model", str(model), "--recipe", str(recipe), "--format", "gguf", "--out", str(out), *small]) == 0
+    ids = calibration(n=1, length=16, seed=2)
+    with torch.no_grad():
+        ours, theirs = lowbit.load(out)(ids).logits, open_model(str(out / "model.gguf")).model(ids).logits
+    assert (theirs - ours).abs().max() < 1e-4 * ours.abs().max()
+
+
+@pytest.mark.parametrize("grid", [WeightQuant(bits=4, symmetric=True, group_size=32), WeightQuant(bits=8, symmetric=True, granularity="channel")])
+def test_compressed_tensors_export_loads_in_transformers_with_identical_logits(tmp_path, grid):
+    from transformers import AutoModelForCausalLM
+
+    from lowbit.export.compressed_tensors import write_compressed_tensors
+
+    folder = quantized_folder(tmp_path, [GPTQ(grid)])
+    model = lowbit.load(folder)
+    config = write_compressed_tensors(folder, model, tmp_path / "ct")
+    assert config["format"] == "pack-quantized" and config["ignore"] == ["lm_head"]
+    assert config["config_groups"]["group_0"]["targets"] == ["Linear"]
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32)  # compressed-tensors decompresses
+    ids = calibration(n=2, length=24, seed=5)
+    with torch.no_grad():
+        assert torch.equal(theirs(ids).logits, model(ids).logits)
+
+
+def test_compressed_tensors_asymmetric_weights_decompress_exactly(tmp_path):
+    """transformers 5.23 + compressed-tensors 0.20 size the zero point unpacked at load but unpack it when
+    decompressing, so asymmetric checkpoints are checked with compressed-tensors' own decompressor."""
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationScheme
+
+    from lowbit.export.compressed_tensors import compressed_state_dict
+
+    model = lowbit.load(quantized_folder(tmp_path, [GPTQ(WeightQuant(bits=4, symmetric=False, group_size=32))]))
+    state, config = compressed_state_dict(model)
+    scheme = QuantizationScheme(targets=["Linear"], weights=config["config_groups"]["group_0"]["weights"])
+    prefix = "model.layers.1.mlp.down_proj."
+    local = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    weight = PackedQuantizationCompressor.decompress(local, scheme)["weight"]
+    assert torch.equal(weight.float(), model.model.layers[1].mlp.down_proj.dequantized_weight())
+
+
+def test_compressed_tensors_export_refuses_what_it_cannot_express(tmp_path):
+    from lowbit import ActQuant
+    from lowbit.export.compressed_tensors import write_compressed_tensors
+
+    folder = quantized_folder(tmp_path, [RTN(WeightQuant(bits=8, symmetric=True, granularity="channel")), ActQuant()])
+    with pytest.raises(LowbitError, match="only weight-only recipes"):
+        write_compressed_tensors(folder, lowbit.load(folder), tmp_path / "ct")
+    assert not (tmp_path / "ct").exists()

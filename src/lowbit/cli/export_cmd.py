@@ -9,26 +9,32 @@ from lowbit.cli.common import console, mib
 from lowbit.errors import LowbitError
 from lowbit.models.source import resolve_model
 
-FORMATS = ("gguf",)
+FORMATS = ("compressed-tensors", "gguf")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    e = sub.add_parser("export", help="write a lowbit output as GGUF (llama.cpp / ollama)")
+    e = sub.add_parser("export", help="write a lowbit output as compressed-tensors (vLLM) or GGUF (llama.cpp / ollama)")
     e.add_argument("model", help="a lowbit output directory")
-    e.add_argument("--format", choices=FORMATS, required=True, help="gguf: Q8_0 / Q4_0 / Q4_1 from W8 / W4 g32 grids")
-    e.add_argument("--out", required=True, help="the output file (e.g. model.gguf)")
-    e.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    e.add_argument("--format", choices=FORMATS, required=True,
+                   help="compressed-tensors: pack-quantized folder; gguf: Q8_0 / Q4_0 / Q4_1 file from W8 / W4 g32 grids")
+    e.add_argument("--out", required=True, help="the output folder (compressed-tensors) or file (gguf, e.g. model.gguf)")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing output")
     e.set_defaults(func=run_export)
 
 
 def run_export(args: argparse.Namespace) -> int:
     from lowbit.api import load
+    from lowbit.export.compressed_tensors import write_compressed_tensors
     from lowbit.export.gguf import write_gguf
 
     source = resolve_model(args.model)
     if not source.is_lowbit:
         raise LowbitError(f"{args.model} is not a lowbit output; quantize it first (`lowbit quantize ... --out DIR`)")
     out = Path(args.out)
+    if args.format == "compressed-tensors":
+        config = write_compressed_tensors(source.folder, load(source.folder), out, args.overwrite)
+        console.print(f"wrote {out}: {len(config['config_groups'])} quantization group(s), format {config['format']}")
+        return 0
     if out.exists() and not args.overwrite:
         raise LowbitError(f"{out} exists; pass --overwrite to replace it")
     if not out.resolve().parent.is_dir():

@@ -22,6 +22,7 @@ from lowbit.models.open import load_tokenizer
 from lowbit.models.source import resolve_model
 from lowbit.pipeline.report import QuantizeReport, layer_table
 from lowbit.presets import resolve_recipe
+from lowbit.recipe import ActQuant, LLMInt8
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -34,6 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--transforms", metavar="DIR",
         help="re-apply the SmoothQuant/AWQ scales and clips saved in an earlier output DIR instead of searching again",
     )
+    q.add_argument("--format", choices=("lowbit", "gguf", "compressed-tensors"), default="lowbit",
+                   help="also write OUT/model.gguf (Q8_0/Q4_0/Q4_1; needs a g32 grid, checked before quantizing) or "
+                        "OUT/compressed-tensors/ (vLLM; weight-only recipes)")
     q.add_argument("--verbose", action="store_true", help="print a row per Linear, not only per block")
     q.add_argument("--json", action="store_true", help="print the run summary as JSON")
     add_model_options(q)
@@ -79,6 +83,12 @@ def quantize_from_args(args: argparse.Namespace, out: Path, recipe_name: str) ->
     source = resolve_model(args.model)
     if source.is_lowbit:
         raise LowbitError(f"{args.model} is already a lowbit output; quantize the original model instead")
+    if getattr(args, "format", "lowbit") == "gguf":
+        from lowbit.export.gguf import check_recipe_for_gguf
+
+        check_recipe_for_gguf(recipe, json.loads((source.folder / "config.json").read_text()).get("model_type", ""))
+    if getattr(args, "format", "lowbit") == "compressed-tensors" and (recipe.find(ActQuant) or recipe.find(LLMInt8)):
+        raise LowbitError("compressed-tensors export covers weight-only recipes yet; this one quantizes activations")
     tokenizer = load_tokenizer(source.folder)
     ids = calibration_ids(tokenizer, documents(args.calib, "calibration"), args.nsamples, args.seq_len, args.seed)
     report = quantize_checkpoint(
@@ -90,6 +100,16 @@ def quantize_from_args(args: argparse.Namespace, out: Path, recipe_name: str) ->
 
 def run_quantize(args: argparse.Namespace) -> int:
     run = quantize_from_args(args, Path(args.out), args.recipe)
+    if args.format == "gguf":
+        from lowbit.api import load
+        from lowbit.export.gguf import GGUF_FILE, write_gguf
+
+        write_gguf(run.out, load(run.out), run.out / GGUF_FILE)
+    if args.format == "compressed-tensors":
+        from lowbit.api import load
+        from lowbit.export.compressed_tensors import write_compressed_tensors
+
+        write_compressed_tensors(run.out, load(run.out), run.out / "compressed-tensors")
     if args.json:
         print(json.dumps(run.summary(), indent=2))
         return 0

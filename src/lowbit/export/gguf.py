@@ -19,8 +19,10 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.export.ggml_blocks import ggml_blocks, ggml_type_for
+from lowbit.recipe import GPTQ, ActQuant, LLMInt8, Recipe
 from lowbit.runtime.weight_only import WeightOnlyLinear
 
+GGUF_FILE = "model.gguf"  # where `lowbit quantize --format gguf` puts it, inside the output directory
 GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "llama"}
 _LINEAR_NAMES = {
     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
@@ -42,6 +44,26 @@ def gguf_tensor_names(config: Any) -> dict[str, str]:
         for hf, gg in {**_LINEAR_NAMES, **_NORM_NAMES}.items():
             names[f"model.layers.{i}.{hf}"] = f"blk.{i}.{gg}"
     return names
+
+
+def check_recipe_for_gguf(recipe: Recipe, model_type: str) -> None:
+    """Refuse, before any quantization work, a recipe whose output GGUF cannot hold."""
+    if model_type not in GGUF_ARCHITECTURES:
+        raise LowbitError(f"GGUF export supports Llama-architecture models ({', '.join(GGUF_ARCHITECTURES)}); this is {model_type!r}")
+    if recipe.find(ActQuant) or recipe.find(LLMInt8):
+        raise LowbitError("GGUF cannot express activation quantization (W8A8, LLM.int8()); export a weight-only recipe")
+    grids = [s.weights for s in recipe.steps if getattr(s, "weights", None) is not None]
+    if not grids:
+        raise LowbitError("GGUF export needs quantized weights; this recipe has no RTN/GPTQ/AWQ/SparseGPT weight grid")
+    grid = grids[-1]
+    gptq = recipe.find(GPTQ)
+    holdable = grid.granularity == "group" and grid.group_size == 32 and (grid.bits == 4 or (grid.bits == 8 and grid.symmetric))
+    if not holdable or (gptq is not None and gptq.act_order and not gptq.static_groups):
+        raise LowbitError(
+            f"GGUF holds 32-column blocks (Q8_0: W8 symmetric g32, Q4_0: W4 symmetric g32, Q4_1: W4 asymmetric g32); "
+            f"this recipe gives {grid.label}{' with act-order groups' if holdable else ''}: use group_size 32"
+            + (" and static_groups with act_order" if holdable else "")
+        )
 
 
 def check_exportable(model: nn.Module) -> dict[str, str]:

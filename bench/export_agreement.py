@@ -1,0 +1,56 @@
+"""Logits agreement of an exported file with lowbit's own loader, on held-out text.
+
+    .venv/bin/python bench/export_agreement.py LOWBIT_DIR EXPORTED_FILE [--results FILE.json]
+
+Both are evaluated on the same windows of the embedded evaluation text; prints (and writes) the largest absolute
+logit difference relative to the largest logit, and both perplexities.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from lowbit.data.text import documents
+from lowbit.evaluation.perplexity import evaluation_ids
+from lowbit.models.embedded import DEFAULT_TEXT
+from lowbit.models.open import open_model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("lowbit_dir")
+    parser.add_argument("exported")
+    parser.add_argument("--windows", type=int, default=4)
+    parser.add_argument("--window", type=int, default=512)
+    parser.add_argument("--results", help="JSON file to write")
+    args = parser.parse_args()
+    ours, theirs = open_model(args.lowbit_dir), open_model(args.exported)
+    ids = evaluation_ids(ours.tokenizer, documents(DEFAULT_TEXT, "evaluation"))[0, : args.windows * args.window]
+    windows = ids.reshape(args.windows, args.window)  # [windows, window]
+    worst, scale, nll = 0.0, 0.0, {"lowbit": 0.0, "exported": 0.0}
+    with torch.no_grad():
+        for w in windows:
+            a = ours.model(w[None]).logits[0].float()
+            b = theirs.model(w[None]).logits[0].float()
+            worst, scale = max(worst, float((a - b).abs().max())), max(scale, float(a.abs().max()))
+            for name, logits in (("lowbit", a), ("exported", b)):
+                nll[name] += float(torch.nn.functional.cross_entropy(logits[:-1], w[1:], reduction="sum"))
+    tokens = args.windows * (args.window - 1)
+    result = {
+        "lowbit_dir": args.lowbit_dir, "exported": args.exported, "tokens": tokens,
+        "max_abs_logit_diff": worst, "max_abs_logit": scale, "relative": worst / scale,
+        "perplexity_lowbit": float(torch.exp(torch.tensor(nll["lowbit"] / tokens))),
+        "perplexity_exported": float(torch.exp(torch.tensor(nll["exported"] / tokens))),
+        "exported_bytes": Path(args.exported).stat().st_size,
+    }
+    print(json.dumps(result, indent=2))
+    if args.results:
+        Path(args.results).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""Export a lowbit checkpoint as compressed-tensors (the format vLLM and transformers load): weight-only INT2..INT8
+Linears as ``pack-quantized`` with the recipe's group size, everything else as it is, and ``quantization_config`` in
+config.json.
+
+Per quantized Linear (compressed-tensors names, lowbit's integer codes unchanged):
+  weight_packed     int32 [out, ceil(in * bits / 32)]   signed codes q = code - 2**(bits-1), packed densely
+  weight_scale      [out, n_groups]                     lowbit's float16 scales, in the model's dtype
+  weight_zero_point int32 (asymmetric only)             zero - 2**(bits-1), packed along the output dimension
+  weight_shape      int64 [2]
+so (q - zero_point) * scale is lowbit's (code - zero) * scale exactly. Packing uses compressed-tensors' own
+``pack_to_int32`` so the bit layout is the reader's by construction.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowbit.errors import LowbitError
+from lowbit.io.atomic import atomic_directory
+from lowbit.numerics.qweight import QWeight
+from lowbit.runtime.weight_only import WeightOnlyLinear
+
+CT_FORMAT = "pack-quantized"
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                    "generation_config.json")
+
+
+def _pack_to_int32():
+    try:
+        from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+    except ImportError:
+        raise LowbitError("compressed-tensors export needs the `compressed-tensors` package: pip install 'lowbit[export]'") from None
+    return pack_to_int32
+
+
+def weight_scheme(qweight: QWeight) -> dict[str, Any]:
+    """The compressed-tensors ``weights`` arguments of one QWeight's grid."""
+    in_order = torch.arange(qweight.in_features) // qweight.group_size
+    if qweight.g_idx is not None and not torch.equal(qweight.g_idx.long().cpu(), in_order):
+        raise LowbitError("act-order groups (GPTQ act_order without static_groups) are not exported to compressed-tensors "
+                          "yet; quantize with static_groups=True")
+    if qweight.scale.shape[0] == 1 and qweight.out_features > 1:
+        raise LowbitError("per-tensor weight grids are not exported to compressed-tensors; use per-channel or per-group")
+    grouped = qweight.scale.shape[1] > 1
+    return {
+        "num_bits": qweight.bits, "type": "int", "symmetric": qweight.symmetric,
+        "strategy": "group" if grouped else "channel", "group_size": qweight.group_size if grouped else None,
+        "dynamic": False, "actorder": None, "observer": "minmax",
+    }
+
+
+def compressed_module(qweight: QWeight, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """One Linear's compressed-tensors tensors (local names)."""
+    pack = _pack_to_int32()
+    offset = 1 << (qweight.bits - 1)
+    tensors = {
+        "weight_packed": pack((qweight.codes.to(torch.int16) - offset).to(torch.int8), qweight.bits),
+        "weight_scale": qweight.scale.to(dtype),
+        "weight_shape": torch.tensor(qweight.codes.shape),
+    }
+    if qweight.zero is not None:
+        tensors["weight_zero_point"] = pack((qweight.zero.to(torch.int16) - offset).to(torch.int8), qweight.bits, packed_dim=0)
+    return tensors
+
+
+def compressed_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state dict, quantization_config) of a lowbit-loaded model; a pure function of the model."""
+    dtype = model.get_input_embeddings().weight.dtype
+    state: dict[str, torch.Tensor] = {}
+    groups: dict[str, dict[str, Any]] = {}  # scheme as JSON -> its config group
+    quantized: set[str] = set()
+    for name, module in model.named_modules():
+        if not isinstance(module, WeightOnlyLinear):
+            continue
+        if type(module) is not WeightOnlyLinear:
+            raise LowbitError(f"{name} is {type(module).__name__}: only weight-only recipes are exported to compressed-tensors yet")
+        qweight = module.unpacked()
+        scheme = weight_scheme(qweight)
+        key = json.dumps(scheme, sort_keys=True)
+        groups.setdefault(key, {"targets": [], "weights": scheme, "input_activations": None, "output_activations": None,
+                                "format": CT_FORMAT})["targets"].append(name)
+        state.update({f"{name}.{k}": v for k, v in compressed_module(qweight, dtype).items()})
+        if module.bias is not None:
+            state[f"{name}.bias"] = module.bias
+        quantized.add(name)
+    if not quantized:
+        raise LowbitError("no quantized Linear found: export a lowbit output directory made by `lowbit quantize`")
+    for name, tensor in model.state_dict().items():
+        if name.rsplit(".", 1)[0] not in quantized and "rotary_emb" not in name:
+            state.setdefault(name, tensor)
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    plain = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in quantized]
+    config_groups = {f"group_{i}": g for i, g in enumerate(groups.values())}
+    if len(config_groups) == 1:  # the usual case: one scheme for every quantized Linear
+        config_groups["group_0"]["targets"] = ["Linear"]
+    quantization_config = {
+        "quant_method": "compressed-tensors", "format": CT_FORMAT, "quantization_status": "compressed",
+        "config_groups": config_groups, "ignore": plain, "kv_cache_scheme": None,
+    }
+    return {k: v.detach().contiguous() for k, v in state.items()}, quantization_config
+
+
+def write_compressed_tensors(folder: Path, model: nn.Module, out: Path, overwrite: bool = False) -> dict[str, Any]:
+    """Write the export of ``model`` (loaded from lowbit output ``folder``) to directory ``out``, atomically."""
+    from safetensors.torch import save_file
+
+    state, quantization_config = compressed_state_dict(model)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = quantization_config
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        for name in _TOKENIZER_FILES:
+            if (folder / name).exists():
+                shutil.copy(folder / name, tmp / name)
+    return quantization_config
