@@ -284,6 +284,9 @@ def test_inspect_command_writes_json_and_plots(toy_folder, corpus, tmp_path, cap
     assert report["inputs"][0]["name"] == "model.layers.0.self_attn.q_proj" and report["inputs"][0]["ratio"] > 1
     for png in ("channels.png", "heatmap.png", "zero_share.png"):
         assert (tmp_path / "i" / png).read_bytes()[:4] == b"\x89PNG"
+    channels = load_file(tmp_path / "i" / "channels.safetensors")
+    assert channels["model.layers.0.self_attn.q_proj.absmax"].max().item() == pytest.approx(report["inputs"][0]["max_abs"])
+    assert channels["residual.absmax"].shape == (2, 64)
     code, stdout, _ = run(capsys, "outliers", "--model", toy_folder(), "--calib", corpus, "--out", tmp_path / "j", *SMALL)
     assert code == 0 and "Most stretched input" in stdout  # the old name still works
     code, _, err = run(capsys, "inspect", toy_folder(), "--calib", corpus, "--ratio", "0.5")

@@ -193,6 +193,8 @@ def run_compare(args: argparse.Namespace) -> int:
                     "mean_linear_error": summary["mean_linear_error"], "block_errors": block_errors(out / name),
                     "transforms_from": source,
                 }
+            if not row.get("block_errors"):  # rows measured before per-block errors were recorded
+                row = {**row, "block_errors": block_errors(out / name)}
             if step is not None and step not in searched and not row.get("transforms_from"):
                 if (out / name / ARTIFACT_FILE).exists():
                     searched[step] = name

@@ -1,6 +1,7 @@
 """`lowbit inspect`: see a model's activation outliers on calibration text, and what each grid does to them.
 
-Nothing is changed. Writes inspect.json and three PNGs to --out, and prints the findings and tables.
+Nothing is changed. Writes inspect.json, channels.safetensors (per-channel absmax and mean |x| of every input) and
+three PNGs to --out, and prints the findings and tables.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from lowbit.cli.common import DTYPES, add_calibration_options, add_model_options, console, default_model, parse_device
@@ -25,6 +27,7 @@ from lowbit.pipeline.inspect import InspectSettings, inspect_model
 from lowbit.pipeline.loop import LazyStore
 
 INSPECT_JSON = "inspect.json"
+CHANNELS_FILE = "channels.safetensors"  # per-channel absmax and mean |x| of every input, for your own analysis
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -64,6 +67,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / INSPECT_JSON, report)
+    save_file(inspection.channel_tensors(), out / CHANNELS_FILE)
     title = f"{model}: {ids.shape[0]} x {ids.shape[1]} calibration tokens"
     plots = write_plots(inspection, title, out)
     if args.json:
@@ -74,5 +78,5 @@ def run_inspect(args: argparse.Namespace) -> int:
     console.print(kind_table(inspection))
     for line in report["findings"]:
         console.print(f"- {line}")
-    console.print(f"written: {out / INSPECT_JSON}, " + ", ".join(str(p) for p in plots))
+    console.print(f"written: {out / INSPECT_JSON}, {out / CHANNELS_FILE}, " + ", ".join(str(p) for p in plots))
     return 0

@@ -72,7 +72,15 @@ class Inspection:
     inputs: list[ChannelStats]
     residual: list[ChannelStats]
     input_absmax: dict[str, torch.Tensor]  # input name -> per-channel absmax [in], for plots
+    input_mean_abs: dict[str, torch.Tensor]  # input name -> per-channel mean |x| [in]
     residual_absmax: torch.Tensor  # [blocks, hidden]
+
+    def channel_tensors(self) -> dict[str, torch.Tensor]:
+        """Every per-channel statistic by name: '<input>.absmax', '<input>.mean_abs', 'residual.absmax' [blocks, hidden]."""
+        tensors = {f"{name}.absmax": t.float().contiguous() for name, t in self.input_absmax.items()}
+        tensors.update({f"{name}.mean_abs": t.float().contiguous() for name, t in self.input_mean_abs.items()})
+        tensors["residual.absmax"] = self.residual_absmax.float().contiguous()
+        return tensors
 
 
 def channel_stats(
@@ -148,6 +156,7 @@ def inspect_model(
     inputs: list[ChannelStats] = []
     residual: list[ChannelStats] = []
     input_absmax: dict[str, torch.Tensor] = {}
+    input_mean_abs: dict[str, torch.Tensor] = {}
     residual_absmax: list[torch.Tensor] = []
     try:
         calls = capture_block_calls(store.model, store.blocks, ids, batch_size, device)
@@ -177,6 +186,7 @@ def inspect_model(
                 add_linear_stats(stats, {p: linears[p] for p in paths}, mean_abs.mean, sample.rows, absmax.absmax, settings)
                 inputs.append(stats)
                 input_absmax[stats.name] = absmax.absmax.cpu()
+                input_mean_abs[stats.name] = mean_abs.mean.cpu()
             calls.calls[i] = []
             store.finish(i, block)
             release_freed_memory()
@@ -185,4 +195,4 @@ def inspect_model(
     finally:
         store.close()
     calibration = {"n_sequences": int(ids.shape[0]), "seq_len": int(ids.shape[1])}
-    return Inspection(settings, calibration, inputs, residual, input_absmax, torch.stack(residual_absmax))
+    return Inspection(settings, calibration, inputs, residual, input_absmax, input_mean_abs, torch.stack(residual_absmax))
