@@ -28,3 +28,18 @@ def test_three_bits_use_three_bytes_per_eight_codes():
 def test_wrong_packed_width_is_a_clear_error():
     with pytest.raises(LowbitError, match="corrupt"):
         unpack_bits(torch.zeros(2, 5, dtype=torch.uint8), 4, 16)
+
+
+def test_sparse_linear_stores_pruned_weights_compactly_and_exactly():
+    from lowbit.numerics.prune import prune_mask
+    from lowbit.runtime.sparse import SparseLinear
+    from toy import random_weight
+
+    W = random_weight(32, 64)
+    W[prune_mask(W.abs(), None, (2, 4), per_row=True)] = 0.0  # 2:4
+    module = SparseLinear.from_dense(W, bias=None)
+    assert torch.equal(module.dense_weight(), W) and module.nnz == W.numel() // 2
+    stored = sum(b.numel() * b.element_size() for b in module.buffers())
+    assert stored == W.numel() // 2 * 4 + W.numel() // 8  # half the float32 values plus one bit per weight
+    x = torch.randn(3, 64)
+    assert torch.equal(module(x), torch.nn.functional.linear(x, W))

@@ -16,8 +16,7 @@ from torch import nn
 from lowbit import __version__
 from lowbit.models.checkpoint import INDEX_FILE
 from lowbit.models.source import LOWBIT_CONFIG
-from lowbit.runtime.registry import module_config
-from lowbit.runtime.weight_only import WeightOnlyLinear
+from lowbit.runtime.registry import is_runtime_module, module_config
 
 FORMAT_VERSION = 1
 REPORT_FILE = "quant_report.json"
@@ -56,7 +55,7 @@ def block_shard_name(prefix: str) -> str:
 
 
 def runtime_module_configs(model: nn.Module) -> dict[str, dict[str, Any]]:
-    return {name: module_config(m) for name, m in model.named_modules() if isinstance(m, WeightOnlyLinear)}
+    return {name: module_config(m) for name, m in model.named_modules() if is_runtime_module(m)}
 
 
 def write_metadata(

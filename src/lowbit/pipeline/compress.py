@@ -26,6 +26,7 @@ from lowbit.pipeline.transforms import AWQ_CLIP_KEY
 from lowbit.recipe import AWQ, GPTQ, RTN, ActQuant, LLMInt8, Prune, Recipe, SparseGPT, WeightQuant, parse_pattern
 from lowbit.runtime.act_quant import ActQuantLinear
 from lowbit.runtime.llm_int8 import Int8OutlierLinear
+from lowbit.runtime.sparse import SparseLinear
 from lowbit.runtime.weight_only import WeightOnlyLinear
 
 INT8_PER_CHANNEL = WeightQuant(bits=8, symmetric=True, granularity="channel")
@@ -163,10 +164,8 @@ def _damp_note(damp: float, retries: int) -> str:
 
 def _runtime_module(linear: nn.Linear, W: torch.Tensor, qweight: QWeight | None, recipe: Recipe, stats: _Stats) -> nn.Module:
     bias = linear.bias.detach() if linear.bias is not None else None
-    if qweight is None:  # pruning only: a dense Linear holding the zeros
-        with torch.no_grad():
-            linear.weight.copy_(W.to(linear.weight.dtype))
-        return linear
+    if qweight is None:  # pruning only: the kept weights and a bitmap
+        return SparseLinear.from_dense(W.to(linear.weight.dtype), bias)
     llm_int8 = recipe.find(LLMInt8)
     if llm_int8 is not None:
         return Int8OutlierLinear.from_qweight(qweight, bias, threshold=llm_int8.threshold)

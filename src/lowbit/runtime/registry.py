@@ -10,11 +10,16 @@ from torch import nn
 from lowbit.errors import LowbitError
 from lowbit.runtime.act_quant import ActQuantLinear
 from lowbit.runtime.llm_int8 import Int8OutlierLinear
+from lowbit.runtime.sparse import SparseLinear
 from lowbit.runtime.weight_only import WeightOnlyLinear
 
-RUNTIME_MODULES: dict[str, type[WeightOnlyLinear]] = {
-    cls.__name__: cls for cls in (WeightOnlyLinear, ActQuantLinear, Int8OutlierLinear)
+RUNTIME_MODULES: dict[str, type[nn.Module]] = {
+    cls.__name__: cls for cls in (WeightOnlyLinear, ActQuantLinear, Int8OutlierLinear, SparseLinear)
 }
+
+
+def is_runtime_module(module: nn.Module) -> bool:
+    return isinstance(module, tuple(RUNTIME_MODULES.values()))
 
 
 def module_config(module: nn.Module) -> dict[str, Any]:
@@ -22,7 +27,7 @@ def module_config(module: nn.Module) -> dict[str, Any]:
     return {"class": type(module).__name__, **module.config()}  # type: ignore[operator]
 
 
-def build_empty(config: dict[str, Any], dtype: torch.dtype) -> WeightOnlyLinear:
+def build_empty(config: dict[str, Any], dtype: torch.dtype) -> nn.Module:
     """A runtime module on the meta device, ready for ``load_state_dict(assign=True)``-style filling."""
     config = dict(config)
     name = config.pop("class", None)
