@@ -327,7 +327,7 @@ def test_json_output_stays_parseable_when_lowbit_warns(toy_folder, tmp_path):
 def test_generate_streams_the_greedy_continuation_of_a_quantized_model(toy_folder, corpus, tmp_path, capsys):
     out = tmp_path / "q"
     assert run(capsys, "quantize", "--model", toy_folder(), "--recipe", "w8", "--out", out, "--calib", corpus, *SMALL)[0] == 0
-    code, stdout, _ = run(capsys, "generate", out, "--prompt", "The quick", "--max-new-tokens", "6")
+    code, stdout, _ = run(capsys, "generate", out, "--prompt", "The quick", "--max-new-tokens", "6", "--backend", "exact")
     assert code == 0
     model = lowbit.load(out)
     tokenizer = byte_tokenizer()
@@ -347,7 +347,8 @@ def test_bench_measures_baselines_and_models_in_children(toy_folder, corpus, tmp
                      "--repeats", "1", "--results", tmp_path / "r")
     assert code == 0
     rows = json.loads((tmp_path / "r" / "runtime.json").read_text())["rows"]
-    assert [r["dtype"] for r in rows] == ["float32", "bfloat16", "as stored"]
+    assert [(r["dtype"], r["backend"]) for r in rows] == [
+        ("float32", "-"), ("bfloat16", "-"), ("as stored", "exact"), ("as stored", "fast")]
     assert rows[2]["disk_bytes"] < rows[1]["disk_bytes"] == rows[0]["disk_bytes"]  # bf16 is loaded from the fp32 file
     assert rows[2]["tensor_bytes"] < rows[1]["tensor_bytes"] < 0.51 * rows[0]["tensor_bytes"]
     assert all(r["prefill_tokens_per_second"] > 0 and set(r["decode_tokens_per_second"]) == {"1", "8"} for r in rows)

@@ -43,3 +43,33 @@ def test_sparse_linear_stores_pruned_weights_compactly_and_exactly():
     assert stored == W.numel() // 2 * 4 + W.numel() // 8  # half the float32 values plus one bit per weight
     x = torch.randn(3, 64)
     assert torch.equal(module(x), torch.nn.functional.linear(x, W))
+
+
+@pytest.mark.parametrize("grid", [
+    dict(bits=4, symmetric=False, group_size=32), dict(bits=4, symmetric=True, group_size=128),
+    dict(bits=8, symmetric=True, granularity="channel"),
+])
+def test_fast_backend_kernels_match_the_exact_output(grid):
+    """PyTorch's int4/int8 CPU kernels on lowbit's packed weights: same product within bfloat16 precision, for
+    decode-sized and prefill-sized inputs, and in_features that are not a whole number of groups (padded)."""
+    from lowbit.numerics.rtn import rtn
+    from lowbit.recipe import WeightQuant
+    from lowbit.runtime.weight_only import WeightOnlyLinear
+    from toy import random_weight
+
+    W = random_weight(64, 96)  # 96 columns: g128 covers them with one padded group
+    module = WeightOnlyLinear.from_qweight(rtn(W, WeightQuant(**grid)), torch.randn(64))
+    for tokens in (1, 40):
+        x = torch.randn(2, tokens, 96)
+        exact = module(x)
+        assert module.use_kernels()
+        fast = module(x)
+        module._int4 = module._int8 = None
+        assert fast.shape == exact.shape and ((fast - exact).norm() / exact.norm()) < 1e-2
+
+
+def test_load_rejects_an_unknown_backend(tmp_path):
+    import lowbit
+
+    with pytest.raises(LowbitError, match="backend 'turbo'"):
+        lowbit.load(tmp_path, backend="turbo")

@@ -4,6 +4,7 @@ block without ever holding it whole (what the CLI does)."""
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,10 @@ from lowbit.pipeline.loop import InMemoryStore, LazyStore, run_blocks
 from lowbit.pipeline.report import QuantizeReport
 from lowbit.recipe import AWQ, Recipe, SmoothQuant, Step
 from lowbit.runtime.registry import build_empty
+from lowbit.runtime.weight_only import WeightOnlyLinear
+
+log = logging.getLogger(__name__)
+BACKENDS = ("exact", "fast")
 
 
 @dataclass
@@ -162,9 +167,17 @@ def read_lowbit_config(folder: Path) -> dict:
     return config
 
 
-def load(folder: str | Path, *, dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> nn.Module:
+def load(
+    folder: str | Path, *, dtype: torch.dtype | None = None, device: torch.device | str = "cpu", backend: str = "exact"
+) -> nn.Module:
     """Rebuild a lowbit checkpoint: skeleton on meta, runtime modules swapped in, packed tensors loaded as stored
-    (memory holds the packed bytes, never a float copy of the quantized weights)."""
+    (memory holds the packed bytes, never a float copy of the quantized weights).
+
+    ``backend``: "exact" dequantizes in every forward and reproduces the calibration loop's output bit for bit;
+    "fast" runs weight-only Linears whose grid fits PyTorch's int4 / int8 CPU kernels through them (reduced
+    precision; see runtime/kernels.py for what bench/kernels.py measured)."""
+    if backend not in BACKENDS:
+        raise LowbitError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
     folder = Path(folder)
     config = read_lowbit_config(folder)
     dtype = dtype or getattr(torch, config.get("dtype", "float32"))
@@ -173,5 +186,8 @@ def load(folder: str | Path, *, dtype: torch.dtype | None = None, device: torch.
         lazy.model.set_submodule(name, build_empty(module_config, dtype))
     lazy.materialize("")
     model = lazy.model.to(device).eval()
+    if backend == "fast" and torch.device(device).type == "cpu":
+        switched = sum(m.use_kernels() for m in model.modules() if type(m) is WeightOnlyLinear)
+        log.info("fast backend: %d Linear(s) on PyTorch's low-bit kernels", switched)
     model.lowbit_info = LowbitInfo(Recipe.from_dict(config["recipe"]))
     return model

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from rich.table import Table
 
+from lowbit.api import BACKENDS
 from lowbit.cli.common import DTYPES, console, default_model, mib, parse_device
 from lowbit.errors import LowbitError
 from lowbit.evaluation.comparison import write_json_atomic
@@ -38,6 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--new-tokens", type=int, default=32, help="tokens generated per decode measurement (default 32)")
     b.add_argument("--repeats", type=int, default=3, help="timed runs per figure, median reported (default 3)")
     b.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    b.add_argument("--backends", nargs="+", choices=BACKENDS, default=["exact", "fast"],
+                   help="runtime backends to measure each model with (default: both)")
+    b.add_argument("--backend", choices=BACKENDS, default="exact", help=argparse.SUPPRESS)  # child mode
     b.add_argument("--single", action="store_true", help=argparse.SUPPRESS)  # child mode: one model, JSON on stdout
     b.add_argument("--dtype", choices=DTYPES, default=None, help=argparse.SUPPRESS)
     b.set_defaults(func=run_bench)
@@ -50,14 +54,15 @@ def measure_one(spec: str, dtype: str | None, args: argparse.Namespace) -> dict[
     device = parse_device(args.device)
     before = resident_bytes()
     start = time.perf_counter()
-    opened = open_model(spec, DTYPES[dtype] if dtype else None, device)
+    opened = open_model(spec, DTYPES[dtype] if dtype else None, device, backend=args.backend)
     load_seconds = time.perf_counter() - start
     after = resident_bytes()
     vocab = opened.model.get_input_embeddings().num_embeddings
     speed = measure_speed(opened.model, vocab, prefill_tokens=args.prefill_tokens, new_tokens=args.new_tokens,
                           repeats=args.repeats)
     return {
-        "model": spec, "dtype": dtype or "as stored", "disk_bytes": CheckpointReader(opened.source.folder).nbytes(),
+        "model": spec, "dtype": dtype or "as stored", "backend": args.backend if opened.source.is_lowbit else "-",
+        "disk_bytes": CheckpointReader(opened.source.folder).nbytes(),
         "tensor_bytes": tensor_bytes(opened.model), "load_seconds": round(load_seconds, 3), "resident_bytes_after_load": after,
         "model_resident_bytes": after - before, "prefill_tokens_per_second": round(speed.prefill_tokens_per_second, 1),
         "decode_tokens_per_second": {str(b): round(v, 2) for b, v in speed.decode_tokens_per_second.items()},
@@ -65,8 +70,9 @@ def measure_one(spec: str, dtype: str | None, args: argparse.Namespace) -> dict[
     }
 
 
-def measure_in_child(spec: str, dtype: str | None, args: argparse.Namespace) -> dict[str, Any]:
+def measure_in_child(spec: str, dtype: str | None, args: argparse.Namespace, backend: str = "exact") -> dict[str, Any]:
     command = [sys.executable, "-m", "lowbit.cli.main", "--quiet", "bench", spec, "--single", "--device", args.device,
+               "--backend", backend,
                "--prefill-tokens", str(args.prefill_tokens), "--new-tokens", str(args.new_tokens),
                "--repeats", str(args.repeats), *(["--dtype", dtype] if dtype else [])]
     child = subprocess.run(command, stdout=subprocess.PIPE, text=True)
@@ -84,7 +90,7 @@ def run_bench(args: argparse.Namespace) -> int:
     for spec in [args.baseline, *args.models]:
         resolve_model(spec)  # every path checked before the first measurement
     rows = [measure_in_child(args.baseline, "float32", args), measure_in_child(args.baseline, "bfloat16", args)]
-    rows += [measure_in_child(spec, None, args) for spec in args.models]
+    rows += [measure_in_child(spec, None, args, backend) for spec in args.models for backend in args.backends]
     table = runtime_table(rows)
     console.print(table)
     if args.results:
@@ -103,7 +109,7 @@ def row_cells(row: dict[str, Any], base: dict[str, Any]) -> list[str]:
 
     decode = row["decode_tokens_per_second"]
     return [
-        Path(row["model"]).name or row["model"], row["dtype"], mib(row["disk_bytes"]), mib(row["tensor_bytes"]),
+        Path(row["model"]).name or row["model"], row["dtype"], row.get("backend", "-"), mib(row["disk_bytes"]), mib(row["tensor_bytes"]),
         mib(row["model_resident_bytes"]),
         f"{row['load_seconds']:.2f} s", rate(row["prefill_tokens_per_second"], base["prefill_tokens_per_second"]),
         *(rate(decode[b], base["decode_tokens_per_second"][b]) for b in decode),
@@ -112,14 +118,14 @@ def row_cells(row: dict[str, Any], base: dict[str, Any]) -> list[str]:
 
 def _header(rows: list[dict[str, Any]]) -> list[str]:
     batches = list(rows[0]["decode_tokens_per_second"])
-    return ["model", "dtype", "on disk", "tensors in memory", "RSS growth at load", "load", "prefill tok/s (vs fp32)",
+    return ["model", "dtype", "backend", "on disk", "tensors in memory", "RSS growth at load", "load", "prefill tok/s (vs fp32)",
             *(f"decode b{b} tok/s (vs fp32)" for b in batches)]
 
 
 def runtime_table(rows: list[dict[str, Any]]) -> Table:
     table = Table(title=f"runtime, {rows[0]['threads']} threads")
     for i, column in enumerate(_header(rows)):
-        table.add_column(column, justify="left" if i < 2 else "right")
+        table.add_column(column, justify="left" if i < 3 else "right")
     for row in rows:
         table.add_row(*row_cells(row, rows[0]))
     return table
@@ -127,6 +133,6 @@ def runtime_table(rows: list[dict[str, Any]]) -> Table:
 
 def runtime_markdown(rows: list[dict[str, Any]]) -> str:
     header = _header(rows)
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * 2 + "---:|" * (len(header) - 2)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * 3 + "---:|" * (len(header) - 3)]
     lines += ["| " + " | ".join(row_cells(row, rows[0])) + " |" for row in rows]
     return "\n".join(lines) + "\n"

@@ -26,6 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     g.add_argument("--dtype", choices=DTYPES, default=None, help="dtype of unquantized tensors (default: as stored)")
     g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    g.add_argument("--backend", choices=("exact", "fast"), default="fast",
+                   help="fast (default): PyTorch's int4/int8 CPU kernels where the grid fits; exact: dequantize per call")
     g.set_defaults(func=run_generate)
 
 
@@ -45,7 +47,7 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
         raise LowbitError("need --max-new-tokens >= 1, --temperature >= 0 and 0 < --top-p <= 1")
     device = parse_device(args.device)
-    opened = open_model(args.model, DTYPES[args.dtype] if args.dtype else None, device)
+    opened = open_model(args.model, DTYPES[args.dtype] if args.dtype else None, device, backend=args.backend)
     tokenizer = opened.tokenizer
     ids = prompt_ids(tokenizer, args.prompt, args.chat).to(device)
     torch.manual_seed(args.seed)

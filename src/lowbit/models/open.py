@@ -33,13 +33,15 @@ def load_tokenizer(folder: Path):
         raise LowbitError(f"cannot load a tokenizer from {folder} ({str(exc)[:120]}); copy the tokenizer files there") from None
 
 
-def open_model(spec: str, dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> OpenedModel:
+def open_model(
+    spec: str, dtype: torch.dtype | None = None, device: torch.device | str = "cpu", backend: str = "exact"
+) -> OpenedModel:
     from lowbit.api import load
 
     source = resolve_model(spec)
     start = time.perf_counter()
     if source.is_lowbit:
-        model = load(source.folder, dtype=dtype, device=device)
+        model = load(source.folder, dtype=dtype, device=device, backend=backend)
     else:
         lazy = LazyModel(source.folder, dtype or torch.float32)
         lazy.materialize("")

@@ -10,6 +10,7 @@ from torch import nn
 
 from lowbit.numerics.packing import packed_length
 from lowbit.numerics.qweight import QWeight
+from lowbit.runtime.kernels import INT8_MAX_TOKENS, int4pack_linear, int4pack_weights, int8pack_linear, int8pack_weights
 
 
 class WeightOnlyLinear(nn.Module):
@@ -46,6 +47,9 @@ class WeightOnlyLinear(nn.Module):
         self.register_buffer("qzeros", None if symmetric else torch.empty(rows, packed_length(n_groups, bits), dtype=torch.uint8, device=device))
         self.register_buffer("g_idx", torch.empty(in_features, dtype=torch.int32, device=device) if has_g_idx else None)
         self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if has_bias else None)
+        # set by use_kernels(): the same weights laid out for PyTorch's int4 / int8 CPU kernels (not saved)
+        self._int4: tuple[torch.Tensor, torch.Tensor, int] | None = None
+        self._int8: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def from_qweight(cls, qweight: QWeight, bias: torch.Tensor | None, **extra: Any) -> WeightOnlyLinear:
@@ -93,7 +97,21 @@ class WeightOnlyLinear(nn.Module):
         """W_hat [out, in], bit-identical to the fake-quant weight the block loop evaluated."""
         return self.unpacked().dequantize(dtype)
 
+    def use_kernels(self) -> bool:
+        """Compute with PyTorch's low-bit kernels where this grid fits one (runtime/kernels.py): reduced precision,
+        much faster decoding on CPU. Returns whether it switched."""
+        qweight = self.unpacked()
+        self._int4 = int4pack_weights(qweight)
+        self._int8 = None if self._int4 is not None else int8pack_weights(qweight)
+        return self._int4 is not None or self._int8 is not None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._int4 is not None:
+            out = int4pack_linear(x, self._int4[0], self._int4[1], self.group_size, self._int4[2])
+            return out if self.bias is None else out + self.bias
+        if self._int8 is not None and x.numel() <= INT8_MAX_TOKENS * self.in_features:
+            out = int8pack_linear(x, *self._int8)
+            return out if self.bias is None else out + self.bias
         return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
 
     def extra_repr(self) -> str:

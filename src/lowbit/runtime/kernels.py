@@ -1,0 +1,68 @@
+"""PyTorch's own low-bit CPU matmul kernels, wrapped for lowbit's packed weights (the "fast" backend).
+
+bench/kernels.py measured on this project's 2-core CPU (torch 2.13): for a 4096 -> 11008 Linear at one token,
+`_weight_int4pack_mm_for_cpu` ran ~10x faster than fp32 F.linear while lowbit's unpack-and-dequantize path ran
+~100x slower; at 512 tokens int4pack matched fp32 (0.94x). `_weight_int8pack_mm` beat dequantizing at one token
+(0.5x of fp32 against 0.03x) but was ~30x slower than fp32 at 512 tokens, so W8 uses it for short inputs only.
+Both compute in reduced precision (int4pack: bfloat16 activations, ~3e-3 relative error), so this backend is
+opt-in; the exact backend reproduces the calibration loop's fake-quant output bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lowbit.numerics.qweight import QWeight
+
+INT4_GROUP_SIZES = (32, 64, 128, 256)
+INT4_INNER_K_TILES = 2
+INT8_MAX_TOKENS = 8  # above this, dequantize + F.linear beats _weight_int8pack_mm on CPU (bench/kernels.py)
+
+
+def _in_order(qweight: QWeight) -> bool:
+    return qweight.g_idx is None or torch.equal(
+        qweight.g_idx.long().cpu(), torch.arange(qweight.in_features) // qweight.group_size
+    )
+
+
+def int4pack_weights(qweight: QWeight) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+    """(packed weight, scales_and_zeros [groups, out, 2] bf16, padded in_features) for the int4 kernel, or None when
+    the grid does not fit it. The kernel computes w = (q - 8) * scale + zero, so lowbit's (q - z) * s maps to
+    zero = (8 - z) * s. in_features is padded to whole groups; inputs are padded with zeros to match."""
+    if qweight.bits != 4 or qweight.group_size not in INT4_GROUP_SIZES or not _in_order(qweight):
+        return None
+    if qweight.scale.shape[0] != qweight.out_features or qweight.codes.device.type != "cpu":
+        return None
+    gs = qweight.group_size
+    padded = -(-qweight.in_features // gs) * gs
+    codes = F.pad(qweight.codes.to(torch.int32), (0, padded - qweight.in_features), value=8)  # [out, padded]
+    scale = qweight.scale.float()  # [out, n_groups]
+    zero_code = qweight.zero.float() if qweight.zero is not None else torch.full_like(scale, 8.0)
+    scales_and_zeros = torch.stack([scale, (8.0 - zero_code) * scale], dim=-1).transpose(0, 1)  # [n_groups, out, 2]
+    try:
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, INT4_INNER_K_TILES)
+    except (RuntimeError, AttributeError):  # a build or CPU without the kernel
+        return None
+    return packed, scales_and_zeros.contiguous().to(torch.bfloat16), padded
+
+
+def int4pack_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
+                    padded: int) -> torch.Tensor:
+    """x [..., in] -> [..., out] through the int4 kernel (bfloat16 inside, x's dtype outside)."""
+    rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)  # [tokens, in]
+    rows = F.pad(rows, (0, padded - rows.shape[-1]))
+    out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, packed, group_size, scales_and_zeros)  # [tokens, out]
+    return out.reshape(*x.shape[:-1], -1).to(x.dtype)
+
+
+def int8pack_weights(qweight: QWeight) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(int8 weight [out, in], float scales [out]) for W8 symmetric per-channel grids, or None."""
+    if qweight.bits != 8 or not qweight.symmetric or qweight.scale.shape != (qweight.out_features, 1):
+        return None
+    return (qweight.codes.to(torch.int16) - 128).to(torch.int8), qweight.scale.float().flatten()
+
+
+def int8pack_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    rows = x.reshape(-1, x.shape[-1]).float()
+    return torch.ops.aten._weight_int8pack_mm(rows, weight, scales).reshape(*x.shape[:-1], -1).to(x.dtype)
