@@ -27,6 +27,7 @@ test: install
 # Measured figures in README.md come from these (long: see each script's header).
 bench: install
 	bench/methods.sh
+	$(PY) bench/kernels.py
 	$(PY) bench/peak_memory.py --synthetic
 
 clean:

@@ -35,6 +35,11 @@ def _seconds(s: float | None) -> str:
     return "" if s is None else f"{s:,.0f} s"
 
 
+def md_escape(text: str) -> str:
+    """A table cell: a literal | (as in "|x| > 6") would end the cell."""
+    return text.replace("|", "\\|")
+
+
 def row_cells(row: dict[str, Any], base: dict[str, Any]) -> dict[str, str]:
     """One comparison row formatted for display, deltas relative to ``base`` (the unquantized row)."""
     return {
@@ -65,7 +70,7 @@ def markdown_table(results: dict[str, Any]) -> str:
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        lines.append("| " + " | ".join([r["recipe"], r["description"], *row_cells(r, base).values()]) + " |")
+        lines.append("| " + " | ".join([r["recipe"], md_escape(r["description"]), *row_cells(r, base).values()]) + " |")
     return "\n".join(lines) + "\n"
 
 
