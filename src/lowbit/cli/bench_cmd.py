@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -18,11 +17,12 @@ import torch
 from rich.table import Table
 
 from lowbit.api import BACKENDS
-from lowbit.cli.common import DTYPES, console, default_model, mib, parse_device
+from lowbit.cli.common import DTYPES, child_command, console, default_model, mib, parse_device
 from lowbit.errors import LowbitError
 from lowbit.evaluation.comparison import write_json_atomic
 from lowbit.evaluation.evaluate import tensor_bytes
-from lowbit.evaluation.speed import measure_speed, resident_bytes
+from lowbit.evaluation.speed import measure_speed
+from lowbit.pipeline.memory import resident_bytes
 from lowbit.models.checkpoint import CheckpointReader
 from lowbit.models.source import resolve_model
 
@@ -71,7 +71,7 @@ def measure_one(spec: str, dtype: str | None, args: argparse.Namespace) -> dict[
 
 
 def measure_in_child(spec: str, dtype: str | None, args: argparse.Namespace, backend: str = "exact") -> dict[str, Any]:
-    command = [sys.executable, "-m", "lowbit.cli.main", "--quiet", "bench", spec, "--single", "--device", args.device,
+    command = [*child_command("bench"), spec, "--single", "--device", args.device,
                "--backend", backend,
                "--prefill-tokens", str(args.prefill_tokens), "--new-tokens", str(args.new_tokens),
                "--repeats", str(args.repeats), *(["--dtype", dtype] if dtype else [])]

@@ -63,6 +63,11 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
+def child_command(command: str) -> list[str]:
+    """The start of the argv of a `lowbit COMMAND` run in a fresh process (its own peak memory, its own imports)."""
+    return [sys.executable, "-m", "lowbit.cli.main", "--quiet", command]
+
+
 def mib(n: float) -> str:
     return f"{n / 2**20:,.1f} MiB"
 

@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,8 @@ from rich.table import Table
 from tqdm.auto import tqdm
 
 from lowbit.cli.common import (
-    DTYPES, add_calibration_options, add_eval_options, add_model_options, console, default_model, parse_device,
+    DTYPES, add_calibration_options, add_eval_options, add_model_options, child_command, console, default_model,
+    parse_device,
 )
 from lowbit.errors import LowbitError
 from lowbit.evaluation.comparison import REPORT_MD, reusable_rows, row_cells, write_results
@@ -77,14 +77,10 @@ def machine_description(device: torch.device) -> str:
     return f"{os.cpu_count()} CPU cores (torch {torch.__version__})"
 
 
-def _child(args: argparse.Namespace, command: str) -> list[str]:
-    return [sys.executable, "-m", "lowbit.cli.main", "--quiet", command]
-
-
 def quantize_in_child(args: argparse.Namespace, recipe: str, out: Path, transforms: Path | None = None) -> dict[str, Any]:
     """Run `lowbit quantize --json` in a fresh process; returns its summary (peak RSS included)."""
     command = [
-        *_child(args, "quantize"), "--model", args.model, "--recipe", recipe,
+        *child_command("quantize"), "--model", args.model, "--recipe", recipe,
         "--out", str(out), "--overwrite", "--json", "--dtype", args.dtype, "--device", args.device,
         "--calib", args.calib, "--nsamples", str(args.nsamples), "--seq-len", str(args.seq_len),
         "--batch-size", str(args.batch_size), "--seed", str(args.seed),
@@ -142,7 +138,7 @@ def inspect_in_child(args: argparse.Namespace, folder: Path, reuse: bool) -> dic
     if reuse and path.exists():
         return json.loads(path.read_text())
     command = [
-        *_child(args, "inspect"), args.model, "--out", str(folder), "--json", "--dtype", args.dtype, "--device",
+        *child_command("inspect"), args.model, "--out", str(folder), "--json", "--dtype", args.dtype, "--device",
         args.device, "--calib", args.calib, "--nsamples", str(args.nsamples), "--seq-len", str(args.seq_len),
         "--batch-size", str(args.batch_size), "--seed", str(args.seed),
     ]

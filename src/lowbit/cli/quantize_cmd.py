@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from lowbit.api import quantize_checkpoint
+from lowbit.api import load, quantize_checkpoint
 from lowbit.cli.common import (
     DTYPES, add_calibration_options, add_eval_options, add_model_options, console, default_model, mib,
     parse_device, peak_rss_bytes,
@@ -16,13 +16,14 @@ from lowbit.data.calibration import calibration_ids
 from lowbit.data.text import documents
 from lowbit.errors import LowbitError
 from lowbit.evaluation.evaluate import evaluate
+from lowbit.export.compressed_tensors import CT_DIR, check_recipe_for_compressed_tensors, write_compressed_tensors
+from lowbit.export.gguf import GGUF_FILE, check_recipe_for_gguf, write_gguf
 from lowbit.io.atomic import check_output_dir
 from lowbit.models.checkpoint import CheckpointReader
 from lowbit.models.open import load_tokenizer
 from lowbit.models.source import resolve_model
 from lowbit.pipeline.report import QuantizeReport, layer_table
 from lowbit.presets import resolve_recipe
-from lowbit.recipe import ActQuant, LLMInt8
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -83,12 +84,10 @@ def quantize_from_args(args: argparse.Namespace, out: Path, recipe_name: str) ->
     source = resolve_model(args.model)
     if source.is_lowbit:
         raise LowbitError(f"{args.model} is already a lowbit output; quantize the original model instead")
-    if getattr(args, "format", "lowbit") == "gguf":
-        from lowbit.export.gguf import check_recipe_for_gguf
-
+    if args.format == "gguf":
         check_recipe_for_gguf(recipe, json.loads((source.folder / "config.json").read_text()).get("model_type", ""))
-    if getattr(args, "format", "lowbit") == "compressed-tensors" and (recipe.find(ActQuant) or recipe.find(LLMInt8)):
-        raise LowbitError("compressed-tensors export covers weight-only recipes yet; this one quantizes activations")
+    if args.format == "compressed-tensors":
+        check_recipe_for_compressed_tensors(recipe)
     tokenizer = load_tokenizer(source.folder)
     ids = calibration_ids(tokenizer, documents(args.calib, "calibration"), args.nsamples, args.seq_len, args.seed)
     report = quantize_checkpoint(
@@ -101,15 +100,9 @@ def quantize_from_args(args: argparse.Namespace, out: Path, recipe_name: str) ->
 def run_quantize(args: argparse.Namespace) -> int:
     run = quantize_from_args(args, Path(args.out), args.recipe)
     if args.format == "gguf":
-        from lowbit.api import load
-        from lowbit.export.gguf import GGUF_FILE, write_gguf
-
         write_gguf(run.out, load(run.out), run.out / GGUF_FILE)
     if args.format == "compressed-tensors":
-        from lowbit.api import load
-        from lowbit.export.compressed_tensors import write_compressed_tensors
-
-        write_compressed_tensors(run.out, load(run.out), run.out / "compressed-tensors")
+        write_compressed_tensors(run.out, load(run.out), run.out / CT_DIR)
     if args.json:
         print(json.dumps(run.summary(), indent=2))
         return 0

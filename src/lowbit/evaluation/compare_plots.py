@@ -7,20 +7,13 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from lowbit.evaluation.plotting import pyplot, save_figure
 from lowbit.evaluation.recommend import pareto_front, weight_grid
 
 PPL_VS_BITS_PNG = "ppl_vs_bits.png"
 PARETO_PNG = "pareto.png"
 LAYER_ERROR_PNG = "layer_error.png"
 
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, never a window
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _method(row: dict[str, Any]) -> str:
@@ -30,7 +23,7 @@ def _method(row: dict[str, Any]) -> str:
 
 def plot_ppl_vs_bits(results: dict[str, Any], path: Path) -> None:
     """One line per (method, grid) over the weight-only rows: the quant curve."""
-    plt = _pyplot()
+    plt = pyplot()
     rows = results["rows"]
     series: dict[str, list[tuple[int, float]]] = defaultdict(list)
     for r in rows[1:]:
@@ -49,14 +42,12 @@ def plot_ppl_vs_bits(results: dict[str, Any], path: Path) -> None:
     ax.set_title(f"{results['model']}: perplexity against bits (weight-only)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_pareto(results: dict[str, Any], path: Path) -> None:
     """Perplexity against size on disk, one labelled point per recipe; the Pareto front joined."""
-    plt = _pyplot()
+    plt = pyplot()
     rows = results["rows"]
     fig, ax = plt.subplots(figsize=(9, 6))
     for r in rows:
@@ -72,14 +63,12 @@ def plot_pareto(results: dict[str, Any], path: Path) -> None:
     ax.set_title(f"{results['model']}: quality against size")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="upper right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_layer_error(results: dict[str, Any], path: Path) -> None:
     """Mean relative Linear output error per block, one line per recipe that recorded it."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(10, 5.5))
     for r in results["rows"][1:]:
         errors = r.get("block_errors")
@@ -91,9 +80,7 @@ def plot_layer_error(results: dict[str, Any], path: Path) -> None:
     ax.set_title(f"{results['model']}: per-layer error of each recipe")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def write_plots(results: dict[str, Any], folder: Path) -> list[str]:

@@ -9,20 +9,13 @@ from pathlib import Path
 import torch
 
 from lowbit.evaluation.inspect_summary import layer_kind
+from lowbit.evaluation.plotting import pyplot, save_figure
 from lowbit.pipeline.inspect import Inspection
 
 CHANNELS_PNG = "channels.png"
 HEATMAP_PNG = "heatmap.png"
 ZERO_SHARE_PNG = "zero_share.png"
 
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, never a window
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _worst_kind(inspection: Inspection) -> str:
@@ -34,17 +27,21 @@ def _kind_absmax(inspection: Inspection, kind: str) -> torch.Tensor:
     return torch.stack([inspection.input_absmax[r.name] for r in inspection.inputs if layer_kind(r.name) == kind])
 
 
+def _panels(inspection: Inspection) -> tuple[tuple[str, torch.Tensor], tuple[str, torch.Tensor]]:
+    """(label, absmax [blocks, channels]) of the residual stream and of the most stretched Linear-input kind."""
+    kind = _worst_kind(inspection)
+    return ("residual stream", inspection.residual_absmax), (f"{kind} input", _kind_absmax(inspection, kind))
+
+
 def _sampled_blocks(n: int) -> list[int]:
     return sorted({0, n // 4, n // 2, (3 * n) // 4, n - 1})
 
 
 def plot_channels(inspection: Inspection, title: str, path: Path) -> None:
     """Per-channel max |x| of the residual stream and of the most stretched Linear-input kind, at five depths."""
-    plt = _pyplot()
-    kind = _worst_kind(inspection)
-    panels = (("residual stream", inspection.residual_absmax), (f"{kind} input", _kind_absmax(inspection, kind)))
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(14, 5))
-    for ax, (label, absmax) in zip(axes, panels):
+    for ax, (label, absmax) in zip(axes, _panels(inspection)):
         for b in _sampled_blocks(absmax.shape[0]):
             ax.plot(absmax[b].float().numpy(), linewidth=0.7, label=f"block {b}")
         ax.set_yscale("log")
@@ -53,34 +50,26 @@ def plot_channels(inspection: Inspection, title: str, path: Path) -> None:
         ax.set_title(label)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, title)
 
 
 def plot_heatmap(inspection: Inspection, title: str, path: Path) -> None:
     """log10 per-channel max |x|, block x channel: outlier channels show as bright vertical stripes."""
-    plt = _pyplot()
-    kind = _worst_kind(inspection)
-    panels = (("residual stream", inspection.residual_absmax), (f"{kind} input", _kind_absmax(inspection, kind)))
+    plt = pyplot()
     fig, axes = plt.subplots(2, 1, figsize=(14, 8))
-    for ax, (label, absmax) in zip(axes, panels):
+    for ax, (label, absmax) in zip(axes, _panels(inspection)):
         image = ax.imshow(absmax.float().clamp(min=1e-6).log10().numpy(), aspect="auto", interpolation="nearest", cmap="magma")
         ax.set_xlabel("channel")
         ax.set_ylabel("block")
         ax.set_title(label)
         fig.colorbar(image, ax=ax, label="log10 max |x|")
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, title)
 
 
 def plot_zero_share(inspection: Inspection, title: str, path: Path) -> None:
     """Share of values rounded to zero per block: activations (mean over the block's Linear inputs) per-tensor,
     per-token and smoothed; weights (mean over the block's Linears) per-tensor, per-channel and per-group."""
-    plt = _pyplot()
+    plt = pyplot()
     acts: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     weights: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in inspection.inputs:
@@ -102,10 +91,7 @@ def plot_zero_share(inspection: Inspection, title: str, path: Path) -> None:
         ax.set_title(label)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, title)
 
 
 def write_plots(inspection: Inspection, title: str, folder: Path) -> list[Path]:

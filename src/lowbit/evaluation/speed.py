@@ -12,7 +12,6 @@ import itertools
 import statistics
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -22,17 +21,6 @@ from torch import nn
 class SpeedResult:
     prefill_tokens_per_second: float
     decode_tokens_per_second: dict[int, float]  # batch size -> generated tokens per second (all sequences)
-
-
-def resident_bytes() -> int:
-    """Current resident set size of this process (VmRSS), 0 where /proc is missing."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def _median_seconds(run, repeats: int) -> float:

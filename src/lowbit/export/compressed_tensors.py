@@ -24,9 +24,11 @@ from torch import nn
 from lowbit.errors import LowbitError
 from lowbit.io.atomic import atomic_directory
 from lowbit.numerics.qweight import QWeight
+from lowbit.recipe import ActQuant, LLMInt8, Recipe
 from lowbit.runtime.weight_only import WeightOnlyLinear
 
 CT_FORMAT = "pack-quantized"
+CT_DIR = "compressed-tensors"  # where `lowbit quantize --format compressed-tensors` puts it, inside the output
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                     "generation_config.json")
 
@@ -39,10 +41,15 @@ def _pack_to_int32():
     return pack_to_int32
 
 
+def check_recipe_for_compressed_tensors(recipe: Recipe) -> None:
+    """Refuse, before any quantization work, a recipe whose output this exporter cannot write."""
+    if recipe.find(ActQuant) or recipe.find(LLMInt8):
+        raise LowbitError("compressed-tensors export covers weight-only recipes yet; this one quantizes activations")
+
+
 def weight_scheme(qweight: QWeight) -> dict[str, Any]:
     """The compressed-tensors ``weights`` arguments of one QWeight's grid."""
-    in_order = torch.arange(qweight.in_features) // qweight.group_size
-    if qweight.g_idx is not None and not torch.equal(qweight.g_idx.long().cpu(), in_order):
+    if not qweight.groups_in_order:
         raise LowbitError("act-order groups (GPTQ act_order without static_groups) are not exported to compressed-tensors "
                           "yet; quantize with static_groups=True")
     if qweight.scale.shape[0] == 1 and qweight.out_features > 1:

@@ -12,7 +12,6 @@ Q4_1 with m = -zero * scale, exact up to float16 rounding of m.
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from lowbit.errors import LowbitError
 from lowbit.numerics.qweight import QWeight
@@ -22,8 +21,7 @@ GGML_BLOCK = 32
 
 def ggml_type_for(qweight: QWeight) -> str:
     """'Q8_0', 'Q4_0' or 'Q4_1' for a grid GGML can hold exactly; raises otherwise."""
-    in_order = torch.arange(qweight.in_features) // qweight.group_size  # act-order without static groups breaks this
-    contiguous = qweight.g_idx is None or torch.equal(qweight.g_idx.long().cpu(), in_order)
+    contiguous = qweight.groups_in_order
     if qweight.group_size == GGML_BLOCK and qweight.in_features % GGML_BLOCK == 0 and contiguous and qweight.scale.shape[0] > 1:
         if qweight.bits == 8 and qweight.symmetric:
             return "Q8_0"

@@ -47,6 +47,15 @@ class QWeight:
             return self.g_idx.long()
         return torch.arange(self.in_features, device=self.codes.device) // self.group_size
 
+    @property
+    def groups_in_order(self) -> bool:
+        """Whether every group is a run of consecutive columns (no act-order permutation, or static groups): what
+        formats storing one scale per block of columns (GGUF, compressed-tensors, PyTorch's int4 kernel) need."""
+        if self.g_idx is None:
+            return True
+        in_order = torch.arange(self.in_features, device=self.g_idx.device) // self.group_size
+        return torch.equal(self.g_idx.long(), in_order)
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The fake-quant weight W_hat [out, in], computed in float32."""
         idx = self.group_index()

@@ -56,4 +56,9 @@ def block_memory_bytes(device: torch.device | str) -> int:
     resident set now (on CPU the working set is the whole process; a growing figure means a leak)."""
     if torch.device(device).type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
+    return resident_bytes()
+
+
+def resident_bytes() -> int:
+    """This process's resident set size now."""
     return int(psutil.Process().memory_info().rss)

@@ -20,17 +20,11 @@ INT4_INNER_K_TILES = 2
 INT8_MAX_TOKENS = 8  # above this, dequantize + F.linear beats _weight_int8pack_mm on CPU (bench/kernels.py)
 
 
-def _in_order(qweight: QWeight) -> bool:
-    return qweight.g_idx is None or torch.equal(
-        qweight.g_idx.long().cpu(), torch.arange(qweight.in_features) // qweight.group_size
-    )
-
-
 def int4pack_weights(qweight: QWeight) -> tuple[torch.Tensor, torch.Tensor, int] | None:
     """(packed weight, scales_and_zeros [groups, out, 2] bf16, padded in_features) for the int4 kernel, or None when
     the grid does not fit it. The kernel computes w = (q - 8) * scale + zero, so lowbit's (q - z) * s maps to
     zero = (8 - z) * s. in_features is padded to whole groups; inputs are padded with zeros to match."""
-    if qweight.bits != 4 or qweight.group_size not in INT4_GROUP_SIZES or not _in_order(qweight):
+    if qweight.bits != 4 or qweight.group_size not in INT4_GROUP_SIZES or not qweight.groups_in_order:
         return None
     if qweight.scale.shape[0] != qweight.out_features or qweight.codes.device.type != "cpu":
         return None
