@@ -271,6 +271,18 @@ def test_compare_needs_something_to_compare(tmp_path, capsys):
     assert code == 2 and "nothing to compare" in err and not (tmp_path / "m").exists()
 
 
+def test_report_commands_refuse_a_file_as_their_output_folder(toy_folder, corpus, tmp_path, capsys):
+    taken = tmp_path / "taken"
+    taken.write_text("not a folder")
+    for argv in (["inspect", toy_folder(), "--calib", corpus, "--out", taken, *SMALL],
+                 ["compare", toy_folder(), "--methods", "rtn", "--out", taken],
+                 ["compare", toy_folder(), "--methods", "rtn", "--out", tmp_path / "m", "--results", taken],
+                 ["bench", toy_folder(), "--baseline", toy_folder(), "--results", taken]):
+        code, _, err = run(capsys, *argv)
+        assert code == 2 and "is not a directory" in err, argv
+    assert taken.read_text() == "not a folder" and not (tmp_path / "m").exists()
+
+
 def test_compare_checks_every_recipe_before_working(toy_folder, tmp_path, capsys):
     code, _, err = run(capsys, "compare", "--model", toy_folder(), "--recipes", "w8", "no-such-recipe", "--out", tmp_path / "m")
     assert code == 2 and "unknown recipe 'no-such-recipe'" in err and not (tmp_path / "m").exists()

@@ -23,6 +23,7 @@ from lowbit.evaluation.comparison import write_json_atomic
 from lowbit.evaluation.evaluate import tensor_bytes
 from lowbit.evaluation.speed import measure_speed
 from lowbit.pipeline.memory import resident_bytes
+from lowbit.io.atomic import refuse_non_directory
 from lowbit.models.checkpoint import CheckpointReader
 from lowbit.models.source import resolve_model
 
@@ -89,6 +90,8 @@ def run_bench(args: argparse.Namespace) -> int:
         return 0
     for spec in [args.baseline, *args.models]:
         resolve_model(spec)  # every path checked before the first measurement
+    if args.results:
+        refuse_non_directory(Path(args.results), "--results")
     rows = [measure_in_child(args.baseline, "float32", args), measure_in_child(args.baseline, "bfloat16", args)]
     rows += [measure_in_child(spec, None, args, backend) for spec in args.models for backend in args.backends]
     table = runtime_table(rows)

@@ -27,12 +27,13 @@ from lowbit.cli.common import (
     DTYPES, add_calibration_options, add_eval_options, add_model_options, child_command, console, default_model,
     parse_device,
 )
+from lowbit.cli.inspect_cmd import INSPECT_JSON
 from lowbit.errors import LowbitError
 from lowbit.evaluation.comparison import REPORT_MD, reusable_rows, row_cells, write_results
-from lowbit.cli.inspect_cmd import INSPECT_JSON
-from lowbit.io.writer import REPORT_FILE, ARTIFACT_FILE
 from lowbit.evaluation.evaluate import evaluate
 from lowbit.evaluation.recommend import recommendations
+from lowbit.io.atomic import refuse_non_directory
+from lowbit.io.writer import ARTIFACT_FILE, REPORT_FILE
 from lowbit.pipeline.report import QuantizeReport
 from lowbit.presets import SWEEP_METHODS, preset_names, resolve_recipe, sweep_recipe
 from lowbit.recipe import AWQ, Recipe, SmoothQuant
@@ -152,8 +153,10 @@ def run_compare(args: argparse.Namespace) -> int:
     args.model = args.model_arg or args.model
     device, dtype = parse_device(args.device), DTYPES[args.dtype]
     out = Path(args.out)
-    recipes = planned_recipes(args, out)
     results_dir = Path(args.results) if args.results else out
+    refuse_non_directory(out)
+    refuse_non_directory(results_dir, "--results")
+    recipes = planned_recipes(args, out)
     out.mkdir(parents=True, exist_ok=True)
     max_windows = args.max_windows or None
     settings = {

@@ -20,6 +20,7 @@ from lowbit.errors import LowbitError
 from lowbit.evaluation.comparison import write_json_atomic
 from lowbit.evaluation.inspect_plots import write_plots
 from lowbit.evaluation.inspect_summary import inputs_table, inspection_json, kind_table, residual_table
+from lowbit.io.atomic import refuse_non_directory
 from lowbit.models.lazy import LazyModel
 from lowbit.models.open import load_tokenizer
 from lowbit.models.source import resolve_model
@@ -55,6 +56,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     source = resolve_model(model)
     if source.is_lowbit:
         raise LowbitError(f"{model} is a lowbit output; inspect the original model instead")
+    refuse_non_directory(Path(args.out))
     settings = InspectSettings(threshold=args.threshold, ratio=args.ratio, smooth_alpha=args.alpha,
                                sample_tokens=args.sample_tokens)
     ids = calibration_ids(load_tokenizer(source.folder), documents(args.calib, "calibration"), args.nsamples,

@@ -11,12 +11,17 @@ from pathlib import Path
 from lowbit.errors import LowbitError
 
 
+def refuse_non_directory(path: Path, option: str = "--out") -> None:
+    """An output folder's path must not be a file; call before any long work starts."""
+    if path.exists() and not path.is_dir():
+        raise LowbitError(f"output path {path} exists and is not a directory; pick another {option}")
+
+
 def check_output_dir(final: Path, overwrite: bool) -> None:
     """Refuse an existing output unless asked to overwrite; call before any long work starts."""
     if final.exists() and not overwrite:
         raise LowbitError(f"output directory {final} already exists; pass --overwrite to replace it or pick another --out")
-    if final.exists() and not final.is_dir():
-        raise LowbitError(f"output path {final} exists and is not a directory; pick another --out")
+    refuse_non_directory(final)
     parent = final.resolve().parent
     if not parent.exists():
         raise LowbitError(f"parent directory {parent} of the output does not exist; create it first")
