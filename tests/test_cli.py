@@ -100,8 +100,8 @@ def test_unsupported_architecture(corpus, tmp_path, capsys):
 def test_calibration_shorter_than_one_sequence(toy_folder, tmp_path, capsys):
     short = tmp_path / "short.txt"
     short.write_text("\n\n".join(f"tiny {i}" for i in range(40)))
-    code, _, err = run(capsys, "quantize", "--model", toy_folder(), "--out", tmp_path / "q", "--calib", short,
-                       "--seq-len", "4096")
+    code, _, err = run(capsys, "quantize", "--model", toy_folder(), "--recipe", "gptq-w4g128", "--out", tmp_path / "q",
+                       "--calib", short, "--seq-len", "4096")
     assert code == 2 and "fewer than one sequence" in err and not (tmp_path / "q").exists()
 
 
@@ -164,6 +164,34 @@ def test_recipes_listing(capsys):
     assert code == 0 and "gptq-w4g128" in out and "smoothquant-w8a8" in out
     with pytest.raises(LowbitError):
         resolve_recipe("no-such-recipe")
+
+
+def test_grid_points_resolve_by_name_like_the_presets():
+    """Any weight-only sweep point is a recipe name: method, bits, group size (or pc) and act-order."""
+    from lowbit.recipe import AWQ, GPTQ, RTN
+
+    gptq = resolve_recipe("gptq-w4g64-actorder")
+    assert isinstance(gptq.steps[0], GPTQ) and gptq.steps[0].act_order
+    assert gptq.steps[0].weights.group_size == 64 and not gptq.steps[0].weights.symmetric
+    rtn = resolve_recipe("w3pc")
+    assert isinstance(rtn.steps[0], RTN) and rtn.steps[0].weights.granularity == "channel" and rtn.steps[0].weights.bits == 3
+    assert [type(s) for s in resolve_recipe("awq-gptq-w4g32").steps] == [AWQ, GPTQ]
+    assert resolve_recipe("w4g128") == resolve_recipe("w4g128")  # a preset keeps its own definition
+    for bad in ("awq-w4g64-actorder", "gptq-w9g64", "w4g0"):
+        with pytest.raises(LowbitError, match="unknown recipe"):
+            resolve_recipe(bad)
+
+
+def test_data_free_recipe_needs_no_calibration_text_unless_measured(toy_folder, tmp_path, capsys):
+    """RTN reads no calibration inputs: quantize runs without a forward pass (no text needed, errors n/a);
+    --measure runs the calibration text through it and reports errors."""
+    code, out, _ = run(capsys, "quantize", "--model", toy_folder(), "--recipe", "w4g128", "--out", tmp_path / "a",
+                       "--calib", tmp_path / "missing.txt", "--json")
+    summary = json.loads(out)
+    assert code == 0 and summary["calibration"]["n_sequences"] == 0 and summary["mean_linear_error"] is None
+    code, out, _ = run(capsys, "quantize", "--model", toy_folder(), "--recipe", "w4g128", "--out", tmp_path / "b",
+                       "--measure", "--json", *SMALL)
+    assert code == 0 and json.loads(out)["mean_linear_error"] > 0
 
 
 def test_transforms_option_reapplies_an_earlier_awq_run(toy_folder, corpus, tmp_path, capsys):
@@ -328,7 +356,7 @@ def test_json_output_stays_parseable_when_lowbit_warns(toy_folder, tmp_path):
     short = write_corpus(tmp_path / "short.txt", repeats=12)  # fewer tokens than 64 x 32: a logged warning
     child = subprocess.run(
         [sys.executable, "-m", "lowbit.cli.main", "quantize", "--model", str(toy_folder()), "--recipe", "w8",
-         "--out", str(tmp_path / "q"), "--calib", str(short), "--nsamples", "64", "--seq-len", "32", "--json"],
+         "--out", str(tmp_path / "q"), "--calib", str(short), "--nsamples", "64", "--seq-len", "32", "--measure", "--json"],
         capture_output=True, text=True,
     )
     assert child.returncode == 0, child.stderr

@@ -1,6 +1,8 @@
 """Every method on a tiny model of every supported architecture: quantize -> save -> load -> identical logits;
 and the equivalence transforms leave full-precision outputs unchanged."""
 
+import math
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -52,6 +54,32 @@ def test_quantize_save_load_gives_identical_logits(model_type, recipe_name, tmp_
         for module in loaded.modules():
             if isinstance(module, WeightOnlyLinear):
                 assert nm_violations(module.dequantized_weight(), 2, 4) == 0
+
+
+DATA_FREE = ("rtn", "llm-int8", "magnitude-50")
+
+
+@pytest.mark.parametrize("recipe_name", list(RECIPES))
+def test_data_free_recipes_skip_calibration_and_give_the_same_model(recipe_name, monkeypatch):
+    """RTN, magnitude pruning and LLM.int8() read no calibration inputs: without data no block runs forward, and the
+    model is bit for bit the one a measured run gives. Recipes that observe inputs refuse to run without data."""
+    recipe = Recipe(steps=RECIPES[recipe_name])
+    assert recipe.needs_calibration == (recipe_name not in DATA_FREE)
+    if recipe.needs_calibration:
+        with pytest.raises(LowbitError, match="needs calibration data"):
+            lowbit.quantize(toy_model("llama"), recipe, None)
+        return
+    measured = lowbit.quantize(toy_model("llama"), recipe, calibration(), batch_size=4)
+    forwards = []
+    monkeypatch.setattr("lowbit.pipeline.loop.capture_block_calls", lambda *a, **k: forwards.append(a))
+    data_free = lowbit.quantize(toy_model("llama"), recipe, None)
+    assert forwards == []
+    report = data_free.lowbit_info.report
+    assert not report.measured and report.calibration["n_sequences"] == 0
+    assert all(math.isnan(r.rel_error) for b in report.blocks for r in b.linears)
+    expected, got = measured.state_dict(), data_free.state_dict()
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
 
 
 def test_fake_quant_model_matches_the_packed_model_exactly(tmp_path):

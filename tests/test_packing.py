@@ -68,6 +68,33 @@ def test_fast_backend_kernels_match_the_exact_output(grid):
         assert fast.shape == exact.shape and ((fast - exact).norm() / exact.norm()) < 1e-2
 
 
+@pytest.mark.parametrize("scheme", ["w8a8-token", "w8a8-static", "llm-int8"])
+def test_integer_kernels_match_the_fake_quant_reference(scheme):
+    """W8A8 and LLM.int8() on int8 x int8 -> int32 (torch._int_mm): the integer product is exact, so the output
+    equals the fake-quant reference up to float32 summation order, with outlier columns (LLM.int8()) in float."""
+    from lowbit.numerics.rtn import rtn
+    from lowbit.recipe import WeightQuant
+    from lowbit.runtime.act_quant import ActQuantLinear
+    from lowbit.runtime.llm_int8 import Int8OutlierLinear
+    from toy import random_weight
+
+    W = random_weight(48, 96)
+    qweight = rtn(W, WeightQuant(8, True, "channel"))
+    if scheme == "llm-int8":
+        module = Int8OutlierLinear.from_qweight(qweight, torch.randn(48), threshold=6.0)
+    else:
+        module = ActQuantLinear.from_qweight(qweight, torch.randn(48), act_per_token=scheme == "w8a8-token",
+                                             act_static=scheme == "w8a8-static")
+        if module.input_scale is not None:
+            module.input_scale = torch.tensor(4.0 / 127)
+    x = torch.randn(2, 40, 96)
+    x[..., 7] *= 30.0  # an outlier channel: LLM.int8() sends it to the float path; static W8A8 clamps it
+    exact = module(x)
+    assert module.use_kernels()
+    fast = module(x)
+    assert torch.allclose(fast, exact, rtol=1e-4, atol=1e-4 * exact.abs().max().item())
+
+
 def test_load_rejects_an_unknown_backend(tmp_path):
     import lowbit
 

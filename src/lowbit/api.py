@@ -58,14 +58,16 @@ def saved_artifact(recipe: Recipe) -> dict[str, torch.Tensor] | None:
 def quantize(
     model: nn.Module,
     recipe: Recipe | Sequence[Step],
-    calibration: torch.Tensor,
+    calibration: torch.Tensor | None,
     *,
     device: torch.device | str = "cpu",
     batch_size: int = 8,
     seed: int = 0,
     progress: bool = False,
 ) -> nn.Module:
-    """Quantize a transformers causal LM in place with ``recipe``; ``calibration`` is token ids [N, L].
+    """Quantize a transformers causal LM in place with ``recipe``; ``calibration`` is token ids [N, L], or None
+    for a data-free recipe (RTN, magnitude pruning, LLM.int8(), dynamic activations: no forward pass, no errors
+    measured).
 
     Returns the same model, its Linears replaced by lowbit runtime modules, with ``model.lowbit_info``.
     """
@@ -106,7 +108,7 @@ def save(model: nn.Module, folder: str | Path, *, tokenizer=None, overwrite: boo
 def quantize_checkpoint(
     source: Path,
     recipe: Recipe,
-    calibration: torch.Tensor,
+    calibration: torch.Tensor | None,
     out: Path,
     *,
     dtype: torch.dtype = torch.float32,
@@ -175,7 +177,8 @@ def load(
 
     ``backend``: "exact" dequantizes in every forward and reproduces the calibration loop's output bit for bit;
     "fast" runs weight-only Linears whose grid fits PyTorch's int4 / int8 CPU kernels through them (reduced
-    precision; see runtime/kernels.py for what bench/kernels.py measured)."""
+    precision), and W8A8 / LLM.int8() Linears through int8 x int8 -> int32 matmuls (exact integer products); see
+    runtime/kernels.py for what bench/kernels.py measured."""
     if backend not in BACKENDS:
         raise LowbitError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
     folder = Path(folder)
@@ -187,7 +190,7 @@ def load(
     lazy.materialize("")
     model = lazy.model.to(device).eval()
     if backend == "fast" and torch.device(device).type == "cpu":
-        switched = sum(m.use_kernels() for m in model.modules() if type(m) is WeightOnlyLinear)
+        switched = sum(m.use_kernels() for m in model.modules() if isinstance(m, WeightOnlyLinear))
         log.info("fast backend: %d Linear(s) on PyTorch's low-bit kernels", switched)
     model.lowbit_info = LowbitInfo(Recipe.from_dict(config["recipe"]))
     return model

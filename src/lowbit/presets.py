@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from lowbit.errors import LowbitError
@@ -77,9 +78,19 @@ def resolve_recipe(name_or_path: str) -> Recipe:
         return Recipe(steps=presets[name_or_path][1], name=name_or_path)
     if Path(name_or_path).suffix == ".json" or Path(name_or_path).exists():
         return Recipe.from_file(name_or_path)
+    sweep = SWEEP_NAME.fullmatch(name_or_path)
+    if sweep is not None:
+        method = (sweep["method"] or "rtn") + ("-actorder" if sweep["actorder"] else "")
+        if method in SWEEP_METHODS:
+            return sweep_recipe(method, int(sweep["bits"]), int(sweep["group"] or 0))
     raise LowbitError(
-        f"unknown recipe {name_or_path!r}: pass a preset ({', '.join(presets)}) or the path of a JSON recipe file"
+        f"unknown recipe {name_or_path!r}: pass a preset ({', '.join(presets)}), a weight-only grid point named like "
+        "the presets (e.g. gptq-w4g64, awq-w3pc, w2g32, gptq-w4g64-actorder) or the path of a JSON recipe file"
     )
+
+
+# "gptq-w4g64", "w3pc", "awq-gptq-w4g32", "gptq-w4g128-actorder": any point of the sweep grid by name
+SWEEP_NAME = re.compile(r"(?:(?P<method>gptq|awq|awq-gptq)-)?w(?P<bits>[2-8])(?:g(?P<group>[1-9][0-9]*)|pc)(?P<actorder>-actorder)?")
 
 
 # `lowbit compare --methods M... --bits B... --group-sizes G...`: weight-only methods as (name prefix, suffix, steps)

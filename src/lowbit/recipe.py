@@ -307,6 +307,19 @@ class Recipe:
         awq = self.find(AWQ)
         return RTN(awq.weights) if awq is not None else None
 
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether any step reads calibration inputs (Hessians, input norms or ranges, transform searches).
+        RTN, magnitude pruning, LLM.int8() and dynamic activation quantization are data-free."""
+        for step in self.steps:
+            if isinstance(step, (GPTQ, AWQ, SmoothQuant, SparseGPT)):
+                return True
+            if isinstance(step, Prune) and step.method != "magnitude":
+                return True
+            if isinstance(step, ActQuant) and not step.dynamic:
+                return True
+        return False
+
     def reusing_transforms(self, path: str) -> Recipe:
         """This recipe with its SmoothQuant/AWQ step re-applying the scales (and clips) saved in ``path`` (an earlier
         output directory, or its transforms.safetensors) instead of searching them again."""

@@ -82,7 +82,7 @@ def quantize_in_child(args: argparse.Namespace, recipe: str, out: Path, transfor
     """Run `lowbit quantize --json` in a fresh process; returns its summary (peak RSS included)."""
     command = [
         *child_command("quantize"), "--model", args.model, "--recipe", recipe,
-        "--out", str(out), "--overwrite", "--json", "--dtype", args.dtype, "--device", args.device,
+        "--out", str(out), "--overwrite", "--json", "--measure", "--dtype", args.dtype, "--device", args.device,
         "--calib", args.calib, "--nsamples", str(args.nsamples), "--seq-len", str(args.seq_len),
         "--batch-size", str(args.batch_size), "--seed", str(args.seed),
         *(["--transforms", str(transforms)] if transforms else []),

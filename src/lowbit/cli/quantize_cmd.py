@@ -39,6 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--format", choices=("lowbit", "gguf", "compressed-tensors"), default="lowbit",
                    help="also write OUT/model.gguf (Q8_0/Q4_0/Q4_1; needs a g32 grid, checked before quantizing) or "
                         "OUT/compressed-tensors/ (vLLM; weight-only recipes)")
+    q.add_argument("--measure", action="store_true",
+                   help="run the calibration text through data-free recipes too (RTN, magnitude pruning, LLM.int8(), "
+                        "dynamic W8A8), to report per-layer errors; without it they need no forward pass")
     q.add_argument("--verbose", action="store_true", help="print a row per Linear, not only per block")
     q.add_argument("--json", action="store_true", help="print the run summary as JSON")
     add_model_options(q)
@@ -70,7 +73,7 @@ class QuantizeRun:
             "source_bytes": self.source_bytes,
             "out_bytes": self.out_bytes,
             "peak_rss_bytes": self.peak_rss,
-            "mean_linear_error": self.report.mean_linear_error(),
+            "mean_linear_error": self.report.mean_linear_error() if self.report.measured else None,
         }
 
 
@@ -88,8 +91,10 @@ def quantize_from_args(args: argparse.Namespace, out: Path, recipe_name: str) ->
         check_recipe_for_gguf(recipe, json.loads((source.folder / "config.json").read_text()).get("model_type", ""))
     if args.format == "compressed-tensors":
         check_recipe_for_compressed_tensors(recipe)
-    tokenizer = load_tokenizer(source.folder)
-    ids = calibration_ids(tokenizer, documents(args.calib, "calibration"), args.nsamples, args.seq_len, args.seed)
+    ids = None
+    if recipe.needs_calibration or args.measure:
+        tokenizer = load_tokenizer(source.folder)
+        ids = calibration_ids(tokenizer, documents(args.calib, "calibration"), args.nsamples, args.seq_len, args.seed)
     report = quantize_checkpoint(
         source.folder, recipe, ids, out, dtype=DTYPES[args.dtype], device=device, batch_size=args.batch_size,
         seed=args.seed, overwrite=args.overwrite,
@@ -108,8 +113,10 @@ def run_quantize(args: argparse.Namespace) -> int:
         return 0
     console.print(layer_table(run.report, per_linear=args.verbose))
     cal = run.report.calibration
+    data = f"{cal['n_sequences']} x {cal['seq_len']} calibration tokens" if run.report.measured else (
+        "data-free, no calibration pass (--measure reports errors)")
     console.print(
-        f"[bold]{run.report.recipe['name']}[/bold]: {cal['n_sequences']} x {cal['seq_len']} calibration tokens, "
+        f"[bold]{run.report.recipe['name']}[/bold]: {data}, "
         f"{run.report.seconds:.1f}s, peak RSS {mib(run.peak_rss)}, "
         f"{mib(run.source_bytes)} -> {mib(run.out_bytes)} on disk, written to {run.out}"
     )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.numerics.grid import fake_quantize, fit_scale_zero, symmetric_zero
+from lowbit.numerics.grid import fake_quantize, fit_scale_zero, round_to_grid, symmetric_zero
 
 
 def quantize_activations(
@@ -34,3 +34,19 @@ def static_scale_from_absmax(absmax: torch.Tensor, bits: int) -> torch.Tensor:
     """The symmetric per-tensor scale that maps the calibrated absmax onto the largest code."""
     scale, _ = fit_scale_zero(-absmax, absmax, bits, symmetric=True, storable=False)
     return scale
+
+
+def symmetric_activation_codes(
+    x: torch.Tensor, bits: int, per_token: bool, static_scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The integers behind ``quantize_activations(x, bits, per_token, symmetric=True, static_scale)``: signed codes
+    (float, in [-2**(bits-1), 2**(bits-1) - 1]) shaped like x [..., features] and the scale ([..., 1] per token,
+    a scalar otherwise), with codes * scale equal to the fake-quantized x."""
+    xf = x.float()
+    zero = torch.tensor(float(symmetric_zero(bits)), device=x.device)
+    if static_scale is not None:
+        scale = static_scale.float()
+    else:
+        lo, hi = (xf.amin(dim=-1, keepdim=True), xf.amax(dim=-1, keepdim=True)) if per_token else (xf.amin(), xf.amax())
+        scale, zero = fit_scale_zero(lo, hi, bits, True, storable=False)
+    return round_to_grid(xf, scale, zero, bits) - zero, scale

@@ -140,7 +140,7 @@ def obs_compress(
             q = torch.where(mask1[:, i], torch.zeros_like(w), w)
             if grid is not None:
                 if grid.needs_fit(col):
-                    grid.fit(col, torch.cat([W1[:, i:], W[:, i2 : col + grid.gs]], dim=1))
+                    grid.fit(col, W[:, col : col + grid.gs])
                 scale, zero = grid.params(col)
                 code = round_to_grid(q, scale, zero, grid.spec.bits)
                 code = torch.where(mask1[:, i], zero.expand_as(code), code)  # pruned -> exactly 0.0

@@ -44,3 +44,13 @@ def process_block(
             note += f"outlier columns {measured.outlier_share[path]:.2%}"
         linears.append(LinearRecord(ctx.full_name(path), c.method, measured.linear_error[path], c.seconds, note))
     return BlockRecord(index, time.perf_counter() - start, measured.block_error, linears)
+
+
+def compress_without_data(ctx: BlockContext, recipe: Recipe, index: int) -> BlockRecord:
+    """A data-free recipe (``not recipe.needs_calibration``) without a calibration pass: nothing to measure, so the
+    errors are NaN."""
+    start = time.perf_counter()
+    compressed = compress_block(ctx, recipe)
+    nan = float("nan")
+    linears = [LinearRecord(ctx.full_name(p), c.method, nan, c.seconds, c.note) for p, c in compressed.items()]
+    return BlockRecord(index, time.perf_counter() - start, nan, linears)

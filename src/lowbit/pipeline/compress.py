@@ -104,6 +104,7 @@ def compress_block(ctx: BlockContext, recipe: Recipe) -> dict[str, Compressed]:
         }
         taps = {p: s.observers() for p, s in stats.items() if s.observers()}
         if taps:
+            assert ctx.data is not None, "a recipe that observes inputs runs with calibration data"
             run_with_taps(ctx.block, ctx.data, taps, stop_early=True)
         for path in stage:
             start = time.perf_counter()

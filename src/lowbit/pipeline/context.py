@@ -18,7 +18,7 @@ from lowbit.pipeline.taps import BlockData
 class BlockContext:
     prefix: str  # the block's path in the model, e.g. "model.layers.3"
     block: nn.Module
-    data: BlockData
+    data: BlockData | None  # None when a data-free recipe runs without calibration
     arch: Arch
     model_type: str
     targets: dict[str, nn.Linear]  # Linears to compress, by path inside the block

@@ -18,10 +18,12 @@ from tqdm.auto import tqdm
 from lowbit.errors import LowbitError
 from lowbit.models.arch import arch_for, check_block, get_submodule
 from lowbit.models.lazy import LazyModel, conv1d_to_linear
-from lowbit.pipeline.block import process_block
+from lowbit.pipeline.block import compress_without_data, process_block
 from lowbit.pipeline.capture import capture_block_calls
 from lowbit.pipeline.context import BlockContext, select_targets
-from lowbit.pipeline.memory import block_memory_bytes, release_freed_memory, reset_peak_memory
+from lowbit.pipeline.memory import (
+    block_memory_bytes, long_lived_objects_frozen, release_freed_memory, reset_peak_memory,
+)
 from lowbit.pipeline.report import QuantizeReport, block_row
 from lowbit.pipeline.taps import BlockData
 from lowbit.recipe import Recipe
@@ -113,7 +115,7 @@ def check_calibration(ids: torch.Tensor) -> torch.Tensor:
 def run_blocks(
     store: InMemoryStore | LazyStore,
     recipe: Recipe,
-    ids: torch.Tensor,
+    ids: torch.Tensor | None,
     *,
     batch_size: int = 8,
     device: torch.device | str = "cpu",
@@ -123,45 +125,67 @@ def run_blocks(
 ) -> tuple[QuantizeReport, dict[str, torch.Tensor]]:
     """Quantize every block of ``store`` with ``recipe`` on calibration ``ids`` [N, L].
 
-    Returns the report and the transform artifact (SmoothQuant/AWQ scales and clips, by tensor name).
-    ``saved`` is an earlier run's artifact to re-apply instead of searching.
+    ``ids`` may be None for a data-free recipe (RTN, magnitude pruning, LLM.int8(), dynamic activations): each block
+    is then compressed without a forward pass, and the report has no errors (NaN). Returns the report and the
+    transform artifact (SmoothQuant/AWQ scales and clips, by tensor name); ``saved`` is an earlier run's artifact
+    to re-apply instead of searching.
     """
-    ids = check_calibration(ids)
+    if ids is None and recipe.needs_calibration:
+        raise LowbitError(f"recipe {recipe.name!r} needs calibration data: pass token ids [n_sequences, seq_len]")
+    ids = None if ids is None else check_calibration(ids)
     start = time.perf_counter()
-    report = QuantizeReport(
-        recipe.to_dict(),
-        {"n_sequences": ids.shape[0], "seq_len": ids.shape[1], "batch_size": batch_size, "seed": seed},
-    )
+    shape = {"n_sequences": 0, "seq_len": 0} if ids is None else {"n_sequences": ids.shape[0], "seq_len": ids.shape[1]}
+    report = QuantizeReport(recipe.to_dict(), {**shape, "batch_size": batch_size, "seed": seed})
     artifact: dict[str, torch.Tensor] = {}
-    store.prepare(device)
-    try:
-        calls = capture_block_calls(store.model, store.blocks, ids, batch_size, device)
-        store.captured()
-        hidden = calls.hidden
-        n_blocks = len(store.blocks)
-        for i in tqdm(range(n_blocks), desc="quantizing blocks", unit="block", disable=not progress):
-            prefix = f"{store.arch.blocks}.{i}"
-            block = store.load(i, device)
-            ctx = BlockContext(
-                prefix=prefix,
-                block=block,
-                data=BlockData(hidden, calls.calls[i]),
-                arch=store.arch,
-                model_type=store.model_type,
-                targets=select_targets(block, prefix, recipe.ignore),
-                artifact=artifact,
-                seed=seed + i,
-                error_batches=math.ceil(ERROR_SEQUENCES / batch_size),
-            )
-            reset_peak_memory(device)
-            record = process_block(ctx, recipe, batch_size, saved, i)
-            calls.calls[i] = []  # this block's masks and rotary tables are no longer needed
-            store.finish(i, block)
-            release_freed_memory()
-            record.memory_bytes = block_memory_bytes(device)
-            report.blocks.append(record)
-            log.info(block_row(record))
-    finally:
-        store.close()
+    with long_lived_objects_frozen():
+        try:
+            _run(store, recipe, ids, report, artifact, batch_size, device, seed, saved, progress)
+        finally:
+            store.close()
     report.seconds = time.perf_counter() - start
     return report, artifact
+
+
+def _run(
+    store: InMemoryStore | LazyStore,
+    recipe: Recipe,
+    ids: torch.Tensor | None,
+    report: QuantizeReport,
+    artifact: dict[str, torch.Tensor],
+    batch_size: int,
+    device: torch.device | str,
+    seed: int,
+    saved: dict[str, torch.Tensor] | None,
+    progress: bool,
+) -> None:
+    """The block loop proper: capture block 0's inputs (unless data-free), then each block in turn."""
+    if ids is not None:
+        store.prepare(device)
+        calls = capture_block_calls(store.model, store.blocks, ids, batch_size, device)
+        store.captured()
+    n_blocks = len(store.blocks)
+    for i in tqdm(range(n_blocks), desc="quantizing blocks", unit="block", disable=not progress):
+        prefix = f"{store.arch.blocks}.{i}"
+        block = store.load(i, device)
+        ctx = BlockContext(
+            prefix=prefix,
+            block=block,
+            data=None if ids is None else BlockData(calls.hidden, calls.calls[i]),
+            arch=store.arch,
+            model_type=store.model_type,
+            targets=select_targets(block, prefix, recipe.ignore),
+            artifact=artifact,
+            seed=seed + i,
+            error_batches=math.ceil(ERROR_SEQUENCES / batch_size),
+        )
+        reset_peak_memory(device)
+        if ids is None:
+            record = compress_without_data(ctx, recipe, i)
+        else:
+            record = process_block(ctx, recipe, batch_size, saved, i)
+            calls.calls[i] = []  # this block's masks and rotary tables are no longer needed
+        store.finish(i, block)
+        release_freed_memory()
+        record.memory_bytes = block_memory_bytes(device)
+        report.blocks.append(record)
+        log.info(block_row(record))

@@ -13,6 +13,8 @@ from __future__ import annotations
 import ctypes
 import functools
 import gc
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import psutil
 import torch
@@ -37,6 +39,20 @@ def prefer_mmap_for_large_allocations() -> None:
     libc = _libc()
     if libc is not None:
         libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+
+
+@contextmanager
+def long_lived_objects_frozen() -> Iterator[None]:
+    """Keep every object alive now (imported modules, the model skeleton) out of the collector's reach while the
+    block loop runs: its per-block ``gc.collect`` then scans only what the loop created (unfrozen, it took 0.2 s a
+    block, 40% of a data-free run on SmolLM2, scanning transformers' import-time objects). Unfrozen afterwards, so
+    nothing that dies later escapes collection."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def release_freed_memory() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,14 +46,21 @@ class QuantizeReport:
         return cls(data["recipe"], data["calibration"], blocks, data.get("seconds", 0.0))
 
     def mean_linear_error(self) -> float:
+        """Mean relative error over Linears; NaN when the run was not measured (a data-free recipe, no data)."""
         errors = [r.rel_error for b in self.blocks for r in b.linears]
         return sum(errors) / len(errors) if errors else 0.0
+
+    @property
+    def measured(self) -> bool:
+        return self.calibration.get("n_sequences", 0) > 0
 
 
 def block_row(record: BlockRecord) -> str:
     """One log line per finished block, so a long run shows whether it is healthy."""
     worst = max(record.linears, key=lambda r: r.rel_error, default=None)
     tail = f", worst {worst.name.rsplit('.', 2)[-2]}.{worst.name.rsplit('.', 1)[-1]} {worst.rel_error:.4f}" if worst else ""
+    if math.isnan(record.rel_error):
+        return f"block {record.index}: compressed without data in {record.seconds:.1f}s"
     return (
         f"block {record.index}: output error {record.rel_error:.4f} in {record.seconds:.1f}s, "
         f"memory {record.memory_bytes / 2**20:,.0f} MiB{tail}"
@@ -67,10 +75,14 @@ def layer_table(report: QuantizeReport, per_linear: bool = True) -> Table:
         table.add_column(column, justify=justify)  # type: ignore[arg-type]
     for b in report.blocks:
         for r in b.linears if per_linear else []:
-            table.add_row(r.name, r.method, f"{r.rel_error:.4f}", f"{r.seconds:.2f}", "", r.note)
+            table.add_row(r.name, r.method, _error(r.rel_error), f"{r.seconds:.2f}", "", r.note)
         worst = max((r.rel_error for r in b.linears), default=0.0)
         table.add_row(
-            f"block {b.index} output", "", f"{b.rel_error:.4f}", f"{b.seconds:.1f}", f"{b.memory_bytes / 2**20:,.0f} MiB",
-            f"worst Linear {worst:.4f}", style="bold",
+            f"block {b.index} output", "", _error(b.rel_error), f"{b.seconds:.1f}", f"{b.memory_bytes / 2**20:,.0f} MiB",
+            f"worst Linear {_error(worst)}", style="bold",
         )
     return table
+
+
+def _error(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.4f}"

@@ -6,6 +6,9 @@ bench/kernels.py measured on this project's 2-core CPU (torch 2.13): for a 4096 
 (0.5x of fp32 against 0.03x) but was ~30x slower than fp32 at 512 tokens, so W8 uses it for short inputs only.
 Both compute in reduced precision (int4pack: bfloat16 activations, ~3e-3 relative error), so this backend is
 opt-in; the exact backend reproduces the calibration loop's fake-quant output bit for bit.
+
+W8A8 (INT8 per-channel weights, symmetric INT8 inputs) runs on `torch._int_mm`: int8 x int8 -> int32 products,
+exact, then the input and weight scales; it differs from the fake-quant reference only by float32 summation order.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lowbit.numerics.activations import symmetric_activation_codes
 from lowbit.numerics.qweight import QWeight
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
@@ -60,3 +64,28 @@ def int8pack_weights(qweight: QWeight) -> tuple[torch.Tensor, torch.Tensor] | No
 def int8pack_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     rows = x.reshape(-1, x.shape[-1]).float()
     return torch.ops.aten._weight_int8pack_mm(rows, weight, scales).reshape(*x.shape[:-1], -1).to(x.dtype)
+
+
+def int8_int8_weights(qweight: QWeight) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(int8 weight transposed [in, out], float scales [out]) for `torch._int_mm`, or None when the grid does not fit
+    (not INT8 symmetric per-channel) or this build has no CPU int8 matmul."""
+    weight = int8pack_weights(qweight)
+    if weight is None or qweight.codes.device.type != "cpu":
+        return None
+    try:
+        torch._int_mm(torch.zeros(1, qweight.in_features, dtype=torch.int8), weight[0][:1].T.contiguous())
+    except (RuntimeError, AttributeError):
+        return None
+    return weight[0].T.contiguous(), weight[1]
+
+
+def int8_int8_linear(
+    x: torch.Tensor, weight_t: torch.Tensor, weight_scale: torch.Tensor, per_token: bool,
+    static_scale: torch.Tensor | None,
+) -> torch.Tensor:
+    """x [..., in] quantized to symmetric INT8 (per token, or per tensor), times the INT8 weight in integers."""
+    rows = x.reshape(-1, x.shape[-1])  # [tokens, in]
+    codes, scale = symmetric_activation_codes(rows, 8, per_token, static_scale)
+    acc = torch._int_mm(codes.to(torch.int8), weight_t)  # [tokens, out] int32, exact
+    out = acc.float() * scale * weight_scale  # scale: [tokens, 1] or scalar; weight_scale: [out]
+    return out.reshape(*x.shape[:-1], -1).to(x.dtype)

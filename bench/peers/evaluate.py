@@ -1,0 +1,87 @@
+"""Perplexity of one tool's output with lowbit's evaluator, on the shared evaluation windows. Runs in the tool's
+own environment, loading the output the way that tool's users would (lowbit.load; transformers + compressed-tensors
+for llm-compressor; GPTQModel.load), then calls the same perplexity function on the same token ids.
+
+  usage: python bench/peers/evaluate.py TOOL DIR   (TOOL: fp32, lowbit, llmcompressor, gptqmodel); prints JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from shared import MODEL, lowbit_perplexity, shared_inputs
+
+
+def open_model(tool: str, path: str) -> torch.nn.Module:
+    if tool == "lowbit":
+        import lowbit
+
+        return lowbit.load(path)
+    if tool in ("fp32", "llmcompressor"):
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    if tool == "gptqmodel":
+        from gptqmodel import BACKEND, GPTQModel
+
+        # GPTQModel's CPU kernel runs only in float16/bfloat16; to evaluate its weights in float32 like every other
+        # row, each quantized Linear becomes an nn.Linear holding its dequantized weight (float16 dequantization:
+        # exact for 4-bit codes times float16 scales up to float16 rounding).
+        model = GPTQModel.load(path, device="cpu", backend=BACKEND.TORCH, dtype=torch.float16).model
+        for name, module in list(model.named_modules()):
+            if hasattr(module, "dequantize_weight") and hasattr(module, "qweight"):
+                weight = module.dequantize_weight().T.float()  # GPTQ layout is [in, out]
+                linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=module.bias is not None)
+                linear.weight.data = weight.contiguous()
+                if module.bias is not None:
+                    linear.bias.data = module.bias.float()
+                model.set_submodule(name, linear)
+        return model.float().eval()
+    raise SystemExit(f"unknown tool {tool!r}")
+
+
+def block_weight_zero_share(model: torch.nn.Module) -> float:
+    """Share of exactly-zero weights over the decoder blocks' Linears (after evaluation, so compressed-tensors
+    models are decompressed): ~0.5 proves a 50% pruning reached the evaluated model."""
+    zeros = total = 0
+    for name, module in model.named_modules():
+        if ".layers." not in name:
+            continue
+        if hasattr(module, "dense_weight"):
+            weight = module.dense_weight()
+        elif hasattr(module, "dequantized_weight"):
+            weight = module.dequantized_weight()
+        elif isinstance(module, torch.nn.Linear) and module.weight.is_floating_point():
+            weight = module.weight
+        else:
+            continue
+        zeros += int((weight == 0).sum())
+        total += weight.numel()
+    return zeros / total if total else float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("tool")
+    parser.add_argument("path", nargs="?", default=str(MODEL))
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    inputs = shared_inputs()
+    start = time.perf_counter()
+    model = open_model(args.tool, args.path)
+    load_seconds = time.perf_counter() - start
+    perplexity = lowbit_perplexity()
+    result = perplexity(model, inputs["evaluation"], inputs["window"])
+    print(json.dumps({
+        "perplexity": result.perplexity, "nll": result.nll, "tokens": result.tokens, "windows": result.windows,
+        "eval_seconds": result.seconds, "load_seconds": load_seconds, "evaluation_sha": inputs["evaluation_sha"],
+        "zero_share": block_weight_zero_share(model),
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""Quantize the shared model with GPTQModel, as its users do (GPTQModel.load -> quantize -> save), in its own GPTQ
+checkpoint format. Runs in out/peers/venvs/gptqmodel. Settings matched to lowbit's presets: INT4 asymmetric
+(sym=False) with groups of 64, lm_head left alone, dampening 0.01, true-sequential; act-order off means desc_act and
+GPTQModel's own group-aware reordering (act_group_aware, on by default) both off; act-order on is desc_act=True.
+Calibration: the shared token ids, batch size 1.
+
+  usage: python bench/peers/quantize_gptqmodel.py METHOD OUT; writes OUT/bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from shared import MODEL, shared_inputs, write_json
+
+GROUP = 64  # the grid every tool shares (llm-compressor cannot do g128 on SmolLM2's 576 columns)
+METHODS = {
+    "gptq-w4g64": {"desc_act": False, "act_group_aware": False},
+    "gptq-w4g64-actorder": {"desc_act": True, "act_group_aware": False},
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("method", choices=list(METHODS))
+    parser.add_argument("out")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    start = time.perf_counter()
+    # GPTQModel 7.6 sizes its CPU pool as ceil(cores / 2) = 1 here, then asks for 2 model-loader workers from it
+    # and raises; two workers is what a 2-core machine has.
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 1)))
+    from gptqmodel import GPTQModel, QuantizeConfig
+
+    ids = shared_inputs()["calibration"]  # [N, L]
+    calibration = [{"input_ids": row.tolist(), "attention_mask": [1] * len(row)} for row in ids]
+    config = QuantizeConfig(bits=4, group_size=GROUP, sym=False, damp_percent=0.01, true_sequential=True,
+                            **METHODS[args.method])
+    model = GPTQModel.load(str(MODEL), config, device="cpu")
+    algo_start = time.perf_counter()
+    model.quantize(calibration, batch_size=1)
+    algo_seconds = time.perf_counter() - algo_start
+    out = Path(args.out)
+    shutil.rmtree(out, ignore_errors=True)
+    model.save(str(out))
+    write_json(out / "bench.json", {
+        "tool": "gptqmodel", "method": args.method, "calibration": list(ids.shape),
+        "algorithm_seconds": algo_seconds, "process_seconds_to_saved": time.perf_counter() - start,
+    })
+
+
+if __name__ == "__main__":
+    main()
