@@ -21,7 +21,7 @@ def _value(results: dict, tool: str, method: str, key: str) -> float | None:
 def _cell(results: dict, tool: str, method: str, key: str, fmt: str) -> str:
     row = results["rows"].get(tool, {}).get(method)
     if row is None:
-        return "not supported" if tool == "gptqmodel" else "not run"
+        return "not run"
     if "error" in row:
         return "failed (see JSON)"
     value = row.get(key)
@@ -33,7 +33,7 @@ def _ratio(results: dict, method: str, key: str, peers: tuple[str, ...]) -> str:
     theirs = [v for v in (_value(results, p, method, key) for p in peers) if v is not None]
     if ours is None or not theirs:
         return ""
-    return f"{ours / min(theirs):.2f}"
+    return f"{ours / min(theirs):.3f}"
 
 
 def _methods(results: dict) -> list[str]:
