@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import torch
 
@@ -69,6 +70,8 @@ def main() -> None:
     parser.add_argument("tool")
     parser.add_argument("path", nargs="?", default=str(MODEL))
     args = parser.parse_args()
+    if not Path(args.path).is_dir():
+        raise SystemExit(f"{args.path} is not a folder; pass the output folder the tool wrote")
     torch.set_num_threads(2)
     inputs = shared_inputs()
     start = time.perf_counter()

@@ -105,7 +105,10 @@ def main() -> None:
     inputs = shared_inputs()
     n, length = inputs["calibration"].shape
     path = RESULTS / "results.json"
-    results = json.loads(path.read_text()) if path.exists() else {}
+    try:
+        results = json.loads(path.read_text()) if path.exists() else {}
+    except json.JSONDecodeError as exc:
+        sys.exit(f"{path} is corrupt ({exc.msg}); move it away to start afresh")
     if results.get("calibration_sha") not in (None, inputs["calibration_sha"]) or results.get(
             "evaluation_sha") not in (None, inputs["evaluation_sha"]):
         sys.exit(f"{path} was measured on other inputs; move it away to start afresh")

@@ -21,7 +21,10 @@ IDS = WORK / "ids.pt"  # calibration and evaluation token ids (bench/peers/prepa
 def shared_inputs() -> dict:
     if not IDS.exists():
         raise SystemExit(f"{IDS} is missing: run `.venv/bin/python bench/peers/prepare.py` first")
-    return torch.load(IDS)
+    try:
+        return torch.load(IDS)
+    except Exception as exc:  # torch raises several types for a truncated or foreign file
+        raise SystemExit(f"{IDS} is unreadable ({str(exc)[:80]}); run bench/peers/prepare.py again") from None
 
 
 def lowbit_perplexity():

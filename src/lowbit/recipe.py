@@ -308,17 +308,17 @@ class Recipe:
         return RTN(awq.weights) if awq is not None else None
 
     @property
+    def input_statistics(self) -> tuple[bool, bool, bool]:
+        """(Hessian, input norms, input absmax): the calibration statistics the steps read from each Linear's input."""
+        act, prune = self.find(ActQuant), self.find(Prune)
+        hessian = isinstance(self.weight_step, GPTQ) or self.find(SparseGPT) is not None
+        return hessian, prune is not None and prune.method == "wanda", act is not None and not act.dynamic
+
+    @property
     def needs_calibration(self) -> bool:
-        """Whether any step reads calibration inputs (Hessians, input norms or ranges, transform searches).
-        RTN, magnitude pruning, LLM.int8() and dynamic activation quantization are data-free."""
-        for step in self.steps:
-            if isinstance(step, (GPTQ, AWQ, SmoothQuant, SparseGPT)):
-                return True
-            if isinstance(step, Prune) and step.method != "magnitude":
-                return True
-            if isinstance(step, ActQuant) and not step.dynamic:
-                return True
-        return False
+        """Whether any step reads calibration inputs (statistics or a SmoothQuant/AWQ search). RTN, magnitude
+        pruning, LLM.int8() and dynamic activation quantization are data-free."""
+        return any(self.input_statistics) or self.find(AWQ) is not None or self.find(SmoothQuant) is not None
 
     def reusing_transforms(self, path: str) -> Recipe:
         """This recipe with its SmoothQuant/AWQ step re-applying the scales (and clips) saved in ``path`` (an earlier

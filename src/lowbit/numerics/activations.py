@@ -11,6 +11,13 @@ import torch
 from lowbit.numerics.grid import fake_quantize, fit_scale_zero, round_to_grid, symmetric_zero
 
 
+def _range(xf: torch.Tensor, per_token: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(min, max) of x [..., features]: per row ([..., 1]) or over the whole tensor (scalars)."""
+    if per_token:
+        return xf.amin(dim=-1, keepdim=True), xf.amax(dim=-1, keepdim=True)
+    return xf.amin(), xf.amax()
+
+
 def quantize_activations(
     x: torch.Tensor, bits: int, per_token: bool, symmetric: bool, static_scale: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -18,15 +25,11 @@ def quantize_activations(
 
     ``static_scale`` (a calibrated per-tensor symmetric scale) replaces the dynamic range measurement.
     """
+    if symmetric or static_scale is not None:
+        codes, scale = symmetric_activation_codes(x, bits, per_token, static_scale)
+        return (codes * scale).to(x.dtype)
     xf = x.float()
-    if static_scale is not None:
-        zero = torch.tensor(float(symmetric_zero(bits)), device=x.device)
-        return fake_quantize(xf, static_scale.float(), zero, bits).to(x.dtype)
-    if per_token:
-        lo, hi = xf.amin(dim=-1, keepdim=True), xf.amax(dim=-1, keepdim=True)  # [..., 1]
-    else:
-        lo, hi = xf.amin(), xf.amax()
-    scale, zero = fit_scale_zero(lo, hi, bits, symmetric, storable=False)
+    scale, zero = fit_scale_zero(*_range(xf, per_token), bits, symmetric, storable=False)
     return fake_quantize(xf, scale, zero, bits).to(x.dtype)
 
 
@@ -47,6 +50,5 @@ def symmetric_activation_codes(
     if static_scale is not None:
         scale = static_scale.float()
     else:
-        lo, hi = (xf.amin(dim=-1, keepdim=True), xf.amax(dim=-1, keepdim=True)) if per_token else (xf.amin(), xf.amax())
-        scale, zero = fit_scale_zero(lo, hi, bits, True, storable=False)
+        scale, zero = fit_scale_zero(*_range(xf, per_token), bits, True, storable=False)
     return round_to_grid(xf, scale, zero, bits) - zero, scale

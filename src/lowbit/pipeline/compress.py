@@ -71,14 +71,6 @@ def describe(recipe: Recipe) -> str:
     return " + ".join(parts)
 
 
-def _needs(recipe: Recipe) -> tuple[bool, bool, bool]:
-    """(Hessian, input norms, input absmax) requirements of the recipe."""
-    act = recipe.find(ActQuant)
-    prune = recipe.find(Prune)
-    hessian = isinstance(recipe.weight_step, GPTQ) or recipe.find(SparseGPT) is not None
-    return hessian, prune is not None and prune.method == "wanda", act is not None and not act.dynamic
-
-
 def _stages(ctx: BlockContext, recipe: Recipe) -> list[list[str]]:
     step = recipe.weight_step
     stages = [[p for p in stage if p in ctx.targets] for stage in ctx.arch.sequential]
@@ -88,7 +80,7 @@ def _stages(ctx: BlockContext, recipe: Recipe) -> list[list[str]]:
 
 
 def compress_block(ctx: BlockContext, recipe: Recipe) -> dict[str, Compressed]:
-    need_h, need_norm, need_absmax = _needs(recipe)
+    need_h, need_norm, need_absmax = recipe.input_statistics
     weight_step = recipe.weight_step
     skip_first = weight_step.skip_first_positions if isinstance(weight_step, GPTQ) else 0
     label = describe(recipe)

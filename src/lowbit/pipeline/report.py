@@ -57,10 +57,10 @@ class QuantizeReport:
 
 def block_row(record: BlockRecord) -> str:
     """One log line per finished block, so a long run shows whether it is healthy."""
-    worst = max(record.linears, key=lambda r: r.rel_error, default=None)
-    tail = f", worst {worst.name.rsplit('.', 2)[-2]}.{worst.name.rsplit('.', 1)[-1]} {worst.rel_error:.4f}" if worst else ""
     if math.isnan(record.rel_error):
         return f"block {record.index}: compressed without data in {record.seconds:.1f}s"
+    worst = max(record.linears, key=lambda r: r.rel_error, default=None)
+    tail = f", worst {worst.name.rsplit('.', 2)[-2]}.{worst.name.rsplit('.', 1)[-1]} {worst.rel_error:.4f}" if worst else ""
     return (
         f"block {record.index}: output error {record.rel_error:.4f} in {record.seconds:.1f}s, "
         f"memory {record.memory_bytes / 2**20:,.0f} MiB{tail}"

@@ -13,6 +13,8 @@ exact, then the input and weight scales; it differs from the fake-quant referenc
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -70,13 +72,18 @@ def int8_int8_weights(qweight: QWeight) -> tuple[torch.Tensor, torch.Tensor] | N
     """(int8 weight transposed [in, out], float scales [out]) for `torch._int_mm`, or None when the grid does not fit
     (not INT8 symmetric per-channel) or this build has no CPU int8 matmul."""
     weight = int8pack_weights(qweight)
-    if weight is None or qweight.codes.device.type != "cpu":
-        return None
-    try:
-        torch._int_mm(torch.zeros(1, qweight.in_features, dtype=torch.int8), weight[0][:1].T.contiguous())
-    except (RuntimeError, AttributeError):
+    if weight is None or qweight.codes.device.type != "cpu" or not _cpu_int_mm_available():
         return None
     return weight[0].T.contiguous(), weight[1]
+
+
+@functools.cache
+def _cpu_int_mm_available() -> bool:
+    try:
+        torch._int_mm(torch.zeros(1, 8, dtype=torch.int8), torch.zeros(8, 8, dtype=torch.int8))
+    except (RuntimeError, AttributeError):
+        return False
+    return True
 
 
 def int8_int8_linear(
