@@ -11,12 +11,16 @@ import lowbit
 from lowbit.errors import LowbitError
 from lowbit.models.arch import arch_for
 from lowbit.numerics.prune import nm_violations
+from lowbit.numerics.rtn import rtn
 from lowbit.pipeline.capture import capture_block_calls, run_block
+from lowbit.pipeline.compress import calibration_stand_in
 from lowbit.pipeline.context import BlockContext, resolve_groups, select_targets
 from lowbit.pipeline.fold import fold_scales
 from lowbit.pipeline.loop import InMemoryStore
 from lowbit.pipeline.taps import BlockData
 from lowbit.recipe import AWQ, GPTQ, RTN, ActQuant, LLMInt8, Prune, Recipe, SmoothQuant, SparseGPT, WeightQuant
+from lowbit.runtime.act_quant import ActQuantLinear
+from lowbit.runtime.sparse import SparseLinear
 from lowbit.runtime.weight_only import WeightOnlyLinear
 from toy import ARCHITECTURES, byte_tokenizer, calibration, toy_model
 
@@ -46,6 +50,8 @@ def test_quantize_save_load_gives_identical_logits(model_type, recipe_name, tmp_
         expected = model(test_ids).logits
     report = model.lowbit_info.report
     assert len(report.blocks) == 2 and all(r.rel_error >= 0 for b in report.blocks for r in b.linears)
+    blocks = model.get_submodule(arch_for(model_type).blocks)
+    assert not [n for n, m in blocks.named_modules() if type(m) is torch.nn.Linear], "a calibration stand-in was left"
     lowbit.save(model, tmp_path / "out", tokenizer=byte_tokenizer())
     loaded = lowbit.load(tmp_path / "out")
     with torch.no_grad():
@@ -95,6 +101,22 @@ def test_fake_quant_model_matches_the_packed_model_exactly(tmp_path):
     ids = calibration(n=2, length=40, seed=1)
     with torch.no_grad():
         assert torch.equal(fake(ids).logits, loaded(ids).logits)
+
+
+def test_calibration_stand_in_computes_exactly_what_the_packed_module_does():
+    """While a block is calibrated, a weight-only module runs as a float Linear holding its dequantized weight;
+    modules that also quantize activations are never replaced (a later stage must see their real outputs)."""
+    linear = torch.nn.Linear(64, 48)
+    qweight = rtn(linear.weight.detach(), W4)
+    packed = WeightOnlyLinear.from_qweight(qweight, linear.bias.detach())
+    stand_in = calibration_stand_in(packed, torch.float32)
+    x = torch.randn(3, 7, 64)
+    assert type(stand_in) is torch.nn.Linear and torch.equal(stand_in(x), packed(x))
+    pruned = linear.weight.detach().masked_fill(torch.rand(48, 64) < 0.5, 0.0)
+    sparse = SparseLinear.from_dense(pruned, linear.bias.detach())
+    assert torch.equal(calibration_stand_in(sparse, torch.float32)(x), sparse(x))
+    act = ActQuantLinear.from_qweight(qweight, None, act_bits=8, act_per_token=True, act_symmetric=True, act_static=False)
+    assert calibration_stand_in(act, torch.float32) is act
 
 
 def test_gptq_beats_rtn_on_every_architecture():

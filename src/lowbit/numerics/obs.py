@@ -112,6 +112,7 @@ def obs_compress(
     inv = inverse_hessian(H, damp)
     Hinv = inv.Hinv
 
+    prunes = keep_mask is not None or sparsity > 0 or nm is not None
     codes = torch.zeros(out_features, n, dtype=torch.uint8, device=W.device)
     pruned = torch.zeros(out_features, n, dtype=torch.bool, device=W.device)
     for i1 in range(0, n, block_size):
@@ -130,6 +131,7 @@ def obs_compress(
             score = W1**2 / d.unsqueeze(0) ** 2
             threshold = torch.sort(score.flatten())[0][int(score.numel() * sparsity)]
             mask1 |= score <= threshold
+        codes1 = torch.zeros_like(W1)  # float codes of this block's columns
         for i in range(count):
             col = i1 + i
             w = W1[:, i]
@@ -137,19 +139,23 @@ def obs_compress(
                 score = W1[:, i : i + nm[1]] ** 2 / d[i : i + nm[1]].unsqueeze(0) ** 2
                 drop = torch.topk(score, nm[1] - nm[0], dim=1, largest=False).indices
                 mask1.scatter_(1, i + drop, True)
-            q = torch.where(mask1[:, i], torch.zeros_like(w), w)
+            # the column loop is op-bound (one rank-1 update of [out, count - i] per column), so plain rounding
+            # skips the masking ops that only pruning needs
+            q = w.masked_fill(mask1[:, i], 0.0) if prunes else w
             if grid is not None:
                 if grid.needs_fit(col):
                     grid.fit(col, W[:, col : col + grid.gs])
                 scale, zero = grid.params(col)
                 code = round_to_grid(q, scale, zero, grid.spec.bits)
-                code = torch.where(mask1[:, i], zero.expand_as(code), code)  # pruned -> exactly 0.0
-                codes[:, col] = code.to(torch.uint8)
+                if prunes:
+                    code = torch.where(mask1[:, i], zero.expand_as(code), code)  # pruned -> exactly 0.0
+                codes1[:, i] = code
                 q = (code - zero) * scale
             Q1[:, i] = q
-            err = (w - q) / d[i]
-            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            err = (w - q).div_(d[i])
+            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1.0)
             Err1[:, i] = err
+        codes[:, i1:i2] = codes1.to(torch.uint8)
         W[:, i1:i2] = Q1
         pruned[:, i1:i2] = mask1
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]

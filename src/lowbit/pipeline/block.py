@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from lowbit.pipeline.compress import compress_block
+from lowbit.pipeline.compress import compress_block, finish_block
 from lowbit.pipeline.context import BlockContext
 from lowbit.pipeline.measure import measure_block
 from lowbit.pipeline.report import BlockRecord, LinearRecord
@@ -36,6 +36,7 @@ def process_block(
     compressed = compress_block(ctx, recipe)
     modules = {p: c.module for p, c in compressed.items()}
     measured = measure_block(ctx.block, ctx.data, modules, references, fp_outputs)
+    finish_block(ctx, compressed)
     linears = []
     for path, c in compressed.items():
         note = c.note
@@ -51,6 +52,7 @@ def compress_without_data(ctx: BlockContext, recipe: Recipe, index: int) -> Bloc
     errors are NaN."""
     start = time.perf_counter()
     compressed = compress_block(ctx, recipe)
+    finish_block(ctx, compressed)
     nan = float("nan")
     linears = [LinearRecord(ctx.full_name(p), c.method, nan, c.seconds, c.note) for p, c in compressed.items()]
     return BlockRecord(index, time.perf_counter() - start, nan, linears)

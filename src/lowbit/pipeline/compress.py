@@ -79,6 +79,17 @@ def _stages(ctx: BlockContext, recipe: Recipe) -> list[list[str]]:
     return [s for s in stages if s]
 
 
+def _shared_inputs(ctx: BlockContext, stage: list[str]) -> list[list[str]]:
+    """``stage`` split into lists of Linears that read the same input: a scale group's Linears (fed by one norm or
+    Linear, by the architecture table) together, every other Linear alone."""
+    lists: list[list[str]] = []
+    for group in ctx.arch.groups:
+        together = [p for p in group.linears if p in stage and not any(p in seen for seen in lists)]
+        if together:
+            lists.append(together)
+    return lists + [[p] for p in stage if not any(p in seen for seen in lists)]
+
+
 def compress_block(ctx: BlockContext, recipe: Recipe) -> dict[str, Compressed]:
     need_h, need_norm, need_absmax = recipe.input_statistics
     weight_step = recipe.weight_step
@@ -86,24 +97,51 @@ def compress_block(ctx: BlockContext, recipe: Recipe) -> dict[str, Compressed]:
     label = describe(recipe)
     done: dict[str, Compressed] = {}
     for stage in _stages(ctx, recipe):
-        stats = {
-            p: _Stats(
+        stats: dict[str, _Stats] = {}
+        taps: dict[str, list] = {}
+        for paths in _shared_inputs(ctx, stage):
+            # Linears fed by one tensor (q/k/v, gate/up) share one set of statistics: X^T X once, not per Linear
+            shared = _Stats(
                 HessianObserver(skip_first) if need_h else None,
                 InputNormObserver() if need_norm else None,
                 AbsMaxObserver() if need_absmax else None,
             )
-            for p in stage
-        }
-        taps = {p: s.observers() for p, s in stats.items() if s.observers()}
+            stats.update(dict.fromkeys(paths, shared))
+            if shared.observers():
+                taps[paths[0]] = shared.observers()
         if taps:
             assert ctx.data is not None, "a recipe that observes inputs runs with calibration data"
             run_with_taps(ctx.block, ctx.data, taps, stop_early=True)
         for path in stage:
             start = time.perf_counter()
             module, note = _compress_linear(ctx, path, recipe, stats[path])
-            ctx.block.set_submodule(path, module)
+            ctx.block.set_submodule(path, calibration_stand_in(module, ctx.targets[path].weight.dtype))
             done[path] = Compressed(module, label, time.perf_counter() - start, note)
     return done
+
+
+def calibration_stand_in(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """What the block computes with until it is finished: a weight-only or pruned module as a plain Linear holding
+    its dequantized / dense weight (bit-identical outputs; the later stage passes and the measurement pass would
+    otherwise unpack it on every call). ``finish_block`` puts the packed modules back."""
+    if isinstance(module, SparseLinear):
+        weight = module.dense_weight(dtype)
+    elif type(module) is WeightOnlyLinear:  # its subclasses quantize activations too: they compute themselves
+        weight = module.dequantized_weight(dtype)
+    else:
+        return module
+    linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device=weight.device,
+                       dtype=dtype)
+    linear.weight.data = weight
+    if module.bias is not None:
+        linear.bias.data = module.bias.to(dtype)
+    return linear
+
+
+def finish_block(ctx: BlockContext, compressed: dict[str, Compressed]) -> None:
+    """Swap the runtime modules in for their calibration stand-ins."""
+    for path, c in compressed.items():
+        ctx.block.set_submodule(path, c.module)
 
 
 def _compress_linear(ctx: BlockContext, path: str, recipe: Recipe, stats: _Stats) -> tuple[nn.Module, str]:

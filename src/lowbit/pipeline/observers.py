@@ -34,8 +34,7 @@ class HessianObserver:
             self.H = torch.zeros(rows.shape[1], rows.shape[1], device=rows.device)
         self.H *= self.n / (self.n + t)
         self.n += t
-        rows = rows * (2.0 / self.n) ** 0.5
-        self.H += rows.T @ rows
+        self.H.addmm_(rows.T, rows, alpha=2.0 / self.n)  # in place: no scaled copy of the [tokens, in] rows
 
 
 class InputNormObserver:
