@@ -127,11 +127,54 @@ def test_compressed_tensors_asymmetric_weights_decompress_exactly(tmp_path):
     assert torch.equal(weight.float(), model.model.layers[1].mlp.down_proj.dequantized_weight())
 
 
-def test_compressed_tensors_export_refuses_what_it_cannot_express(tmp_path):
-    from lowbit import ActQuant
-    from lowbit.export.compressed_tensors import write_compressed_tensors
+@pytest.mark.parametrize("act", ["token", "tensor-static"])
+def test_compressed_tensors_w8a8_export_is_int_quantized_and_loads_in_transformers(tmp_path, act):
+    """W8A8 goes out as int-quantized: the int8 weights decompress to lowbit's exactly, and transformers +
+    compressed-tensors, which fake-quantize the inputs themselves, give lowbit's logits up to the one-step
+    difference of their dynamic grid (absmax / 127.5 against lowbit's absmax / 127)."""
+    from compressed_tensors.compressors.naive_quantized.base import NaiveQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationScheme
+    from transformers import AutoModelForCausalLM
 
-    folder = quantized_folder(tmp_path, [RTN(WeightQuant(bits=8, symmetric=True, granularity="channel")), ActQuant()])
-    with pytest.raises(LowbitError, match="only weight-only recipes"):
+    from lowbit import ActQuant
+    from lowbit.export.compressed_tensors import compressed_state_dict, write_compressed_tensors
+
+    w8 = WeightQuant(bits=8, symmetric=True, granularity="channel")
+    acts = ActQuant(8, "token") if act == "token" else ActQuant(8, "tensor", dynamic=False)
+    folder = quantized_folder(tmp_path, [RTN(w8), acts])
+    model = lowbit.load(folder)
+    config = write_compressed_tensors(folder, model, tmp_path / "ct")
+    group = config["config_groups"]["group_0"]
+    assert config["format"] == "int-quantized" and group["targets"] == ["Linear"]
+    assert group["input_activations"]["strategy"] == ("token" if act == "token" else "tensor")
+    assert group["input_activations"]["dynamic"] == (act == "token")
+
+    state, _ = compressed_state_dict(model)
+    prefix = "model.layers.1.mlp.down_proj."
+    local = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    assert local["weight"].dtype == torch.int8 and ("input_scale" in local) == (act != "token")
+    scheme = QuantizationScheme(targets=["Linear"], weights=group["weights"])
+    weight = NaiveQuantizationCompressor.decompress(dict(local), scheme)["weight"]
+    assert torch.equal(weight.float(), model.model.layers[1].mlp.down_proj.dequantized_weight())
+
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32)
+    weights_only = lowbit.load(quantized_folder(tmp_path, [RTN(w8)], name="w8"))
+    ids = calibration(n=2, length=24, seed=5)
+    with torch.no_grad():
+        ours, got, unquantized_inputs = model(ids).logits, theirs(ids).logits, weights_only(ids).logits
+    assert (got - ours).abs().max() < 0.02 * ours.abs().max()
+    if act != "token":  # a static scale is the same number in both: the grids agree but for ties
+        assert (got - ours).abs().max() < 0.5 * (unquantized_inputs - ours).abs().max()
+
+
+def test_compressed_tensors_export_refuses_what_it_cannot_express(tmp_path):
+    from lowbit import ActQuant, LLMInt8
+    from lowbit.export.compressed_tensors import check_recipe_for_compressed_tensors, write_compressed_tensors
+
+    folder = quantized_folder(tmp_path, [LLMInt8()])
+    with pytest.raises(LowbitError, match="LLM.int8"):
         write_compressed_tensors(folder, lowbit.load(folder), tmp_path / "ct")
     assert not (tmp_path / "ct").exists()
+    w8 = RTN(WeightQuant(bits=8, symmetric=True, granularity="channel"))
+    with pytest.raises(LowbitError, match="symmetric input quantization only"):
+        check_recipe_for_compressed_tensors(lowbit.Recipe(steps=(w8, ActQuant(8, "token", symmetric=False))))

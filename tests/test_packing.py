@@ -43,6 +43,8 @@ def test_sparse_linear_stores_pruned_weights_compactly_and_exactly():
     assert stored == W.numel() // 2 * 4 + W.numel() // 8  # half the float32 values plus one bit per weight
     x = torch.randn(3, 64)
     assert torch.equal(module(x), torch.nn.functional.linear(x, W))
+    assert module.use_kernels() and torch.equal(module(x), torch.nn.functional.linear(x, W))  # fast: dense kept
+    assert "_dense" not in module.state_dict()
 
 
 @pytest.mark.parametrize("grid", [

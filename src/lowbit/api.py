@@ -22,6 +22,7 @@ from lowbit.pipeline.loop import InMemoryStore, LazyStore, run_blocks
 from lowbit.pipeline.report import QuantizeReport
 from lowbit.recipe import AWQ, Recipe, SmoothQuant, Step
 from lowbit.runtime.registry import build_empty
+from lowbit.runtime.sparse import SparseLinear
 from lowbit.runtime.weight_only import WeightOnlyLinear
 
 log = logging.getLogger(__name__)
@@ -177,8 +178,9 @@ def load(
 
     ``backend``: "exact" dequantizes in every forward and reproduces the calibration loop's output bit for bit;
     "fast" runs weight-only Linears whose grid fits PyTorch's int4 / int8 CPU kernels through them (reduced
-    precision), and W8A8 / LLM.int8() Linears through int8 x int8 -> int32 matmuls (exact integer products); see
-    runtime/kernels.py for what bench/kernels.py measured."""
+    precision), W8A8 / LLM.int8() Linears through int8 x int8 -> int32 matmuls (exact integer products), and keeps
+    pruned Linears' dense weights (fp32 speed, more memory: no CPU kernel gains from 2:4); see runtime/kernels.py for
+    what bench/kernels.py measured."""
     if backend not in BACKENDS:
         raise LowbitError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
     folder = Path(folder)
@@ -190,7 +192,7 @@ def load(
     lazy.materialize("")
     model = lazy.model.to(device).eval()
     if backend == "fast" and torch.device(device).type == "cpu":
-        switched = sum(m.use_kernels() for m in model.modules() if isinstance(m, WeightOnlyLinear))
+        switched = sum(m.use_kernels() for m in model.modules() if isinstance(m, (WeightOnlyLinear, SparseLinear)))
         log.info("fast backend: %d Linear(s) on PyTorch's low-bit kernels", switched)
     model.lowbit_info = LowbitInfo(Recipe.from_dict(config["recipe"]))
     return model

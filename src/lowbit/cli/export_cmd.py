@@ -16,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("export", help="write a lowbit output as compressed-tensors (vLLM) or GGUF (llama.cpp / ollama)")
     e.add_argument("model", help="a lowbit output directory")
     e.add_argument("--format", choices=FORMATS, required=True,
-                   help="compressed-tensors: pack-quantized folder; gguf: Q8_0 / Q4_0 / Q4_1 file from W8 / W4 g32 grids")
+                   help="compressed-tensors: pack-quantized (weight-only) or int-quantized (W8A8) folder; gguf: Q8_0 / Q4_0 / Q4_1 file from W8 / W4 g32 grids")
     e.add_argument("--out", required=True, help="the output folder (compressed-tensors) or file (gguf, e.g. model.gguf)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing output")
     e.set_defaults(func=run_export)

@@ -38,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     q.add_argument("--format", choices=("lowbit", "gguf", "compressed-tensors"), default="lowbit",
                    help="also write OUT/model.gguf (Q8_0/Q4_0/Q4_1; needs a g32 grid, checked before quantizing) or "
-                        "OUT/compressed-tensors/ (vLLM; weight-only recipes)")
+                        "OUT/compressed-tensors/ (vLLM; weight-only and W8A8 recipes)")
     q.add_argument("--measure", action="store_true",
                    help="run the calibration text through data-free recipes too (RTN, magnitude pruning, LLM.int8(), "
                         "dynamic W8A8), to report per-layer errors; without it they need no forward pass")

@@ -1,14 +1,22 @@
 """Export a lowbit checkpoint as compressed-tensors (the format vLLM and transformers load): weight-only INT2..INT8
-Linears as ``pack-quantized`` with the recipe's group size, everything else as it is, and ``quantization_config`` in
-config.json.
+Linears as ``pack-quantized`` with the recipe's group size, W8A8-style Linears (quantized weights and symmetric
+integer inputs, per token or per tensor) as ``int-quantized``, everything else as it is, and
+``quantization_config`` in config.json.
 
-Per quantized Linear (compressed-tensors names, lowbit's integer codes unchanged):
+Per weight-only Linear (compressed-tensors names, lowbit's integer codes unchanged):
   weight_packed     int32 [out, ceil(in * bits / 32)]   signed codes q = code - 2**(bits-1), packed densely
   weight_scale      [out, n_groups]                     lowbit's float16 scales, in the model's dtype
   weight_zero_point int32 (asymmetric only)             zero - 2**(bits-1), packed along the output dimension
   weight_shape      int64 [2]
 so (q - zero_point) * scale is lowbit's (code - zero) * scale exactly. Packing uses compressed-tensors' own
 ``pack_to_int32`` so the bit layout is the reader's by construction.
+
+Per Linear that also quantizes its inputs (``int-quantized``: one signed code per int8):
+  weight            int8 [out, in]                      q = code - 2**(bits-1)
+  weight_scale      [out, n_groups]; weight_zero_point int8 [out, n_groups] (asymmetric only)
+  input_scale       float32 [1]                         static per-tensor input scale only (dynamic: none)
+The input grid differs in one detail: lowbit's (and vLLM's) dynamic scale is absmax / 127, compressed-tensors'
+reference fake-quantization divides by 127.5, so its logits agree with lowbit's closely, not bit for bit.
 """
 
 from __future__ import annotations
@@ -25,9 +33,12 @@ from lowbit.errors import LowbitError
 from lowbit.io.atomic import atomic_directory
 from lowbit.numerics.qweight import QWeight
 from lowbit.recipe import ActQuant, LLMInt8, Recipe
+from lowbit.runtime.act_quant import ActQuantLinear
+from lowbit.runtime.llm_int8 import Int8OutlierLinear
 from lowbit.runtime.weight_only import WeightOnlyLinear
 
-CT_FORMAT = "pack-quantized"
+CT_FORMAT = "pack-quantized"  # weight-only Linears
+CT_ACT_FORMAT = "int-quantized"  # Linears that quantize their inputs too
 CT_DIR = "compressed-tensors"  # where `lowbit quantize --format compressed-tensors` puts it, inside the output
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                     "generation_config.json")
@@ -43,8 +54,18 @@ def _pack_to_int32():
 
 def check_recipe_for_compressed_tensors(recipe: Recipe) -> None:
     """Refuse, before any quantization work, a recipe whose output this exporter cannot write."""
-    if recipe.find(ActQuant) or recipe.find(LLMInt8):
-        raise LowbitError("compressed-tensors export covers weight-only recipes yet; this one quantizes activations")
+    if recipe.find(LLMInt8):
+        raise LowbitError("compressed-tensors has no LLM.int8() format (outlier columns in float); export a W8A8 "
+                          "recipe such as smoothquant-w8a8 instead, or keep lowbit's own format")
+    act = recipe.find(ActQuant)
+    if act is not None:
+        _check_activations(act.symmetric)
+
+
+def _check_activations(symmetric: bool) -> None:
+    if not symmetric:
+        raise LowbitError("compressed-tensors export writes symmetric input quantization only (what vLLM's int8 "
+                          "kernels run); quantize with symmetric activations")
 
 
 def weight_scheme(qweight: QWeight) -> dict[str, Any]:
@@ -62,8 +83,33 @@ def weight_scheme(qweight: QWeight) -> dict[str, Any]:
     }
 
 
+def activation_scheme(module: ActQuantLinear) -> dict[str, Any]:
+    """The compressed-tensors ``input_activations`` arguments of a Linear that quantizes its inputs."""
+    _check_activations(module.act_symmetric)
+    return {
+        "num_bits": module.act_bits, "type": "int", "symmetric": True,
+        "strategy": "token" if module.act_per_token else "tensor", "group_size": None,
+        "dynamic": not module.act_static, "actorder": None, "observer": None if not module.act_static else "minmax",
+    }
+
+
+def int_quantized_module(module: ActQuantLinear, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """One W8A8-style Linear's ``int-quantized`` tensors (local names): its codes unpacked, one per int8."""
+    qweight = module.unpacked()
+    offset = 1 << (qweight.bits - 1)
+    tensors = {
+        "weight": (qweight.codes.to(torch.int16) - offset).to(torch.int8),
+        "weight_scale": qweight.scale.to(dtype),
+    }
+    if qweight.zero is not None:
+        tensors["weight_zero_point"] = (qweight.zero.to(torch.int16) - offset).to(torch.int8)
+    if module.act_static:
+        tensors["input_scale"] = module.input_scale.reshape(1).float()
+    return tensors
+
+
 def compressed_module(qweight: QWeight, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """One Linear's compressed-tensors tensors (local names)."""
+    """One weight-only Linear's ``pack-quantized`` tensors (local names)."""
     pack = _pack_to_int32()
     offset = 1 << (qweight.bits - 1)
     tensors = {
@@ -85,14 +131,16 @@ def compressed_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], di
     for name, module in model.named_modules():
         if not isinstance(module, WeightOnlyLinear):
             continue
-        if type(module) is not WeightOnlyLinear:
-            raise LowbitError(f"{name} is {type(module).__name__}: only weight-only recipes are exported to compressed-tensors yet")
+        if isinstance(module, Int8OutlierLinear):
+            raise LowbitError(f"{name} is LLM.int8() (outlier columns in float), which compressed-tensors cannot hold")
         qweight = module.unpacked()
-        scheme = weight_scheme(qweight)
-        key = json.dumps(scheme, sort_keys=True)
-        groups.setdefault(key, {"targets": [], "weights": scheme, "input_activations": None, "output_activations": None,
-                                "format": CT_FORMAT})["targets"].append(name)
-        state.update({f"{name}.{k}": v for k, v in compressed_module(qweight, dtype).items()})
+        acts = activation_scheme(module) if isinstance(module, ActQuantLinear) else None
+        group = {"targets": [], "weights": weight_scheme(qweight), "input_activations": acts,
+                 "output_activations": None, "format": CT_FORMAT if acts is None else CT_ACT_FORMAT}
+        key = json.dumps({k: v for k, v in group.items() if k != "targets"}, sort_keys=True)
+        groups.setdefault(key, group)["targets"].append(name)
+        tensors = compressed_module(qweight, dtype) if acts is None else int_quantized_module(module, dtype)
+        state.update({f"{name}.{k}": v for k, v in tensors.items()})
         if module.bias is not None:
             state[f"{name}.bias"] = module.bias
         quantized.add(name)
@@ -107,8 +155,10 @@ def compressed_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], di
     config_groups = {f"group_{i}": g for i, g in enumerate(groups.values())}
     if len(config_groups) == 1:  # the usual case: one scheme for every quantized Linear
         config_groups["group_0"]["targets"] = ["Linear"]
+    formats = {g["format"] for g in config_groups.values()}
     quantization_config = {
-        "quant_method": "compressed-tensors", "format": CT_FORMAT, "quantization_status": "compressed",
+        "quant_method": "compressed-tensors", "format": formats.pop() if len(formats) == 1 else "mixed-precision",
+        "quantization_status": "compressed",
         "config_groups": config_groups, "ignore": plain, "kv_cache_scheme": None,
     }
     return {k: v.detach().contiguous() for k, v in state.items()}, quantization_config

@@ -3,7 +3,8 @@
 At 50% sparsity, unstructured or 2:4, this is 1 bit per weight plus half the values: 2.125 bytes per float32
 weight instead of 4 (1.06 per bfloat16 instead of 2). For 2:4 the bitmap costs exactly what 2-bit in-group indices
 would. Forward scatters the values into a dense weight and multiplies (PyTorch's semi-structured sparse kernels
-are CUDA-only; the dense product is what every backend must match).
+are CUDA-only; the dense product is what every backend must match). The ``fast`` backend keeps the dense weight
+after loading instead: fp32 speed for fp32-plus-packed memory, since there is no CPU kernel that gains from 2:4.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class SparseLinear(nn.Module):
         self.register_buffer("values", torch.empty(nnz, dtype=dtype, device=device))
         self.bias: torch.Tensor | None
         self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if has_bias else None)
+        self._dense: torch.Tensor | None = None  # set by use_kernels(): W [out, in], not saved
 
     @classmethod
     def from_dense(cls, W: torch.Tensor, bias: torch.Tensor | None) -> SparseLinear:
@@ -60,8 +62,14 @@ class SparseLinear(nn.Module):
         W[keep] = self.values
         return W if dtype is None else W.to(dtype)
 
+    def use_kernels(self) -> bool:
+        """Keep the dense weight instead of scattering it on every call (bit-identical outputs). Returns True."""
+        self._dense = self.dense_weight()
+        return True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dense_weight(x.dtype), self.bias)
+        weight = self._dense if self._dense is not None and self._dense.dtype == x.dtype else self.dense_weight(x.dtype)
+        return F.linear(x, weight, self.bias)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, kept={self.nnz / (self.in_features * self.out_features):.1%}"
