@@ -3,7 +3,8 @@
     .venv/bin/python bench/export_agreement.py LOWBIT_DIR EXPORTED [--results FILE.json]
 
 Both are evaluated on the same windows of the embedded evaluation text; prints (and writes) the largest absolute
-logit difference relative to the largest logit, and both perplexities.
+logit difference relative to the largest logit (and the window position where it occurs), the share of positions
+whose top-1 token agrees, and both perplexities.
 """
 
 from __future__ import annotations
@@ -47,17 +48,23 @@ def main() -> None:
     ids = evaluation_ids(ours.tokenizer, documents(DEFAULT_TEXT, "evaluation"))[0, : args.windows * args.window]
     windows = ids.reshape(args.windows, args.window)  # [windows, window]
     worst, scale, nll = 0.0, 0.0, {"lowbit": 0.0, "exported": 0.0}
+    worst_position, same_top1 = 0, 0
     with torch.no_grad():
         for w in windows:
-            a = ours.model(w[None]).logits[0].float()
+            a = ours.model(w[None]).logits[0].float()  # [window, vocab]
             b = theirs(w[None]).logits[0].float()
-            worst, scale = max(worst, float((a - b).abs().max())), max(scale, float(a.abs().max()))
+            per_position = (a - b).abs().amax(dim=-1)  # [window]
+            if float(per_position.max()) > worst:
+                worst, worst_position = float(per_position.max()), int(per_position.argmax())
+            scale = max(scale, float(a.abs().max()))
+            same_top1 += int((a.argmax(-1) == b.argmax(-1)).sum())
             for name, logits in (("lowbit", a), ("exported", b)):
                 nll[name] += float(torch.nn.functional.cross_entropy(logits[:-1], w[1:], reduction="sum"))
     tokens = args.windows * (args.window - 1)
     result = {
         "lowbit_dir": args.lowbit_dir, "exported": args.exported, "tokens": tokens,
         "max_abs_logit_diff": worst, "max_abs_logit": scale, "relative": worst / scale,
+        "worst_position_in_window": worst_position, "top1_agreement": same_top1 / windows.numel(),
         "perplexity_lowbit": float(torch.exp(torch.tensor(nll["lowbit"] / tokens))),
         "perplexity_exported": float(torch.exp(torch.tensor(nll["exported"] / tokens))),
         "exported_bytes": _bytes(Path(args.exported)),

@@ -59,7 +59,7 @@ def run_measured(command: list[str], log: Path) -> tuple[int, float, int]:
     """(exit status, wall seconds, peak RSS bytes of the child and its waited-for descendants)."""
     start = time.perf_counter()
     with log.open("w") as sink:
-        child = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, cwd=Path(__file__).parent)
+        child = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, cwd=WORK)  # GPTQModel logs to ./logs
         _, status, usage = os.wait4(child.pid, 0)
     child.returncode = os.waitstatus_to_exitcode(status)
     return child.returncode, time.perf_counter() - start, usage.ru_maxrss * 1024  # ru_maxrss is in KiB on Linux
@@ -72,7 +72,7 @@ def weight_bytes(folder: Path) -> int:
 def evaluate(tool: str, folder: Path | None) -> dict:
     command = [str(PYTHON["lowbit" if tool == "fp32" else tool]), str(Path(__file__).parent / "evaluate.py"), tool]
     command += [str(folder)] if folder is not None else []
-    done = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).parent)
+    done = subprocess.run(command, capture_output=True, text=True, cwd=WORK)
     if done.returncode != 0:
         return {"error": done.stderr.strip().splitlines()[-1][:300] if done.stderr.strip() else "failed"}
     return json.loads(done.stdout.strip().splitlines()[-1])
