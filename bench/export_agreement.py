@@ -1,17 +1,25 @@
 """Logits agreement of an export (a GGUF file, a compressed-tensors folder) with lowbit's own loader, on held-out text.
 
-    .venv/bin/python bench/export_agreement.py LOWBIT_DIR EXPORTED [--results FILE.json]
+    .venv/bin/python bench/export_agreement.py LOWBIT_DIR EXPORTED [--reader transformers|llama.cpp] [--results FILE.json]
 
 Both are evaluated on the same windows of the embedded evaluation text; prints (and writes) the largest absolute
 logit difference relative to the largest logit (and the window position where it occurs), the share of positions
-whose top-1 token agrees, and both perplexities.
+whose top-1 token agrees, and both perplexities. The reader is transformers (compressed-tensors folders, or GGUF
+through ``gguf_file=``) or, for a GGUF file, llama.cpp itself (bench/llamacpp/setup.sh builds it in its own
+environment; bench/llamacpp/logits.py runs there), which also tokenizes the evaluation text with the tokenizer
+lowbit wrote into the file, compared token for token with the Hugging Face tokenizer.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
+
+import numpy as np
 
 import torch
 
@@ -31,6 +39,29 @@ def _open_export(path: Path) -> torch.nn.Module:
     return open_model(str(path)).model
 
 
+LLAMACPP_PYTHON = Path("out/llamacpp/venv/bin/python")
+LLAMACPP_LOGITS = Path(__file__).parent / "llamacpp" / "logits.py"
+
+
+def _llamacpp_reader(gguf: Path, windows: torch.Tensor, text: str, tokenizer) -> tuple[Callable[[int], torch.Tensor], dict]:
+    """All windows' logits from llama.cpp in one child process, plus its tokenization of ``text`` against ours."""
+    if not LLAMACPP_PYTHON.exists():
+        raise SystemExit(f"{LLAMACPP_PYTHON} is missing: run bench/llamacpp/setup.sh first")
+    with tempfile.TemporaryDirectory() as tmp:
+        ids, logits, text_file = Path(tmp, "ids.npy"), Path(tmp, "logits.npy"), Path(tmp, "text.txt")
+        np.save(ids, windows.numpy())
+        text_file.write_text(text, encoding="utf-8")
+        subprocess.run([str(LLAMACPP_PYTHON), str(LLAMACPP_LOGITS), str(gguf), str(ids), str(logits), "--text",
+                        str(text_file)], check=True)
+        all_logits = torch.from_numpy(np.load(logits))  # [windows, window, vocab]
+        theirs = np.load(Path(tmp, "logits.tokens.npy")).tolist()
+    ours = tokenizer(text, add_special_tokens=False)["input_ids"]
+    same = sum(a == b for a, b in zip(ours, theirs))
+    tokens = {"tokenizer_text_chars": len(text), "tokens_hf": len(ours), "tokens_llamacpp": len(theirs),
+              "tokenization_identical": ours == theirs, "tokenization_same_prefix_share": same / max(len(ours), 1)}
+    return lambda i: all_logits[i], tokens
+
+
 def _bytes(path: Path) -> int:
     """A file's size, or the weight files of a folder."""
     return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*.safetensors"))
@@ -42,17 +73,25 @@ def main() -> None:
     parser.add_argument("exported")
     parser.add_argument("--windows", type=int, default=4)
     parser.add_argument("--window", type=int, default=512)
+    parser.add_argument("--reader", choices=("transformers", "llama.cpp"), default="transformers")
     parser.add_argument("--results", help="JSON file to write")
     args = parser.parse_args()
-    ours, theirs = open_model(args.lowbit_dir), _open_export(Path(args.exported))
-    ids = evaluation_ids(ours.tokenizer, documents(DEFAULT_TEXT, "evaluation"))[0, : args.windows * args.window]
+    ours = open_model(args.lowbit_dir)
+    texts = documents(DEFAULT_TEXT, "evaluation")
+    ids = evaluation_ids(ours.tokenizer, texts)[0, : args.windows * args.window]
     windows = ids.reshape(args.windows, args.window)  # [windows, window]
+    extra: dict = {}
+    if args.reader == "llama.cpp":
+        reader, extra = _llamacpp_reader(Path(args.exported), windows, "\n\n".join(texts[:20]), ours.tokenizer)
+    else:
+        exported = _open_export(Path(args.exported))
+        reader = lambda i: exported(windows[i][None]).logits[0]  # noqa: E731
     worst, scale, nll = 0.0, 0.0, {"lowbit": 0.0, "exported": 0.0}
     worst_position, same_top1 = 0, 0
     with torch.no_grad():
-        for w in windows:
+        for i, w in enumerate(windows):
             a = ours.model(w[None]).logits[0].float()  # [window, vocab]
-            b = theirs(w[None]).logits[0].float()
+            b = reader(i).float()
             per_position = (a - b).abs().amax(dim=-1)  # [window]
             if float(per_position.max()) > worst:
                 worst, worst_position = float(per_position.max()), int(per_position.argmax())
@@ -62,12 +101,13 @@ def main() -> None:
                 nll[name] += float(torch.nn.functional.cross_entropy(logits[:-1], w[1:], reduction="sum"))
     tokens = args.windows * (args.window - 1)
     result = {
-        "lowbit_dir": args.lowbit_dir, "exported": args.exported, "tokens": tokens,
+        "lowbit_dir": args.lowbit_dir, "exported": args.exported, "reader": args.reader, "tokens": tokens,
         "max_abs_logit_diff": worst, "max_abs_logit": scale, "relative": worst / scale,
         "worst_position_in_window": worst_position, "top1_agreement": same_top1 / windows.numel(),
         "perplexity_lowbit": float(torch.exp(torch.tensor(nll["lowbit"] / tokens))),
         "perplexity_exported": float(torch.exp(torch.tensor(nll["exported"] / tokens))),
         "exported_bytes": _bytes(Path(args.exported)),
+        **extra,
     }
     print(json.dumps(result, indent=2))
     if args.results:

@@ -34,6 +34,8 @@ def test_gguf_blocks_hold_lowbit_weights_and_transformers_loads_them(tmp_path, g
     types = write_gguf(folder, model, out)
     assert set(types.values()) == {kind} and len(types) == 2 * 7
     reader = gguf.GGUFReader(str(out))
+    pre = reader.fields["tokenizer.ggml.pre"]
+    assert bytes(pre.parts[pre.data[0]]).decode() == "gpt-2"  # the byte tokenizer's GPT-2 split, named for llama.cpp
     tensors = {t.name: t for t in reader.tensors}
     q = model.model.layers[1].self_attn.q_proj
     stored = tensors["blk.1.attn_q.weight"]
@@ -63,6 +65,27 @@ def test_gguf_export_refuses_grids_it_cannot_hold(tmp_path, capsys):
     with pytest.raises(LowbitError, match="act-order"):
         act_order = quantized_folder(tmp_path, [GPTQ(WeightQuant(bits=4, group_size=32), act_order=True)], "a")
         write_gguf(act_order, lowbit.load(act_order), tmp_path / "a.gguf")
+    pruned = quantized_folder(tmp_path, [lowbit.Prune("magnitude", 0.5)], "p")
+    with pytest.raises(LowbitError, match="GGUF has no sparse format"):
+        write_gguf(pruned, lowbit.load(pruned), tmp_path / "p.gguf")
+    assert not list(tmp_path.glob("*p.gguf*"))
+
+
+def test_gguf_names_the_pre_tokenizer_llama_cpp_must_apply():
+    """llama.cpp picks its pre-tokenizer by name; a wrong one runs but tokenizes differently, so unknown ones fail."""
+    from lowbit.export.gguf_tokenizer import _LLAMA3_SPLIT, gguf_pre_tokenizer
+
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    assert gguf_pre_tokenizer(byte_level) == "gpt-2"
+    digits = {"type": "Digits", "individual_digits": True}
+    assert gguf_pre_tokenizer({"type": "Sequence", "pretokenizers": [digits, byte_level]}) == "smollm"
+    split = {"type": "Split", "pattern": {"Regex": _LLAMA3_SPLIT}, "behavior": "Isolated", "invert": False}
+    llama3 = {"type": "Sequence", "pretokenizers": [split, {**byte_level, "use_regex": False}]}
+    assert gguf_pre_tokenizer(llama3) == "llama-bpe"
+    with pytest.raises(LowbitError, match="cannot name this tokenizer's pre-tokenizer"):
+        gguf_pre_tokenizer({"type": "Metaspace", "replacement": "_"})
+    with pytest.raises(LowbitError, match="cannot name"):  # a Split regex it does not know is not guessed
+        gguf_pre_tokenizer({"type": "Sequence", "pretokenizers": [{**split, "pattern": {"Regex": "x"}}, byte_level]})
 
 
 def test_permutation_matches_transformers_inverse():
@@ -178,3 +201,71 @@ def test_compressed_tensors_export_refuses_what_it_cannot_express(tmp_path):
     w8 = RTN(WeightQuant(bits=8, symmetric=True, granularity="channel"))
     with pytest.raises(LowbitError, match="symmetric input quantization only"):
         check_recipe_for_compressed_tensors(lowbit.Recipe(steps=(w8, ActQuant(8, "token", symmetric=False))))
+
+
+def _linear_weights(model) -> dict[str, torch.Tensor]:
+    return {n: m.weight.detach() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "unstructured"])
+def test_compressed_tensors_export_of_a_pruned_model_is_dense_and_loads_with_identical_logits(tmp_path, pattern):
+    """compressed-tensors has no sparse storage since 0.15, so pruned Linears go out dense: a plain checkpoint
+    that transformers loads with lowbit's logits, the pruned zeros intact."""
+    from transformers import AutoModelForCausalLM
+
+    from lowbit import Prune
+    from lowbit.export.compressed_tensors import write_compressed_tensors
+
+    folder = quantized_folder(tmp_path, [Prune("magnitude", 0.5 if pattern == "unstructured" else None, pattern)])
+    model = lowbit.load(folder)
+    assert write_compressed_tensors(folder, model, tmp_path / "ct") is None
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32)
+    assert getattr(theirs.config, "quantization_config", None) is None
+    weights = _linear_weights(theirs)
+    assert len(weights) == 2 * 7
+    for W in weights.values():
+        if pattern == "2:4":
+            assert torch.equal((W.reshape(W.shape[0], -1, 4) == 0).sum(-1), torch.full((W.shape[0], W.shape[1] // 4), 2))
+        else:
+            assert (W == 0).float().mean().item() == pytest.approx(0.5, abs=0.01)
+    ids = calibration(n=2, length=24, seed=5)
+    with torch.no_grad():
+        assert torch.equal(theirs(ids).logits, model(ids).logits)
+
+
+def test_compressed_tensors_export_of_a_pruned_and_quantized_model_keeps_the_zeros(tmp_path):
+    """2:4 pruning then W4: pack-quantized codes hold the pruned zeros exactly (q = 0 on a symmetric grid)."""
+    from transformers import AutoModelForCausalLM
+
+    from lowbit import Prune
+    from lowbit.export.compressed_tensors import write_compressed_tensors
+
+    grid = WeightQuant(bits=4, symmetric=True, group_size=32)
+    folder = quantized_folder(tmp_path, [Prune("wanda", None, "2:4"), GPTQ(grid)])
+    model = lowbit.load(folder)
+    assert write_compressed_tensors(folder, model, tmp_path / "ct")["format"] == "pack-quantized"
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32)
+    ids = calibration(n=2, length=24, seed=5)
+    with torch.no_grad():
+        assert torch.equal(theirs(ids).logits, model(ids).logits)
+    down = model.model.layers[1].mlp.down_proj.dequantized_weight()
+    assert torch.equal((down.reshape(down.shape[0], -1, 4) == 0).sum(-1).clamp(max=2), torch.full((down.shape[0], down.shape[1] // 4), 2))
+
+
+def test_outputs_are_readable_by_other_users_under_the_umask(tmp_path):
+    """safetensors writes 0o600 files; a lowbit output (and its compressed-tensors export) takes a plain open()'s
+    permissions, so a serving engine running as another user can read it."""
+    import os
+    import stat
+
+    from lowbit.export.compressed_tensors import write_compressed_tensors
+
+    old = os.umask(0o022)
+    try:
+        folder = quantized_folder(tmp_path, [RTN(WeightQuant(bits=4, symmetric=True, group_size=32))])
+        write_compressed_tensors(folder, lowbit.load(folder), tmp_path / "ct")
+    finally:
+        os.umask(old)
+    files = [p for root in (folder, tmp_path / "ct") for p in root.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".safetensors" for p in files)
+    assert {stat.S_IMODE(p.stat().st_mode) for p in files} == {0o644}

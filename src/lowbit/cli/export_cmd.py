@@ -33,7 +33,10 @@ def run_export(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if args.format == "compressed-tensors":
         config = write_compressed_tensors(source.folder, load(source.folder), out, args.overwrite)
-        console.print(f"wrote {out}: {len(config['config_groups'])} quantization group(s), format {config['format']}")
+        if config is None:
+            console.print(f"wrote {out}: pruned Linears as dense weights (compressed-tensors has no sparse format since 0.15)")
+        else:
+            console.print(f"wrote {out}: {len(config['config_groups'])} quantization group(s), format {config['format']}")
         return 0
     if out.exists() and not args.overwrite:
         raise LowbitError(f"{out} exists; pass --overwrite to replace it")

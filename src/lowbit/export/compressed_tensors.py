@@ -17,6 +17,11 @@ Per Linear that also quantizes its inputs (``int-quantized``: one signed code pe
   input_scale       float32 [1]                         static per-tensor input scale only (dynamic: none)
 The input grid differs in one detail: lowbit's (and vLLM's) dynamic scale is absmax / 127, compressed-tensors'
 reference fake-quantization divides by 127.5, so its logits agree with lowbit's closely, not bit for bit.
+
+Pruned (not quantized) Linears are written as their dense ``weight``, zeros included. compressed-tensors removed
+its sparse storage formats (sparse-bitmask, sparse-24-bitmask, marlin-24) in 0.15 (vllm-project/compressed-tensors
+#610), and llm-compressor now saves pruned models dense too; a pruning-only recipe therefore gives a plain dense
+checkpoint with no ``quantization_config``, which vLLM and transformers load as any other.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from lowbit.numerics.qweight import QWeight
 from lowbit.recipe import ActQuant, LLMInt8, Recipe
 from lowbit.runtime.act_quant import ActQuantLinear
 from lowbit.runtime.llm_int8 import Int8OutlierLinear
+from lowbit.runtime.sparse import SparseLinear
 from lowbit.runtime.weight_only import WeightOnlyLinear
 
 CT_FORMAT = "pack-quantized"  # weight-only Linears
@@ -89,7 +95,7 @@ def activation_scheme(module: ActQuantLinear) -> dict[str, Any]:
     return {
         "num_bits": module.act_bits, "type": "int", "symmetric": True,
         "strategy": "token" if module.act_per_token else "tensor", "group_size": None,
-        "dynamic": not module.act_static, "actorder": None, "observer": None if not module.act_static else "minmax",
+        "dynamic": not module.act_static, "actorder": None, "observer": "minmax" if module.act_static else None,
     }
 
 
@@ -122,36 +128,44 @@ def compressed_module(qweight: QWeight, dtype: torch.dtype) -> dict[str, torch.T
     return tensors
 
 
-def compressed_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(state dict, quantization_config) of a lowbit-loaded model; a pure function of the model."""
+def compressed_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """(state dict, quantization_config) of a lowbit-loaded model; a pure function of the model. The config is None
+    when no Linear is quantized (a pruning-only recipe: dense weights, see the module docstring)."""
     dtype = model.get_input_embeddings().weight.dtype
     state: dict[str, torch.Tensor] = {}
     groups: dict[str, dict[str, Any]] = {}  # scheme as JSON -> its config group
-    quantized: set[str] = set()
+    written: set[str] = set()  # Linears whose tensors are already in ``state``
     for name, module in model.named_modules():
-        if not isinstance(module, WeightOnlyLinear):
+        if isinstance(module, SparseLinear):
+            state[f"{name}.weight"] = module.dense_weight()
+        elif isinstance(module, WeightOnlyLinear):
+            if isinstance(module, Int8OutlierLinear):
+                raise LowbitError(f"{name} is LLM.int8() (outlier columns in float), which compressed-tensors cannot hold")
+            qweight = module.unpacked()
+            acts = activation_scheme(module) if isinstance(module, ActQuantLinear) else None
+            group = {"targets": [], "weights": weight_scheme(qweight), "input_activations": acts,
+                     "output_activations": None, "format": CT_FORMAT if acts is None else CT_ACT_FORMAT}
+            key = json.dumps({k: v for k, v in group.items() if k != "targets"}, sort_keys=True)
+            groups.setdefault(key, group)["targets"].append(name)
+            tensors = compressed_module(qweight, dtype) if acts is None else int_quantized_module(module, dtype)
+            state.update({f"{name}.{k}": v for k, v in tensors.items()})
+        else:
             continue
-        if isinstance(module, Int8OutlierLinear):
-            raise LowbitError(f"{name} is LLM.int8() (outlier columns in float), which compressed-tensors cannot hold")
-        qweight = module.unpacked()
-        acts = activation_scheme(module) if isinstance(module, ActQuantLinear) else None
-        group = {"targets": [], "weights": weight_scheme(qweight), "input_activations": acts,
-                 "output_activations": None, "format": CT_FORMAT if acts is None else CT_ACT_FORMAT}
-        key = json.dumps({k: v for k, v in group.items() if k != "targets"}, sort_keys=True)
-        groups.setdefault(key, group)["targets"].append(name)
-        tensors = compressed_module(qweight, dtype) if acts is None else int_quantized_module(module, dtype)
-        state.update({f"{name}.{k}": v for k, v in tensors.items()})
         if module.bias is not None:
             state[f"{name}.bias"] = module.bias
-        quantized.add(name)
-    if not quantized:
-        raise LowbitError("no quantized Linear found: export a lowbit output directory made by `lowbit quantize`")
+        written.add(name)
+    if not written:
+        raise LowbitError("no quantized or pruned Linear found: export a lowbit output directory made by `lowbit quantize`")
     for name, tensor in model.state_dict().items():
-        if name.rsplit(".", 1)[0] not in quantized and "rotary_emb" not in name:
+        if name.rsplit(".", 1)[0] not in written and "rotary_emb" not in name:
             state.setdefault(name, tensor)
     if getattr(model.config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)
-    plain = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in quantized]
+    state = {k: v.detach().contiguous() for k, v in state.items()}
+    if not groups:
+        return state, None
+    quantized = {t for g in groups.values() for t in g["targets"]}
+    plain = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, SparseLinear)) and n not in quantized]
     config_groups = {f"group_{i}": g for i, g in enumerate(groups.values())}
     if len(config_groups) == 1:  # the usual case: one scheme for every quantized Linear
         config_groups["group_0"]["targets"] = ["Linear"]
@@ -161,16 +175,21 @@ def compressed_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], di
         "quantization_status": "compressed",
         "config_groups": config_groups, "ignore": plain, "kv_cache_scheme": None,
     }
-    return {k: v.detach().contiguous() for k, v in state.items()}, quantization_config
+    return state, quantization_config
 
 
-def write_compressed_tensors(folder: Path, model: nn.Module, out: Path, overwrite: bool = False) -> dict[str, Any]:
-    """Write the export of ``model`` (loaded from lowbit output ``folder``) to directory ``out``, atomically."""
+def write_compressed_tensors(
+    folder: Path, model: nn.Module, out: Path, overwrite: bool = False
+) -> dict[str, Any] | None:
+    """Write the export of ``model`` (loaded from lowbit output ``folder``) to directory ``out``, atomically.
+    Returns its quantization_config (None: a pruning-only model, written dense)."""
     from safetensors.torch import save_file
 
     state, quantization_config = compressed_state_dict(model)
     config = json.loads((folder / "config.json").read_text())
-    config["quantization_config"] = quantization_config
+    config.pop("quantization_config", None)
+    if quantization_config is not None:
+        config["quantization_config"] = quantization_config
     with atomic_directory(out, overwrite=overwrite) as tmp:
         save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2))

@@ -3,7 +3,8 @@ GPTQ/AWQ-optimised integer weights: quantized Linears become Q8_0 / Q4_0 / Q4_1 
 everything else float32.
 
 GGUF follows llama.cpp's converter: tensor names ``blk.N.attn_q.weight`` ..., q/k rows permuted into llama.cpp's
-rotary layout (transformers undoes this on load), and the config and byte-level BPE tokenizer as metadata.
+rotary layout (transformers undoes this on load), and the config and byte-level BPE tokenizer as metadata
+(export/gguf_tokenizer.py).
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.export.ggml_blocks import ggml_blocks, ggml_type_for
+from lowbit.export.gguf_tokenizer import tokenizer_metadata
 from lowbit.recipe import GPTQ, ActQuant, LLMInt8, Recipe
+from lowbit.runtime.sparse import SparseLinear
 from lowbit.runtime.weight_only import WeightOnlyLinear
 
 GGUF_FILE = "model.gguf"  # where `lowbit quantize --format gguf` puts it, inside the output directory
@@ -54,7 +57,10 @@ def check_recipe_for_gguf(recipe: Recipe, model_type: str) -> None:
         raise LowbitError("GGUF cannot express activation quantization (W8A8, LLM.int8()); export a weight-only recipe")
     grids = [s.weights for s in recipe.steps if getattr(s, "weights", None) is not None]
     if not grids:
-        raise LowbitError("GGUF export needs quantized weights; this recipe has no RTN/GPTQ/AWQ/SparseGPT weight grid")
+        raise LowbitError(
+            "GGUF export needs quantized weights and has no sparse format; this recipe has no RTN/GPTQ/AWQ/SparseGPT "
+            "weight grid: add one (e.g. GPTQ W4 symmetric g32 after the pruning step) or export compressed-tensors"
+        )
     grid = grids[-1]
     gptq = recipe.find(GPTQ)
     holdable = grid.granularity == "group" and grid.group_size == 32 and (grid.bits == 4 or (grid.bits == 8 and grid.symmetric))
@@ -87,30 +93,13 @@ def check_exportable(model: nn.Module) -> dict[str, str]:
             except LowbitError as exc:
                 raise LowbitError(f"{name}: {exc}") from None
     if not types:
-        raise LowbitError("no quantized Linear found: export a lowbit output directory made by `lowbit quantize`")
+        pruned = any(isinstance(m, SparseLinear) for m in model.modules())
+        raise LowbitError(
+            "only pruned Linears found: GGUF has no sparse format; quantize them too (e.g. GPTQ W4 symmetric g32 "
+            "after the pruning step) or export compressed-tensors" if pruned else
+            "no quantized Linear found: export a lowbit output directory made by `lowbit quantize`"
+        )
     return types
-
-
-def tokenizer_metadata(folder: Path) -> dict[str, Any]:
-    """GGUF tokenizer keys from a byte-level BPE tokenizer.json (GPT-2 style, as Llama 3, SmolLM2, Qwen use)."""
-    path = folder / "tokenizer.json"
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise LowbitError(f"cannot read {path} ({exc}); GGUF export needs the model's tokenizer.json") from None
-    model = data.get("model", {})
-    if model.get("type") != "BPE":
-        raise LowbitError(f"GGUF export handles byte-level BPE tokenizers; {path} is {model.get('type')!r}")
-    vocab: dict[str, int] = dict(model["vocab"])
-    special = {t["content"] for t in data.get("added_tokens", []) if t.get("special")}
-    for token in data.get("added_tokens", []):
-        vocab[token["content"]] = token["id"]
-    tokens = [f"[PAD{i}]" for i in range(max(vocab.values()) + 1)]
-    for token, index in vocab.items():
-        tokens[index] = token
-    types = [3 if t in special else (5 if t.startswith("[PAD") and t not in vocab else 1) for t in tokens]
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    return {"tokens": tokens, "token_types": types, "merges": merges}
 
 
 def write_gguf(folder: Path, model: nn.Module, out: Path) -> dict[str, str]:
@@ -137,7 +126,7 @@ def write_gguf(folder: Path, model: nn.Module, out: Path) -> dict[str, str]:
         writer.add_layer_norm_rms_eps(config.rms_norm_eps)
         writer.add_vocab_size(config.vocab_size)
         writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre("default")
+        writer.add_tokenizer_pre(tokenizer["pre"])
         writer.add_token_list(tokenizer["tokens"])
         writer.add_token_types(tokenizer["token_types"])
         if tokenizer["merges"]:

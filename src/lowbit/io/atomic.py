@@ -27,6 +27,21 @@ def check_output_dir(final: Path, overwrite: bool) -> None:
         raise LowbitError(f"parent directory {parent} of the output does not exist; create it first")
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the process umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
+
+
+def make_readable(folder: Path) -> None:
+    """Give every file in ``folder`` the permissions a plain ``open()`` would (0o666 minus the umask). safetensors
+    0.8 writes its files 0o600, which a serving engine running as another user cannot read."""
+    mode = 0o666 & ~_umask()
+    for path in folder.rglob("*"):
+        if path.is_file():
+            path.chmod(mode)
+
+
 @contextmanager
 def atomic_directory(final: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory next to ``final``; on success it replaces ``final``, on any error (or Ctrl-C)
@@ -41,6 +56,7 @@ def atomic_directory(final: Path, overwrite: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    make_readable(tmp)
     if final.exists():
         old = final.resolve().parent / f".{final.name}.old-{os.getpid()}"
         os.replace(final, old)

@@ -83,11 +83,13 @@ def _shared_inputs(ctx: BlockContext, stage: list[str]) -> list[list[str]]:
     """``stage`` split into lists of Linears that read the same input: a scale group's Linears (fed by one norm or
     Linear, by the architecture table) together, every other Linear alone."""
     lists: list[list[str]] = []
+    assigned: set[str] = set()
     for group in ctx.arch.groups:
-        together = [p for p in group.linears if p in stage and not any(p in seen for seen in lists)]
+        together = [p for p in group.linears if p in stage and p not in assigned]
         if together:
             lists.append(together)
-    return lists + [[p] for p in stage if not any(p in seen for seen in lists)]
+            assigned.update(together)
+    return lists + [[p] for p in stage if p not in assigned]
 
 
 def compress_block(ctx: BlockContext, recipe: Recipe) -> dict[str, Compressed]:
@@ -115,7 +117,9 @@ def compress_block(ctx: BlockContext, recipe: Recipe) -> dict[str, Compressed]:
         for path in stage:
             start = time.perf_counter()
             module, note = _compress_linear(ctx, path, recipe, stats[path])
-            ctx.block.set_submodule(path, calibration_stand_in(module, ctx.targets[path].weight.dtype))
+            # a block that runs no further pass (data-free) gets its runtime module directly
+            placed = module if ctx.data is None else calibration_stand_in(module, ctx.targets[path].weight.dtype)
+            ctx.block.set_submodule(path, placed)
             done[path] = Compressed(module, label, time.perf_counter() - start, note)
     return done
 

@@ -1,4 +1,4 @@
-"""PyTorch's own low-bit CPU matmul kernels, wrapped for lowbit's packed weights (the "fast" backend).
+"""PyTorch's own low-bit matmul kernels, wrapped for lowbit's packed weights (the "fast" backend), on CPU and CUDA.
 
 bench/kernels.py measured on this project's 2-core CPU (torch 2.13): for a 4096 -> 11008 Linear at one token,
 `_weight_int4pack_mm_for_cpu` ran ~10x faster than fp32 F.linear while lowbit's unpack-and-dequantize path ran
@@ -9,6 +9,13 @@ opt-in; the exact backend reproduces the calibration loop's fake-quant output bi
 
 W8A8 (INT8 per-channel weights, symmetric INT8 inputs) runs on `torch._int_mm`: int8 x int8 -> int32 products,
 exact, then the input and weight scales; it differs from the fake-quant reference only by float32 summation order.
+
+On CUDA the same two kernels have CUDA forms: int4 is tinygemm (`_convert_weight_to_int4pack` /
+`_weight_int4pack_mm`, sm80+, the layout gpt-fast and torchao use: two codes per byte, the even column in the high
+nibble, then tiled by the op itself), with the same scale/zero convention as the CPU kernel; `_int_mm` runs on
+cuBLASLt, which needs more than 16 rows (shorter inputs are zero-padded) and k, n multiples of 8. Weight-only W8
+has no CUDA kernel in PyTorch and keeps the dequantizing path there. These CUDA forms are checked against PyTorch's
+own shape/dtype rules on a fake CUDA device in the CPU test run; their numbers only where a GPU is present.
 """
 
 from __future__ import annotations
@@ -27,12 +34,16 @@ INT8_MAX_TOKENS = 8  # above this, dequantize + F.linear beats _weight_int8pack_
 
 
 def int4pack_weights(qweight: QWeight) -> tuple[torch.Tensor, torch.Tensor, int] | None:
-    """(packed weight, scales_and_zeros [groups, out, 2] bf16, padded in_features) for the int4 kernel, or None when
-    the grid does not fit it. The kernel computes w = (q - 8) * scale + zero, so lowbit's (q - z) * s maps to
-    zero = (8 - z) * s. in_features is padded to whole groups; inputs are padded with zeros to match."""
+    """(packed weight, scales_and_zeros [groups, out, 2] bf16, padded in_features) for the int4 kernel of the
+    weights' device, or None when the grid does not fit it. The kernel computes w = (q - 8) * scale + zero, so
+    lowbit's (q - z) * s maps to zero = (8 - z) * s. in_features is padded to whole groups; inputs are padded with
+    zeros to match."""
     if qweight.bits != 4 or qweight.group_size not in INT4_GROUP_SIZES or not qweight.groups_in_order:
         return None
-    if qweight.scale.shape[0] != qweight.out_features or qweight.codes.device.type != "cpu":
+    device = qweight.codes.device.type
+    if qweight.scale.shape[0] != qweight.out_features or device not in ("cpu", "cuda"):
+        return None
+    if device == "cuda" and qweight.out_features % 8:  # tinygemm tiles the output in rows of 8
         return None
     gs = qweight.group_size
     padded = -(-qweight.in_features // gs) * gs
@@ -41,18 +52,28 @@ def int4pack_weights(qweight: QWeight) -> tuple[torch.Tensor, torch.Tensor, int]
     zero_code = qweight.zero.float() if qweight.zero is not None else torch.full_like(scale, 8.0)
     scales_and_zeros = torch.stack([scale, (8.0 - zero_code) * scale], dim=-1).transpose(0, 1)  # [n_groups, out, 2]
     try:
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, INT4_INNER_K_TILES)
-    except (RuntimeError, AttributeError):  # a build or CPU without the kernel
+        packed = _int4_layout(codes)
+    except (RuntimeError, AttributeError, NotImplementedError):  # a build or device without the kernel
         return None
     return packed, scales_and_zeros.contiguous().to(torch.bfloat16), padded
+
+
+def _int4_layout(codes: torch.Tensor) -> torch.Tensor:
+    """codes int32 [out, padded] in 0..15 -> the int4 kernel's own layout on codes' device."""
+    if codes.device.type == "cpu":
+        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, INT4_INNER_K_TILES)
+    pairs = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8).contiguous()  # [out, padded / 2]
+    inner_k_tiles = next(t for t in (8, 4, 2) if codes.shape[1] % (t * 16) == 0)  # padded is a multiple of 32
+    return torch.ops.aten._convert_weight_to_int4pack(pairs, inner_k_tiles)
 
 
 def int4pack_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
                     padded: int) -> torch.Tensor:
     """x [..., in] -> [..., out] through the int4 kernel (bfloat16 inside, x's dtype outside)."""
     rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)  # [tokens, in]
-    rows = F.pad(rows, (0, padded - rows.shape[-1]))
-    out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, packed, group_size, scales_and_zeros)  # [tokens, out]
+    rows = F.pad(rows, (0, padded - rows.shape[-1])).contiguous()
+    mm = torch.ops.aten._weight_int4pack_mm_for_cpu if packed.device.type == "cpu" else torch.ops.aten._weight_int4pack_mm
+    out = mm(rows, packed, group_size, scales_and_zeros)  # [tokens, out]
     return out.reshape(*x.shape[:-1], -1).to(x.dtype)
 
 
@@ -68,20 +89,27 @@ def int8pack_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor)
     return torch.ops.aten._weight_int8pack_mm(rows, weight, scales).reshape(*x.shape[:-1], -1).to(x.dtype)
 
 
+CUDA_INT_MM_MIN_ROWS = 17  # cuBLASLt's int8 matmul in torch._int_mm needs more than 16 rows
+
+
 def int8_int8_weights(qweight: QWeight) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(int8 weight transposed [in, out], float scales [out]) for `torch._int_mm`, or None when the grid does not fit
-    (not INT8 symmetric per-channel) or this build has no CPU int8 matmul."""
+    (not INT8 symmetric per-channel) or this build has no int8 matmul on the weights' device."""
     weight = int8pack_weights(qweight)
-    if weight is None or qweight.codes.device.type != "cpu" or not _cpu_int_mm_available():
+    device = qweight.codes.device
+    if weight is None or device.type not in ("cpu", "cuda") or not _int_mm_available(device):
+        return None
+    if device.type == "cuda" and (qweight.in_features % 8 or qweight.out_features % 8):
         return None
     return weight[0].T.contiguous(), weight[1]
 
 
 @functools.cache
-def _cpu_int_mm_available() -> bool:
+def _int_mm_available(device: torch.device) -> bool:
+    rows = 1 if device.type == "cpu" else CUDA_INT_MM_MIN_ROWS
     try:
-        torch._int_mm(torch.zeros(1, 8, dtype=torch.int8), torch.zeros(8, 8, dtype=torch.int8))
-    except (RuntimeError, AttributeError):
+        torch._int_mm(torch.zeros(rows, 8, dtype=torch.int8, device=device), torch.zeros(8, 8, dtype=torch.int8, device=device))
+    except (RuntimeError, AttributeError, NotImplementedError):
         return False
     return True
 
@@ -93,6 +121,9 @@ def int8_int8_linear(
     """x [..., in] quantized to symmetric INT8 (per token, or per tensor), times the INT8 weight in integers."""
     rows = x.reshape(-1, x.shape[-1])  # [tokens, in]
     codes, scale = symmetric_activation_codes(rows, 8, per_token, static_scale)
-    acc = torch._int_mm(codes.to(torch.int8), weight_t)  # [tokens, out] int32, exact
+    tokens = rows.shape[0]
+    if rows.is_cuda and tokens < CUDA_INT_MM_MIN_ROWS:  # zero rows: their products are discarded below
+        codes = F.pad(codes, (0, 0, 0, CUDA_INT_MM_MIN_ROWS - tokens))
+    acc = torch._int_mm(codes.to(torch.int8), weight_t)[:tokens]  # [tokens, out] int32, exact
     out = acc.float() * scale * weight_scale  # scale: [tokens, 1] or scalar; weight_scale: [out]
     return out.reshape(*x.shape[:-1], -1).to(x.dtype)

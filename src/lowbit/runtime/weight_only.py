@@ -98,11 +98,12 @@ class WeightOnlyLinear(nn.Module):
         return self.unpacked().dequantize(dtype)
 
     def use_kernels(self) -> bool:
-        """Compute with PyTorch's low-bit kernels where this grid fits one (runtime/kernels.py): reduced precision,
-        much faster decoding on CPU. Returns whether it switched."""
+        """Compute with PyTorch's low-bit kernels where this grid fits one on this module's device
+        (runtime/kernels.py): reduced precision, much faster decoding. Returns whether it switched."""
         qweight = self.unpacked()
         self._int4 = int4pack_weights(qweight)
-        self._int8 = None if self._int4 is not None else int8pack_weights(qweight)
+        on_cpu = qweight.codes.device.type == "cpu"  # _weight_int8pack_mm has no CUDA form
+        self._int8 = int8pack_weights(qweight) if self._int4 is None and on_cpu else None
         return self._int4 is not None or self._int8 is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
