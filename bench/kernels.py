@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from lowbit.evaluation.speed import machine_description
 from lowbit.numerics.activations import quantize_activations
 from lowbit.numerics.rtn import rtn
 from lowbit.recipe import WeightQuant
@@ -107,7 +107,7 @@ def main() -> None:
             print(f"{str(tuple(r['shape'])):>12} {r['tokens']:>6}  {r['backend']:<46} {r['ms']:>9.3f} {r['vs_fp32']:>12.2f}x {r['rel_error_vs_reference']:>10.1e}")
         else:
             print(f"{str(tuple(r['shape'])):>12} {r['tokens']:>6}  {r['backend']:<46} unavailable: {r['error'][:60]}")
-    meta = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"}
+    meta = {"machine": machine_description()}
     Path(args.out).write_text(json.dumps({**meta, "rows": rows}, indent=2))
 
 

@@ -386,7 +386,9 @@ def test_bench_measures_baselines_and_models_in_children(toy_folder, corpus, tmp
     code, _, _ = run(capsys, "bench", out, "--baseline", toy_folder(), "--prefill-tokens", "16", "--new-tokens", "3",
                      "--repeats", "1", "--results", tmp_path / "r")
     assert code == 0
-    rows = json.loads((tmp_path / "r" / "runtime.json").read_text())["rows"]
+    results = json.loads((tmp_path / "r" / "runtime.json").read_text())
+    assert results["machine"]["threads"] >= 1 and results["machine"]["cpu"]  # what the speeds were measured on
+    rows = results["rows"]
     assert [(r["dtype"], r["backend"]) for r in rows] == [
         ("float32", "-"), ("bfloat16", "-"), ("as stored", "exact"), ("as stored", "fast")]
     assert rows[2]["disk_bytes"] < rows[1]["disk_bytes"] == rows[0]["disk_bytes"]  # bf16 is loaded from the fp32 file

@@ -21,7 +21,7 @@ from lowbit.cli.common import DTYPES, child_command, console, default_model, mib
 from lowbit.errors import LowbitError
 from lowbit.evaluation.comparison import write_json_atomic
 from lowbit.evaluation.evaluate import tensor_bytes
-from lowbit.evaluation.speed import measure_speed
+from lowbit.evaluation.speed import machine_description, measure_speed
 from lowbit.pipeline.memory import resident_bytes
 from lowbit.io.atomic import refuse_non_directory
 from lowbit.models.checkpoint import CheckpointReader
@@ -99,7 +99,8 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.results:
         folder = Path(args.results)
         folder.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(folder / BENCH_JSON, {"device": args.device, "rows": rows})
+        machine = machine_description(parse_device(args.device))
+        write_json_atomic(folder / BENCH_JSON, {"device": args.device, "machine": machine, "rows": rows})
         (folder / BENCH_MD).write_text(runtime_markdown(rows))
         console.print(f"written: {folder / BENCH_JSON}, {folder / BENCH_MD}")
     return 0
