@@ -51,8 +51,10 @@ def _llamacpp_reader(gguf: Path, windows: torch.Tensor, text: str, tokenizer) ->
         ids, logits, text_file = Path(tmp, "ids.npy"), Path(tmp, "logits.npy"), Path(tmp, "text.txt")
         np.save(ids, windows.numpy())
         text_file.write_text(text, encoding="utf-8")
-        subprocess.run([str(LLAMACPP_PYTHON), str(LLAMACPP_LOGITS), str(gguf), str(ids), str(logits), "--text",
-                        str(text_file)], check=True)
+        child = subprocess.run([str(LLAMACPP_PYTHON), str(LLAMACPP_LOGITS), str(gguf), str(ids), str(logits),
+                                "--text", str(text_file)])
+        if child.returncode != 0:
+            raise SystemExit(f"llama.cpp could not evaluate {gguf} (exit {child.returncode}); its message is above")
         all_logits = torch.from_numpy(np.load(logits))  # [windows, window, vocab]
         theirs = np.load(Path(tmp, "logits.tokens.npy")).tolist()
     ours = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -76,6 +78,10 @@ def main() -> None:
     parser.add_argument("--reader", choices=("transformers", "llama.cpp"), default="transformers")
     parser.add_argument("--results", help="JSON file to write")
     args = parser.parse_args()
+    if not Path(args.exported).exists():
+        raise SystemExit(f"{args.exported} does not exist; export it first (`lowbit export`)")
+    if args.reader == "llama.cpp" and not Path(args.exported).is_file():
+        raise SystemExit(f"{args.exported} is not a GGUF file; llama.cpp reads GGUF exports only")
     ours = open_model(args.lowbit_dir)
     texts = documents(DEFAULT_TEXT, "evaluation")
     ids = evaluation_ids(ours.tokenizer, texts)[0, : args.windows * args.window]

@@ -114,6 +114,13 @@ def test_quantize_with_gguf_format_checks_the_recipe_first_and_writes_the_file(t
     with torch.no_grad():
         ours, theirs = lowbit.load(out)(ids).logits, open_model(str(out / "model.gguf")).model(ids).logits
     assert (theirs - ours).abs().max() < 1e-4 * ours.abs().max()
+    # a tokenizer llama.cpp could not be told how to split is refused before any quantization work
+    tokenizer = json.loads((model / "tokenizer.json").read_text())
+    tokenizer["pre_tokenizer"] = {"type": "Metaspace", "replacement": "_", "prepend_scheme": "always", "split": True}
+    (model / "tokenizer.json").write_text(json.dumps(tokenizer))
+    code = main(["quantize", "--model", str(model), "--recipe", str(recipe), "--format", "gguf", "--out", str(tmp_path / "m"), *small])
+    assert code == 2 and "cannot name this tokenizer's pre-tokenizer" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
 
 
 @pytest.mark.parametrize("grid", [WeightQuant(bits=4, symmetric=True, group_size=32), WeightQuant(bits=8, symmetric=True, granularity="channel")])

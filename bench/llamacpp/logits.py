@@ -30,6 +30,9 @@ def main() -> int:
     except ImportError:
         print("llama_cpp is missing: run bench/llamacpp/setup.sh and use out/llamacpp/venv/bin/python", file=sys.stderr)
         return 1
+    if not os.path.isfile(args.model):
+        print(f"{args.model} is not a file", file=sys.stderr)
+        return 1
     windows = np.load(args.windows)
     n_windows, window = windows.shape
     llm = Llama(model_path=args.model, n_ctx=window, n_batch=window, n_ubatch=window, logits_all=True,

@@ -55,6 +55,10 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--results")
     args = parser.parse_args()
+    missing = [m for m in args.models if not os.path.isfile(m)]
+    if missing:
+        print(f"not a file: {', '.join(missing)}", file=sys.stderr)
+        return 1
     rows = [measure(m, args.prefill_tokens, args.new_tokens, args.repeats, args.threads) for m in args.models]
     print(json.dumps(rows, indent=2))
     if args.results:

@@ -88,7 +88,7 @@ def quantize_from_args(args: argparse.Namespace, out: Path, recipe_name: str) ->
     if source.is_lowbit:
         raise LowbitError(f"{args.model} is already a lowbit output; quantize the original model instead")
     if args.format == "gguf":
-        check_recipe_for_gguf(recipe, json.loads((source.folder / "config.json").read_text()).get("model_type", ""))
+        check_recipe_for_gguf(recipe, source.folder)
     if args.format == "compressed-tensors":
         check_recipe_for_compressed_tensors(recipe)
     ids = None

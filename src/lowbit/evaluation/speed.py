@@ -26,7 +26,7 @@ class SpeedResult:
 
 
 # the instruction sets that decide which low-bit CPU kernels are fast: the same code measured 0.67x of fp32 prefill
-# for W4 on an AVX2-only machine and 1.34x on one with AVX-512 BF16/VNNI (README, "Runtime")
+# for W4 on one machine and 1.3-1.5x on one with AVX-512 BF16/VNNI (README, "Runtime")
 _KERNEL_ISA = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8", "asimd", "sve")
 
 

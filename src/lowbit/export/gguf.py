@@ -49,8 +49,10 @@ def gguf_tensor_names(config: Any) -> dict[str, str]:
     return names
 
 
-def check_recipe_for_gguf(recipe: Recipe, model_type: str) -> None:
-    """Refuse, before any quantization work, a recipe whose output GGUF cannot hold."""
+def check_recipe_for_gguf(recipe: Recipe, source: Path) -> None:
+    """Refuse, before any quantization work, a recipe whose output GGUF cannot hold, or a source model (HF folder)
+    whose architecture or tokenizer it cannot."""
+    model_type = json.loads((source / "config.json").read_text()).get("model_type", "")
     if model_type not in GGUF_ARCHITECTURES:
         raise LowbitError(f"GGUF export supports Llama-architecture models ({', '.join(GGUF_ARCHITECTURES)}); this is {model_type!r}")
     if recipe.find(ActQuant) or recipe.find(LLMInt8):
@@ -70,6 +72,7 @@ def check_recipe_for_gguf(recipe: Recipe, model_type: str) -> None:
             f"this recipe gives {grid.label}{' with act-order groups' if holdable else ''}: use group_size 32"
             + (" and static_groups with act_order" if holdable else "")
         )
+    tokenizer_metadata(source)
 
 
 def check_exportable(model: nn.Module) -> dict[str, str]:
