@@ -20,7 +20,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-
 import torch
 
 from lowbit.data.text import documents
@@ -39,7 +38,7 @@ def _open_export(path: Path) -> torch.nn.Module:
     return open_model(str(path)).model
 
 
-LLAMACPP_PYTHON = Path("out/llamacpp/venv/bin/python")
+LLAMACPP_PYTHON = Path(__file__).resolve().parents[1] / "out" / "llamacpp" / "venv" / "bin" / "python"
 LLAMACPP_LOGITS = Path(__file__).parent / "llamacpp" / "logits.py"
 
 

@@ -14,8 +14,8 @@ On CUDA the same two kernels have CUDA forms: int4 is tinygemm (`_convert_weight
 `_weight_int4pack_mm`, sm80+, the layout gpt-fast and torchao use: two codes per byte, the even column in the high
 nibble, then tiled by the op itself), with the same scale/zero convention as the CPU kernel; `_int_mm` runs on
 cuBLASLt, which needs more than 16 rows (shorter inputs are zero-padded) and k, n multiples of 8. Weight-only W8
-has no CUDA kernel in PyTorch and keeps the dequantizing path there. These CUDA forms are checked against PyTorch's
-own shape/dtype rules on a fake CUDA device in the CPU test run; their numbers only where a GPU is present.
+has no CUDA kernel in PyTorch and keeps the dequantizing path there. These CUDA forms are tested only where a GPU
+is present (tests/test_cuda_kernels.py, bench/cuda_check.sh); no run of this project has had one yet.
 """
 
 from __future__ import annotations
