@@ -196,7 +196,7 @@ def load(
         switched = sum(m.use_kernels() for m in model.modules() if isinstance(m, (WeightOnlyLinear, SparseLinear)))
         log.info("fast backend: %d Linear(s) on PyTorch's low-bit kernels", switched)
         # the kernels' layouts were built from unpacked temporaries (one byte per code); glibc keeps such freed
-        # heap memory resident until trimmed: 442 -> 250 MiB RSS growth for SmolLM2 W4 g32 on this backend
+        # heap memory resident until trimmed (`lowbit bench` reports the RSS growth at load that results)
         release_freed_memory()
     model.lowbit_info = LowbitInfo(Recipe.from_dict(config["recipe"]))
     return model
