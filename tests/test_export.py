@@ -13,8 +13,9 @@ from lowbit.models.open import open_model
 from toy import byte_tokenizer, calibration, toy_model
 
 
-def quantized_folder(tmp_path, recipe, name="q"):
-    model = lowbit.quantize(toy_model("llama"), recipe, calibration(n=4, length=32), batch_size=2)
+def quantized_folder(tmp_path, recipe, name="q", biases=True):
+    """A quantized toy Llama; ``biases=False`` for GGUF, whose llama architecture has no Linear biases."""
+    model = lowbit.quantize(toy_model("llama", biases=biases), recipe, calibration(n=4, length=32), batch_size=2)
     folder = tmp_path / name
     lowbit.save(model, folder, tokenizer=byte_tokenizer())
     return folder
@@ -28,7 +29,7 @@ def quantized_folder(tmp_path, recipe, name="q"):
 def test_gguf_blocks_hold_lowbit_weights_and_transformers_loads_them(tmp_path, grid, kind):
     import gguf
 
-    folder = quantized_folder(tmp_path, [GPTQ(grid)])
+    folder = quantized_folder(tmp_path, [GPTQ(grid)], biases=False)
     model = lowbit.load(folder)
     out = tmp_path / "m.gguf"
     types = write_gguf(folder, model, out)
@@ -65,10 +66,13 @@ def test_gguf_export_refuses_grids_it_cannot_hold(tmp_path, capsys):
     with pytest.raises(LowbitError, match="act-order"):
         act_order = quantized_folder(tmp_path, [GPTQ(WeightQuant(bits=4, group_size=32), act_order=True)], "a")
         write_gguf(act_order, lowbit.load(act_order), tmp_path / "a.gguf")
-    pruned = quantized_folder(tmp_path, [lowbit.Prune("magnitude", 0.5)], "p")
+    pruned = quantized_folder(tmp_path, [lowbit.Prune("magnitude", 0.5)], "p", biases=False)
     with pytest.raises(LowbitError, match="GGUF has no sparse format"):
         write_gguf(pruned, lowbit.load(pruned), tmp_path / "p.gguf")
     assert not list(tmp_path.glob("*p.gguf*"))
+    biased = quantized_folder(tmp_path, [RTN(WeightQuant(bits=4, group_size=32))], "b")
+    with pytest.raises(LowbitError, match="have biases"):  # the reader would drop them: a different model
+        write_gguf(biased, lowbit.load(biased), tmp_path / "b.gguf")
 
 
 def test_gguf_names_the_pre_tokenizer_llama_cpp_must_apply():
@@ -102,7 +106,7 @@ def test_quantize_with_gguf_format_checks_the_recipe_first_and_writes_the_file(t
     from lowbit.cli.main import main
     from toy import save_toy, write_corpus
 
-    model, corpus = save_toy("llama", tmp_path / "toy"), write_corpus(tmp_path / "c.txt")
+    model, corpus = save_toy("llama", tmp_path / "toy", biases=False), write_corpus(tmp_path / "c.txt")
     small = ["--calib", str(corpus), "--nsamples", "4", "--seq-len", "32", "--batch-size", "2"]
     code = main(["quantize", "--model", str(model), "--recipe", "w4g128", "--format", "gguf", "--out", str(tmp_path / "bad"), *small])
     assert code == 2 and "use group_size 32" in capsys.readouterr().err and not (tmp_path / "bad").exists()

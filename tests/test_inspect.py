@@ -19,8 +19,11 @@ def test_inspect_finds_exactly_the_injected_channels():
     assert first.name == "model.layers.0.self_attn.q_proj" and first.shared_with == ["k_proj", "v_proj"]
     assert first.outlier_channels == OUTLIER_CHANNELS
     assert inspection.residual[0].outlier_channels == OUTLIER_CHANNELS
-    # the embedding outliers ride the residual stream through both blocks
-    assert consistency(inspection)["residual_persistent_channels"] == {c: 2 for c in OUTLIER_CHANNELS}
+    # the embedding outliers ride the residual stream through both blocks: they are its 3 largest channels in each
+    # (block 0's random biases, added to every channel, lift block 1's median channel to ~1/18 of the outliers,
+    # just inside the 20x ratio test, so there the test flags only the largest)
+    assert inspection.residual_absmax.topk(3, dim=1).indices.sort(dim=1).values.tolist() == [OUTLIER_CHANNELS] * 2
+    assert set(consistency(inspection)["residual_persistent_channels"]) == set(OUTLIER_CHANNELS)
     plain = inspect_model(InMemoryStore(toy_model("llama", outliers=False)), calibration(), batch_size=4)
     assert plain.inputs[0].outlier_channels == [] and plain.residual[0].outlier_channels == []
     # the outliers stretch the per-tensor grid: more values erased than without them, and per-token erases fewer

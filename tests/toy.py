@@ -9,16 +9,24 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
+    CohereConfig,
+    Gemma2Config,
     Gemma3TextConfig,
+    GemmaConfig,
     GPT2Config,
+    GraniteConfig,
     LlamaConfig,
     MistralConfig,
+    MixtralConfig,
+    Olmo2Config,
+    OlmoConfig,
     OPTConfig,
     Phi3Config,
     PretrainedConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen3Config,
+    Starcoder2Config,
 )
 
 VOCAB = 320
@@ -29,17 +37,26 @@ _COMMON = dict(
 )
 
 
-def toy_config(model_type: str) -> PretrainedConfig:
+_SLIDING = dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"])
+
+
+def toy_config(model_type: str, biases: bool = True) -> PretrainedConfig:
+    """A tiny config; where the architecture has the option, with biases on its Linears (HF's default has none,
+    and a fold that mishandles a bias only shows when there is one)."""
     if model_type == "llama":
-        return LlamaConfig(**_COMMON)
+        return LlamaConfig(**_COMMON, attention_bias=biases, mlp_bias=biases)
     if model_type == "mistral":
         return MistralConfig(**_COMMON, sliding_window=None)
     if model_type == "qwen2":
-        return Qwen2Config(**_COMMON)
+        return Qwen2Config(**_COMMON)  # q/k/v always have biases
     if model_type == "qwen3":
-        return Qwen3Config(**_COMMON, head_dim=16)
+        return Qwen3Config(**_COMMON, head_dim=16, attention_bias=True)
+    if model_type == "gemma":
+        return GemmaConfig(**_COMMON, head_dim=16, attention_bias=True)
+    if model_type == "gemma2":
+        return Gemma2Config(**_COMMON, head_dim=16, attention_bias=True, query_pre_attn_scalar=16, **_SLIDING)
     if model_type == "gemma3_text":
-        return Gemma3TextConfig(**_COMMON, head_dim=16, sliding_window=8, layer_types=["sliding_attention", "full_attention"])
+        return Gemma3TextConfig(**_COMMON, head_dim=16, attention_bias=True, **_SLIDING)
     if model_type == "phi3":
         return Phi3Config(**_COMMON)
     if model_type == "opt":
@@ -49,21 +66,57 @@ def toy_config(model_type: str) -> PretrainedConfig:
         )
     if model_type == "gpt2":
         return GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=256, **SPECIAL)
+    # not in lowbit's table: granite and olmo have Llama's modules (olmo's norms have no weight); olmo2 (norms after
+    # attention and MLP), cohere (attention and MLP in parallel) and starcoder2 (MLP c_fc/c_proj) do not
+    if model_type == "granite":
+        return GraniteConfig(**_COMMON, attention_bias=True, mlp_bias=True, residual_multiplier=0.5, attention_multiplier=0.2)
+    if model_type == "olmo":
+        return OlmoConfig(**_COMMON, attention_bias=True)
+    if model_type == "olmo2":
+        return Olmo2Config(**_COMMON, attention_bias=True)
+    if model_type == "cohere":
+        return CohereConfig(**_COMMON, attention_bias=True)
+    if model_type == "starcoder2":
+        return Starcoder2Config(**_COMMON, use_bias=True)
+    if model_type == "mixtral":
+        return MixtralConfig(**_COMMON, num_local_experts=4, num_experts_per_tok=2)
     raise ValueError(model_type)
 
 
-ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3", "opt", "gpt2")
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "opt", "gpt2")
+# not in lowbit's architecture table: their structure is discovered (models/discover.py)
+DISCOVERED = ("granite", "olmo", "olmo2", "cohere", "starcoder2")
+UNSUPPORTED = ("mixtral",)  # refused: its experts are 3-D tensors, not Linears
 
 
-def toy_model(model_type: str, seed: int = 0, outliers: bool = True) -> torch.nn.Module:
+def toy_model(model_type: str, seed: int = 0, outliers: bool = True, biases: bool = True) -> torch.nn.Module:
     """A tiny random model; with ``outliers`` a few hidden channels of the embeddings are made ~30x larger, so
     activations carry the outlier channels real LLMs have (and the tests' outlier-aware methods have work to do)."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(toy_config(model_type)).eval()
+    model = AutoModelForCausalLM.from_config(toy_config(model_type, biases)).eval()
+    randomize_biases_and_norms(model, seed)
     if outliers:
         with torch.no_grad():
             model.get_input_embeddings().weight[:, OUTLIER_CHANNELS] *= 30.0
     return model
+
+
+@torch.no_grad()
+def randomize_biases_and_norms(model: torch.nn.Module, seed: int) -> None:
+    """Every norm weight its initial value + N(0, 0.2) (so Gemma's zero-initialised (1 + w) weights move off zero
+    too), every norm bias ~ N(0, 0.1) (norm outputs are ~1) and every other bias ~ N(0, 0.02), the scale of HF's
+    initial weights and of the toy's residual stream (larger ones drown the residual's injected outlier channels).
+    HF initialises biases to 0 and norm weights to 1 (0 for Gemma), values on which a fold that forgets the bias
+    or mistakes the norm's offset computes the same function as a correct one."""
+    generator = torch.Generator().manual_seed(seed + 1)
+    for module in model.modules():
+        is_norm = "Norm" in type(module).__name__
+        bias = getattr(module, "bias", None)
+        if isinstance(bias, torch.nn.Parameter):
+            bias.copy_(torch.randn(bias.shape, generator=generator) * (0.1 if is_norm else 0.02))
+        weight = getattr(module, "weight", None)
+        if is_norm and isinstance(weight, torch.nn.Parameter):
+            weight.add_(torch.randn(weight.shape, generator=generator) * 0.2)
 
 
 OUTLIER_CHANNELS = [3, 17, 40]
@@ -80,8 +133,8 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="</s>")
 
 
-def save_toy(model_type: str, folder: Path, seed: int = 0) -> Path:
-    toy_model(model_type, seed).save_pretrained(folder)
+def save_toy(model_type: str, folder: Path, seed: int = 0, biases: bool = True) -> Path:
+    toy_model(model_type, seed, biases=biases).save_pretrained(folder)
     byte_tokenizer().save_pretrained(folder)
     return folder
 

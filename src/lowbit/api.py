@@ -3,7 +3,6 @@ block without ever holding it whole (what the CLI does)."""
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -122,10 +121,10 @@ def quantize_checkpoint(
 ) -> QuantizeReport:
     """Quantize the HF checkpoint in ``source`` into ``out`` block by block: each block is read from disk when
     its turn comes, written as soon as it is done, and freed. Peak memory is about one block plus activations."""
-    check_output_dir(out, overwrite)
+    check_output_dir(out, overwrite, inputs=[source])
     lazy = LazyModel(source, dtype)
     saved = saved_artifact(recipe)
-    with atomic_directory(out, overwrite) as tmp:
+    with atomic_directory(out, overwrite, inputs=[source]) as tmp:
         writer = ShardWriter(tmp)
         store = LazyStore(lazy, lambda prefix, block: writer.write_module(block_shard_name(prefix), prefix, block))
         report, artifact = run_blocks(
@@ -159,16 +158,55 @@ def write_outside_blocks(writer: ShardWriter, lazy: LazyModel, dtype: torch.dtyp
 
 
 def read_lowbit_config(folder: Path) -> dict:
+    """lowbit_config.json of a lowbit output, checked before anything is built from it: written in this lowbit's
+    format version, a float dtype, a valid recipe, and every module entry a runtime module this lowbit builds, for a
+    module the checkpoint holds tensors for. A hand-edited or foreign file is one line, never a half-built model."""
+    from lowbit.io.writer import FORMAT_VERSION
+    from lowbit.models.checkpoint import CheckpointReader
+    from lowbit.runtime.registry import CONFIG_FIX, check_module_config
+    from lowbit.schema import check_value, read_json
+
     path = folder / LOWBIT_CONFIG
-    try:
-        config = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise LowbitError(f"{folder} is not a lowbit checkpoint (no {LOWBIT_CONFIG}); quantize a model into it first") from None
-    except json.JSONDecodeError as exc:
-        raise LowbitError(f"{path} is corrupt ({exc.msg}); re-run lowbit quantize") from None
-    if config.get("format") != "lowbit" or not isinstance(config.get("modules"), dict):
+    if not path.is_file():
+        raise LowbitError(f"{folder} is not a lowbit checkpoint (no {LOWBIT_CONFIG}); quantize a model into it first")
+    config = read_json(path, "lowbit config", CONFIG_FIX)
+    check_value(config, dict, str(path), CONFIG_FIX)
+    if config.get("format") != "lowbit":
         raise LowbitError(f"{path} is not a lowbit config (format {config.get('format')!r}); re-run lowbit quantize")
+    if "format_version" not in config:
+        raise LowbitError(f"{path} has no format_version: it was written by an older lowbit; re-quantize the model")
+    check_value(config["format_version"], int, str(path), CONFIG_FIX, "format_version")
+    if config["format_version"] != FORMAT_VERSION:
+        newer = config["format_version"] > FORMAT_VERSION
+        raise LowbitError(
+            f"{path} has format_version {config['format_version']}: it was written by "
+            f"{'a newer' if newer else 'an older'} lowbit (this one reads format {FORMAT_VERSION}); "
+            f"{'upgrade lowbit' if newer else 're-quantize the model'}"
+        )
+    for key, annotation in (("dtype", str), ("recipe", dict), ("modules", dict[str, dict])):
+        if key not in config:
+            raise LowbitError(f"{path} lacks {key!r}; {CONFIG_FIX}")
+        check_value(config[key], annotation, str(path), CONFIG_FIX, key)
+    if config["dtype"] not in ("float16", "bfloat16", "float32", "float64"):
+        raise LowbitError(f"{path}: dtype {config['dtype']!r} is not a float dtype lowbit loads (float16, bfloat16, "
+                          f"float32, float64); {CONFIG_FIX}")
+    try:
+        Recipe.from_dict(config["recipe"])
+    except LowbitError as exc:
+        raise LowbitError(f"{path}: {exc}") from None
+    owners = {key.rpartition(".")[0] for key in CheckpointReader(folder).keys()}
+    for name, entry in config["modules"].items():
+        check_module_config(name, entry)
+        if name not in owners:
+            raise LowbitError(f"{path} names module {name!r}, for which the checkpoint holds no tensors; {CONFIG_FIX}")
     return config
+
+
+def _module_or_none(root: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return root.get_submodule(path)
+    except AttributeError:
+        return None
 
 
 def load(
@@ -189,7 +227,13 @@ def load(
     dtype = dtype or getattr(torch, config.get("dtype", "float32"))
     lazy = LazyModel(folder, dtype)
     for name, module_config in config["modules"].items():
+        if not isinstance(_module_or_none(lazy.model, name), nn.Linear):
+            raise LowbitError(
+                f"{folder / LOWBIT_CONFIG} lists module {name!r}, which is not a Linear of the model its config.json "
+                "describes; the files do not belong together: re-run lowbit quantize"
+            )
         lazy.model.set_submodule(name, build_empty(module_config, dtype))
+    lazy.verify_checkpoint()
     lazy.materialize("")
     model = lazy.model.to(device).eval()
     if backend == "fast":

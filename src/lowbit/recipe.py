@@ -10,18 +10,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 from lowbit.errors import LowbitError
+from lowbit.schema import check_fields, check_record, check_value, read_json
 
 GRANULARITIES = ("tensor", "channel", "group")
+RECIPE_FIX = "fix the recipe (`lowbit recipes gptq-w4g128` prints a valid one)"
 
 
-def _check(condition: bool, message: str) -> None:
+def _check(condition: bool, message: str, fix: str = RECIPE_FIX) -> None:
     if not condition:
-        raise LowbitError(message)
+        raise LowbitError(f"{message}; {fix}")
 
 
 @dataclass(frozen=True)
@@ -38,7 +41,8 @@ class WeightQuant:
     group_size: int = 128
 
     def __post_init__(self) -> None:
-        _check(2 <= self.bits <= 8, f"weight bits must be in 2..8, got {self.bits}; pick e.g. bits=4")
+        check_fields(self, "weights", RECIPE_FIX)
+        _check(2 <= self.bits <= 8, f"weight bits must be in 2..8, got {self.bits}", "pick e.g. bits=4")
         _check(
             self.granularity in GRANULARITIES,
             f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}",
@@ -53,9 +57,20 @@ class WeightQuant:
 
 @dataclass(frozen=True)
 class Step:
-    """Base of every recipe step; ``kind`` is the name used in JSON."""
+    """Base of every recipe step; ``kind`` is the name used in JSON.
+
+    Each field's value is checked against its annotated type here, before the step's own ``check`` (ranges,
+    consistency) compares it: ``"bits": "4"`` or ``"symmetric": "no"`` is refused by the declaration itself.
+    """
 
     kind: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        check_fields(self, f"recipe step {self.kind!r}", RECIPE_FIX)
+        self.check()
+
+    def check(self) -> None:
+        """Range and consistency rules beyond the field types; steps that have some override this."""
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"type": self.kind}
@@ -90,8 +105,8 @@ class GPTQ(Step):
     # perplexity 20.75 vs 18.63): the sink's outputs matter. Kept for that experiment; act-order is the fix there.
     skip_first_positions: int = 0
 
-    def __post_init__(self) -> None:
-        _check(0.0 < self.damp < 1.0, f"gptq damp must be in (0, 1), got {self.damp}; the usual value is 0.01")
+    def check(self) -> None:
+        _check(0.0 < self.damp < 1.0, f"gptq damp must be in (0, 1), got {self.damp}", "the usual value is 0.01")
         _check(self.block_size >= 1, f"gptq block_size must be >= 1, got {self.block_size}")
         _check(self.skip_first_positions >= 0, f"gptq skip_first_positions must be >= 0, got {self.skip_first_positions}")
 
@@ -116,7 +131,7 @@ class AWQ(Step):
     clip_tokens: int = 512
     artifact: str | None = None  # re-apply scales/clips saved by an earlier run instead of searching
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         _check(self.n_grid >= 1, f"awq n_grid must be >= 1, got {self.n_grid}")
         _check(0.0 <= self.max_shrink < 1.0, f"awq max_shrink must be in [0, 1), got {self.max_shrink}")
         _check(self.replay_sequences >= 1, "awq replay_sequences must be >= 1")
@@ -138,7 +153,7 @@ class SmoothQuant(Step):
     fold_into_linears: bool = False
     artifact: str | None = None  # re-apply scales saved by an earlier run instead of calibrating
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         _check(0.0 <= self.alpha <= 1.0, f"smoothquant alpha must be in [0, 1], got {self.alpha}")
 
 
@@ -152,7 +167,7 @@ class ActQuant(Step):
     dynamic: bool = True
     symmetric: bool = True
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         _check(2 <= self.bits <= 8, f"activation bits must be in 2..8, got {self.bits}")
         _check(
             self.granularity in ("token", "tensor"),
@@ -175,8 +190,8 @@ class LLMInt8(Step):
     kind: ClassVar[str] = "llm_int8"
     threshold: float = 6.0
 
-    def __post_init__(self) -> None:
-        _check(self.threshold > 0, f"llm_int8 threshold must be > 0, got {self.threshold}")
+    def check(self) -> None:
+        _check(0 < self.threshold < math.inf, f"llm_int8 threshold must be a finite number > 0, got {self.threshold}")
 
 
 def parse_pattern(pattern: str) -> tuple[int, int] | None:
@@ -186,7 +201,9 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
     try:
         kept, group = (int(p) for p in pattern.split(":"))
     except ValueError:
-        raise LowbitError(f"sparsity pattern must be 'unstructured' or 'N:M' like '2:4', got {pattern!r}") from None
+        raise LowbitError(
+            f"sparsity pattern must be 'unstructured' or 'N:M' like '2:4', got {pattern!r}; {RECIPE_FIX}"
+        ) from None
     _check(0 < kept < group, f"sparsity pattern N:M needs 0 < N < M, got {pattern!r}")
     return kept, group
 
@@ -196,10 +213,10 @@ def _check_sparsity(sparsity: float | None, pattern: str) -> None:
     if nm is None:
         _check(
             sparsity is not None and 0.0 < sparsity < 1.0,
-            f"unstructured pruning needs sparsity in (0, 1), got {sparsity}; e.g. sparsity=0.5",
+            f"unstructured pruning needs sparsity in (0, 1), got {sparsity}", "e.g. sparsity=0.5",
         )
     else:
-        _check(sparsity is None, f"pattern {pattern!r} fixes the sparsity; leave sparsity unset")
+        _check(sparsity is None, f"pattern {pattern!r} fixes the sparsity", "leave sparsity unset (null)")
 
 
 @dataclass(frozen=True)
@@ -211,7 +228,7 @@ class Prune(Step):
     sparsity: float | None = 0.5
     pattern: str = "unstructured"
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         _check(self.method in ("magnitude", "wanda"), f"prune method must be 'magnitude' or 'wanda', got {self.method!r}")
         _check_sparsity(self.sparsity, self.pattern)
 
@@ -227,9 +244,10 @@ class SparseGPT(Step):
     damp: float = 0.01
     block_size: int = 128
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         _check_sparsity(self.sparsity, self.pattern)
         _check(0.0 < self.damp < 1.0, f"sparsegpt damp must be in (0, 1), got {self.damp}")
+        _check(self.block_size >= 1, f"sparsegpt block_size must be >= 1, got {self.block_size}")
 
 
 STEP_TYPES: dict[str, type[Step]] = {
@@ -243,24 +261,25 @@ _RANK = {SmoothQuant: 0, AWQ: 0, Prune: 1, SparseGPT: 2, RTN: 2, GPTQ: 2, LLMInt
 
 def step_from_dict(data: dict[str, Any]) -> Step:
     """Build a step from JSON; weight-grid keys may be nested under 'weights' or given flat."""
+    check_value(data, dict[str, Any], "recipe step", RECIPE_FIX)
     data = dict(data)
     kind = data.pop("type", None)
-    if kind not in STEP_TYPES:
+    if not isinstance(kind, str) or kind not in STEP_TYPES:
         raise LowbitError(f"unknown recipe step type {kind!r}; known types: {', '.join(STEP_TYPES)}")
-    cls = STEP_TYPES[kind]
+    cls, where = STEP_TYPES[kind], f"recipe step {kind!r}"
     names = {f.name for f in dataclasses.fields(cls)}
     if "weights" in names:
         flat = {k: data.pop(k) for k in list(data) if k in _WEIGHT_FIELDS}
         nested = data.get("weights")
+        check_value(nested, dict[str, Any] | None, where, RECIPE_FIX, "weights")
         if nested is not None or flat or cls is not SparseGPT:
-            data["weights"] = WeightQuant(**{**(nested or {}), **flat})
+            grid = {**(nested or {}), **flat}
+            check_record(grid, WeightQuant, where, RECIPE_FIX, "weights")
+            data["weights"] = WeightQuant(**grid)
     unknown = set(data) - names
     if unknown:
         raise LowbitError(f"recipe step {kind!r} has unknown fields {sorted(unknown)}; known: {sorted(names)}")
-    try:
-        return cls(**data)
-    except TypeError as exc:
-        raise LowbitError(f"recipe step {kind!r}: {exc}") from None
+    return cls(**data)
 
 
 @dataclass(frozen=True)
@@ -272,20 +291,21 @@ class Recipe:
     name: str = "custom"
 
     def __post_init__(self) -> None:
+        check_fields(self, "recipe", RECIPE_FIX)  # before the tuples are made: "lm_head" is not a list of patterns
         object.__setattr__(self, "steps", tuple(self.steps))
         object.__setattr__(self, "ignore", tuple(self.ignore))
-        _check(len(self.steps) > 0, "a recipe needs at least one step")
+        _check(len(self.steps) > 0, "a recipe needs at least one step", 'add one, e.g. {"type": "rtn"}')
         ranks = [_RANK[type(s)] for s in self.steps]
         _check(
             ranks == sorted(ranks),
             "recipe steps are out of order: transforms (smoothquant, awq) first, then pruning, "
-            f"then rounding (rtn, gptq, sparsegpt, llm_int8), then act_quant; got {[s.kind for s in self.steps]}",
+            f"then rounding (rtn, gptq, sparsegpt, llm_int8), then act_quant, got {[s.kind for s in self.steps]}",
         )
         rounding = [s for s in self.steps if isinstance(s, (RTN, GPTQ, LLMInt8))]
         rounding += [s for s in self.steps if isinstance(s, SparseGPT) and s.weights is not None]
-        _check(len(rounding) <= 1, f"a recipe rounds the weights once; got {[s.kind for s in rounding]}")
+        _check(len(rounding) <= 1, f"a recipe rounds the weights once, got {[s.kind for s in rounding]}")
         pruning = [s for s in self.steps if isinstance(s, (Prune, SparseGPT))]
-        _check(len(pruning) <= 1, f"a recipe prunes at most once; got {[s.kind for s in pruning]}")
+        _check(len(pruning) <= 1, f"a recipe prunes at most once, got {[s.kind for s in pruning]}")
         _check(
             sum(isinstance(s, (AWQ, SmoothQuant)) for s in self.steps) <= 1,
             "use one equivalence transform per recipe (smoothquant or awq), not both",
@@ -324,7 +344,8 @@ class Recipe:
         """This recipe with its SmoothQuant/AWQ step re-applying the scales (and clips) saved in ``path`` (an earlier
         output directory, or its transforms.safetensors) instead of searching them again."""
         step = self.find(AWQ) or self.find(SmoothQuant)
-        _check(step is not None, "re-applying saved transforms needs a recipe with a smoothquant or awq step")
+        _check(step is not None, "re-applying saved transforms needs a recipe with a smoothquant or awq step",
+               "drop --transforms or pick such a recipe")
         steps = tuple(dataclasses.replace(s, artifact=path) if s is step else s for s in self.steps)
         return dataclasses.replace(self, steps=steps)
 
@@ -348,23 +369,29 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Recipe:
-        if not isinstance(data, dict) or not isinstance(data.get("steps"), list):
-            raise LowbitError("a recipe file must be a JSON object with a 'steps' list, e.g. {\"steps\": [{\"type\": \"rtn\"}]}")
+        """A recipe from decoded JSON: an object with a 'steps' list of step objects, optional 'ignore' and 'name'."""
+        check_value(data, dict[str, Any], "recipe", RECIPE_FIX)
+        unknown = sorted(set(data) - set(_RECIPE_KEYS))
+        if unknown:
+            raise LowbitError(f"recipe has unknown keys {unknown}; known: {list(_RECIPE_KEYS)}; {RECIPE_FIX}")
+        if "steps" not in data:
+            raise LowbitError('a recipe needs a \'steps\' list, e.g. {"steps": [{"type": "rtn"}]}; ' + RECIPE_FIX)
+        check_value(data["steps"], list[dict[str, Any]], "recipe", RECIPE_FIX, "steps")
         return cls(
             steps=tuple(step_from_dict(s) for s in data["steps"]),
-            ignore=tuple(data.get("ignore", ("lm_head",))),
-            name=str(data.get("name", "custom")),
+            ignore=data.get("ignore", ("lm_head",)),
+            name=data.get("name", "custom"),
         )
 
     @classmethod
     def from_file(cls, path: str | Path) -> Recipe:
+        """A JSON recipe file (UTF-8, or UTF-16 with a BOM); every problem is one line naming the file."""
         path = Path(path)
+        data = read_json(path, "recipe file", RECIPE_FIX)
         try:
-            text = path.read_text()
-        except OSError as exc:
-            raise LowbitError(f"cannot read recipe file {path}: {exc.strerror}") from None
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise LowbitError(f"recipe file {path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
-        return cls.from_dict(data)
+            return cls.from_dict(data)
+        except LowbitError as exc:
+            raise LowbitError(f"recipe file {path}: {exc}") from None
+
+
+_RECIPE_KEYS = ("name", "steps", "ignore")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -17,15 +16,15 @@ import torch
 from rich.table import Table
 
 from lowbit.api import BACKENDS
-from lowbit.cli.common import DTYPES, child_command, console, default_model, mib, parse_device
-from lowbit.errors import LowbitError
-from lowbit.evaluation.comparison import write_json_atomic
+from lowbit.cli.common import DTYPES, add_number, child_command, console, default_model, mib, parse_device, run_child
+from lowbit.data.calibration import check_positions
 from lowbit.evaluation.evaluate import tensor_bytes
 from lowbit.evaluation.speed import machine_description, measure_speed
-from lowbit.pipeline.memory import resident_bytes
-from lowbit.io.atomic import refuse_non_directory
+from lowbit.io.atomic import refuse_non_directory, report_folder, write_json_atomic, write_text_atomic
 from lowbit.models.checkpoint import CheckpointReader
 from lowbit.models.source import resolve_model
+from lowbit.pipeline.memory import resident_bytes
+from lowbit.schema import Range
 
 BENCH_JSON = "runtime.json"
 BENCH_MD = "runtime.md"
@@ -36,9 +35,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("models", nargs="+", help="lowbit output directories (or any model lowbit opens)")
     b.add_argument("--baseline", default=default_model(), help="the unquantized model, measured in float32 and bfloat16")
     b.add_argument("--results", help="folder for runtime.json and runtime.md")
-    b.add_argument("--prefill-tokens", type=int, default=512, help="prompt length of the prefill measurement (default 512)")
-    b.add_argument("--new-tokens", type=int, default=32, help="tokens generated per decode measurement (default 32)")
-    b.add_argument("--repeats", type=int, default=3, help="timed runs per figure, median reported (default 3)")
+    add_number(b, "--prefill-tokens", int, Range(1), default=512,
+               help="prompt length of the prefill measurement (default 512)")
+    add_number(b, "--new-tokens", int, Range(2), default=32, help="tokens generated per decode measurement (default 32)")
+    add_number(b, "--repeats", int, Range(1), default=3, help="timed runs per figure, median reported (default 3)")
     b.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     b.add_argument("--backends", nargs="+", choices=BACKENDS, default=["exact", "fast"],
                    help="runtime backends to measure each model with (default: both)")
@@ -59,6 +59,7 @@ def measure_one(spec: str, dtype: str | None, args: argparse.Namespace) -> dict[
     load_seconds = time.perf_counter() - start
     after = resident_bytes()
     vocab = opened.model.get_input_embeddings().num_embeddings
+    check_positions(args.prefill_tokens + args.new_tokens, opened.model.config, "--prefill-tokens + --new-tokens")
     speed = measure_speed(opened.model, vocab, prefill_tokens=args.prefill_tokens, new_tokens=args.new_tokens,
                           repeats=args.repeats)
     return {
@@ -76,15 +77,10 @@ def measure_in_child(spec: str, dtype: str | None, args: argparse.Namespace, bac
                "--backend", backend,
                "--prefill-tokens", str(args.prefill_tokens), "--new-tokens", str(args.new_tokens),
                "--repeats", str(args.repeats), *(["--dtype", dtype] if dtype else [])]
-    child = subprocess.run(command, stdout=subprocess.PIPE, text=True)
-    if child.returncode != 0:
-        raise LowbitError(f"measuring {spec} failed with exit code {child.returncode}; its error is above")
-    return json.loads(child.stdout)
+    return json.loads(run_child(command, f"measuring {spec}"))
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    if args.prefill_tokens < 1 or args.new_tokens < 2 or args.repeats < 1:
-        raise LowbitError("need --prefill-tokens >= 1, --new-tokens >= 2 and --repeats >= 1")
     if args.single:
         print(json.dumps(measure_one(args.models[0], args.dtype, args)))
         return 0
@@ -97,11 +93,10 @@ def run_bench(args: argparse.Namespace) -> int:
     table = runtime_table(rows)
     console.print(table)
     if args.results:
-        folder = Path(args.results)
-        folder.mkdir(parents=True, exist_ok=True)
         machine = machine_description(parse_device(args.device))
-        write_json_atomic(folder / BENCH_JSON, {"device": args.device, "machine": machine, "rows": rows})
-        (folder / BENCH_MD).write_text(runtime_markdown(rows))
+        with report_folder(Path(args.results), option="--results") as folder:
+            write_json_atomic(folder / BENCH_JSON, {"device": args.device, "machine": machine, "rows": rows})
+            write_text_atomic(folder / BENCH_MD, runtime_markdown(rows))
         console.print(f"written: {folder / BENCH_JSON}, {folder / BENCH_MD}")
     return 0
 

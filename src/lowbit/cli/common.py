@@ -4,17 +4,46 @@ from __future__ import annotations
 
 import argparse
 import resource
+import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from rich.console import Console
 
+from lowbit.data.calibration import calibration_ids, check_ids_fit_model
+from lowbit.data.text import documents
 from lowbit.errors import LowbitError
 from lowbit.models.embedded import DEFAULT_MODEL, DEFAULT_TEXT
+from lowbit.models.lazy import load_config
+from lowbit.models.open import load_tokenizer
+from lowbit.schema import Range
 
 console = Console()
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SEEDS = Range(0, 2**32 - 1)  # what every seeded generator (torch, random, numpy) accepts
+
+
+def _bounded(option: str, kind: type[int] | type[float], allowed: Range) -> Callable[[str], int | float]:
+    """An argparse ``type=`` for a number option: a value outside ``allowed`` (NaN and infinities included) is
+    lowbit's one-line error, naming the option, the value and the range. Text that is no number at all keeps
+    argparse's own message (argparse only catches ValueError, so the LowbitError reaches ``main``)."""
+    def parse(text: str) -> int | float:
+        value = kind(text)
+        if value not in allowed:
+            raise LowbitError(f"{option} {text} is out of range; need {option} {allowed}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse's "invalid int value" names the type by it
+    return parse
+
+
+def add_number(
+    parser: argparse.ArgumentParser, option: str, kind: type[int] | type[float], allowed: Range, **kwargs
+) -> None:
+    """``parser.add_argument(option, ...)`` for a number that must lie in ``allowed``."""
+    parser.add_argument(option, type=_bounded(option, kind, allowed), **kwargs)
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -24,16 +53,26 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 
 def add_calibration_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calib", default=DEFAULT_TEXT, help="calibration text: 'wiki' (embedded) or a .txt/.jsonl/.json file or datasets dir")
-    parser.add_argument("--nsamples", type=int, default=128, help="calibration sequences N (default 128)")
-    parser.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence L (default 512)")
-    parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for the calibration sample (default 0)")
+    add_number(parser, "--nsamples", int, Range(1), default=128, help="calibration sequences N (default 128)")
+    add_number(parser, "--seq-len", int, Range(2), default=512, help="tokens per calibration sequence L (default 512)")
+    add_number(parser, "--batch-size", int, Range(1), default=8, help="sequences per forward pass (default 8)")
+    add_number(parser, "--seed", int, SEEDS, default=0, help="seed for the calibration sample (default 0)")
 
 
 def add_eval_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default=DEFAULT_TEXT, help="evaluation text source (its evaluation part is used)")
-    parser.add_argument("--window", type=int, default=2048, help="perplexity window length in tokens (default 2048)")
-    parser.add_argument("--max-windows", type=int, default=16, help="evaluate at most this many windows; 0 = all (default 16)")
+    add_number(parser, "--window", int, Range(2), default=2048, help="perplexity window length in tokens (default 2048)")
+    add_number(parser, "--max-windows", int, Range(0), default=16,
+               help="evaluate at most this many windows; 0 = all (default 16)")
+
+
+def calibration_from_args(args: argparse.Namespace, folder: Path) -> torch.Tensor:
+    """Calibration ids [--nsamples, --seq-len] from --calib for the model in ``folder``; ids the model cannot embed
+    (past its vocabulary or its learned positions) are refused here, before any forward pass."""
+    ids = calibration_ids(load_tokenizer(folder), documents(args.calib, "calibration"), args.nsamples, args.seq_len,
+                          args.seed)
+    check_ids_fit_model(ids, load_config(folder))
+    return ids
 
 
 def parse_device(name: str) -> torch.device:
@@ -66,6 +105,23 @@ def peak_rss_bytes() -> int:
 def child_command(command: str) -> list[str]:
     """The start of the argv of a `lowbit COMMAND` run in a fresh process (its own peak memory, its own imports)."""
     return [sys.executable, "-m", "lowbit.cli.main", "--quiet", command]
+
+
+def run_child(command: list[str], what: str, capture: bool = True) -> str:
+    """Run a child lowbit process (``child_command``) and return its stdout; its stderr (progress, its own one-line
+    error) passes through. A failure is one line here too. When this process is stopped (Ctrl-C, SIGTERM, SIGHUP:
+    see io/atomic.signals_as_exceptions) the child is asked to stop as well and awaited, so it removes its own
+    partial output before this process exits."""
+    child = subprocess.Popen(command, stdout=subprocess.PIPE if capture else subprocess.DEVNULL, text=True)
+    try:
+        out, _ = child.communicate()
+    except BaseException:
+        child.terminate()
+        child.wait()
+        raise
+    if child.returncode != 0:
+        raise LowbitError(f"{what} failed with exit code {child.returncode}; its error is above")
+    return out or ""
 
 
 def mib(n: float) -> str:

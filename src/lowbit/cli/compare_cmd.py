@@ -15,28 +15,30 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
+from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 from rich.table import Table
 from tqdm.auto import tqdm
 
 from lowbit.cli.common import (
-    DTYPES, add_calibration_options, add_eval_options, add_model_options, child_command, console, default_model,
-    parse_device,
+    DTYPES, add_calibration_options, add_eval_options, add_model_options, add_number, calibration_from_args,
+    child_command, console, default_model, parse_device, run_child,
 )
 from lowbit.cli.inspect_cmd import INSPECT_JSON
 from lowbit.errors import LowbitError
 from lowbit.evaluation.comparison import REPORT_MD, reusable_rows, row_cells, write_results
 from lowbit.evaluation.evaluate import evaluate
 from lowbit.evaluation.recommend import recommendations
-from lowbit.io.atomic import refuse_non_directory
+from lowbit.io.atomic import refuse_non_directory, refuse_unsafe_target, report_folder, write_text_atomic
 from lowbit.io.writer import ARTIFACT_FILE, REPORT_FILE
+from lowbit.models.source import resolve_model
 from lowbit.pipeline.report import QuantizeReport
 from lowbit.presets import SWEEP_METHODS, preset_names, resolve_recipe, sweep_recipe
 from lowbit.recipe import AWQ, Recipe, SmoothQuant
+from lowbit.schema import Range, check_record, read_json
 
 DEMO_RECIPES = ("w8", "w4g128")
 
@@ -47,8 +49,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--model", default=default_model(), help=argparse.SUPPRESS)
     c.add_argument("--recipes", nargs="+", default=[], help="presets or JSON recipe files, one row each")
     c.add_argument("--methods", nargs="+", default=[], choices=SWEEP_METHODS, help="weight-only methods to sweep")
-    c.add_argument("--bits", nargs="+", type=int, default=[4], help="bit widths of the sweep (default 4)")
-    c.add_argument("--group-sizes", nargs="+", type=int, default=[128], help="group sizes of the sweep, 0 = per-channel (default 128)")
+    add_number(c, "--bits", int, Range(2, 8), nargs="+", default=[4], help="bit widths of the sweep (default 4)")
+    add_number(c, "--group-sizes", int, Range(0), nargs="+", default=[128],
+               help="group sizes of the sweep, 0 = per-channel (default 128)")
     c.add_argument("--out", required=True, help="folder for the quantized models (one sub-folder per recipe)")
     c.add_argument("--no-reuse-transforms", action="store_true", help="search SmoothQuant/AWQ scales in every row")
     c.add_argument("--no-inspect", action="store_true", help="skip the outlier diagnosis behind the recommendation")
@@ -87,10 +90,7 @@ def quantize_in_child(args: argparse.Namespace, recipe: str, out: Path, transfor
         "--batch-size", str(args.batch_size), "--seed", str(args.seed),
         *(["--transforms", str(transforms)] if transforms else []),
     ]
-    child = subprocess.run(command, stdout=subprocess.PIPE, text=True)  # stderr (progress, errors) passes through
-    if child.returncode != 0:
-        raise LowbitError(f"`lowbit quantize --recipe {recipe}` failed with exit code {child.returncode}; its error is above")
-    return json.loads(child.stdout)
+    return json.loads(run_child(command, f"`lowbit quantize --recipe {recipe}`"))
 
 
 def row_name(recipe: str) -> str:
@@ -111,11 +111,17 @@ def planned_recipes(args: argparse.Namespace, out: Path) -> dict[str, tuple[str,
         if recipe.name in preset_names() and resolve_recipe(recipe.name) == recipe:
             recipes[recipe.name] = (recipe.name, recipe)
             continue
-        path = out / "recipes" / f"{recipe.name}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(recipe.to_json())
-        recipes[recipe.name] = (str(path), recipe)
+        recipes[recipe.name] = (str(out / "recipes" / f"{recipe.name}.json"), recipe)
     return recipes
+
+
+def write_sweep_recipes(recipes: dict[str, tuple[str, Recipe]], out: Path) -> None:
+    """The sweep points that are not presets, as JSON files the child processes are given."""
+    for spec, recipe in recipes.values():
+        path = Path(spec)
+        if path.parent == out / "recipes":
+            path.parent.mkdir(exist_ok=True)
+            write_text_atomic(path, recipe.to_json())
 
 
 def transform_step(recipe: Recipe) -> AWQ | SmoothQuant | None:
@@ -124,12 +130,22 @@ def transform_step(recipe: Recipe) -> AWQ | SmoothQuant | None:
     return step if step is not None and step.artifact is None else None
 
 
+class _Diagnosis(TypedDict):
+    """What a comparison reads from inspect.json (the recommendation quotes its findings)."""
+
+    findings: list[str]
+
+
 def block_errors(folder: Path) -> list[float]:
-    """Mean relative Linear output error per block, from a quantized folder's report."""
+    """Mean relative Linear output error per block, from a quantized folder's report (checked against the report's
+    own dataclasses: a resumed row may point at a folder someone edited)."""
     path = folder / REPORT_FILE
     if not path.exists():
         return []
-    report = QuantizeReport.from_dict(json.loads(path.read_text()))
+    fix = f"delete {folder} and run the comparison again"
+    data = read_json(path, "quantize report", fix)
+    check_record(data, QuantizeReport, str(path), fix)
+    report = QuantizeReport.from_dict(data)
     return [sum(r.rel_error for r in b.linears) / max(len(b.linears), 1) for b in report.blocks]
 
 
@@ -137,16 +153,22 @@ def inspect_in_child(args: argparse.Namespace, folder: Path, reuse: bool) -> dic
     """`lowbit inspect` on the same calibration text, in a fresh process; its inspect.json."""
     path = folder / INSPECT_JSON
     if reuse and path.exists():
-        return json.loads(path.read_text())
+        return read_diagnosis(path)
     command = [
         *child_command("inspect"), args.model, "--out", str(folder), "--json", "--dtype", args.dtype, "--device",
         args.device, "--calib", args.calib, "--nsamples", str(args.nsamples), "--seq-len", str(args.seq_len),
         "--batch-size", str(args.batch_size), "--seed", str(args.seed),
     ]
-    child = subprocess.run(command, stdout=subprocess.DEVNULL)
-    if child.returncode != 0:
-        raise LowbitError(f"`lowbit inspect` failed with exit code {child.returncode}; its error is above")
-    return json.loads(path.read_text())
+    run_child(command, "`lowbit inspect`", capture=False)
+    return read_diagnosis(path)
+
+
+def read_diagnosis(path: Path) -> dict[str, Any]:
+    """inspect.json, checked for what the recommendation quotes (a reused one may be from an interrupted run)."""
+    fix = f"delete {path.parent} and run the comparison again"
+    diagnosis = read_json(path, "inspect report", fix)
+    check_record(diagnosis, _Diagnosis, str(path), fix)
+    return diagnosis
 
 
 def run_compare(args: argparse.Namespace) -> int:
@@ -154,10 +176,24 @@ def run_compare(args: argparse.Namespace) -> int:
     device, dtype = parse_device(args.device), DTYPES[args.dtype]
     out = Path(args.out)
     results_dir = Path(args.results) if args.results else out
-    refuse_non_directory(out)
-    refuse_non_directory(results_dir, "--results")
+    for folder, option in ((out, "--out"), (results_dir, "--results")):
+        refuse_non_directory(folder, option)
+        refuse_unsafe_target(folder, [Path(args.model)], option)
     recipes = planned_recipes(args, out)
-    out.mkdir(parents=True, exist_ok=True)
+    # the calibration text is checked against the model here, not by the first child after the baseline is measured
+    calibration_from_args(args, resolve_model(args.model).folder)
+    with ExitStack() as held:
+        for folder, option in {out: "--out", results_dir: "--results"}.items():
+            held.enter_context(report_folder(folder, [Path(args.model)], option))
+        write_sweep_recipes(recipes, out)
+        return compare(args, recipes, out, results_dir, device, dtype)
+
+
+def compare(
+    args: argparse.Namespace, recipes: dict[str, tuple[str, Recipe]], out: Path, results_dir: Path,
+    device: torch.device, dtype: torch.dtype,
+) -> int:
+    """Measure the baseline and every recipe, writing the results after each row (see run_compare)."""
     max_windows = args.max_windows or None
     settings = {
         "calibration": {"text": args.calib, "n_sequences": args.nsamples, "seq_len": args.seq_len, "seed": args.seed,

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from lowbit.cli.common import console, mib
 from lowbit.errors import LowbitError
+from lowbit.io.atomic import check_output_dir, check_output_file
 from lowbit.models.source import resolve_model
 
 FORMATS = ("compressed-tensors", "gguf")
@@ -32,17 +33,15 @@ def run_export(args: argparse.Namespace) -> int:
         raise LowbitError(f"{args.model} is not a lowbit output; quantize it first (`lowbit quantize ... --out DIR`)")
     out = Path(args.out)
     if args.format == "compressed-tensors":
+        check_output_dir(out, args.overwrite, inputs=[source.folder])
         config = write_compressed_tensors(source.folder, load(source.folder), out, args.overwrite)
         if config is None:
             console.print(f"wrote {out}: pruned Linears as dense weights (compressed-tensors has no sparse format since 0.15)")
         else:
             console.print(f"wrote {out}: {len(config['config_groups'])} quantization group(s), format {config['format']}")
         return 0
-    if out.exists() and not args.overwrite:
-        raise LowbitError(f"{out} exists; pass --overwrite to replace it")
-    if not out.resolve().parent.is_dir():
-        raise LowbitError(f"--out {out}: its folder does not exist; create it first")
-    types = write_gguf(source.folder, load(source.folder), out)
+    check_output_file(out, args.overwrite, inputs=[source.folder])  # before the model is loaded
+    types = write_gguf(source.folder, load(source.folder), out, args.overwrite)
     counts = {t: list(types.values()).count(t) for t in sorted(set(types.values()))}
     console.print(f"wrote {out} ({mib(out.stat().st_size)}): " + ", ".join(f"{n} Linears as {t}" for t, n in counts.items()))
     return 0

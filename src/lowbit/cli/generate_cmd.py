@@ -8,9 +8,10 @@ import time
 
 import torch
 
-from lowbit.cli.common import DTYPES, parse_device
+from lowbit.cli.common import DTYPES, SEEDS, add_number, parse_device
 from lowbit.errors import LowbitError
 from lowbit.models.open import open_model
+from lowbit.schema import Range
 
 log = logging.getLogger(__name__)
 
@@ -20,10 +21,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("model", help="lowbit output directory, HF folder, .gguf file, or 'smollm2-135m'")
     g.add_argument("--prompt", required=True, help="the text to continue")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template as a user turn")
-    g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
-    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when sampling (default 1.0)")
-    g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    add_number(g, "--max-new-tokens", int, Range(1), default=64, help="tokens to generate at most (default 64)")
+    add_number(g, "--temperature", float, Range(0), default=0.0, help="0 = greedy (default); > 0 samples")
+    add_number(g, "--top-p", float, Range(0, 1, open_low=True), default=1.0,
+               help="nucleus sampling mass when sampling (default 1.0)")
+    add_number(g, "--seed", int, SEEDS, default=0, help="sampling seed (default 0)")
     g.add_argument("--dtype", choices=DTYPES, default=None, help="dtype of unquantized tensors (default: as stored)")
     g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     g.add_argument("--backend", choices=("exact", "fast"), default="fast",
@@ -44,8 +46,8 @@ def prompt_ids(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
 def run_generate(args: argparse.Namespace) -> int:
     from transformers import TextStreamer
 
-    if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
-        raise LowbitError("need --max-new-tokens >= 1, --temperature >= 0 and 0 < --top-p <= 1")
+    if not args.prompt:
+        raise LowbitError('--prompt "" is empty; pass the text to continue, e.g. --prompt "Once upon a time"')
     device = parse_device(args.device)
     opened = open_model(args.model, DTYPES[args.dtype] if args.dtype else None, device, backend=args.backend)
     tokenizer = opened.tokenizer

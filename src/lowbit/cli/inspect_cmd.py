@@ -13,19 +13,19 @@ from pathlib import Path
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from lowbit.cli.common import DTYPES, add_calibration_options, add_model_options, console, default_model, parse_device
-from lowbit.data.calibration import calibration_ids
-from lowbit.data.text import documents
+from lowbit.cli.common import (
+    DTYPES, add_calibration_options, add_model_options, add_number, calibration_from_args, console, default_model,
+    parse_device,
+)
 from lowbit.errors import LowbitError
-from lowbit.evaluation.comparison import write_json_atomic
 from lowbit.evaluation.inspect_plots import write_plots
 from lowbit.evaluation.inspect_summary import inputs_table, inspection_json, kind_table, residual_table
-from lowbit.io.atomic import refuse_non_directory
+from lowbit.io.atomic import refuse_non_directory, refuse_unsafe_target, report_folder, write_atomic, write_json_atomic
 from lowbit.models.lazy import LazyModel
-from lowbit.models.open import load_tokenizer
 from lowbit.models.source import resolve_model
 from lowbit.pipeline.inspect import InspectSettings, inspect_model
 from lowbit.pipeline.loop import LazyStore
+from lowbit.schema import Range
 
 INSPECT_JSON = "inspect.json"
 CHANNELS_FILE = "channels.safetensors"  # per-channel absmax and mean |x| of every input, for your own analysis
@@ -39,10 +39,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     o.add_argument("model_arg", nargs="?", metavar="MODEL", help="HF folder, .gguf file, or 'smollm2-135m' (default)")
     o.add_argument("--model", default=default_model(), help=argparse.SUPPRESS)
     o.add_argument("--out", default="out/inspect", help="folder for inspect.json and the PNG plots (default out/inspect)")
-    o.add_argument("--threshold", type=float, default=6.0, help="outlier if max |x| above this (default 6.0, LLM.int8())")
-    o.add_argument("--ratio", type=float, default=20.0, help="outlier if max |x| above this many median channels (default 20)")
-    o.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant migration strength for 'smoothed' (default 0.5)")
-    o.add_argument("--sample-tokens", type=int, default=512, help="tokens kept per input for grid usage (default 512)")
+    add_number(o, "--threshold", float, Range(0, open_low=True), default=6.0,
+               help="outlier if max |x| above this (default 6.0, LLM.int8())")
+    add_number(o, "--ratio", float, Range(1, open_low=True), default=20.0,
+               help="outlier if max |x| above this many median channels (default 20)")
+    add_number(o, "--alpha", float, Range(0, 1), default=0.5, help="SmoothQuant migration strength for 'smoothed' (default 0.5)")
+    add_number(o, "--sample-tokens", int, Range(1), default=512, help="tokens kept per input for grid usage (default 512)")
     o.add_argument("--json", action="store_true", help="print the whole inspection as JSON instead of tables")
     add_model_options(o)
     add_calibration_options(o)
@@ -51,27 +53,24 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run_inspect(args: argparse.Namespace) -> int:
     model = args.model_arg or args.model
-    if args.threshold <= 0 or args.ratio <= 1 or not 0 <= args.alpha <= 1 or args.sample_tokens < 1:
-        raise LowbitError("need --threshold > 0, --ratio > 1, 0 <= --alpha <= 1 and --sample-tokens >= 1")
     source = resolve_model(model)
     if source.is_lowbit:
         raise LowbitError(f"{model} is a lowbit output; inspect the original model instead")
     refuse_non_directory(Path(args.out))
+    refuse_unsafe_target(Path(args.out), inputs=[Path(model)])
     settings = InspectSettings(threshold=args.threshold, ratio=args.ratio, smooth_alpha=args.alpha,
                                sample_tokens=args.sample_tokens)
-    ids = calibration_ids(load_tokenizer(source.folder), documents(args.calib, "calibration"), args.nsamples,
-                          args.seq_len, args.seed)
+    ids = calibration_from_args(args, source.folder)
     store = LazyStore(LazyModel(source.folder, DTYPES[args.dtype]), on_block_done=lambda prefix, block: None)
     with tqdm(total=len(store.blocks), desc="inspecting blocks", unit="block") as bar:
         inspection = inspect_model(store, ids, settings, batch_size=args.batch_size, device=parse_device(args.device),
                                    on_block=lambda i: bar.update())
     report = inspection_json(inspection)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / INSPECT_JSON, report)
-    save_file(inspection.channel_tensors(), out / CHANNELS_FILE)
     title = f"{model}: {ids.shape[0]} x {ids.shape[1]} calibration tokens"
-    plots = write_plots(inspection, title, out)
+    with report_folder(Path(args.out), inputs=[Path(model)]) as out:
+        write_json_atomic(out / INSPECT_JSON, report)
+        write_atomic(out / CHANNELS_FILE, lambda tmp: save_file(inspection.channel_tensors(), tmp))
+        plots = write_plots(inspection, title, out)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0

@@ -8,6 +8,7 @@ import os
 import sys
 
 from lowbit.errors import LowbitError
+from lowbit.io.atomic import Terminated
 from lowbit.pipeline.memory import prefer_mmap_for_large_allocations
 
 
@@ -40,10 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     # lowbit works from local files only: make sure no library reaches for the network and hangs
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    args = build_parser().parse_args(argv)
-    configure_logging(args.quiet)
-    prefer_mmap_for_large_allocations()
     try:
+        args = build_parser().parse_args(argv)  # a number out of its range is a LowbitError (cli/common.py)
+        configure_logging(args.quiet)
+        prefer_mmap_for_large_allocations()
         return int(args.func(args) or 0)
     except LowbitError as exc:
         print(f"lowbit: error: {exc}", file=sys.stderr)
@@ -51,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lowbit: interrupted; no partial output was left behind", file=sys.stderr)
         return 130
+    except Terminated as exc:
+        print(f"lowbit: stopped by {exc}; no partial output was left behind", file=sys.stderr)
+        return 128 + exc.signum
 
 
 if __name__ == "__main__":

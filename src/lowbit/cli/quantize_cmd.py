@@ -9,18 +9,15 @@ from pathlib import Path
 
 from lowbit.api import load, quantize_checkpoint
 from lowbit.cli.common import (
-    DTYPES, add_calibration_options, add_eval_options, add_model_options, console, default_model, mib,
-    parse_device, peak_rss_bytes,
+    DTYPES, add_calibration_options, add_eval_options, add_model_options, calibration_from_args, console,
+    default_model, mib, parse_device, peak_rss_bytes,
 )
-from lowbit.data.calibration import calibration_ids
-from lowbit.data.text import documents
 from lowbit.errors import LowbitError
 from lowbit.evaluation.evaluate import evaluate
 from lowbit.export.compressed_tensors import CT_DIR, check_recipe_for_compressed_tensors, write_compressed_tensors
 from lowbit.export.gguf import GGUF_FILE, check_recipe_for_gguf, write_gguf
 from lowbit.io.atomic import check_output_dir
 from lowbit.models.checkpoint import CheckpointReader
-from lowbit.models.open import load_tokenizer
 from lowbit.models.source import resolve_model
 from lowbit.pipeline.report import QuantizeReport, layer_table
 from lowbit.presets import resolve_recipe
@@ -83,7 +80,7 @@ def quantize_from_args(args: argparse.Namespace, out: Path, recipe_name: str) ->
     recipe = resolve_recipe(recipe_name)
     if args.transforms:
         recipe = recipe.reusing_transforms(args.transforms)
-    check_output_dir(out, args.overwrite)
+    check_output_dir(out, args.overwrite, inputs=[Path(args.model)])
     source = resolve_model(args.model)
     if source.is_lowbit:
         raise LowbitError(f"{args.model} is already a lowbit output; quantize the original model instead")
@@ -93,8 +90,7 @@ def quantize_from_args(args: argparse.Namespace, out: Path, recipe_name: str) ->
         check_recipe_for_compressed_tensors(recipe)
     ids = None
     if recipe.needs_calibration or args.measure:
-        tokenizer = load_tokenizer(source.folder)
-        ids = calibration_ids(tokenizer, documents(args.calib, "calibration"), args.nsamples, args.seq_len, args.seed)
+        ids = calibration_from_args(args, source.folder)
     report = quantize_checkpoint(
         source.folder, recipe, ids, out, dtype=DTYPES[args.dtype], device=device, batch_size=args.batch_size,
         seed=args.seed, overwrite=args.overwrite,

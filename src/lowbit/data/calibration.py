@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+from typing import Any
 
 import torch
 
@@ -36,3 +37,36 @@ def calibration_ids(tokenizer, docs: list[str], n_sequences: int, seq_len: int, 
         n_sequences = len(tokens) // seq_len
         log.warning("calibration text holds only %d sequences of %d tokens; using those", n_sequences, seq_len)
     return torch.tensor(tokens[: n_sequences * seq_len], dtype=torch.long).view(n_sequences, seq_len)
+
+
+def check_ids_in_vocabulary(ids: torch.Tensor, config: Any) -> None:
+    """An id past the embedding table (a tokenizer larger than the model's vocabulary) is an IndexError deep inside
+    the forward otherwise."""
+    vocab = getattr(config, "vocab_size", None)
+    if vocab is not None and ids.numel() and int(ids.max()) >= vocab:
+        raise LowbitError(
+            f"the tokenizer produced token id {int(ids.max())} but the model's embedding has {vocab} rows "
+            "(config.json vocab_size); use the tokenizer that belongs to this model"
+        )
+
+
+def check_positions(length: int, config: Any, option: str = "--seq-len") -> None:
+    """Sequences longer than a learned position table (GPT-2's n_positions, OPT's max_position_embeddings) are an
+    IndexError inside the forward; a rotary model has no table to run past: beyond its trained context it only
+    gets a warning."""
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is None or length <= positions:
+        return
+    if any(getattr(config, key, None) is not None for key in ("rope_parameters", "rope_theta", "rope_scaling")):
+        log.warning("sequences of %d tokens run beyond the model's trained context of %d positions", length, positions)
+        return
+    raise LowbitError(
+        f"{option} asks for {length} tokens but the model has {positions} learned positions (config.json "
+        f"max_position_embeddings / n_positions); ask for {positions} or fewer"
+    )
+
+
+def check_ids_fit_model(ids: torch.Tensor, config: Any) -> None:
+    """Refuse calibration ids [N, L] the model cannot embed, before any forward pass."""
+    check_ids_in_vocabulary(ids, config)
+    check_positions(ids.shape[1], config)

@@ -13,39 +13,50 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import TypedDict
 
 from lowbit.errors import LowbitError
 from lowbit.models.embedded import DEFAULT_TEXT, WIKI_TEXT
+from lowbit.schema import check_value, read_json, read_text
 
 EVAL_PERMILLE = 100  # 10% of documents are evaluation text
 PARTS = ("calibration", "evaluation")
+TEXT_FIX = 'give every document as a string, e.g. {"text": "..."}'
+
+
+class _Document(TypedDict):
+    """A document object in a .json list (other keys are left alone)."""
+
+    text: str
 
 
 def _wiki_documents() -> list[str]:
-    data = json.loads(WIKI_TEXT.verified_path().read_text())
+    data = json.loads(WIKI_TEXT.verified_path().read_text(encoding="utf-8"))
     return [data[title]["extract"] for title in sorted(data) if data[title].get("extract", "").strip()]
 
 
 def _jsonl_documents(path: Path) -> list[str]:
     docs = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(read_text(path, "text file").splitlines(), 1):
         if not line.strip():
             continue
         try:
-            docs.append(json.loads(line)["text"])
-        except (json.JSONDecodeError, KeyError, TypeError):
+            record = json.loads(line)
+        except json.JSONDecodeError:
             raise LowbitError(f"{path} line {number} is not a JSON object with a 'text' field") from None
+        if not isinstance(record, dict) or "text" not in record:
+            raise LowbitError(f"{path} line {number} is not a JSON object with a 'text' field")
+        check_value(record["text"], str, f"{path} line {number}", TEXT_FIX, "text")
+        docs.append(record["text"])
     return docs
 
 
 def _json_documents(path: Path) -> list[str]:
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise LowbitError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    data = read_json(path, "text file", "pass a JSON list of strings or of objects with a 'text' field")
     if isinstance(data, list) and all(isinstance(d, str) for d in data):
         return data
-    if isinstance(data, list) and all(isinstance(d, dict) and isinstance(d.get("text"), str) for d in data):
+    if isinstance(data, list) and all(isinstance(d, dict) for d in data):
+        check_value(data, list[_Document], str(path), TEXT_FIX)
         return [d["text"] for d in data]
     raise LowbitError(f"{path} must hold a JSON list of strings or of objects with a 'text' field")
 
@@ -63,7 +74,9 @@ def _datasets_documents(path: Path) -> list[str]:
         dataset = dataset[next(iter(dataset))]
     if "text" not in dataset.column_names:
         raise LowbitError(f"datasets directory {path} has no 'text' column (columns: {dataset.column_names})")
-    return list(dataset["text"])
+    texts = list(dataset["text"])
+    check_value(texts, list[str | None], f"datasets directory {path}", TEXT_FIX, "text")
+    return [t for t in texts if t is not None]
 
 
 def load_documents(source: str = DEFAULT_TEXT) -> list[str]:
@@ -81,14 +94,10 @@ def load_documents(source: str = DEFAULT_TEXT) -> list[str]:
         elif path.suffix == ".json":
             docs = _json_documents(path)
         else:
-            try:
-                text = path.read_text()
-            except UnicodeDecodeError:
-                raise LowbitError(f"{path} is not UTF-8 text; pass a .txt, .jsonl or .json file") from None
-            docs = text.split("\n\n")
+            docs = read_text(path, "text file").split("\n\n")
     docs = [d.strip() for d in docs if d and d.strip()]
     if not docs:
-        raise LowbitError(f"text source {source!r} holds no text")
+        raise LowbitError(f"text source {source!r} holds no text; pass a source with at least one non-empty document")
     return docs
 
 

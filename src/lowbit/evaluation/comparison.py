@@ -7,24 +7,17 @@ The first row is always the unquantized model; every delta is relative to it.
 from __future__ import annotations
 
 import html
-import json
-import os
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from lowbit.evaluation.compare_plots import write_plots
 from lowbit.evaluation.recommend import recommendations
+from lowbit.io.atomic import write_json_atomic, write_text_atomic
+from lowbit.schema import check_record, read_json
 
 RESULTS_JSON = "results.json"
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON through a temporary sibling so an interrupted run never leaves a truncated results file."""
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
 
 
 def _mib(n: float | None) -> str:
@@ -109,16 +102,47 @@ def write_results(results: dict[str, Any], folder: Path, diagnosis: dict[str, An
     write_json_atomic(folder / RESULTS_JSON, results)
     plots = write_plots(results, folder)
     advice = recommendations(results, diagnosis)
-    (folder / REPORT_MD).write_text(report_markdown(results, advice, plots))
-    (folder / REPORT_HTML).write_text(report_html(results, advice, plots))
+    write_text_atomic(folder / REPORT_MD, report_markdown(results, advice, plots))
+    write_text_atomic(folder / REPORT_HTML, report_html(results, advice, plots))
+
+
+class _MeasuredRow(TypedDict):
+    """The keys of a results.json row that the table, the plots and the recommendation read."""
+
+    recipe: str
+    description: str
+    config: dict[str, Any] | None
+    perplexity: float
+    disk_bytes: int
+    eval_tokens_per_second: float
+    tokens: int
+    window: int
+    windows: int
+
+
+class _Row(_MeasuredRow, total=False):
+    quantize_seconds: float
+    peak_rss_bytes: int
+    mean_linear_error: float | None
+    block_errors: list[float]
+    transforms_from: str | None
+
+
+class _Results(TypedDict):
+    model: str
+    settings: dict[str, Any]
+    rows: list[_Row]
 
 
 def reusable_rows(folder: Path, settings: dict[str, Any], model: str) -> dict[str, dict[str, Any]]:
-    """Rows of an earlier comparison in ``folder`` made with the same model and settings, by recipe name."""
-    try:
-        earlier = json.loads((folder / RESULTS_JSON).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+    """Rows of an earlier comparison in ``folder`` made with the same model and settings, by recipe name. A
+    results.json that is not one (corrupt, or rows missing what the report reads) is refused, not reused."""
+    path = folder / RESULTS_JSON
+    if not path.exists():
         return {}
-    if earlier.get("settings") != settings or earlier.get("model") != model:
+    fix = "delete it or run without --resume"
+    earlier = read_json(path, "comparison results", fix)
+    check_record(earlier, _Results, str(path), fix)
+    if earlier["settings"] != settings or earlier["model"] != model:
         return {}
-    return {r["recipe"]: r for r in earlier.get("rows", [])}
+    return {r["recipe"]: r for r in earlier["rows"]}

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lowbit.data.calibration import check_ids_in_vocabulary
 from lowbit.data.text import documents
 from lowbit.evaluation.perplexity import Perplexity, evaluation_ids, perplexity
 from lowbit.models.open import open_model
@@ -57,5 +58,6 @@ def evaluate(
     limit = getattr(opened.model.config, "max_position_embeddings", None) or getattr(opened.model.config, "n_positions", window)
     seq_len = min(window, int(limit))
     ids = evaluation_ids(opened.tokenizer, documents(data, "evaluation"))
+    check_ids_in_vocabulary(ids, opened.model.config)
     result = perplexity(opened.model, ids, seq_len, max_windows, device, progress)
     return Evaluation(spec, result, opened.disk_bytes, tensor_bytes(opened.model), opened.load_seconds)

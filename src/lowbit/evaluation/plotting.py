@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from lowbit.io.atomic import write_atomic
+
 
 def pyplot() -> Any:
     """matplotlib.pyplot on the Agg backend (files only, never a window), imported on first use."""
@@ -21,5 +23,5 @@ def save_figure(fig: Any, path: Path, title: str | None = None) -> None:
     if title is not None:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     pyplot().close(fig)

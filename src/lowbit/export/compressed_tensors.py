@@ -190,7 +190,7 @@ def write_compressed_tensors(
     config.pop("quantization_config", None)
     if quantization_config is not None:
         config["quantization_config"] = quantization_config
-    with atomic_directory(out, overwrite=overwrite) as tmp:
+    with atomic_directory(out, overwrite, inputs=[folder]) as tmp:
         save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         for name in _TOKENIZER_FILES:

@@ -10,7 +10,6 @@ rotary layout (transformers undoes this on load), and the config and byte-level 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from torch import nn
 from lowbit.errors import LowbitError
 from lowbit.export.ggml_blocks import ggml_blocks, ggml_type_for
 from lowbit.export.gguf_tokenizer import tokenizer_metadata
+from lowbit.io.atomic import atomic_file
 from lowbit.recipe import GPTQ, ActQuant, LLMInt8, Recipe
 from lowbit.runtime.sparse import SparseLinear
 from lowbit.runtime.weight_only import WeightOnlyLinear
@@ -32,6 +32,8 @@ _LINEAR_NAMES = {
     "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
 }
 _NORM_NAMES = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+# transformers' GGUF reader builds a Llama without biases, so written biases would be dropped on load
+NO_BIASES = "this model's Linears have biases (attention_bias / mlp_bias), which lowbit's GGUF llama export cannot hold; export compressed-tensors"
 
 
 def permute_rows(t: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -52,9 +54,12 @@ def gguf_tensor_names(config: Any) -> dict[str, str]:
 def check_recipe_for_gguf(recipe: Recipe, source: Path) -> None:
     """Refuse, before any quantization work, a recipe whose output GGUF cannot hold, or a source model (HF folder)
     whose architecture or tokenizer it cannot."""
-    model_type = json.loads((source / "config.json").read_text()).get("model_type", "")
+    config = json.loads((source / "config.json").read_text())
+    model_type = config.get("model_type", "")
     if model_type not in GGUF_ARCHITECTURES:
         raise LowbitError(f"GGUF export supports Llama-architecture models ({', '.join(GGUF_ARCHITECTURES)}); this is {model_type!r}")
+    if config.get("attention_bias") or config.get("mlp_bias"):
+        raise LowbitError(NO_BIASES)
     if recipe.find(ActQuant) or recipe.find(LLMInt8):
         raise LowbitError("GGUF cannot express activation quantization (W8A8, LLM.int8()); export a weight-only recipe")
     grids = [s.weights for s in recipe.steps if getattr(s, "weights", None) is not None]
@@ -95,6 +100,9 @@ def check_exportable(model: nn.Module) -> dict[str, str]:
                 types[name] = ggml_type_for(module.unpacked())
             except LowbitError as exc:
                 raise LowbitError(f"{name}: {exc}") from None
+    names = gguf_tensor_names(model.config)
+    if any(getattr(m, "bias", None) is not None for n, m in model.named_modules() if n in names):
+        raise LowbitError(NO_BIASES)
     if not types:
         pruned = any(isinstance(m, SparseLinear) for m in model.modules())
         raise LowbitError(
@@ -105,48 +113,51 @@ def check_exportable(model: nn.Module) -> dict[str, str]:
     return types
 
 
-def write_gguf(folder: Path, model: nn.Module, out: Path) -> dict[str, str]:
+def write_gguf(folder: Path, model: nn.Module, out: Path, overwrite: bool = False) -> dict[str, str]:
     """Write ``model`` (a lowbit-loaded checkpoint from ``folder``) as GGUF file ``out``; returns the GGML type of
-    each quantized Linear. Written to a temporary sibling and renamed, so a failure leaves no partial file."""
+    each quantized Linear. Atomic (io/atomic.py): a failure leaves no partial file and an existing ``out`` intact."""
     import gguf
 
     types = check_exportable(model)
-    config = model.config
     tokenizer = tokenizer_metadata(folder)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    writer = gguf.GGUFWriter(str(tmp), "llama")
-    try:
-        writer.add_name(folder.name)
-        writer.add_block_count(config.num_hidden_layers)
-        writer.add_context_length(config.max_position_embeddings)
-        writer.add_embedding_length(config.hidden_size)
-        writer.add_feed_forward_length(config.intermediate_size)
-        writer.add_head_count(config.num_attention_heads)
-        writer.add_head_count_kv(config.num_key_value_heads)
-        writer.add_rope_dimension_count(head_dim)
-        writer.add_rope_freq_base(float(getattr(config, "rope_theta", None) or config.rope_parameters["rope_theta"]))
-        writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-        writer.add_vocab_size(config.vocab_size)
-        writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre(tokenizer["pre"])
-        writer.add_token_list(tokenizer["tokens"])
-        writer.add_token_types(tokenizer["token_types"])
-        if tokenizer["merges"]:
-            writer.add_token_merges(tokenizer["merges"])
-        else:  # a byte vocabulary without merges (GGUF readers then expect scores to derive them from)
-            writer.add_token_scores([0.0] * len(tokenizer["tokens"]))
-        for key, value in (("bos", config.bos_token_id), ("eos", config.eos_token_id), ("pad", config.pad_token_id)):
-            if isinstance(value, int):
-                getattr(writer, f"add_{key}_token_id")(value)
-        add_tensors(writer, model, types)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-    finally:
-        writer.close()
-    os.replace(tmp, out)
+    with atomic_file(out, overwrite, inputs=[folder]) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), "llama")
+        try:
+            add_metadata(writer, folder.name, model.config, tokenizer)
+            add_tensors(writer, model, types)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
     return types
+
+
+def add_metadata(writer: Any, name: str, config: Any, tokenizer: dict[str, Any]) -> None:
+    """llama.cpp's hyper-parameters and the byte-level BPE tokenizer."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    writer.add_name(name)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(float(getattr(config, "rope_theta", None) or config.rope_parameters["rope_theta"]))
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(tokenizer["pre"])
+    writer.add_token_list(tokenizer["tokens"])
+    writer.add_token_types(tokenizer["token_types"])
+    if tokenizer["merges"]:
+        writer.add_token_merges(tokenizer["merges"])
+    else:  # a byte vocabulary without merges (GGUF readers then expect scores to derive them from)
+        writer.add_token_scores([0.0] * len(tokenizer["tokens"]))
+    for key, value in (("bos", config.bos_token_id), ("eos", config.eos_token_id), ("pad", config.pad_token_id)):
+        if isinstance(value, int):
+            getattr(writer, f"add_{key}_token_id")(value)
 
 
 def add_tensors(writer: Any, model: nn.Module, types: dict[str, str]) -> None:

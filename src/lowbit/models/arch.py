@@ -6,16 +6,22 @@ discovered is described here per ``model_type``:
   * the scale groups ``(previous op -> Linears it feeds)`` that SmoothQuant and AWQ fold scales through, with the
     sub-module whose output AWQ compares,
   * the true-sequential stages GPTQ quantizes in order (each stage sees inputs from the already quantized ones).
-A group that resolves to nothing raises an error naming the model type and the missing module.
+A group that resolves to nothing raises an error naming the model type and the missing module. A model type the
+table does not name gets an entry discovered from the model itself (``models/discover.py``); every fold is proven
+on the block's own outputs before it is kept (``pipeline/fold.py``), so an entry that is wrong for a model costs
+that model its smoothing, never its correctness.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from torch import nn
 
 from lowbit.errors import LowbitError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,7 @@ _LLAMA = Arch(
     ),
     sequential=(_QKV, ("self_attn.o_proj",), ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)),
 )
+_GEMMA = Arch(blocks=_LLAMA.blocks, groups=_LLAMA.groups, sequential=_LLAMA.sequential, norm_offset=1.0)
 _GEMMA3 = Arch(
     blocks="model.layers",
     groups=(
@@ -101,6 +108,8 @@ ARCHITECTURES: dict[str, Arch] = {
     "mistral": _LLAMA,
     "qwen2": _LLAMA,
     "qwen3": _LLAMA,
+    "gemma": _GEMMA,
+    "gemma2": _GEMMA3,  # post-norms after attention and MLP (outputs, not inputs, of Linears); MLP fed by pre_feedforward
     "gemma3_text": _GEMMA3,
     "phi3": _PHI3,
     "opt": _OPT,
@@ -108,19 +117,40 @@ ARCHITECTURES: dict[str, Arch] = {
 }
 
 
-def arch_for(model_type: str) -> Arch:
-    """The table entry for ``model_type``; unknown types get the Llama-like default, checked by ``check_block``."""
-    return ARCHITECTURES.get(model_type, _LLAMA)
+def supported() -> str:
+    return ", ".join(sorted(ARCHITECTURES)) + " (others when their structure can be discovered)"
+
+
+def arch_for(model_type: str, model: nn.Module | None = None) -> Arch:
+    """The table entry for ``model_type``; for a type the table does not name, the entry discovered from ``model``
+    itself (models/discover.py: blocks, Linears and which norm feeds which Linears, traced), or one line saying
+    what could not be discovered. Never another architecture's layout (the old silent Llama default folded
+    Gemma's scales into the wrong places and exited 0); every fold is proven on the block's outputs anyway."""
+    if model_type in ARCHITECTURES:
+        return ARCHITECTURES[model_type]
+    from lowbit.models.discover import discover
+
+    if model is None:
+        raise LowbitError(f"model type {model_type!r} is not in lowbit's architecture table; supported: {supported()}")
+    try:
+        arch = discover(model, model.config)
+    except LowbitError as exc:
+        raise LowbitError(
+            f"model type {model_type!r} is not in lowbit's architecture table and its structure could not be "
+            f"discovered: {exc}; supported: {supported()}"
+        ) from None
+    log.info("model type %r: structure discovered (blocks %s, %d stages, %d scale groups)",
+             model_type, arch.blocks, len(arch.sequential), len(arch.groups))
+    return arch
 
 
 def get_submodule(root: nn.Module, path: str, model_type: str) -> nn.Module:
     try:
         return root.get_submodule(path)
     except AttributeError:
-        supported = ", ".join(sorted(ARCHITECTURES))
         raise LowbitError(
             f"model type {model_type!r}: no module {path!r} where the architecture table expects one; "
-            f"supported model types: {supported} (add an entry to lowbit/models/arch.py for a new one)"
+            f"supported model types: {supported()} (add an entry to lowbit/models/arch.py for a new one)"
         ) from None
 
 

@@ -13,6 +13,27 @@ from lowbit.errors import LowbitError
 INDEX_FILE = "model.safetensors.index.json"
 
 
+def read_weight_map(index: Path) -> dict[str, str]:
+    """The tensor -> shard file map of a safetensors index, checked for shape."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        raise LowbitError(f"{index} is not a valid safetensors index ({type(exc).__name__}: {exc}); re-export the model") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise LowbitError(f"{index}: 'weight_map' must map tensor names to shard file names; re-export the model")
+    return weight_map
+
+
+def shard_path(folder: Path, name: str) -> Path:
+    """A shard named by an index: a path inside ``folder``, never elsewhere (an index naming '../x' or '/etc/x'
+    would make lowbit read files the model folder does not hold). Checked on the name, not the resolved path:
+    Hugging Face's cache folders hold their shards as symlinks into a blob store."""
+    relative = Path(name)
+    if not name or relative.is_absolute() or ".." in relative.parts:
+        raise LowbitError(f"{folder / INDEX_FILE} names shard {name!r} outside the model folder; re-export the model")
+    return folder / relative
+
+
 class CheckpointReader:
     """Lazy name -> tensor access over ``model.safetensors`` or the shards named by its index file.
 
@@ -23,13 +44,10 @@ class CheckpointReader:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self._file_of: dict[str, Path] = {}
+        self._shape_of: dict[str, tuple[int, ...]] = {}
         index = folder / INDEX_FILE
         if index.exists():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as exc:
-                raise LowbitError(f"{index} is not a valid safetensors index ({exc}); re-export the model") from None
-            files = sorted({folder / f for f in weight_map.values()})
+            files = sorted({shard_path(folder, f) for f in read_weight_map(index).values()})
         else:
             files = sorted(folder.glob("*.safetensors"))
         if not files:
@@ -42,6 +60,7 @@ class CheckpointReader:
             with self._open(path) as handle:
                 for name in handle.keys():
                     self._file_of[name] = path
+                    self._shape_of[name] = tuple(handle.get_slice(name).get_shape())
 
     @staticmethod
     def _open(path: Path):
@@ -56,6 +75,10 @@ class CheckpointReader:
 
     def keys(self) -> list[str]:
         return list(self._file_of)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """A tensor's shape as the file's header states it (nothing is read)."""
+        return self._shape_of[name]
 
     def __contains__(self, name: str) -> bool:
         return name in self._file_of

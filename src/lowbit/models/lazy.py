@@ -7,6 +7,9 @@ larger than RAM is processed block by block. GPT-2's Conv1D layers (weights stor
 
 from __future__ import annotations
 
+import json
+import logging
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,11 +24,37 @@ from lowbit.models.arch import ARCHITECTURES, Arch, arch_for, check_block, get_s
 from lowbit.models.checkpoint import CheckpointReader
 from lowbit.models.source import LOWBIT_CONFIG
 
+log = logging.getLogger(__name__)
+
+
+def refuse_remote_code(folder: Path, file: str, model_type: str | None) -> None:
+    """lowbit never runs Python shipped in a model folder (transformers' ``trust_remote_code``): a type that only
+    that code defines is refused; a type transformers knows is built from transformers' own classes."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if model_type not in CONFIG_MAPPING:
+        raise LowbitError(
+            f"{folder / file} asks for Python code shipped in the model folder (auto_map) for model type "
+            f"{model_type!r}; lowbit never runs code from a model folder: use a transformers release that supports "
+            "this model type natively"
+        )
+    log.warning("%s names code shipped in the model folder (auto_map); lowbit ignores it and builds transformers' "
+                "own %r classes", file, model_type)
+
 
 def load_config(folder: Path) -> PretrainedConfig:
+    """config.json through transformers, never running code from the folder."""
     try:
-        return AutoConfig.from_pretrained(folder, local_files_only=True)
-    except (ValueError, OSError, KeyError) as exc:
+        raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LowbitError(f"cannot read {folder / 'config.json'} ({type(exc).__name__}); re-download the model") from None
+    if not isinstance(raw, dict):
+        raise LowbitError(f"{folder / 'config.json'} is not a JSON object; re-download the model")
+    if "auto_map" in raw:
+        refuse_remote_code(folder, "config.json", raw.get("model_type"))
+    try:
+        return AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+    except (ValueError, OSError, KeyError, TypeError, AttributeError) as exc:
         raise LowbitError(f"cannot read {folder / 'config.json'}: {str(exc)[:200]}") from None
 
 
@@ -33,8 +62,8 @@ def build_skeleton(config: PretrainedConfig, dtype: torch.dtype = torch.float32)
     """The model with parameters on meta (buffers such as rotary tables are real: they are computed, not loaded)."""
     try:
         with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    except ValueError as exc:
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
+    except (ValueError, TypeError, AttributeError) as exc:
         raise LowbitError(
             f"model type {config.model_type!r} is not a causal LM transformers can build ({str(exc)[:120]}); "
             f"supported model types: {', '.join(sorted(ARCHITECTURES))}"
@@ -80,8 +109,8 @@ class LazyModel:
         self.dtype = dtype
         self.config = load_config(folder)
         self.model_type: str = self.config.model_type
-        self.arch: Arch = arch_for(self.model_type)
         self.model = build_skeleton(self.config, dtype)
+        self.arch: Arch = arch_for(self.model_type, self.model)
         converted = conv1d_to_linear(self.model) if self.arch.conv1d else set()
         # HF checkpoints store Conv1D weights [in, out]; lowbit's own output is already in Linear layout
         self.transposed = set() if (folder / LOWBIT_CONFIG).exists() else converted
@@ -91,6 +120,8 @@ class LazyModel:
             raise LowbitError(f"model in {folder} has no decoder blocks at {self.arch.blocks!r}")
         check_block(self.arch, self.blocks[0], self.model_type)
         self._prefix = self.model.base_model_prefix + "."
+        if not (folder / LOWBIT_CONFIG).exists():  # a lowbit output is verified once its runtime modules are in
+            self.verify_checkpoint()
 
     @property
     def tied_embeddings(self) -> bool:
@@ -105,6 +136,43 @@ class LazyModel:
         raise LowbitError(
             f"tensor {name!r} is missing from the checkpoint in {self.folder}; it does not match its config.json"
         )
+
+    def verify_checkpoint(self) -> None:
+        """Strict loading, checked from the file headers before any work: every tensor of the skeleton is in the
+        checkpoint with the shape the config implies, and every checkpoint tensor has a place in the skeleton. A
+        missing tensor would otherwise stay at its random initialisation, an extra one would be dropped silently."""
+        tied = self.output_embedding_key() if self.tied_embeddings else None
+        used: set[str] = set()
+        for name, placeholder in self.model.state_dict(keep_vars=True).items():
+            if name == tied and not self._has(name):
+                continue  # a tied head is the input embedding; checkpoints usually store it once
+            key = self.checkpoint_key(name)
+            shape = self.reader.shape(key)
+            if name.rpartition(".")[0] in self.transposed and name.endswith(".weight"):
+                shape = shape[::-1]
+            if shape != tuple(placeholder.shape):
+                raise LowbitError(
+                    f"tensor {key!r} has shape {shape} in the checkpoint in {self.folder} but its config.json implies "
+                    f"{tuple(placeholder.shape)}; the weights do not belong to this config"
+                )
+            used.add(key)
+        extra = [k for k in self.reader.keys() if k not in used and not self._ignorable(k)]
+        if extra:
+            raise LowbitError(
+                f"the checkpoint in {self.folder} holds {len(extra)} tensor(s) a {self.model_type!r} model built from its "
+                f"config.json has no place for, e.g. {extra[0]!r}; the weights do not belong to this config"
+            )
+
+    def _has(self, name: str) -> bool:
+        return name in self.reader or (name.startswith(self._prefix) and name[len(self._prefix) :] in self.reader)
+
+    def _ignorable(self, key: str) -> bool:
+        """Checkpoint tensors transformers itself skips: computed buffers older checkpoints stored (rotary
+        ``inv_freq``, GPT-2's attention mask) and the model class's own ignore patterns."""
+        computed = {n for n, _ in self.model.named_buffers()} - set(self.model.state_dict())
+        names = {key, self._prefix + key}
+        patterns = getattr(self.model, "_keys_to_ignore_on_load_unexpected", None) or []
+        return bool(names & computed) or any(re.search(p, key) for p in patterns)
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         """Model tensors by model name, read from the checkpoint (Conv1D weights transposed to Linear layout)."""

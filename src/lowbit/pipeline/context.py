@@ -10,7 +10,8 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.models.arch import Arch, ScaleGroup, block_linears, get_submodule
-from lowbit.pipeline.fold import can_fold
+from lowbit.pipeline.fold import fold_blocker
+from lowbit.pipeline.report import FoldRecord
 from lowbit.pipeline.taps import BlockData
 
 
@@ -25,6 +26,7 @@ class BlockContext:
     artifact: dict[str, torch.Tensor] = field(default_factory=dict)  # transform results, by full tensor name
     seed: int = 0
     error_batches: int = 4  # batches whose full-precision outputs are kept to measure the block's error
+    folds: list[FoldRecord] = field(default_factory=list)  # every scale fold tried on this block, kept or refused
 
     def full_name(self, path: str) -> str:
         return f"{self.prefix}.{path}"
@@ -35,6 +37,7 @@ class ResolvedGroup:
     spec: ScaleGroup
     prev: nn.Module
     linears: list[nn.Linear]
+    blocker: str = ""  # why this group cannot be folded at all (e.g. a norm without a weight); "" when it can
 
     @property
     def inspect_path(self) -> str:
@@ -46,21 +49,41 @@ def select_targets(block: nn.Module, prefix: str, ignore: tuple[str, ...]) -> di
     return {
         path: lin
         for path, lin in block_linears(block).items()
-        if not any(fnmatch.fnmatch(f"{prefix}.{path}", pat) or fnmatch.fnmatch(path, pat) for pat in ignore)
+        if not any(_ignored(f"{prefix}.{path}", path, pat) for pat in ignore)
     }
 
 
+def _ignored(full_name: str, path: str, pattern: str) -> bool:
+    return fnmatch.fnmatch(full_name, pattern) or fnmatch.fnmatch(path, pattern)
+
+
+def check_ignore_leaves_work(blocks: nn.ModuleList, blocks_path: str, ignore: tuple[str, ...]) -> None:
+    """Refuse, before any work, ignore patterns that leave no Linear of any block to compress (``["*"]``): the run
+    would write an uncompressed copy of the model and call it quantized. Names the patterns that matched."""
+    names = [(f"{blocks_path}.{i}.{path}", path) for i, block in enumerate(blocks) for path in block_linears(block)]
+    if not names or not all(any(_ignored(full, path, pat) for pat in ignore) for full, path in names):
+        return
+    every = [pat for pat in ignore if all(_ignored(full, path, pat) for full, path in names)]
+    culprits = every or [pat for pat in ignore if any(_ignored(full, path, pat) for full, path in names)]
+    raise LowbitError(
+        f"the recipe's ignore pattern{'s' if len(culprits) > 1 else ''} {', '.join(map(repr, culprits))} "
+        f"{'match' if len(culprits) > 1 else 'matches'} {'' if every else 'together '}all {len(names)} Linears of "
+        "the decoder blocks, leaving nothing to quantize; narrow the recipe's 'ignore' list (e.g. [\"lm_head\"])"
+    )
+
+
 def resolve_groups(ctx: BlockContext, norms_only: bool = False) -> list[ResolvedGroup]:
-    """The architecture's scale groups as modules; optional groups whose shapes forbid folding are skipped."""
+    """The architecture's scale groups as modules. Optional groups whose shapes forbid folding are skipped (they
+    are expected to, e.g. v_proj -> o_proj under grouped-query attention); any other group that cannot be folded
+    carries the reason, which the transforms record as a refused fold: its Linears are quantized unsmoothed."""
     groups = []
     for spec in ctx.arch.groups:
         prev = get_submodule(ctx.block, spec.prev, ctx.model_type)
         if norms_only and isinstance(prev, nn.Linear):
             continue
         linears = [get_submodule(ctx.block, p, ctx.model_type) for p in spec.linears]
-        if not can_fold(prev, linears):  # type: ignore[arg-type]
-            if spec.optional:
-                continue
-            raise LowbitError(f"model type {ctx.model_type!r}: {spec.prev} cannot absorb the scales of {spec.linears}")
-        groups.append(ResolvedGroup(spec, prev, linears))  # type: ignore[arg-type]
+        blocker = fold_blocker(prev, linears)  # type: ignore[arg-type]
+        if blocker and spec.optional:
+            continue
+        groups.append(ResolvedGroup(spec, prev, linears, blocker))  # type: ignore[arg-type]
     return groups

@@ -151,7 +151,7 @@ def inspect_model(
     on_block: Any = None,
 ) -> Inspection:
     """Inspect every block over calibration ids [N, L]; ``on_block(i)`` is called after each block (progress)."""
-    ids = check_calibration(ids)
+    ids = check_calibration(ids, store.model.config)
     store.prepare(device)
     inputs: list[ChannelStats] = []
     residual: list[ChannelStats] = []

@@ -10,17 +10,19 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lowbit.data.calibration import check_ids_fit_model
 from lowbit.errors import LowbitError
 from lowbit.models.arch import arch_for, check_block, get_submodule
 from lowbit.models.lazy import LazyModel, conv1d_to_linear
 from lowbit.pipeline.block import compress_without_data, process_block
 from lowbit.pipeline.capture import capture_block_calls
-from lowbit.pipeline.context import BlockContext, select_targets
+from lowbit.pipeline.context import BlockContext, check_ignore_leaves_work, select_targets
 from lowbit.pipeline.memory import (
     block_memory_bytes, long_lived_objects_frozen, release_freed_memory, reset_peak_memory,
 )
@@ -55,7 +57,7 @@ class InMemoryStore:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.model_type: str = model.config.model_type
-        self.arch = arch_for(self.model_type)
+        self.arch = arch_for(self.model_type, model)
         if self.arch.conv1d:
             conv1d_to_linear(model)
         self.blocks: nn.ModuleList = get_submodule(model, self.arch.blocks, self.model_type)  # type: ignore[assignment]
@@ -108,9 +110,11 @@ class LazyStore:
         pass
 
 
-def check_calibration(ids: torch.Tensor) -> torch.Tensor:
+def check_calibration(ids: torch.Tensor, config: Any) -> torch.Tensor:
+    """Token ids [N, L] the model can embed (the Python API gets the CLI's checks here)."""
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
         raise LowbitError("calibration must be a LongTensor of token ids shaped [n_sequences, seq_len]")
+    check_ids_fit_model(ids, config)
     return ids.long()
 
 
@@ -133,9 +137,10 @@ def run_blocks(
     transform artifact (SmoothQuant/AWQ scales and clips, by tensor name); ``saved`` is an earlier run's artifact
     to re-apply instead of searching.
     """
+    check_ignore_leaves_work(store.blocks, store.arch.blocks, recipe.ignore)
     if ids is None and recipe.needs_calibration:
         raise LowbitError(f"recipe {recipe.name!r} needs calibration data: pass token ids [n_sequences, seq_len]")
-    ids = None if ids is None else check_calibration(ids)
+    ids = None if ids is None else check_calibration(ids, store.model.config)
     start = time.perf_counter()
     shape = {"n_sequences": 0, "seq_len": 0} if ids is None else {"n_sequences": ids.shape[0], "seq_len": ids.shape[1]}
     report = QuantizeReport(recipe.to_dict(), {**shape, "batch_size": batch_size, "seed": seed})
@@ -186,9 +191,12 @@ def _run(
             record = compress_without_data(ctx, recipe, i)
         else:
             record = process_block(ctx, recipe, batch_size, saved, i)
+            record.folds = ctx.folds
             calls.calls[i] = []  # this block's masks and rotary tables are no longer needed
         store.finish(i, block)
         release_freed_memory()
         record.memory_bytes = block_memory_bytes(device)
         report.blocks.append(record)
         log.info(block_row(record))
+    for line in report.refused_folds():  # once per scale group, not once per block
+        log.warning(line)

@@ -20,12 +20,26 @@ class LinearRecord:
 
 
 @dataclass
+class FoldRecord:
+    """One SmoothQuant/AWQ scale fold (``prev`` -> ``linears``), kept only when proven to leave the block's float32
+    output unchanged; otherwise ``reason`` says why it was refused (its Linears were quantized unsmoothed)."""
+
+    method: str  # "smoothquant" or "awq"
+    prev: str
+    linears: list[str]
+    applied: bool
+    change: float  # relative change of the block's float32 output the fold made (NaN: not tried)
+    reason: str = ""
+
+
+@dataclass
 class BlockRecord:
     index: int
     seconds: float
     rel_error: float  # the whole block's output error
     linears: list[LinearRecord] = field(default_factory=list)
     memory_bytes: int = 0  # GPU peak during the block on CUDA; process RSS after it on CPU
+    folds: list[FoldRecord] = field(default_factory=list)
 
 
 @dataclass
@@ -41,7 +55,9 @@ class QuantizeReport:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> QuantizeReport:
         blocks = [
-            BlockRecord(**{**b, "linears": [LinearRecord(**r) for r in b["linears"]]}) for b in data.get("blocks", [])
+            BlockRecord(**{**b, "linears": [LinearRecord(**r) for r in b["linears"]],
+                           "folds": [FoldRecord(**f) for f in b.get("folds", [])]})
+            for b in data.get("blocks", [])
         ]
         return cls(data["recipe"], data["calibration"], blocks, data.get("seconds", 0.0))
 
@@ -54,6 +70,19 @@ class QuantizeReport:
     def measured(self) -> bool:
         return self.calibration.get("n_sequences", 0) > 0
 
+    def refused_folds(self) -> list[str]:
+        """One line per refused scale group (method, prev op): in how many blocks, and the first block's reason."""
+        refused: dict[tuple[str, str], list[tuple[int, FoldRecord]]] = {}
+        for b in self.blocks:
+            for f in b.folds:
+                if not f.applied:
+                    refused.setdefault((f.method, f.prev), []).append((b.index, f))
+        return [
+            f"{method} did not fold {prev} -> {', '.join(cases[0][1].linears)} in {len(cases)} of {len(self.blocks)} "
+            f"blocks (first: block {cases[0][0]}, {cases[0][1].reason}); those Linears were quantized unsmoothed"
+            for (method, prev), cases in refused.items()
+        ]
+
 
 def block_row(record: BlockRecord) -> str:
     """One log line per finished block, so a long run shows whether it is healthy."""
@@ -61,6 +90,8 @@ def block_row(record: BlockRecord) -> str:
         return f"block {record.index}: compressed without data in {record.seconds:.1f}s"
     worst = max(record.linears, key=lambda r: r.rel_error, default=None)
     tail = f", worst {worst.name.rsplit('.', 2)[-2]}.{worst.name.rsplit('.', 1)[-1]} {worst.rel_error:.4f}" if worst else ""
+    refused = sum(not f.applied for f in record.folds)
+    tail += f", {refused} of {len(record.folds)} folds refused" if refused else ""
     return (
         f"block {record.index}: output error {record.rel_error:.4f} in {record.seconds:.1f}s, "
         f"memory {record.memory_bytes / 2**20:,.0f} MiB{tail}"

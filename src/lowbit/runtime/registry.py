@@ -1,7 +1,15 @@
-"""Name <-> class for the runtime modules, so a checkpoint's config can rebuild them on the meta device."""
+"""Name <-> class for the runtime modules, so a checkpoint's config can rebuild them on the meta device.
+
+A module's entry in lowbit_config.json is its class name plus its constructor arguments (``module.config()``), so
+the constructors' own signatures are the schema an entry is checked against: every argument, its annotated type,
+and whether it has a default. The value rules below apply to an argument by name, in whichever class it occurs.
+"""
 
 from __future__ import annotations
 
+import functools
+import inspect
+import typing
 from typing import Any
 
 import torch
@@ -12,9 +20,17 @@ from lowbit.runtime.act_quant import ActQuantLinear
 from lowbit.runtime.llm_int8 import Int8OutlierLinear
 from lowbit.runtime.sparse import SparseLinear
 from lowbit.runtime.weight_only import WeightOnlyLinear
+from lowbit.schema import Range, check_range, check_value
 
 RUNTIME_MODULES: dict[str, type[nn.Module]] = {
     cls.__name__: cls for cls in (WeightOnlyLinear, ActQuantLinear, Int8OutlierLinear, SparseLinear)
+}
+CONFIG_FIX = "the checkpoint's lowbit_config.json is damaged: re-run lowbit quantize"
+# constructor arguments that say where a module is built, not what it stores
+_PLACEMENT = ("self", "dtype", "device")
+_RANGES = {
+    "in_features": Range(1), "out_features": Range(1), "group_size": Range(1), "nnz": Range(0),
+    "bits": Range(2, 8), "act_bits": Range(2, 8), "threshold": Range(0, open_low=True),
 }
 
 
@@ -27,14 +43,53 @@ def module_config(module: nn.Module) -> dict[str, Any]:
     return {"class": type(module).__name__, **module.config()}  # type: ignore[operator]
 
 
-def build_empty(config: dict[str, Any], dtype: torch.dtype) -> nn.Module:
-    """A runtime module on the meta device, ready for ``load_state_dict(assign=True)``-style filling."""
-    config = dict(config)
-    name = config.pop("class", None)
-    if name not in RUNTIME_MODULES:
+@functools.cache
+def config_fields(cls: type[nn.Module]) -> dict[str, tuple[Any, bool]]:
+    """Argument name -> (annotated type, required) of every constructor argument a config stores, collected over
+    the lowbit classes the module is built from (a subclass passes its base's arguments on through ``**kwargs``)."""
+    fields: dict[str, tuple[Any, bool]] = {}
+    for klass in reversed(cls.__mro__):
+        init = klass.__dict__.get("__init__")
+        if init is None or not klass.__module__.startswith("lowbit."):
+            continue
+        hints = typing.get_type_hints(init)
+        for p in inspect.signature(init).parameters.values():
+            if p.name not in _PLACEMENT and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                fields[p.name] = (hints[p.name], p.default is p.empty)
+    return fields
+
+
+def check_module_config(name: str, config: Any) -> type[nn.Module]:
+    """The runtime class of a lowbit_config.json module entry, after checking the entry against that class's
+    constructor: known class, no unknown or missing arguments, each of its annotated type and in range."""
+    where = f"lowbit_config.json module {name!r}"
+    check_value(config, dict[str, Any], where, CONFIG_FIX)
+    cls_name = config.get("class")
+    if not isinstance(cls_name, str) or cls_name not in RUNTIME_MODULES:
         raise LowbitError(
-            f"checkpoint uses runtime module {name!r}, which this lowbit does not know ({', '.join(RUNTIME_MODULES)}); "
-            "upgrade lowbit or re-quantize"
+            f"checkpoint uses runtime module {cls_name!r} for {name!r}, which this lowbit does not know "
+            f"({', '.join(RUNTIME_MODULES)}); upgrade lowbit or re-quantize"
         )
-    in_features, out_features = config.pop("in_features"), config.pop("out_features")
-    return RUNTIME_MODULES[name](in_features, out_features, dtype=dtype, device="meta", **config)
+    cls = RUNTIME_MODULES[cls_name]
+    fields = config_fields(cls)
+    arguments = {k: v for k, v in config.items() if k != "class"}
+    unknown = sorted(set(arguments) - set(fields))
+    if unknown:
+        raise LowbitError(f"{where} has keys {unknown} that {cls_name} does not take; {CONFIG_FIX}")
+    missing = sorted(k for k, (_, required) in fields.items() if required and k not in arguments)
+    if missing:
+        raise LowbitError(f"{where} lacks {missing}, which {cls_name} needs; {CONFIG_FIX}")
+    for key, value in arguments.items():
+        check_value(value, fields[key][0], where, CONFIG_FIX, key)
+        if key in _RANGES:
+            check_range(value, _RANGES[key], f"{where}: {key}", CONFIG_FIX)
+    if "nnz" in arguments and arguments["nnz"] > arguments["in_features"] * arguments["out_features"]:
+        raise LowbitError(f"{where}: nnz {arguments['nnz']} exceeds in_features x out_features; {CONFIG_FIX}")
+    return cls
+
+
+def build_empty(config: dict[str, Any], dtype: torch.dtype) -> nn.Module:
+    """A runtime module on the meta device, ready for ``load_state_dict(assign=True)``-style filling. ``config``
+    is an entry ``check_module_config`` accepted (``read_lowbit_config`` checks every entry before loading)."""
+    arguments = {k: v for k, v in config.items() if k != "class"}
+    return RUNTIME_MODULES[config["class"]](dtype=dtype, device="meta", **arguments)

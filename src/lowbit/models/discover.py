@@ -1,0 +1,223 @@
+"""Discover the architecture entry of a model type the table does not name: blocks, Linears, and which op feeds
+which Linears, found from the model itself (DESIGN principle 3).
+
+A twin of the model's skeleton (parameters and buffers on the meta device: nothing is allocated or computed) runs one
+forward on a few meta token ids with hooks on block 0's modules. Every Linear's input and every module's output are recorded as tensor objects:
+Linears called on the same object share an input (q/k/v; gate/up), their first use orders the true-sequential
+stages, and the module that returned that object is the op feeding them. A norm feeding Linears becomes a scale
+group for SmoothQuant and AWQ; whether its fold is exact is not assumed from names but proven on every run
+(pipeline/fold.py), so a wrong guess costs the group its smoothing, never the model its correctness. A norm's
+offset (Gemma's (1 + w)) is measured on a copy of the norm, not looked up.
+
+Refused in one line: no list of decoder blocks, blocks that differ from each other (hybrid stacks), weights held
+outside Linears and norms (mixture-of-experts 3-D expert tensors, state-space layers), or a forward that cannot be
+traced.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from lowbit.errors import LowbitError
+
+log = logging.getLogger(__name__)
+_TRACE_TOKENS = 8
+_NO_CLIP_SUFFIXES = ("q_proj", "k_proj", "qkv_proj", "query", "key", "query_key_value", "c_attn", "Wqkv", "qkv")
+
+
+def is_linear(module: nn.Module) -> bool:
+    """A Linear, a GPT-2 Conv1D, or lowbit's runtime module in a Linear's place (a quantized model being saved)."""
+    from lowbit.runtime.registry import is_runtime_module
+
+    return isinstance(module, (nn.Linear, Conv1D)) or is_runtime_module(module)
+
+
+def is_norm(module: nn.Module) -> bool:
+    return isinstance(module, nn.LayerNorm) or "Norm" in type(module).__name__
+
+
+def find_blocks(model: nn.Module, n_layers: int | None) -> str:
+    """Path of the decoder blocks: the ModuleList of ``num_hidden_layers`` entries that hold Linears."""
+    candidates = [
+        name for name, m in model.named_modules()
+        if isinstance(m, nn.ModuleList) and len(m) > 0 and (n_layers is None or len(m) == n_layers)
+        and any(is_linear(x) for x in m[0].modules())
+    ]
+    if len(candidates) != 1:
+        found = "none" if not candidates else ", ".join(candidates)
+        raise LowbitError(f"cannot tell which module list holds the decoder blocks (candidates: {found})")
+    return candidates[0]
+
+
+def _signature(block: nn.Module) -> list[tuple[str, str]]:
+    return [(name, type(m).__name__) for name, m in block.named_modules()]
+
+
+def check_uniform(blocks: nn.ModuleList) -> None:
+    """Every block has block 0's modules: one traced entry then serves them all."""
+    first = _signature(blocks[0])
+    for i, block in enumerate(blocks):
+        if _signature(block) != first:
+            raise LowbitError(f"its decoder blocks differ from each other (block {i} is not built like block 0)")
+
+
+def check_weights_are_in_linears_and_norms(block: nn.Module) -> None:
+    """Weights anywhere else (3-D expert tensors, convolutions, state-space parameters) would stay float silently
+    or be mishandled: refuse instead."""
+    for name, module in block.named_modules():
+        if is_linear(module) or is_norm(module):
+            continue
+        own = [p for p, _ in module.named_parameters(recurse=False)]
+        if own:
+            kind = "mixture-of-experts expert tensors" if "expert" in name.lower() else type(module).__name__
+            raise LowbitError(
+                f"block module {name!r} ({kind}) holds weights outside Linear layers ({', '.join(own)}), which "
+                "lowbit cannot quantize yet"
+            )
+
+
+@dataclass
+class Trace:
+    """What one forward through block 0 showed."""
+
+    linear_inputs: dict[str, torch.Tensor] = field(default_factory=dict)  # Linear path -> its input object
+    outputs: list[tuple[str, torch.Tensor, torch.Tensor | None]] = field(default_factory=list)  # (path, out, in)
+
+
+def meta_twin(config: object) -> nn.Module:
+    """A second skeleton of the same config with parameters *and* buffers on the meta device, to trace: nothing is
+    computed or allocated, and no computed buffer (rotary tables) sits on another device than the activations."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with init_empty_weights(include_buffers=True):
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=False).eval()
+    except Exception as exc:  # the skeleton was built once already; a failure here means it cannot be traced
+        raise LowbitError(f"no second skeleton to trace ({type(exc).__name__}: {str(exc)[:100]})") from None
+
+
+def trace_block(model: nn.Module, block: nn.Module) -> Trace:
+    """One forward of ``model`` (a ``meta_twin``) on meta token ids, hooks on ``block``'s modules. The tensors are
+    kept in the trace, so identity comparisons cannot be fooled by a freed object's reused id."""
+    trace = Trace()
+
+    def record(path: str, module: nn.Module, args: tuple, output: object) -> None:
+        first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        out = output[0] if isinstance(output, tuple) and output else output
+        if is_linear(module) and first is not None and path not in trace.linear_inputs:
+            trace.linear_inputs[path] = first
+        if isinstance(out, torch.Tensor):
+            trace.outputs.append((path, out, first))
+
+    handles = [
+        m.register_forward_hook(lambda mod, args, out, path=path: record(path, mod, args, out))
+        for path, m in block.named_modules() if path
+    ]
+    ids = torch.zeros(1, _TRACE_TOKENS, dtype=torch.long, device="meta")
+    try:
+        with torch.no_grad():
+            model(input_ids=ids)
+    except Exception as exc:  # any failure of a foreign forward on meta tensors means the same: no trace
+        raise LowbitError(
+            f"its forward cannot be traced on the meta device ({type(exc).__name__}: {str(exc)[:100]})"
+        ) from None
+    finally:
+        for handle in handles:
+            handle.remove()
+    return trace
+
+
+def _producer(trace: Trace, tensor: torch.Tensor) -> str | None:
+    """The module that created ``tensor`` (not one that passed it through, like dropout in eval mode)."""
+    for path, out, inp in trace.outputs:
+        if out is tensor and inp is not tensor:
+            return path
+    return None
+
+
+def _common_parent(paths: list[str]) -> str:
+    parts = [p.split(".")[:-1] for p in paths]
+    common: list[str] = []
+    for level in zip(*parts):
+        if len(set(level)) != 1:
+            break
+        common.append(level[0])
+    return ".".join(common)
+
+
+def norm_offset(norm: nn.Module, width: int) -> float | None:
+    """c in y = x_hat * (c + w), measured on a CPU copy of the norm with w = 0 and w = 1; None if it is neither
+    0 nor 1 (or the norm has no weight): such a norm is not folded into."""
+    weight = getattr(norm, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or weight.shape[0] != width:
+        return None
+    probe = copy.deepcopy(norm).to_empty(device="cpu").float()
+    x = torch.randn(4, width, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        if getattr(probe, "bias", None) is not None:
+            probe.bias.zero_()
+        probe.weight.zero_()
+        y0 = probe(x)
+        probe.weight.fill_(1.0)
+        y1 = probe(x)
+    for offset in (0.0, 1.0):
+        if torch.allclose(y0, offset * (y1 - y0), atol=1e-5, rtol=1e-4):
+            return offset
+    return None
+
+
+def discover(model: nn.Module, config: object) -> "object":
+    """The architecture entry of ``model`` (an ``Arch``), or a LowbitError saying what could not be discovered."""
+    from lowbit.models.arch import Arch, ScaleGroup
+
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    blocks_path = find_blocks(model, getattr(text_config, "num_hidden_layers", None))
+    blocks = model.get_submodule(blocks_path)
+    check_uniform(blocks)  # type: ignore[arg-type]
+    block = blocks[0]
+    check_weights_are_in_linears_and_norms(block)
+    twin = meta_twin(config)
+    twin_block = twin.get_submodule(blocks_path)[0]
+    trace = trace_block(twin, twin_block)
+    linears = {path for path, m in block.named_modules() if is_linear(m)}
+    if linears != {path for path, m in twin_block.named_modules() if is_linear(m)}:
+        raise LowbitError("its blocks do not have the Linears its config builds")
+    untraced = sorted(linears - set(trace.linear_inputs))
+    if untraced:
+        raise LowbitError(f"its Linears {untraced} were not called in a forward pass, so their inputs are unknown")
+
+    # Linears sharing one input object, in order of first use: the true-sequential stages
+    stages: list[list[str]] = []
+    for path, inp in trace.linear_inputs.items():
+        stage = next((s for s in stages if trace.linear_inputs[s[0]] is inp), None)
+        if stage is None:
+            stages.append([path])
+        else:
+            stage.append(path)
+
+    # a norm feeding a stage is a scale group; one whose fold cannot be exact (a norm without a weight, an offset
+    # other than the entry's) stays in, so the run reports it as refused and why
+    groups, offsets = [], []
+    for stage in stages:
+        producer = _producer(trace, trace.linear_inputs[stage[0]])
+        if producer is None or not is_norm(twin_block.get_submodule(producer)):
+            continue
+        offset = norm_offset(twin_block.get_submodule(producer), trace.linear_inputs[stage[0]].shape[-1])
+        if offset is not None:
+            offsets.append(offset)
+        groups.append(ScaleGroup(producer, tuple(stage), inspect=_common_parent(stage) if len(stage) > 1 else None))
+    return Arch(
+        blocks=blocks_path,
+        groups=tuple(groups),
+        sequential=tuple(tuple(s) for s in stages),
+        norm_offset=max(set(offsets), key=offsets.count) if offsets else 0.0,  # one per entry: the majority's
+        conv1d=any(isinstance(m, Conv1D) for m in block.modules()),
+        no_clip=tuple(p for p in linears if p.rsplit(".", 1)[-1] in _NO_CLIP_SUFFIXES),
+    )
