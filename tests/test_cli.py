@@ -94,7 +94,9 @@ def test_unsupported_architecture(corpus, tmp_path, capsys):
     BertLMHeadModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
                                vocab_size=320, is_decoder=True)).save_pretrained(folder)
     code, _, err = run(capsys, "quantize", "--model", folder, "--out", tmp_path / "q", "--calib", corpus, *SMALL)
-    assert code == 2 and "'bert'" in err and "model.layers" in err
+    # its head's bias is tied to another tensor and saved once: lowbit ties only the output embedding, so the
+    # strict load names the tensor it cannot find instead of leaving it at its random initialisation
+    assert code == 2 and "'cls.predictions.decoder.bias' is missing" in err.strip().splitlines()[-1]
 
 
 def test_calibration_shorter_than_one_sequence(toy_folder, tmp_path, capsys):

@@ -172,3 +172,18 @@ def test_a_llama_shaped_unlisted_type_quantizes_saves_and_loads(tmp_path, capsys
     report = QuantizeReport.from_dict(json.loads((tmp_path / "q" / "quant_report.json").read_text()))
     assert report.blocks[0].folds and all(f.applied for b in report.blocks for f in b.folds)
     assert top1_agreement(lowbit.load(tmp_path / "q"), logits(toy_model("granite"))) >= 0.9
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3", "gemma", "gemma2", "gemma3_text", "opt", "gpt2"])
+def test_discovery_finds_what_the_table_says(model_type):
+    """Traced, not listed: the structure discovered for a listed type equals its hand-written entry (its norm ->
+    Linears groups, stages, norm offset; the table's Linear -> Linear groups cannot be seen by tracing modules)."""
+    from lowbit.models.discover import discover
+
+    model = toy_model(model_type)
+    table = arch.ARCHITECTURES[model_type]
+    found = discover(model, model.config)
+    norm_groups = [(g.prev, g.linears) for g in table.groups if "norm" in g.prev or g.prev.startswith("ln_")]
+    assert [(g.prev, g.linears) for g in found.groups] == norm_groups
+    assert found.sequential == table.sequential and found.norm_offset == table.norm_offset
+    assert (found.blocks, found.conv1d) == (table.blocks, table.conv1d)

@@ -68,17 +68,19 @@ def check_uniform(blocks: nn.ModuleList) -> None:
 
 
 def check_weights_are_in_linears_and_norms(block: nn.Module) -> None:
-    """Weights anywhere else (3-D expert tensors, convolutions, state-space parameters) would stay float silently
-    or be mishandled: refuse instead."""
+    """Matrices anywhere but in Linears (3-D expert tensors, router and convolution weights) would stay float
+    silently or be mishandled: refuse. Vectors and scalars elsewhere (a learnable activation's alphas, a gate's
+    bias, a state-space layer's decay) stay in float, as norms do."""
     for name, module in block.named_modules():
         if is_linear(module) or is_norm(module):
             continue
-        own = [p for p, _ in module.named_parameters(recurse=False)]
-        if own:
-            kind = "mixture-of-experts expert tensors" if "expert" in name.lower() else type(module).__name__
+        matrices = [p for p, t in module.named_parameters(recurse=False) if t.dim() >= 2]
+        if matrices:
+            where = f"{name} {type(module).__name__}".lower()
+            kind = "mixture-of-experts tensors" if "expert" in where or "router" in where else type(module).__name__
             raise LowbitError(
-                f"block module {name!r} ({kind}) holds weights outside Linear layers ({', '.join(own)}), which "
-                "lowbit cannot quantize yet"
+                f"block module {name!r} ({kind}) holds weight matrices outside Linear layers ({', '.join(matrices)}), "
+                "which lowbit cannot quantize yet"
             )
 
 
@@ -98,7 +100,7 @@ def meta_twin(config: object) -> nn.Module:
 
     try:
         with init_empty_weights(include_buffers=True):
-            return AutoModelForCausalLM.from_config(config, trust_remote_code=False).eval()
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=False, attn_implementation="eager").eval()
     except Exception as exc:  # the skeleton was built once already; a failure here means it cannot be traced
         raise LowbitError(f"no second skeleton to trace ({type(exc).__name__}: {str(exc)[:100]})") from None
 
@@ -121,13 +123,22 @@ def trace_block(model: nn.Module, block: nn.Module) -> Trace:
         for path, m in block.named_modules() if path
     ]
     ids = torch.zeros(1, _TRACE_TOKENS, dtype=torch.long, device="meta")
+    # without a mask some models look for padding in the ids, with one others inspect the mask: both read values
+    # (.item()), which meta tensors do not have; one of the two usually traces
+    attempts = ({}, {"attention_mask": torch.ones_like(ids)})
     try:
-        with torch.no_grad():
-            model(input_ids=ids)
-    except Exception as exc:  # any failure of a foreign forward on meta tensors means the same: no trace
-        raise LowbitError(
-            f"its forward cannot be traced on the meta device ({type(exc).__name__}: {str(exc)[:100]})"
-        ) from None
+        for i, extra in enumerate(attempts):
+            trace.linear_inputs.clear()
+            trace.outputs.clear()
+            try:
+                with torch.no_grad():
+                    model(input_ids=ids, **extra)
+                return trace
+            except Exception as exc:  # any failure of a foreign forward on meta tensors means the same: no trace
+                if i == len(attempts) - 1:
+                    raise LowbitError(
+                        f"its forward cannot be traced on the meta device ({type(exc).__name__}: {str(exc)[:100]})"
+                    ) from None
     finally:
         for handle in handles:
             handle.remove()

@@ -47,7 +47,8 @@ class _Recorder(nn.Module):
         if self.index == 0:
             self.store.hidden.append(hidden_states.detach())
         kwargs.pop("past_key_values", None)
-        kwargs["use_cache"] = False
+        if "use_cache" in kwargs:  # only where the model passes it: some blocks (GPT-1) take no such argument
+            kwargs["use_cache"] = False
         self.store.calls[self.index].append((args, kwargs))
         if self.index == self.last:
             raise _StopForward
@@ -80,4 +81,4 @@ def run_block(block: nn.Module, hidden: torch.Tensor, call: tuple[tuple, dict]) 
     """One block forward with its recorded arguments; returns the hidden state (older blocks return tuples)."""
     args, kwargs = call
     out = block(hidden, *args, **kwargs)
-    return out[0] if isinstance(out, tuple) else out
+    return out[0] if isinstance(out, (tuple, list)) else out  # GPT-1 blocks return a list

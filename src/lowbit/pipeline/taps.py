@@ -83,5 +83,5 @@ def replay(module: nn.Module, calls: list[tuple[tuple, dict]]) -> list[torch.Ten
     with torch.no_grad():
         for args, kwargs in calls:
             out = module(*args, **kwargs)
-            outputs.append(out[0] if isinstance(out, tuple) else out)
+            outputs.append(out[0] if isinstance(out, (tuple, list)) else out)
     return outputs
