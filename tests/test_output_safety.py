@@ -159,3 +159,23 @@ def test_a_stopped_parent_stops_its_child_and_waits_for_it(tmp_path):
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
     assert cleaned.exists() and time.time() - started < 30
+
+
+def test_an_unwritable_output_folder_is_one_line(toy_folder, tmp_path, capsys, monkeypatch):
+    """Tests run as root, for whom permissions do not apply: the file system's refusal is simulated."""
+    import lowbit.io.atomic as atomic
+
+    real_open = os.open
+
+    def read_only(path, flags, *args):
+        if flags & os.O_CREAT:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_open(path, flags, *args)
+
+    source = toy_folder()
+    capsys.readouterr()  # transformers' progress bar while the fixture saved the toy
+    monkeypatch.setattr(atomic.os, "open", read_only)
+    code = main(["--quiet", "quantize", "--model", str(source), "--recipe", "w8", "--out", str(tmp_path / "q")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Read-only file system" in err and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []

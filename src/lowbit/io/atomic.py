@@ -126,7 +126,10 @@ def exclusive_lock(final: Path, wait: bool = False) -> Iterator[None]:
     SIGKILL), so a stale file never blocks the next run."""
     lock_path = final.parent / f".{final.name}.lock"
     while True:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:  # a read-only or full file system, a folder this user cannot write
+            raise LowbitError(f"cannot write in {final.parent}: {exc.strerror}; pick a writable location") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
