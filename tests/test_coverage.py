@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from coverage import causal_lm_types, coverage, quiet, table_row
+from coverage import causal_lm_types, coverage, table_row
 
 PAGE = Path(__file__).resolve().parent.parent / "docs" / "architectures.md"
 
@@ -27,7 +27,6 @@ PUBLISHED = published_rows()
 
 @pytest.mark.parametrize("model_type", causal_lm_types())
 def test_every_model_type_quantizes_correctly_or_is_refused(model_type):
-    quiet()
     outcome = coverage(model_type)
     if outcome is None:
         assert model_type not in PUBLISHED, f"{model_type} is published as tested but no tiny model builds"
