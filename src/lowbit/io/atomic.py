@@ -161,10 +161,7 @@ def remove_stale_partials(final: Path) -> None:
     each of them was left by a writer that died (SIGKILL, power loss)."""
     for kind in _STALE_KINDS:
         for stale in final.parent.glob(f".{final.name}.{kind}-*"):
-            if stale.is_dir() and not stale.is_symlink():
-                shutil.rmtree(stale, ignore_errors=True)
-            else:
-                stale.unlink(missing_ok=True)
+            _remove(stale)
 
 
 def _remove(path: Path) -> None:

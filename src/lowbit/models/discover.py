@@ -19,12 +19,16 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lowbit.errors import LowbitError
+
+if TYPE_CHECKING:
+    from lowbit.models.arch import Arch
 
 log = logging.getLogger(__name__)
 _TRACE_TOKENS = 8
@@ -126,8 +130,9 @@ def trace_block(model: nn.Module, block: nn.Module) -> Trace:
     # without a mask some models look for padding in the ids, with one others inspect the mask: both read values
     # (.item()), which meta tensors do not have; one of the two usually traces
     attempts = ({}, {"attention_mask": torch.ones_like(ids)})
+    failure = ""
     try:
-        for i, extra in enumerate(attempts):
+        for extra in attempts:
             trace.linear_inputs.clear()
             trace.outputs.clear()
             try:
@@ -135,14 +140,11 @@ def trace_block(model: nn.Module, block: nn.Module) -> Trace:
                     model(input_ids=ids, **extra)
                 return trace
             except Exception as exc:  # any failure of a foreign forward on meta tensors means the same: no trace
-                if i == len(attempts) - 1:
-                    raise LowbitError(
-                        f"its forward cannot be traced on the meta device ({type(exc).__name__}: {str(exc)[:100]})"
-                    ) from None
+                failure = f"{type(exc).__name__}: {str(exc)[:100]}"
     finally:
         for handle in handles:
             handle.remove()
-    return trace
+    raise LowbitError(f"its forward cannot be traced on the meta device ({failure})")
 
 
 def _producer(trace: Trace, tensor: torch.Tensor) -> str | None:
@@ -184,9 +186,9 @@ def norm_offset(norm: nn.Module, width: int) -> float | None:
     return None
 
 
-def discover(model: nn.Module, config: object) -> "object":
-    """The architecture entry of ``model`` (an ``Arch``), or a LowbitError saying what could not be discovered."""
-    from lowbit.models.arch import Arch, ScaleGroup
+def discover(model: nn.Module, config: object) -> Arch:
+    """The architecture entry of ``model``, or a LowbitError saying what could not be discovered."""
+    from lowbit.models.arch import Arch, ScaleGroup  # arch imports this module lazily: no cycle at import time
 
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     blocks_path = find_blocks(model, getattr(text_config, "num_hidden_layers", None))

@@ -112,27 +112,34 @@ class LazyModel:
         self.model = build_skeleton(self.config, dtype)
         self.arch: Arch = arch_for(self.model_type, self.model)
         converted = conv1d_to_linear(self.model) if self.arch.conv1d else set()
+        is_lowbit = (folder / LOWBIT_CONFIG).exists()
         # HF checkpoints store Conv1D weights [in, out]; lowbit's own output is already in Linear layout
-        self.transposed = set() if (folder / LOWBIT_CONFIG).exists() else converted
+        self.transposed = set() if is_lowbit else converted
         self.reader = CheckpointReader(folder)
         self.blocks: nn.ModuleList = get_submodule(self.model, self.arch.blocks, self.model_type)  # type: ignore[assignment]
         if len(self.blocks) == 0:
             raise LowbitError(f"model in {folder} has no decoder blocks at {self.arch.blocks!r}")
         check_block(self.arch, self.blocks[0], self.model_type)
         self._prefix = self.model.base_model_prefix + "."
-        if not (folder / LOWBIT_CONFIG).exists():  # a lowbit output is verified once its runtime modules are in
+        if not is_lowbit:  # a lowbit output is verified once its runtime modules are in
             self.verify_checkpoint()
 
     @property
     def tied_embeddings(self) -> bool:
         return ties_embeddings(self.config)
 
-    def checkpoint_key(self, name: str) -> str:
-        """The checkpoint's name for model tensor ``name`` (some checkpoints omit the base-model prefix)."""
+    def _key_or_none(self, name: str) -> str | None:
+        """The checkpoint's name for model tensor ``name`` (some checkpoints omit the base-model prefix), if any."""
         if name in self.reader:
             return name
         if name.startswith(self._prefix) and name[len(self._prefix) :] in self.reader:
             return name[len(self._prefix) :]
+        return None
+
+    def checkpoint_key(self, name: str) -> str:
+        key = self._key_or_none(name)
+        if key is not None:
+            return key
         raise LowbitError(
             f"tensor {name!r} is missing from the checkpoint in {self.folder}; it does not match its config.json"
         )
@@ -143,8 +150,9 @@ class LazyModel:
         missing tensor would otherwise stay at its random initialisation, an extra one would be dropped silently."""
         tied = self.output_embedding_key() if self.tied_embeddings else None
         used: set[str] = set()
-        for name, placeholder in self.model.state_dict(keep_vars=True).items():
-            if name == tied and not self._has(name):
+        state = self.model.state_dict(keep_vars=True)
+        for name, placeholder in state.items():
+            if name == tied and self._key_or_none(name) is None:
                 continue  # a tied head is the input embedding; checkpoints usually store it once
             key = self.checkpoint_key(name)
             shape = self.reader.shape(key)
@@ -156,23 +164,18 @@ class LazyModel:
                     f"{tuple(placeholder.shape)}; the weights do not belong to this config"
                 )
             used.add(key)
-        extra = [k for k in self.reader.keys() if k not in used and not self._ignorable(k)]
+        # computed buffers (rotary ``inv_freq``, GPT-2's attention mask) that older checkpoints stored
+        computed = {n for n, _ in self.model.named_buffers()} - set(state)
+        patterns = getattr(self.model, "_keys_to_ignore_on_load_unexpected", None) or []
+        extra = [
+            k for k in self.reader.keys()
+            if k not in used and not {k, self._prefix + k} & computed and not any(re.search(p, k) for p in patterns)
+        ]
         if extra:
             raise LowbitError(
                 f"the checkpoint in {self.folder} holds {len(extra)} tensor(s) a {self.model_type!r} model built from its "
                 f"config.json has no place for, e.g. {extra[0]!r}; the weights do not belong to this config"
             )
-
-    def _has(self, name: str) -> bool:
-        return name in self.reader or (name.startswith(self._prefix) and name[len(self._prefix) :] in self.reader)
-
-    def _ignorable(self, key: str) -> bool:
-        """Checkpoint tensors transformers itself skips: computed buffers older checkpoints stored (rotary
-        ``inv_freq``, GPT-2's attention mask) and the model class's own ignore patterns."""
-        computed = {n for n, _ in self.model.named_buffers()} - set(self.model.state_dict())
-        names = {key, self._prefix + key}
-        patterns = getattr(self.model, "_keys_to_ignore_on_load_unexpected", None) or []
-        return bool(names & computed) or any(re.search(p, key) for p in patterns)
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         """Model tensors by model name, read from the checkpoint (Conv1D weights transposed to Linear layout)."""
