@@ -10,22 +10,28 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
     CohereConfig,
+    DeepseekV3Config,
     Gemma2Config,
     Gemma3TextConfig,
     GemmaConfig,
     GPT2Config,
     GraniteConfig,
+    JetMoeConfig,
     LlamaConfig,
     MistralConfig,
     MixtralConfig,
     Olmo2Config,
     OlmoConfig,
+    OlmoeConfig,
     OPTConfig,
     Phi3Config,
+    PhimoeConfig,
     PretrainedConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen2MoeConfig,
     Qwen3Config,
+    Qwen3MoeConfig,
     Starcoder2Config,
 )
 
@@ -78,15 +84,37 @@ def toy_config(model_type: str, biases: bool = True) -> PretrainedConfig:
         return CohereConfig(**_COMMON, attention_bias=True)
     if model_type == "starcoder2":
         return Starcoder2Config(**_COMMON, use_bias=True)
+    # mixture of experts: 4 experts, 2 per token; Qwen2-MoE and DeepSeek-V3 with shared experts
     if model_type == "mixtral":
         return MixtralConfig(**_COMMON, num_local_experts=4, num_experts_per_tok=2)
+    if model_type == "phimoe":
+        return PhimoeConfig(**_COMMON, num_local_experts=4, num_experts_per_tok=2)
+    if model_type == "olmoe":
+        return OlmoeConfig(**_COMMON, num_experts=4, num_experts_per_tok=2)
+    if model_type == "qwen2_moe":
+        return Qwen2MoeConfig(**_COMMON, moe_intermediate_size=32, shared_expert_intermediate_size=64, num_experts=4,
+                              num_experts_per_tok=2)
+    if model_type == "qwen3_moe":
+        return Qwen3MoeConfig(**_COMMON, head_dim=16, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2)
+    if model_type == "deepseek_v3":
+        return DeepseekV3Config(
+            **{**_COMMON, "num_key_value_heads": 4}, moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2,
+            n_shared_experts=1, first_k_dense_replace=0, n_group=1, topk_group=1, q_lora_rank=None, kv_lora_rank=16,
+            qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+        )
+    if model_type == "jetmoe":
+        return JetMoeConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                            kv_channels=16, intermediate_size=128, num_local_experts=4, num_experts_per_tok=2,
+                            vocab_size=VOCAB, max_position_embeddings=256, **SPECIAL)
     raise ValueError(model_type)
 
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "opt", "gpt2")
 # not in lowbit's architecture table: their structure is discovered (models/discover.py)
 DISCOVERED = ("granite", "olmo", "olmo2", "cohere", "starcoder2")
-UNSUPPORTED = ("mixtral",)  # refused: its experts are 3-D tensors, not Linears
+# mixture of experts, experts split into Linears (models/experts.py)
+MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "phimoe", "deepseek_v3")
+UNSUPPORTED = ("jetmoe",)  # refused: its experts are a layout models/experts.py does not split
 
 
 def toy_model(model_type: str, seed: int = 0, outliers: bool = True, biases: bool = True) -> torch.nn.Module:

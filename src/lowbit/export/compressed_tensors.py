@@ -36,6 +36,8 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.io.atomic import atomic_directory
+from lowbit.models.checkpoint_names import hub_module_name, hub_tensor_name
+from lowbit.models.experts import is_router
 from lowbit.numerics.qweight import QWeight
 from lowbit.recipe import ActQuant, LLMInt8, Recipe
 from lowbit.runtime.act_quant import ActQuantLinear
@@ -161,11 +163,19 @@ def compressed_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], di
             state.setdefault(name, tensor)
     if getattr(model.config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)
-    state = {k: v.detach().contiguous() for k, v in state.items()}
+    # mixture-of-experts tensors under the hub's names (vLLM reads Mixtral's experts as block_sparse_moe.experts.3.w1)
+    model_type = model.config.model_type
+    state = {hub_tensor_name(model_type, k): v.detach().contiguous() for k, v in state.items()}
     if not groups:
         return state, None
     quantized = {t for g in groups.values() for t in g["targets"]}
-    plain = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, SparseLinear)) and n not in quantized]
+    for g in groups.values():
+        g["targets"] = [hub_module_name(model_type, t) for t in g["targets"]]
+    # routers stay float (models/experts.py): listed so that a reader targeting "Linear" leaves them alone
+    plain = [
+        hub_module_name(model_type, n) for n, m in model.named_modules()
+        if (isinstance(m, (nn.Linear, SparseLinear)) or is_router(m)) and n not in quantized
+    ]
     config_groups = {f"group_{i}": g for i, g in enumerate(groups.values())}
     if len(config_groups) == 1:  # the usual case: one scheme for every quantized Linear
         config_groups["group_0"]["targets"] = ["Linear"]

@@ -30,12 +30,15 @@ class ScaleGroup:
 
     ``inspect`` None means the group's single Linear is its own inspected module. ``optional`` groups are
     skipped when their shapes do not allow folding (e.g. v_proj -> o_proj under grouped-query attention).
+    ``passengers`` read the same input but stay float (mixture-of-experts routers): a fold scales their weight
+    columns too, so they compute what they did.
     """
 
     prev: str
     linears: tuple[str, ...]
     inspect: str | None = None
     optional: bool = False
+    passengers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -155,8 +158,15 @@ def get_submodule(root: nn.Module, path: str, model_type: str) -> nn.Module:
 
 
 def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
-    """Every Linear inside a decoder block, by path relative to the block."""
-    return {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
+    """Every Linear inside a decoder block, by path relative to the block, except routers' (they stay float:
+    models/experts.py)."""
+    from lowbit.models.experts import is_router
+
+    routers = [name + "." for name, m in block.named_modules() if is_router(m)]
+    return {
+        name: m for name, m in block.named_modules()
+        if isinstance(m, nn.Linear) and not is_router(m) and not any(name.startswith(r) for r in routers)
+    }
 
 
 def check_block(arch: Arch, block: nn.Module, model_type: str) -> None:

@@ -9,9 +9,14 @@ group for SmoothQuant and AWQ; whether its fold is exact is not assumed from nam
 (pipeline/fold.py), so a wrong guess costs the group its smoothing, never the model its correctness. A norm's
 offset (Gemma's (1 + w)) is measured on a copy of the norm, not looked up.
 
+Mixture-of-experts layers arrive with their experts split into Linears (models/experts.py) and traced with every
+expert on every token: all experts' gate/up projections share the layer's input and so one stage and one scale
+group, whose routers ride along as passengers (scaled, never quantized); the experts' down projections form one
+stage.
+
 Refused in one line: no list of decoder blocks, blocks that differ from each other (hybrid stacks), weights held
-outside Linears and norms (mixture-of-experts 3-D expert tensors, state-space layers), or a forward that cannot be
-traced.
+outside Linears and norms (state-space layers, convolutions, experts of a layout that cannot be split), or a
+forward that cannot be traced.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lowbit.errors import LowbitError
+from lowbit.models.experts import RoutedExperts, all_tokens_to_all_experts, is_router, unfuse_experts
 
 if TYPE_CHECKING:
     from lowbit.models.arch import Arch
@@ -40,6 +46,15 @@ def is_linear(module: nn.Module) -> bool:
     from lowbit.runtime.registry import is_runtime_module
 
     return isinstance(module, (nn.Linear, Conv1D)) or is_runtime_module(module)
+
+
+def quantizable_linears(block: nn.Module) -> set[str]:
+    """Paths of the block's Linears (or runtime modules in their place) outside routers."""
+    routers = [name + "." for name, m in block.named_modules() if is_router(m)]
+    return {
+        name for name, m in block.named_modules()
+        if is_linear(m) and not is_router(m) and not any(name.startswith(r) for r in routers)
+    }
 
 
 def is_norm(module: nn.Module) -> bool:
@@ -72,11 +87,13 @@ def check_uniform(blocks: nn.ModuleList) -> None:
 
 
 def check_weights_are_in_linears_and_norms(block: nn.Module) -> None:
-    """Matrices anywhere but in Linears (3-D expert tensors, router and convolution weights) would stay float
+    """Matrices anywhere but in Linears (3-D expert tensors left fused, convolution weights) would stay float
     silently or be mishandled: refuse. Vectors and scalars elsewhere (a learnable activation's alphas, a gate's
-    bias, a state-space layer's decay) stay in float, as norms do."""
+    bias, a state-space layer's decay) stay in float, as norms do, and so do mixture-of-experts routers (marked by
+    models/experts.py, which split the experts into Linears)."""
+    routers = [name for name, m in block.named_modules() if is_router(m)]
     for name, module in block.named_modules():
-        if is_linear(module) or is_norm(module):
+        if is_linear(module) or is_norm(module) or any(name == r or name.startswith(r + ".") for r in routers):
             continue
         matrices = [p for p, t in module.named_parameters(recurse=False) if t.dim() >= 2]
         if matrices:
@@ -104,9 +121,11 @@ def meta_twin(config: object) -> nn.Module:
 
     try:
         with init_empty_weights(include_buffers=True):
-            return AutoModelForCausalLM.from_config(config, trust_remote_code=False, attn_implementation="eager").eval()
+            twin = AutoModelForCausalLM.from_config(config, trust_remote_code=False, attn_implementation="eager").eval()
     except Exception as exc:  # the skeleton was built once already; a failure here means it cannot be traced
         raise LowbitError(f"no second skeleton to trace ({type(exc).__name__}: {str(exc)[:100]})") from None
+    unfuse_experts(twin)  # as the model itself was
+    return twin
 
 
 def trace_block(model: nn.Module, block: nn.Module) -> Trace:
@@ -136,7 +155,8 @@ def trace_block(model: nn.Module, block: nn.Module) -> Trace:
             trace.linear_inputs.clear()
             trace.outputs.clear()
             try:
-                with torch.no_grad():
+                # every expert on every token: the routed path selects tokens by value, which meta tensors lack
+                with torch.no_grad(), all_tokens_to_all_experts(model):
                     model(input_ids=ids, **extra)
                 return trace
             except Exception as exc:  # any failure of a foreign forward on meta tensors means the same: no trace
@@ -148,11 +168,65 @@ def trace_block(model: nn.Module, block: nn.Module) -> Trace:
 
 
 def _producer(trace: Trace, tensor: torch.Tensor) -> str | None:
-    """The module that created ``tensor`` (not one that passed it through, like dropout in eval mode)."""
-    for path, out, inp in trace.outputs:
-        if out is tensor and inp is not tensor:
-            return path
+    """The module that created ``tensor`` (not one that passed it through, like dropout in eval mode), or the
+    tensor it is a view of (a MoE layer flattens its input [B, L, H] -> [B*L, H] before routing it)."""
+    for candidate in (tensor, tensor._base):
+        for path, out, inp in trace.outputs:
+            if candidate is not None and out is candidate and inp is not candidate:
+                return path
     return None
+
+
+def same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``a`` and ``b`` are one tensor, or one is a view of the other (a MoE layer's flattened input)."""
+    return a is b or a._base is b or b._base is a or (a._base is not None and a._base is b._base)
+
+
+def merge_groups_by_producer(groups: list) -> tuple:
+    """One scale group per op: a norm whose output reaches Linears as several objects (a MoE layer hands its
+    shared expert the [B, L, H] output and its routed experts a [B*L, H] view) scales all of them with one s, or
+    the second fold would rescale the first group's input. AWQ then inspects their common parent."""
+    from lowbit.models.arch import ScaleGroup
+
+    merged: dict[str, tuple[list[str], list[str]]] = {}
+    for g in groups:
+        linears, passengers = merged.setdefault(g.prev, ([], []))
+        linears.extend(g.linears)
+        passengers.extend(p for p in g.passengers if p not in passengers)
+    return tuple(
+        ScaleGroup(prev, tuple(linears), inspect=_common_parent(linears) if len(linears) > 1 else None,
+                   passengers=tuple(passengers))
+        for prev, (linears, passengers) in merged.items()
+    )
+
+
+def _expert_stage_key(stage: list[str], experts: list[str]) -> str | None:
+    """"mlp.experts.*.down_proj" for a stage of one routed expert's Linear, None for any other stage."""
+    if len(stage) != 1:
+        return None
+    for path in experts:
+        head = path + "."
+        if stage[0].startswith(head):
+            _, _, rest = stage[0][len(head):].partition(".")
+            return f"{head}*.{rest}"
+    return None
+
+
+def merge_expert_stages(stages: list[list[str]], experts: list[str]) -> list[list[str]]:
+    """One stage for the same Linear of every routed expert (each expert's down_proj has its own input, so tracing
+    gives one stage per expert): no expert's input depends on another's, and GPTQ's true-sequential passes then
+    cost one block forward for all of them, not one per expert."""
+    merged: list[list[str]] = []
+    at: dict[str, list[str]] = {}
+    for stage in stages:
+        key = _expert_stage_key(stage, experts)
+        if key is not None and key in at:
+            at[key].extend(stage)
+            continue
+        merged.append(list(stage))
+        if key is not None:
+            at[key] = merged[-1]
+    return merged
 
 
 def _common_parent(paths: list[str]) -> str:
@@ -199,8 +273,8 @@ def discover(model: nn.Module, config: object) -> Arch:
     twin = meta_twin(config)
     twin_block = twin.get_submodule(blocks_path)[0]
     trace = trace_block(twin, twin_block)
-    linears = {path for path, m in block.named_modules() if is_linear(m)}
-    if linears != {path for path, m in twin_block.named_modules() if is_linear(m)}:
+    linears = quantizable_linears(block)  # routers' Linears stay float: neither staged nor quantized
+    if linears != quantizable_linears(twin_block):
         raise LowbitError("its blocks do not have the Linears its config builds")
     untraced = sorted(linears - set(trace.linear_inputs))
     if untraced:
@@ -209,11 +283,16 @@ def discover(model: nn.Module, config: object) -> Arch:
     # Linears sharing one input object, in order of first use: the true-sequential stages
     stages: list[list[str]] = []
     for path, inp in trace.linear_inputs.items():
+        if path not in linears:
+            continue
         stage = next((s for s in stages if trace.linear_inputs[s[0]] is inp), None)
         if stage is None:
             stages.append([path])
         else:
             stage.append(path)
+    experts = [path for path, m in block.named_modules() if isinstance(m, RoutedExperts)]
+    stages = merge_expert_stages(stages, experts)
+    router_inputs = {path: inp for path, _, inp in trace.outputs if is_router(twin_block.get_submodule(path))}
 
     # a norm feeding a stage is a scale group; one whose fold cannot be exact (a norm without a weight, an offset
     # other than the entry's) stays in, so the run reports it as refused and why
@@ -225,10 +304,11 @@ def discover(model: nn.Module, config: object) -> Arch:
         offset = norm_offset(twin_block.get_submodule(producer), trace.linear_inputs[stage[0]].shape[-1])
         if offset is not None:
             offsets.append(offset)
-        groups.append(ScaleGroup(producer, tuple(stage), inspect=_common_parent(stage) if len(stage) > 1 else None))
+        passengers = tuple(p for p, inp in router_inputs.items() if same_values(inp, trace.linear_inputs[stage[0]]))
+        groups.append(ScaleGroup(producer, tuple(stage), passengers=passengers))
     return Arch(
         blocks=blocks_path,
-        groups=tuple(groups),
+        groups=merge_groups_by_producer(groups),
         sequential=tuple(tuple(s) for s in stages),
         norm_offset=max(set(offsets), key=offsets.count) if offsets else 0.0,  # one per entry: the majority's
         conv1d=any(isinstance(m, Conv1D) for m in block.modules()),

@@ -22,6 +22,8 @@ from transformers.pytorch_utils import Conv1D
 from lowbit.errors import LowbitError
 from lowbit.models.arch import ARCHITECTURES, Arch, arch_for, check_block, get_submodule
 from lowbit.models.checkpoint import CheckpointReader
+from lowbit.models.checkpoint_names import ExpertSlice, Location, checkpoint_locations
+from lowbit.models.experts import routed_experts, unfuse_experts
 from lowbit.models.source import LOWBIT_CONFIG
 
 log = logging.getLogger(__name__)
@@ -110,17 +112,22 @@ class LazyModel:
         self.config = load_config(folder)
         self.model_type: str = self.config.model_type
         self.model = build_skeleton(self.config, dtype)
+        unfuse_experts(self.model)
         self.arch: Arch = arch_for(self.model_type, self.model)
         converted = conv1d_to_linear(self.model) if self.arch.conv1d else set()
         is_lowbit = (folder / LOWBIT_CONFIG).exists()
         # HF checkpoints store Conv1D weights [in, out]; lowbit's own output is already in Linear layout
         self.transposed = set() if is_lowbit else converted
         self.reader = CheckpointReader(folder)
+        self._prefix = self.model.base_model_prefix + "."
+        # names the checkpoint stores differently (mixture-of-experts layers; lowbit's own output uses the model's)
+        self.located: dict[str, Location] = {} if is_lowbit else checkpoint_locations(
+            self.model_type, self.reader.keys(), dict(routed_experts(self.model)), self._prefix
+        )
         self.blocks: nn.ModuleList = get_submodule(self.model, self.arch.blocks, self.model_type)  # type: ignore[assignment]
         if len(self.blocks) == 0:
             raise LowbitError(f"model in {folder} has no decoder blocks at {self.arch.blocks!r}")
         check_block(self.arch, self.blocks[0], self.model_type)
-        self._prefix = self.model.base_model_prefix + "."
         if not is_lowbit:  # a lowbit output is verified once its runtime modules are in
             self.verify_checkpoint()
 
@@ -128,15 +135,16 @@ class LazyModel:
     def tied_embeddings(self) -> bool:
         return ties_embeddings(self.config)
 
-    def _key_or_none(self, name: str) -> str | None:
-        """The checkpoint's name for model tensor ``name`` (some checkpoints omit the base-model prefix), if any."""
+    def _key_or_none(self, name: str) -> Location | None:
+        """Where the checkpoint holds model tensor ``name`` (some checkpoints omit the base-model prefix, some name
+        or stack experts differently), if anywhere."""
         if name in self.reader:
             return name
         if name.startswith(self._prefix) and name[len(self._prefix) :] in self.reader:
             return name[len(self._prefix) :]
-        return None
+        return self.located.get(name)
 
-    def checkpoint_key(self, name: str) -> str:
+    def checkpoint_key(self, name: str) -> Location:
         key = self._key_or_none(name)
         if key is not None:
             return key
@@ -154,8 +162,11 @@ class LazyModel:
         for name, placeholder in state.items():
             if name == tied and self._key_or_none(name) is None:
                 continue  # a tied head is the input embedding; checkpoints usually store it once
-            key = self.checkpoint_key(name)
+            location = self.checkpoint_key(name)
+            key = location.key if isinstance(location, ExpertSlice) else location
             shape = self.reader.shape(key)
+            if isinstance(location, ExpertSlice):
+                shape = location.shape(shape)
             if name.rpartition(".")[0] in self.transposed and name.endswith(".weight"):
                 shape = shape[::-1]
             if shape != tuple(placeholder.shape):
@@ -179,12 +190,13 @@ class LazyModel:
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         """Model tensors by model name, read from the checkpoint (Conv1D weights transposed to Linear layout)."""
-        keys = {name: self.checkpoint_key(name) for name in names}
-        raw = self.reader.get_many(list(keys.values()))
+        locations = {name: self.checkpoint_key(name) for name in names}
+        keys = {loc.key if isinstance(loc, ExpertSlice) else loc for loc in locations.values()}
+        raw = self.reader.get_many(sorted(keys))  # a stacked expert tensor is read once for all its slices
         out = {}
-        for name, key in keys.items():
+        for name, location in locations.items():
             owner_path, _, attr = name.rpartition(".")
-            tensor = raw[key]
+            tensor = location.take(raw[location.key]) if isinstance(location, ExpertSlice) else raw[location]
             out[name] = tensor.t().contiguous() if owner_path in self.transposed and attr == "weight" else tensor
         return out
 

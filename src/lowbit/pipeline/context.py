@@ -37,7 +37,8 @@ class ResolvedGroup:
     spec: ScaleGroup
     prev: nn.Module
     linears: list[nn.Linear]
-    blocker: str = ""  # why this group cannot be folded at all (e.g. a norm without a weight); "" when it can
+    blocker: str = ""
+    passengers: list[nn.Module] = field(default_factory=list)  # float modules reading the same input (routers)  # why this group cannot be folded at all (e.g. a norm without a weight); "" when it can
 
     @property
     def inspect_path(self) -> str:
@@ -82,8 +83,9 @@ def resolve_groups(ctx: BlockContext, norms_only: bool = False) -> list[Resolved
         if norms_only and isinstance(prev, nn.Linear):
             continue
         linears = [get_submodule(ctx.block, p, ctx.model_type) for p in spec.linears]
-        blocker = fold_blocker(prev, linears)  # type: ignore[arg-type]
+        passengers = [get_submodule(ctx.block, p, ctx.model_type) for p in spec.passengers]
+        blocker = fold_blocker(prev, linears, passengers)  # type: ignore[arg-type]
         if blocker and spec.optional:
             continue
-        groups.append(ResolvedGroup(spec, prev, linears, blocker))  # type: ignore[arg-type]
+        groups.append(ResolvedGroup(spec, prev, linears, blocker, passengers))  # type: ignore[arg-type]
     return groups

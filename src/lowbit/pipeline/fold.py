@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
+from lowbit.models.experts import router_matrix
 from lowbit.pipeline.capture import run_block
 from lowbit.pipeline.taps import BlockData
 
@@ -32,8 +33,9 @@ FOLD_TOLERANCE = 1e-4
 PROBE_SEQUENCES = 2  # calibration sequences a fold is proven on: two block forwards per group on them cost little
 
 
-def fold_blocker(prev: nn.Module, linears: list[nn.Linear]) -> str:
-    """Why scales cannot be folded through ``prev`` into ``linears`` at all; "" when the shapes allow it."""
+def fold_blocker(prev: nn.Module, linears: list[nn.Linear], passengers: list[nn.Module] = ()) -> str:  # type: ignore[assignment]
+    """Why scales cannot be folded through ``prev`` into ``linears`` (and float ``passengers``) at all; "" when the
+    shapes allow it."""
     if isinstance(prev, nn.Linear):
         width = prev.out_features
     elif isinstance(getattr(prev, "weight", None), torch.Tensor):
@@ -42,14 +44,20 @@ def fold_blocker(prev: nn.Module, linears: list[nn.Linear]) -> str:
         return f"{type(prev).__name__} has no weight to absorb the scales"
     if any(lin.in_features != width for lin in linears):
         return f"{type(prev).__name__} gives {width} channels, the Linears read {[lin.in_features for lin in linears]}"
+    if any(router_matrix(p).shape[1] != width for p in passengers):
+        return f"{type(prev).__name__} gives {width} channels, a router reading them does not take {width}"
     return ""
 
 
 @torch.no_grad()
-def fold_scales(prev: nn.Module, linears: list[nn.Linear], s: torch.Tensor, norm_offset: float = 0.0) -> None:
-    """prev(x) / s and W[:, j] * s_j for each Linear. ``prev`` is a Linear (its rows scale) or a norm with a
-    weight (and optionally a bias); ``norm_offset`` = 1 for norms computing (1 + weight) * x_hat (Gemma)."""
-    blocker = fold_blocker(prev, linears)
+def fold_scales(
+    prev: nn.Module, linears: list[nn.Linear], s: torch.Tensor, norm_offset: float = 0.0,
+    passengers: list[nn.Module] = (),  # type: ignore[assignment]
+) -> None:
+    """prev(x) / s and W[:, j] * s_j for each Linear and each float passenger (a router's [E, H] matrix).
+    ``prev`` is a Linear (its rows scale) or a norm with a weight (and optionally a bias); ``norm_offset`` = 1
+    for norms computing (1 + weight) * x_hat (Gemma)."""
+    blocker = fold_blocker(prev, linears, passengers)
     if blocker:
         raise LowbitError(f"cannot fold scales: {blocker}")
     s = s.to(linears[0].weight.device)
@@ -62,11 +70,14 @@ def fold_scales(prev: nn.Module, linears: list[nn.Linear], s: torch.Tensor, norm
         prev.bias.div_(s.to(prev.bias.dtype))
     for linear in linears:
         linear.weight.mul_(s.to(linear.weight.dtype).unsqueeze(0))  # W [out, in]: columns
+    for passenger in passengers:
+        matrix = router_matrix(passenger)  # [E, in]: columns
+        matrix.mul_(s.to(matrix.dtype).unsqueeze(0))
 
 
 def snapshot(modules: list[nn.Module]) -> Callable[[], None]:
     """A function that puts the modules' current parameters back bit for bit (the undo of a refused fold)."""
-    saved = [(p, p.detach().clone()) for m in modules for p in m.parameters(recurse=False)]
+    saved = [(p, p.detach().clone()) for m in modules for p in m.parameters()]  # a router's matrix may sit in a child
 
     @torch.no_grad()
     def restore() -> None:

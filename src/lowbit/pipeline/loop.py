@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from lowbit.data.calibration import check_ids_fit_model
 from lowbit.errors import LowbitError
 from lowbit.models.arch import arch_for, check_block, get_submodule
+from lowbit.models.experts import all_tokens_to_all_experts, unfuse_experts
 from lowbit.models.lazy import LazyModel, conv1d_to_linear
 from lowbit.pipeline.block import compress_without_data, process_block
 from lowbit.pipeline.capture import capture_block_calls
@@ -57,6 +58,7 @@ class InMemoryStore:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.model_type: str = model.config.model_type
+        unfuse_experts(model)  # 3-D expert tensors become per-expert Linears, as in LazyModel
         self.arch = arch_for(self.model_type, model)
         if self.arch.conv1d:
             conv1d_to_linear(model)
@@ -190,7 +192,8 @@ def _run(
         if ids is None:
             record = compress_without_data(ctx, recipe, i)
         else:
-            record = process_block(ctx, recipe, batch_size, saved, i)
+            with all_tokens_to_all_experts(block):  # every expert calibrated on every token (models/experts.py)
+                record = process_block(ctx, recipe, batch_size, saved, i)
             record.folds = ctx.folds
             calls.calls[i] = []  # this block's masks and rotary tables are no longer needed
         store.finish(i, block)

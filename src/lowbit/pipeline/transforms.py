@@ -53,8 +53,8 @@ def fold_proven(ctx: BlockContext, probe: Probe, g: ResolvedGroup, s: torch.Tens
     else:
         assert s is not None
         proof = prove_fold(
-            ctx.block, probe, lambda: fold_scales(g.prev, g.linears, s, ctx.arch.norm_offset),
-            snapshot([g.prev, *g.linears]),
+            ctx.block, probe, lambda: fold_scales(g.prev, g.linears, s, ctx.arch.norm_offset, g.passengers),
+            snapshot([g.prev, *g.linears, *g.passengers]),
         )
         applied, change = proof.holds, proof.change
         reason = "" if applied else (
