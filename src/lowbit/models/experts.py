@@ -231,12 +231,15 @@ def _probe_copy(fused: nn.Module, n_experts: int, hidden: int, intermediate: int
         up_width = 2 * intermediate if fused.has_gate else intermediate
         setattr(probe, up_name, nn.Parameter(torch.randn(n_experts, up_width, generator=generator) * 0.1))
         probe.down_proj_bias = nn.Parameter(torch.randn(n_experts, hidden, generator=generator) * 0.1)
-    for name, child in probe._modules.items():  # act_fn, a post-expert norm: real CPU copies
-        if child is not None and any(t.device.type == "meta" for t in (*child.parameters(), *child.buffers())):
-            child = copy.deepcopy(child).to_empty(device="cpu")
+    for name, child in probe._modules.items():  # act_fn, a post-expert norm: own CPU copies, never the model's
+        if child is None:
+            continue
+        child = copy.deepcopy(child)
+        if any(t.device.type == "meta" for t in (*child.parameters(), *child.buffers())):
+            child = child.to_empty(device="cpu")
             for p in child.parameters():
                 nn.init.normal_(p, 1.0, 0.1)
-            probe._modules[name] = child
+        probe._modules[name] = child
     return probe.float()
 
 
