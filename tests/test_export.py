@@ -280,3 +280,18 @@ def test_outputs_are_readable_by_other_users_under_the_umask(tmp_path):
     files = [p for root in (folder, tmp_path / "ct") for p in root.rglob("*") if p.is_file()]
     assert any(p.suffix == ".safetensors" for p in files)
     assert {stat.S_IMODE(p.stat().st_mode) for p in files} == {0o644}
+
+
+def test_compressed_tensors_export_keeps_every_tokenizer_file(tmp_path):
+    """A slow (sentencepiece) or BPE tokenizer's vocab.json, merges.txt and tokenizer.model go with the export, as
+    they do with lowbit's own output: without them a reader of the export has no tokenizer."""
+    from lowbit.export.compressed_tensors import write_compressed_tensors
+    from lowbit.io.writer import TOKENIZER_FILES
+
+    folder = quantized_folder(tmp_path, [RTN(WeightQuant(bits=4, symmetric=True, group_size=32))])
+    for name in ("vocab.json", "merges.txt", "tokenizer.model"):
+        (folder / name).write_text(name)
+    write_compressed_tensors(folder, lowbit.load(folder), tmp_path / "ct")
+    present = {name for name in TOKENIZER_FILES if (folder / name).exists()}
+    assert {"vocab.json", "merges.txt", "tokenizer.model", "tokenizer.json"} <= present
+    assert all((tmp_path / "ct" / name).read_bytes() == (folder / name).read_bytes() for name in present)

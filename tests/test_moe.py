@@ -65,6 +65,21 @@ def test_discovered_structure_of_a_moe_block():
     assert is_router(model.model.layers[0].mlp.gate)
 
 
+def test_a_dense_first_layer_and_moe_layers_are_traced_each():
+    """DeepSeek-V3's checkpoints start with dense layers (first_k_dense_replace): each build of block is traced,
+    and each block gets the groups and stages of its own build."""
+    model = toy_model("deepseek_v3")
+    unfuse_experts(model)
+    arch = arch_for("deepseek_v3", model)
+    dense, moe = model.model.layers
+    assert arch.per_block
+    mlp_groups = [g for g in arch.groups if g.prev == "post_attention_layernorm"]
+    assert [arch.applies(g, dense) for g in mlp_groups] == [True, False]
+    assert [arch.applies(g, moe) for g in mlp_groups] == [False, True]
+    assert set(mlp_groups[1].linears) >= {"mlp.shared_experts.gate_proj", "mlp.experts.3.up_proj"}
+    assert mlp_groups[1].passengers == ("mlp.gate",)
+
+
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("model_type", MOE)
 def test_every_method_quantizes_every_expert(model_type, method):
@@ -133,7 +148,7 @@ def test_a_hub_checkpoint_quantizes_block_by_block_and_loads_back_exactly(model_
     in_memory = lowbit.quantize(toy_model(model_type), recipe.steps, calibration(), batch_size=4)
     assert torch.equal(logits(loaded), logits(in_memory))
     config = json.loads((tmp_path / "q" / "lowbit_config.json").read_text())
-    assert "model.layers.0.mlp.experts.3.down_proj" in config["modules"]
+    assert "model.layers.1.mlp.experts.3.down_proj" in config["modules"]
     assert not any("gate" in name.rsplit(".", 1)[-1] and "proj" not in name for name in config["modules"])  # routers
     lowbit.save(in_memory, tmp_path / "api", tokenizer=byte_tokenizer())
     assert torch.equal(logits(lowbit.load(tmp_path / "api")), logits(in_memory))

@@ -8,7 +8,7 @@ from lowbit.numerics.activations import quantize_activations, static_scale_from_
 from lowbit.numerics.awq_clip import apply_clip, awq_clip
 from lowbit.numerics.rtn import rtn
 from lowbit.numerics.scales import awq_scales, smoothquant_scales
-from lowbit.pipeline.transforms import search_awq_scale
+from lowbit.methods.awq import search_awq_scale
 from lowbit.recipe import WeightQuant
 from lowbit.runtime.act_quant import ActQuantLinear
 from lowbit.runtime.llm_int8 import Int8OutlierLinear, outlier_columns

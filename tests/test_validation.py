@@ -73,6 +73,9 @@ def refused(capsys, *argv) -> str:
     ({"steps": [{"type": "rtn"}], "ignore": ["lm_head", 3]}, "recipe: ignore[1] must be a string, got 3"),
     ({"steps": [{"type": "rtn"}], "name": 5}, "recipe: name must be a string, got 5"),
     ([{"type": "rtn"}], 'recipe must be an object, got [{"type": "rtn"}]'),
+    ({"steps": [{"type": "awq", "weights": {"bits": 4, "group_size": 128}},
+                {"type": "gptq", "weights": {"bits": 3, "group_size": 32}}]},
+     "awq searches on W4 asym g128 but gptq rounds on W3 asym g32: one grid per recipe"),
 ])
 def test_malformed_recipe_fields_are_one_line(recipe, message, toy_folder, tmp_path, capsys):
     path = tmp_path / "recipe.json"

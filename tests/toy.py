@@ -84,7 +84,8 @@ def toy_config(model_type: str, biases: bool = True) -> PretrainedConfig:
         return CohereConfig(**_COMMON, attention_bias=True)
     if model_type == "starcoder2":
         return Starcoder2Config(**_COMMON, use_bias=True)
-    # mixture of experts: 4 experts, 2 per token; Qwen2-MoE and DeepSeek-V3 with shared experts
+    # mixture of experts: 4 experts, 2 per token; Qwen2-MoE and DeepSeek-V3 with shared experts, DeepSeek-V3 after a
+    # dense first layer as its checkpoints have (a stack of two builds of block)
     if model_type == "mixtral":
         return MixtralConfig(**_COMMON, num_local_experts=4, num_experts_per_tok=2)
     if model_type == "phimoe":
@@ -99,7 +100,7 @@ def toy_config(model_type: str, biases: bool = True) -> PretrainedConfig:
     if model_type == "deepseek_v3":
         return DeepseekV3Config(
             **{**_COMMON, "num_key_value_heads": 4}, moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2,
-            n_shared_experts=1, first_k_dense_replace=0, n_group=1, topk_group=1, q_lora_rank=None, kv_lora_rank=16,
+            n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1, q_lora_rank=None, kv_lora_rank=16,
             qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
         )
     if model_type == "jetmoe":

@@ -20,7 +20,7 @@ from lowbit.models.source import LOWBIT_CONFIG
 from lowbit.pipeline.loop import InMemoryStore, LazyStore, run_blocks
 from lowbit.pipeline.memory import release_freed_memory
 from lowbit.pipeline.report import QuantizeReport
-from lowbit.recipe import AWQ, Recipe, SmoothQuant, Step
+from lowbit.recipe import Recipe, Step
 from lowbit.runtime.registry import build_empty
 from lowbit.runtime.sparse import SparseLinear
 from lowbit.runtime.weight_only import WeightOnlyLinear
@@ -44,8 +44,8 @@ def _as_recipe(recipe: Recipe | Sequence[Step]) -> Recipe:
 
 def saved_artifact(recipe: Recipe) -> dict[str, torch.Tensor] | None:
     """The transform artifact a recipe asks to re-apply (SmoothQuant/AWQ ``artifact=PATH``), if any."""
-    step = recipe.find(AWQ) or recipe.find(SmoothQuant)
-    if step is None or step.artifact is None:
+    step = recipe.transform
+    if step is None or getattr(step, "artifact", None) is None:
         return None
     path = Path(step.artifact)
     if path.is_dir():

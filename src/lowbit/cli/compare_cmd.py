@@ -37,7 +37,8 @@ from lowbit.io.writer import ARTIFACT_FILE, REPORT_FILE
 from lowbit.models.source import resolve_model
 from lowbit.pipeline.report import QuantizeReport
 from lowbit.presets import SWEEP_METHODS, preset_names, resolve_recipe, sweep_recipe
-from lowbit.recipe import AWQ, Recipe, SmoothQuant
+from lowbit.methods.base import Step
+from lowbit.recipe import Recipe
 from lowbit.schema import Range, check_record, read_json
 
 DEMO_RECIPES = ("w8", "w4g128")
@@ -124,10 +125,10 @@ def write_sweep_recipes(recipes: dict[str, tuple[str, Recipe]], out: Path) -> No
             write_text_atomic(path, recipe.to_json())
 
 
-def transform_step(recipe: Recipe) -> AWQ | SmoothQuant | None:
+def transform_step(recipe: Recipe) -> Step | None:
     """The search step whose result (scales, clips) a later row with the same step can re-apply."""
-    step = recipe.find(AWQ) or recipe.find(SmoothQuant)
-    return step if step is not None and step.artifact is None else None
+    step = recipe.transform
+    return step if step is not None and getattr(step, "artifact", None) is None else None
 
 
 class _Diagnosis(TypedDict):

@@ -6,32 +6,42 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
+from lowbit.recipe import Recipe
+
 BUDGETS = (0.01, 0.05, 0.25)  # perplexity increase relative to fp for "smallest model within ..."
+
+
+def _recipe(row: dict[str, Any]) -> Recipe | None:
+    return None if row.get("config") is None else Recipe.from_dict(row["config"])
 
 
 def family(row: dict[str, Any]) -> str:
     """'fp', 'activations' (W8A8, LLM.int8()), 'sparse' (pruning) or 'weight-only', from the row's recipe."""
-    if row.get("config") is None:
+    recipe = _recipe(row)
+    if recipe is None:
         return "fp"
-    kinds = {s["type"] for s in row["config"]["steps"]}
-    if kinds & {"act_quant", "llm_int8"}:
+    if recipe.quantizes_inputs:
         return "activations"
-    if kinds & {"prune", "sparsegpt"}:
+    if recipe.prunes:
         return "sparse"
     return "weight-only"
 
 
 def weight_grid(row: dict[str, Any]) -> tuple[int, str] | None:
-    """(bits, grid label) of a weight-only row's last weight step, e.g. (4, 'g128')."""
-    if family(row) != "weight-only":
+    """(bits, grid label) of a weight-only row's rounding grid, e.g. (4, 'g128')."""
+    recipe = _recipe(row)
+    if recipe is None or family(row) != "weight-only" or recipe.weight_step is None:
         return None
-    step = [s for s in row["config"]["steps"] if "weights" in s and s["weights"]][-1]["weights"]
-    grid = {"tensor": "per-tensor", "channel": "per-channel"}.get(step["granularity"], f"g{step['group_size']}")
-    return step["bits"], grid
+    grid = recipe.weight_step.grid
+    assert grid is not None
+    return grid.bits, {"tensor": "per-tensor", "channel": "per-channel"}.get(grid.granularity, f"g{grid.group_size}")
 
 
 def is_rtn(row: dict[str, Any]) -> bool:
-    return row.get("config") is not None and [s["type"] for s in row["config"]["steps"]] == ["rtn"]
+    """The round-to-nearest baseline the other rows are measured against: one data-free weight rounding step."""
+    recipe = _recipe(row)
+    return recipe is not None and len(recipe.steps) == 1 and recipe.steps[0].rounds \
+        and not recipe.needs_calibration and not recipe.quantizes_inputs
 
 
 def delta(row: dict[str, Any], base: dict[str, Any]) -> float:

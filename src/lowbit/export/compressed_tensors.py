@@ -36,10 +36,12 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.io.atomic import atomic_directory
+from lowbit.io.writer import TOKENIZER_FILES
 from lowbit.models.checkpoint_names import hub_module_name, hub_tensor_name
 from lowbit.models.experts import is_router
 from lowbit.numerics.qweight import QWeight
-from lowbit.recipe import ActQuant, LLMInt8, Recipe
+from lowbit.methods.act_quant import ASYMMETRIC_INPUTS
+from lowbit.recipe import Recipe
 from lowbit.runtime.act_quant import ActQuantLinear
 from lowbit.runtime.llm_int8 import Int8OutlierLinear
 from lowbit.runtime.sparse import SparseLinear
@@ -48,8 +50,6 @@ from lowbit.runtime.weight_only import WeightOnlyLinear
 CT_FORMAT = "pack-quantized"  # weight-only Linears
 CT_ACT_FORMAT = "int-quantized"  # Linears that quantize their inputs too
 CT_DIR = "compressed-tensors"  # where `lowbit quantize --format compressed-tensors` puts it, inside the output
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                    "generation_config.json")
 
 
 def _pack_to_int32():
@@ -62,18 +62,12 @@ def _pack_to_int32():
 
 def check_recipe_for_compressed_tensors(recipe: Recipe) -> None:
     """Refuse, before any quantization work, a recipe whose output this exporter cannot write."""
-    if recipe.find(LLMInt8):
-        raise LowbitError("compressed-tensors has no LLM.int8() format (outlier columns in float); export a W8A8 "
-                          "recipe such as smoothquant-w8a8 instead, or keep lowbit's own format")
-    act = recipe.find(ActQuant)
-    if act is not None:
-        _check_activations(act.symmetric)
+    recipe.check_export("compressed-tensors")
 
 
 def _check_activations(symmetric: bool) -> None:
     if not symmetric:
-        raise LowbitError("compressed-tensors export writes symmetric input quantization only (what vLLM's int8 "
-                          "kernels run); quantize with symmetric activations")
+        raise LowbitError(ASYMMETRIC_INPUTS)
 
 
 def weight_scheme(qweight: QWeight) -> dict[str, Any]:
@@ -203,7 +197,7 @@ def write_compressed_tensors(
     with atomic_directory(out, overwrite, inputs=[folder]) as tmp:
         save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        for name in _TOKENIZER_FILES:
+        for name in TOKENIZER_FILES:  # the same files lowbit's own output keeps (vocab.json, merges.txt, ...)
             if (folder / name).exists():
                 shutil.copy(folder / name, tmp / name)
     return quantization_config

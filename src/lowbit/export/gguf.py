@@ -21,7 +21,7 @@ from lowbit.errors import LowbitError
 from lowbit.export.ggml_blocks import ggml_blocks, ggml_type_for
 from lowbit.export.gguf_tokenizer import tokenizer_metadata
 from lowbit.io.atomic import atomic_file
-from lowbit.recipe import GPTQ, ActQuant, LLMInt8, Recipe
+from lowbit.recipe import Recipe
 from lowbit.runtime.sparse import SparseLinear
 from lowbit.runtime.weight_only import WeightOnlyLinear
 
@@ -60,22 +60,19 @@ def check_recipe_for_gguf(recipe: Recipe, source: Path) -> None:
         raise LowbitError(f"GGUF export supports Llama-architecture models ({', '.join(GGUF_ARCHITECTURES)}); this is {model_type!r}")
     if config.get("attention_bias") or config.get("mlp_bias"):
         raise LowbitError(NO_BIASES)
-    if recipe.find(ActQuant) or recipe.find(LLMInt8):
-        raise LowbitError("GGUF cannot express activation quantization (W8A8, LLM.int8()); export a weight-only recipe")
-    grids = [s.weights for s in recipe.steps if getattr(s, "weights", None) is not None]
+    recipe.check_export("gguf")
+    grids = [s.grid for s in recipe.steps if s.grid is not None]
     if not grids:
         raise LowbitError(
             "GGUF export needs quantized weights and has no sparse format; this recipe has no RTN/GPTQ/AWQ/SparseGPT "
             "weight grid: add one (e.g. GPTQ W4 symmetric g32 after the pruning step) or export compressed-tensors"
         )
     grid = grids[-1]
-    gptq = recipe.find(GPTQ)
     holdable = grid.granularity == "group" and grid.group_size == 32 and (grid.bits == 4 or (grid.bits == 8 and grid.symmetric))
-    if not holdable or (gptq is not None and gptq.act_order and not gptq.static_groups):
+    if not holdable:
         raise LowbitError(
             f"GGUF holds 32-column blocks (Q8_0: W8 symmetric g32, Q4_0: W4 symmetric g32, Q4_1: W4 asymmetric g32); "
-            f"this recipe gives {grid.label}{' with act-order groups' if holdable else ''}: use group_size 32"
-            + (" and static_groups with act_order" if holdable else "")
+            f"this recipe gives {grid.label}: use group_size 32"
         )
     tokenizer_metadata(source)
 

@@ -50,6 +50,15 @@ class Arch:
     conv1d: bool = False  # GPT-2 stores Linear weights transposed (transformers' Conv1D)
     # AWQ does not clip query/key projections: their error is amplified by the softmax (llm-awq auto_clip)
     no_clip: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj")
+    # blocks come in several builds (dense first layers, then MoE ones): a group or stage applies to the blocks
+    # that have its Linears, and is skipped in the others (discovered entries only; a table entry is strict)
+    per_block: bool = False
+
+    def applies(self, group: ScaleGroup, block: nn.Module) -> bool:
+        """Whether ``group`` describes ``block`` (always, for a uniform stack: a missing module is then an error)."""
+        if not self.per_block:
+            return True
+        return all(_has(block, p) for p in (group.prev, *group.linears, *group.passengers))
 
 
 _QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
@@ -169,12 +178,30 @@ def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
     }
 
 
+def _has(block: nn.Module, path: str) -> bool:
+    try:
+        block.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
+def check_blocks(arch: Arch, blocks: nn.ModuleList, model_type: str) -> None:
+    """``check_block`` on block 0, or on every block when they come in several builds."""
+    for block in blocks if arch.per_block else blocks[:1]:
+        check_block(arch, block, model_type)
+
+
 def check_block(arch: Arch, block: nn.Module, model_type: str) -> None:
     """Fail loudly when the table does not describe this block: a missing module, or a Linear no stage covers."""
     for group in arch.groups:
+        if not arch.applies(group, block):
+            continue
         for path in (group.prev, *group.linears, *([group.inspect] if group.inspect else [])):
             get_submodule(block, path, model_type)
     staged = {name for stage in arch.sequential for name in stage}
+    if arch.per_block:
+        staged = {name for name in staged if _has(block, name)}
     for name in staged:
         get_submodule(block, name, model_type)
     unstaged = sorted(set(block_linears(block)) - staged)

@@ -14,7 +14,11 @@ expert on every token: all experts' gate/up projections share the layer's input 
 group, whose routers ride along as passengers (scaled, never quantized); the experts' down projections form one
 stage.
 
-Refused in one line: no list of decoder blocks, blocks that differ from each other (hybrid stacks), weights held
+A stack whose blocks come in a few builds (DeepSeek's dense first layers before MoE ones, alternating attention
+kinds) is traced once per build; the entry then serves each block with the groups and stages whose Linears it has
+(``Arch.per_block``).
+
+Refused in one line: no list of decoder blocks, more than ``MAX_BLOCK_KINDS`` builds of block, weights held
 outside Linears and norms (state-space layers, convolutions, experts of a layout that cannot be split), or a
 forward that cannot be traced.
 """
@@ -76,14 +80,6 @@ def find_blocks(model: nn.Module, n_layers: int | None) -> str:
 
 def _signature(block: nn.Module) -> list[tuple[str, str]]:
     return [(name, type(m).__name__) for name, m in block.named_modules()]
-
-
-def check_uniform(blocks: nn.ModuleList) -> None:
-    """Every block has block 0's modules: one traced entry then serves them all."""
-    first = _signature(blocks[0])
-    for i, block in enumerate(blocks):
-        if _signature(block) != first:
-            raise LowbitError(f"its decoder blocks differ from each other (block {i} is not built like block 0)")
 
 
 def check_weights_are_in_linears_and_norms(block: nn.Module) -> None:
@@ -260,18 +256,23 @@ def norm_offset(norm: nn.Module, width: int) -> float | None:
     return None
 
 
-def discover(model: nn.Module, config: object) -> Arch:
-    """The architecture entry of ``model``, or a LowbitError saying what could not be discovered."""
-    from lowbit.models.arch import Arch, ScaleGroup  # arch imports this module lazily: no cycle at import time
+@dataclass
+class KindEntry:
+    """What tracing one kind of block found (paths relative to the block)."""
 
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    blocks_path = find_blocks(model, getattr(text_config, "num_hidden_layers", None))
-    blocks = model.get_submodule(blocks_path)
-    check_uniform(blocks)  # type: ignore[arg-type]
-    block = blocks[0]
+    stages: list[list[str]]
+    groups: list  # ScaleGroup
+    offsets: list[float]
+    linears: set[str]
+
+
+def discover_kind(model: nn.Module, twin: nn.Module, blocks_path: str, index: int) -> KindEntry:
+    """Stages and scale groups of block ``index`` (of ``model``), traced on the same block of the meta ``twin``."""
+    from lowbit.models.arch import ScaleGroup  # arch imports this module lazily: no cycle at import time
+
+    block = model.get_submodule(blocks_path)[index]
     check_weights_are_in_linears_and_norms(block)
-    twin = meta_twin(config)
-    twin_block = twin.get_submodule(blocks_path)[0]
+    twin_block = twin.get_submodule(blocks_path)[index]
     trace = trace_block(twin, twin_block)
     linears = quantizable_linears(block)  # routers' Linears stay float: neither staged nor quantized
     if linears != quantizable_linears(twin_block):
@@ -306,11 +307,60 @@ def discover(model: nn.Module, config: object) -> Arch:
             offsets.append(offset)
         passengers = tuple(p for p, inp in router_inputs.items() if same_values(inp, trace.linear_inputs[stage[0]]))
         groups.append(ScaleGroup(producer, tuple(stage), passengers=passengers))
+    return KindEntry(stages, list(merge_groups_by_producer(groups)), offsets, linears)
+
+
+def block_kinds(blocks: nn.ModuleList) -> list[int]:
+    """Index of the first block of each distinct build, in order (one entry for a uniform stack)."""
+    seen: dict[tuple, int] = {}
+    for i, block in enumerate(blocks):
+        seen.setdefault(tuple(_signature(block)), i)
+    return list(seen.values())
+
+
+MAX_BLOCK_KINDS = 4  # a dense-then-MoE stack has 2; more means a hybrid this tracing was not written for
+
+
+def combine_kinds(entries: list[KindEntry]) -> tuple[list[list[str]], list]:
+    """One list of stages and groups serving every kind of block: a stage or group applies to a block that has its
+    Linears (arch.per_block). A Linear path staged differently by two kinds cannot be served by one list: refused."""
+    stages: list[list[str]] = []
+    staged: set[str] = set()
+    groups: list = []
+    for entry in entries:
+        for stage in entry.stages:
+            if stage in stages:
+                continue
+            if staged & set(stage):
+                raise LowbitError(f"its kinds of decoder block use Linears {sorted(staged & set(stage))} differently")
+            stages.append(stage)
+            staged |= set(stage)
+        groups.extend(g for g in entry.groups if g not in groups)
+    return stages, groups
+
+
+def discover(model: nn.Module, config: object) -> Arch:
+    """The architecture entry of ``model``, or a LowbitError saying what could not be discovered. A stack whose
+    blocks come in a few kinds (DeepSeek's dense first layers before MoE ones) is traced once per kind."""
+    from lowbit.models.arch import Arch  # arch imports this module lazily: no cycle at import time
+
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    blocks_path = find_blocks(model, getattr(text_config, "num_hidden_layers", None))
+    blocks = model.get_submodule(blocks_path)
+    kinds = block_kinds(blocks)  # type: ignore[arg-type]
+    if len(kinds) > MAX_BLOCK_KINDS:
+        raise LowbitError(f"its decoder blocks come in {len(kinds)} different builds (at most {MAX_BLOCK_KINDS} are traced)")
+    twin = meta_twin(config)
+    entries = [discover_kind(model, twin, blocks_path, i) for i in kinds]
+    stages, groups = combine_kinds(entries)
+    offsets = [o for e in entries for o in e.offsets]
+    linears = set().union(*(e.linears for e in entries))
     return Arch(
         blocks=blocks_path,
-        groups=merge_groups_by_producer(groups),
+        groups=tuple(groups),
         sequential=tuple(tuple(s) for s in stages),
         norm_offset=max(set(offsets), key=offsets.count) if offsets else 0.0,  # one per entry: the majority's
-        conv1d=any(isinstance(m, Conv1D) for m in block.modules()),
-        no_clip=tuple(p for p in linears if p.rsplit(".", 1)[-1] in _NO_CLIP_SUFFIXES),
+        conv1d=any(isinstance(m, Conv1D) for m in blocks.modules()),
+        no_clip=tuple(sorted(p for p in linears if p.rsplit(".", 1)[-1] in _NO_CLIP_SUFFIXES)),
+        per_block=len(kinds) > 1,
     )

@@ -145,15 +145,16 @@ class RoutedExperts(nn.Module):
         return out
 
 
-def router_paths(moe: nn.Module, experts_name: str, num_experts: int) -> list[str]:
-    """Children of a MoE layer ``moe`` (beside its experts) that route: a module whose weight matrices are [E, H]
-    (the router) or [1, H] (a shared expert's gate), holding nothing else. Paths relative to ``moe``."""
+def router_paths(moe: nn.Module, experts_name: str, num_experts: int, hidden: int) -> list[str]:
+    """Children of a MoE layer ``moe`` (beside its experts) that route: a module whose one matrix reading the
+    ``hidden`` channels is [E, H] (the router) or [1, H] (a shared expert's gate); it may hold small statistics
+    besides (ERNIE's score-correction bias). Paths relative to ``moe``."""
     found = []
     for name, child in moe.named_children():
         if name == experts_name:
             continue
-        matrices = [p for p in child.parameters() if p.dim() == 2]
-        if matrices and all(p.shape[0] in (num_experts, 1) for p in matrices) and len(matrices) == 1:
+        readers = [p for p in child.parameters() if p.dim() == 2 and p.shape[1] == hidden]
+        if len(readers) == 1 and readers[0].shape[0] in (num_experts, 1):
             found.append(name)
     return found
 
@@ -171,7 +172,8 @@ def unfuse_experts(root: nn.Module) -> list[str]:
     for name, experts in routed_experts(root):
         parent_path, _, leaf = name.rpartition(".")
         parent = root.get_submodule(parent_path) if parent_path else root
-        for path in router_paths(parent, leaf, experts.num_experts):
+        hidden = experts.expert(0).up_proj.in_features
+        for path in router_paths(parent, leaf, experts.num_experts, hidden):
             parent.get_submodule(path).lowbit_router = True
     return replaced
 
@@ -181,8 +183,9 @@ def is_router(module: nn.Module) -> bool:
 
 
 def router_matrix(module: nn.Module) -> torch.Tensor:
-    """A router's one weight matrix [E, H] (or [1, H]): its columns take a fold's scales like a Linear's."""
-    return next(p for p in module.parameters() if p.dim() == 2)
+    """A router's weight matrix [E, H] (or [1, H]): its columns take a fold's scales like a Linear's. The largest
+    2-D parameter: a router's statistics beside it ([1, E]) are smaller."""
+    return max((p for p in module.parameters() if p.dim() == 2), key=lambda p: p.numel())
 
 
 def routed_experts(root: nn.Module) -> Iterator[tuple[str, RoutedExperts]]:

@@ -20,7 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 from transformers.pytorch_utils import Conv1D
 
 from lowbit.errors import LowbitError
-from lowbit.models.arch import ARCHITECTURES, Arch, arch_for, check_block, get_submodule
+from lowbit.models.arch import ARCHITECTURES, Arch, arch_for, check_blocks, get_submodule
 from lowbit.models.checkpoint import CheckpointReader
 from lowbit.models.checkpoint_names import ExpertSlice, Location, checkpoint_locations
 from lowbit.models.experts import routed_experts, unfuse_experts
@@ -127,7 +127,7 @@ class LazyModel:
         self.blocks: nn.ModuleList = get_submodule(self.model, self.arch.blocks, self.model_type)  # type: ignore[assignment]
         if len(self.blocks) == 0:
             raise LowbitError(f"model in {folder} has no decoder blocks at {self.arch.blocks!r}")
-        check_block(self.arch, self.blocks[0], self.model_type)
+        check_blocks(self.arch, self.blocks, self.model_type)
         if not is_lowbit:  # a lowbit output is verified once its runtime modules are in
             self.verify_checkpoint()
 

@@ -6,7 +6,7 @@ import torch
 
 from lowbit.numerics.grid import fake_quantize, fit_scale_zero
 from lowbit.numerics.rtn import group_size_for
-from lowbit.recipe import WeightQuant
+from lowbit.methods.base import WeightQuant
 
 
 def _grouped(W: torch.Tensor, X: torch.Tensor, gs: int) -> tuple[torch.Tensor, torch.Tensor]:

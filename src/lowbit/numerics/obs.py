@@ -17,7 +17,7 @@ from lowbit.numerics.grid import fit_scale_zero, round_to_grid
 from lowbit.numerics.hessian import inverse_hessian, prepare_hessian
 from lowbit.numerics.qweight import QWeight
 from lowbit.numerics.rtn import group_size_for, weight_ranges
-from lowbit.recipe import WeightQuant
+from lowbit.methods.base import WeightQuant
 
 
 @dataclass

@@ -6,7 +6,7 @@ import torch
 
 from lowbit.numerics.grid import fit_scale_zero, round_to_grid
 from lowbit.numerics.qweight import QWeight
-from lowbit.recipe import WeightQuant
+from lowbit.methods.base import WeightQuant
 
 
 def group_size_for(spec: WeightQuant, in_features: int) -> int:

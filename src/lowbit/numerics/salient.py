@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from lowbit.numerics.rtn import rtn
-from lowbit.recipe import WeightQuant
+from lowbit.methods.base import WeightQuant
 
 
 def salient_columns(act_mean_abs: torch.Tensor, share: float) -> torch.Tensor:

@@ -11,8 +11,7 @@ from lowbit.pipeline.context import BlockContext
 from lowbit.pipeline.measure import measure_block
 from lowbit.pipeline.report import BlockRecord, LinearRecord
 from lowbit.pipeline.taps import run_with_taps
-from lowbit.pipeline.transforms import awq_block, smooth_block
-from lowbit.recipe import AWQ, Recipe, SmoothQuant
+from lowbit.recipe import Recipe
 
 
 def process_block(
@@ -20,12 +19,9 @@ def process_block(
 ) -> BlockRecord:
     """Transform and compress ``ctx.block`` in place; afterwards ``ctx.data.hidden`` holds its quantized outputs."""
     start = time.perf_counter()
-    smooth, awq = recipe.find(SmoothQuant), recipe.find(AWQ)
-    if smooth is not None:
-        fp_outputs = smooth_block(ctx, smooth, saved)
-    elif awq is not None:
-        fp_outputs = awq_block(ctx, awq, batch_size, saved)
-    else:
+    transform = recipe.transform
+    fp_outputs = transform.transform_block(ctx, batch_size, saved) if transform is not None else None
+    if fp_outputs is None:
         # nothing to calibrate: only the reference outputs for the error measurement are needed
         fp_outputs = run_with_taps(ctx.block, ctx.data, max_outputs=ctx.error_batches, max_batches=ctx.error_batches)
     # the full-precision reference of each Linear after the (output-preserving) transform

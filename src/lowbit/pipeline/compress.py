@@ -13,23 +13,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lowbit.numerics.activations import static_scale_from_absmax
-from lowbit.numerics.awq_clip import apply_clip
-from lowbit.numerics.obs import gptq, sparsegpt
-from lowbit.numerics.prune import magnitude_scores, prune_mask, wanda_scores
-from lowbit.numerics.qweight import QWeight
-from lowbit.numerics.rtn import rtn
+from lowbit.methods.base import Compression, LinearStats
 from lowbit.pipeline.context import BlockContext
 from lowbit.pipeline.observers import AbsMaxObserver, HessianObserver, InputNormObserver
 from lowbit.pipeline.taps import run_with_taps
-from lowbit.pipeline.transforms import AWQ_CLIP_KEY
-from lowbit.recipe import AWQ, GPTQ, RTN, ActQuant, LLMInt8, Prune, Recipe, SparseGPT, WeightQuant, parse_pattern
-from lowbit.runtime.act_quant import ActQuantLinear
-from lowbit.runtime.llm_int8 import Int8OutlierLinear
+from lowbit.recipe import Recipe
 from lowbit.runtime.sparse import SparseLinear
 from lowbit.runtime.weight_only import WeightOnlyLinear
-
-INT8_PER_CHANNEL = WeightQuant(bits=8, symmetric=True, granularity="channel")
 
 
 @dataclass
@@ -49,32 +39,17 @@ class _Stats:
     def observers(self) -> list:
         return [o for o in (self.hessian, self.norm, self.absmax) if o is not None]
 
-
-def describe(recipe: Recipe) -> str:
-    """A short method label for the per-layer table, e.g. 'awq + gptq W4 asym g128 act-order'."""
-    parts = []
-    for step in recipe.steps:
-        if isinstance(step, Prune):
-            parts.append(f"{step.method} {step.pattern if step.pattern != 'unstructured' else f'{step.sparsity:.0%}'}")
-        elif isinstance(step, SparseGPT):
-            parts.append(f"sparsegpt {step.pattern if step.pattern != 'unstructured' else f'{step.sparsity:.0%}'}")
-        elif isinstance(step, (RTN, GPTQ)):
-            parts.append(f"{step.kind} {step.weights.label}" + (" act-order" if getattr(step, "act_order", False) else ""))
-        elif isinstance(step, ActQuant):
-            parts.append(step.label)
-        elif isinstance(step, LLMInt8):
-            parts.append(f"llm.int8 t={step.threshold}")
-        else:
-            parts.append(step.kind)
-    if recipe.find(AWQ) is not None and not any(isinstance(s, (RTN, GPTQ)) for s in recipe.steps):
-        parts.append(f"rtn {recipe.find(AWQ).weights.label}")
-    return " + ".join(parts)
+    def collected(self) -> LinearStats:
+        return LinearStats(
+            self.hessian.H if self.hessian is not None else None,
+            self.norm.norm if self.norm is not None else None,
+            self.absmax.absmax if self.absmax is not None else None,
+        )
 
 
 def _stages(ctx: BlockContext, recipe: Recipe) -> list[list[str]]:
-    step = recipe.weight_step
     stages = [[p for p in stage if p in ctx.targets] for stage in ctx.arch.sequential]
-    if isinstance(step, GPTQ) and not step.true_sequential:
+    if not recipe.sequential:
         stages = [[p for stage in stages for p in stage]]
     return [s for s in stages if s]
 
@@ -93,10 +68,8 @@ def _shared_inputs(ctx: BlockContext, stage: list[str]) -> list[list[str]]:
 
 
 def compress_block(ctx: BlockContext, recipe: Recipe) -> dict[str, Compressed]:
-    need_h, need_norm, need_absmax = recipe.input_statistics
-    weight_step = recipe.weight_step
-    skip_first = weight_step.skip_first_positions if isinstance(weight_step, GPTQ) else 0
-    label = describe(recipe)
+    needs = recipe.needs()
+    label = recipe.method_label
     done: dict[str, Compressed] = {}
     for stage in _stages(ctx, recipe):
         stats: dict[str, _Stats] = {}
@@ -104,9 +77,9 @@ def compress_block(ctx: BlockContext, recipe: Recipe) -> dict[str, Compressed]:
         for paths in _shared_inputs(ctx, stage):
             # Linears fed by one tensor (q/k/v, gate/up) share one set of statistics: X^T X once, not per Linear
             shared = _Stats(
-                HessianObserver(skip_first) if need_h else None,
-                InputNormObserver() if need_norm else None,
-                AbsMaxObserver() if need_absmax else None,
+                HessianObserver(needs.hessian_skip_first) if needs.hessian else None,
+                InputNormObserver() if needs.input_norm else None,
+                AbsMaxObserver() if needs.input_absmax else None,
             )
             stats.update(dict.fromkeys(paths, shared))
             if shared.observers():
@@ -149,69 +122,24 @@ def finish_block(ctx: BlockContext, compressed: dict[str, Compressed]) -> None:
 
 
 def _compress_linear(ctx: BlockContext, path: str, recipe: Recipe, stats: _Stats) -> tuple[nn.Module, str]:
+    """Every step's hooks on one Linear, in recipe order: adjust the float weight, prune and/or round it, then the
+    runtime module the last deciding step builds (weight-only packed, or sparse when nothing was rounded)."""
     linear = ctx.targets[path]
-    W = linear.weight.detach().float()
-    H = stats.hessian.H if stats.hessian is not None else None
-    notes: list[str] = []
-    awq = recipe.find(AWQ)
-    clip = ctx.artifact.get(ctx.full_name(f"{path}.{AWQ_CLIP_KEY}"))
-    if awq is not None and clip is not None:
-        W = apply_clip(W, clip.to(W.device), awq.weights)
-
-    keep: torch.Tensor | None = None
-    prune = recipe.find(Prune)
-    if prune is not None:
-        scores = wanda_scores(W, stats.norm.norm) if prune.method == "wanda" else magnitude_scores(W)
-        mask = prune_mask(scores, prune.sparsity, parse_pattern(prune.pattern), per_row=prune.method == "wanda")
-        W = W.masked_fill(mask, 0.0)
-        keep = ~mask
-
-    qweight: QWeight | None = None
-    sgpt = recipe.find(SparseGPT)
-    if sgpt is not None:
-        assert H is not None
-        result = sparsegpt(W, H, sgpt.sparsity or 0.0, parse_pattern(sgpt.pattern), sgpt.weights, sgpt.damp, sgpt.block_size)
-        W, qweight, keep = result.weight, result.qweight, ~result.pruned
-        notes.append(_damp_note(result.damp, result.retries))
-
-    step = recipe.weight_step
-    if isinstance(step, RTN):
-        qweight = rtn(W, step.weights)
-    elif isinstance(step, GPTQ):
-        assert H is not None
-        result = gptq(
-            W, H, step.weights, keep_mask=keep, act_order=step.act_order, static_groups=step.static_groups,
-            damp=step.damp, block_size=step.block_size,
-        )
-        qweight = result.qweight
-        notes.append(_damp_note(result.damp, result.retries))
-    elif isinstance(step, LLMInt8):
-        qweight = rtn(W, INT8_PER_CHANNEL)
-
-    if keep is not None:
-        notes.append(f"sparsity {1 - keep.float().mean().item():.1%}")
-    return _runtime_module(linear, W, qweight, recipe, stats), ", ".join(n for n in notes if n)
-
-
-def _damp_note(damp: float, retries: int) -> str:
-    return f"damp raised to {damp:g} after {retries} Cholesky failure(s)" if retries else ""
-
-
-def _runtime_module(linear: nn.Linear, W: torch.Tensor, qweight: QWeight | None, recipe: Recipe, stats: _Stats) -> nn.Module:
+    steps = recipe.effective_steps
+    weight = linear.weight.detach().float()
+    for step in steps:
+        weight = step.adjust_weight(ctx, path, weight)
+    c = Compression(weight)
+    collected = stats.collected()
+    for step in steps:
+        step.compress(c, collected)
+    if c.keep is not None:
+        c.notes.append(f"sparsity {1 - c.keep.float().mean().item():.1%}")
     bias = linear.bias.detach() if linear.bias is not None else None
-    if qweight is None:  # pruning only: the kept weights and a bitmap
-        return SparseLinear.from_dense(W.to(linear.weight.dtype), bias)
-    llm_int8 = recipe.find(LLMInt8)
-    if llm_int8 is not None:
-        return Int8OutlierLinear.from_qweight(qweight, bias, threshold=llm_int8.threshold)
-    act = recipe.find(ActQuant)
-    if act is None:
-        return WeightOnlyLinear.from_qweight(qweight, bias)
-    module = ActQuantLinear.from_qweight(
-        qweight, bias, act_bits=act.bits, act_per_token=act.granularity == "token",
-        act_symmetric=act.symmetric, act_static=not act.dynamic,
-    )
-    if not act.dynamic:
-        assert stats.absmax is not None and stats.absmax.absmax is not None
-        module.input_scale = static_scale_from_absmax(stats.absmax.absmax.max(), act.bits)
-    return module
+    module = next((m for m in (s.runtime_module(c, bias, collected) for s in reversed(steps)) if m is not None), None)
+    if module is None:
+        if c.qweight is None:  # pruning only: the kept weights and a bitmap
+            module = SparseLinear.from_dense(c.weight.to(linear.weight.dtype), bias)
+        else:
+            module = WeightOnlyLinear.from_qweight(c.qweight, bias)
+    return module, ", ".join(n for n in c.notes if n)

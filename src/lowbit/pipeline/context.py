@@ -79,6 +79,8 @@ def resolve_groups(ctx: BlockContext, norms_only: bool = False) -> list[Resolved
     carries the reason, which the transforms record as a refused fold: its Linears are quantized unsmoothed."""
     groups = []
     for spec in ctx.arch.groups:
+        if not ctx.arch.applies(spec, ctx.block):  # a group of another build of block (dense vs MoE layers)
+            continue
         prev = get_submodule(ctx.block, spec.prev, ctx.model_type)
         if norms_only and isinstance(prev, nn.Linear):
             continue

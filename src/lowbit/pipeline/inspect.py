@@ -24,7 +24,7 @@ from lowbit.pipeline.loop import InMemoryStore, LazyStore, check_calibration
 from lowbit.pipeline.memory import release_freed_memory
 from lowbit.pipeline.observers import AbsMaxObserver, MeanAbsObserver, MomentsObserver, TokenSampleObserver
 from lowbit.pipeline.taps import BlockData, run_with_taps
-from lowbit.recipe import WeightQuant
+from lowbit.methods.base import WeightQuant
 
 
 @dataclass(frozen=True)

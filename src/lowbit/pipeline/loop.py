@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from lowbit.data.calibration import check_ids_fit_model
 from lowbit.errors import LowbitError
-from lowbit.models.arch import arch_for, check_block, get_submodule
+from lowbit.models.arch import arch_for, check_blocks, get_submodule
 from lowbit.models.experts import all_tokens_to_all_experts, unfuse_experts
 from lowbit.models.lazy import LazyModel, conv1d_to_linear
 from lowbit.pipeline.block import compress_without_data, process_block
@@ -63,7 +63,7 @@ class InMemoryStore:
         if self.arch.conv1d:
             conv1d_to_linear(model)
         self.blocks: nn.ModuleList = get_submodule(model, self.arch.blocks, self.model_type)  # type: ignore[assignment]
-        check_block(self.arch, self.blocks[0], self.model_type)
+        check_blocks(self.arch, self.blocks, self.model_type)
         self.home = next(model.parameters()).device
 
     def prepare(self, device: torch.device | str) -> None:

@@ -1,0 +1,1 @@
+"""Compression methods, one module each; ``registry.py`` is the one list of them."""

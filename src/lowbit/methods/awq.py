@@ -1,0 +1,153 @@
+"""AWQ (Lin et al. 2023): activation-aware per-channel scale search, folded where proven exact, then a per-Linear
+clip search; the rounding itself is the recipe's rounding step (RTN on AWQ's grid when the recipe has none)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from lowbit.methods.base import TRANSFORM, Step, WeightQuant, check
+from lowbit.methods.rtn import RTN
+from lowbit.numerics.awq_clip import apply_clip, awq_clip
+from lowbit.numerics.rtn import group_size_for, rtn
+from lowbit.numerics.scales import awq_ratios, awq_scales
+from lowbit.pipeline.context import BlockContext, resolve_groups
+from lowbit.pipeline.fold import probe_from
+from lowbit.pipeline.observers import CallRecorder, MeanAbsObserver, TokenSampleObserver
+from lowbit.pipeline.taps import replay, run_with_taps
+from lowbit.pipeline.transforms import AWQ_CLIP_KEY, AWQ_SCALE_KEY, fold_proven, saved_tensor
+
+
+@dataclass(frozen=True)
+class AWQ(Step):
+    """Per-channel mean|x|, grid search of s = mean|x|^a / sqrt(max min) over a in [0, 1) against the inspected
+    sub-module's output, then a clip search per Linear. The search result is saved as ``transforms.safetensors`` in
+    the output; ``artifact`` points a later run at it. ``replay_sequences`` bounds how many calibration sequences
+    are replayed through each sub-module per grid point (the search cost); ``clip_tokens`` bounds the tokens used
+    by the clip search.
+    """
+
+    kind: ClassVar[str] = "awq"
+    stage: ClassVar[int] = TRANSFORM
+    weights: WeightQuant = field(default_factory=WeightQuant)
+    n_grid: int = 20
+    clip: bool = True
+    max_shrink: float = 0.5
+    replay_sequences: int = 16
+    clip_tokens: int = 512
+    artifact: str | None = None  # re-apply scales/clips saved by an earlier run instead of searching
+
+    def check(self) -> None:
+        check(self.n_grid >= 1, f"awq n_grid must be >= 1, got {self.n_grid}")
+        check(0.0 <= self.max_shrink < 1.0, f"awq max_shrink must be in [0, 1), got {self.max_shrink}")
+        check(self.replay_sequences >= 1, "awq replay_sequences must be >= 1")
+        check(self.clip_tokens >= 1, "awq clip_tokens must be >= 1")
+
+    def check_recipe(self, recipe) -> None:  # noqa: ANN001 (Recipe: imported lazily, it imports the registry)
+        rounding = next((s for s in recipe.steps if s.rounds), None)
+        if rounding is not None and rounding.grid is not None:
+            # AWQ searches its scales and clips on its own grid: rounding on another one would apply g128 clips
+            # to a g32 rounding, a search result for weights that are never produced
+            check(
+                self.weights == rounding.grid,
+                f"awq searches on {self.weights.label} but {rounding.kind} rounds on {rounding.grid.label}: one grid "
+                "per recipe",
+                "give awq the same weights as the rounding step",
+            )
+
+    @property
+    def needs_calibration(self) -> bool:
+        return True
+
+    def implied_rounding(self) -> RTN:
+        return RTN(self.weights)
+
+    def transform_block(
+        self, ctx: BlockContext, batch_size: int, saved: dict[str, torch.Tensor] | None
+    ) -> list[torch.Tensor]:
+        return awq_block(ctx, self, batch_size, saved)
+
+    def adjust_weight(self, ctx: BlockContext, path: str, weight: torch.Tensor) -> torch.Tensor:
+        """The searched clip, applied where the weights are rounded, so it is part of the measured error."""
+        clip = ctx.artifact.get(ctx.full_name(f"{path}.{AWQ_CLIP_KEY}"))
+        return weight if clip is None else apply_clip(weight, clip.to(weight.device), self.weights)
+
+
+@torch.no_grad()
+def search_awq_scale(
+    linears: list[torch.nn.Linear], x_mean: torch.Tensor, spec: WeightQuant, n_grid: int,
+    run: Callable[[], list[torch.Tensor]],
+) -> torch.Tensor:
+    """AWQ grid search: the s = mean|x|^a (normalised) for which quantizing the Linears as Q(W s) / s changes the
+    outputs of ``run`` (the inspected module replayed on recorded inputs) least. The weights are restored."""
+    reference = run()
+    originals = [lin.weight.detach().clone() for lin in linears]
+    best_loss, best_s = math.inf, torch.ones_like(x_mean)
+    try:
+        for ratio in awq_ratios(n_grid):
+            s = awq_scales(x_mean, ratio).to(originals[0].device)
+            for lin, W in zip(linears, originals):
+                lin.weight.copy_((rtn(W * s, spec).dequantize() / s).to(W.dtype))
+            loss = sum(float((o - r).float().pow(2).sum()) for o, r in zip(run(), reference))
+            if loss < best_loss:
+                best_loss, best_s = loss, s
+    finally:
+        for lin, W in zip(linears, originals):
+            lin.weight.copy_(W)
+    return best_s
+
+
+def awq_block(ctx: BlockContext, step: AWQ, batch_size: int, saved: dict[str, torch.Tensor] | None) -> list[torch.Tensor]:
+    """AWQ scale search per group (folded at once, if proven), then clip search per Linear; returns fp outputs."""
+    assert ctx.data is not None, "AWQ runs with calibration data"
+    groups = resolve_groups(ctx)
+    clip_paths = [p for p in ctx.targets if p not in ctx.arch.no_clip] if step.clip else []
+    taps: dict[str, list] = {}
+    recorders: dict[str, CallRecorder] = {}
+    if saved is None:
+        n_calls = max(1, math.ceil(step.replay_sequences / batch_size))
+        for g in groups:
+            if not g.blocker:
+                taps.setdefault(g.spec.linears[0], []).append(MeanAbsObserver())
+                recorders[g.inspect_path] = CallRecorder(n_calls)
+        for path in clip_paths:
+            taps.setdefault(path, []).append(TokenSampleObserver(step.clip_tokens, seed=ctx.seed))
+    reference = run_with_taps(ctx.block, ctx.data, taps, recorders, max_outputs=ctx.error_batches)
+    samples = {p: next(o for o in taps[p] if isinstance(o, TokenSampleObserver)) for p in clip_paths if p in taps}
+
+    probe = probe_from(ctx.data)
+    for g in groups:
+        s = None
+        if not g.blocker:
+            name = ctx.full_name(f"{g.spec.prev}.{AWQ_SCALE_KEY}")
+            if saved is not None:
+                s = saved_tensor(saved, name, (g.linears[0].in_features,))
+            else:
+                x_mean = next(o for o in taps[g.spec.linears[0]] if isinstance(o, MeanAbsObserver)).mean
+                module, calls = ctx.block.get_submodule(g.inspect_path), recorders[g.inspect_path].calls
+                s = search_awq_scale(g.linears, x_mean, step.weights, step.n_grid, lambda: replay(module, calls))
+            ctx.artifact[name] = s.cpu()
+        if fold_proven(ctx, probe, g, s, "awq"):
+            assert s is not None
+            for path in g.spec.linears:  # these Linears now see x / s
+                if path in samples and samples[path].rows is not None:
+                    samples[path].rows = samples[path].rows / s.to(samples[path].rows.device)
+
+    for path in clip_paths:
+        name = ctx.full_name(f"{path}.{AWQ_CLIP_KEY}")
+        if saved is not None:
+            weight = ctx.targets[path].weight
+            n_groups = -(-weight.shape[1] // group_size_for(step.weights, weight.shape[1]))
+            # per-tensor grids have no clip, so the artifact may rightly lack this tensor
+            max_val = saved_tensor(saved, name, (weight.shape[0], n_groups)) if name in saved else None
+        else:
+            rows = samples[path].rows
+            assert rows is not None
+            max_val = awq_clip(ctx.targets[path].weight.detach(), rows, step.weights, step.n_grid, step.max_shrink)
+        if max_val is not None:
+            ctx.artifact[name] = max_val.cpu()
+    return reference

@@ -1,0 +1,195 @@
+"""What every method is: a recipe step type that says, in its own module, what it needs and what it does.
+
+A step is a frozen, validated dataclass (its fields are the recipe's JSON) whose class declares:
+  * ``kind`` (its JSON name) and ``stage`` (its place in a recipe: transform, prune, round, activations),
+  * what it reads from each Linear's inputs (``needs``) and whether it needs calibration data at all,
+  * what it does: ``transform_block`` (an equivalence transform over a block), ``adjust_weight`` (before
+    compression, e.g. AWQ's clip), ``compress`` (prune and/or round one Linear's weight), ``runtime_module`` (the
+    module that computes with the result),
+  * its ``label`` in reports, the composition rules it imposes on a recipe (``check_recipe``) and what each
+    exporter can hold of it (``check_export``).
+The pipeline calls these hooks and nothing else: it never names a method (``methods/registry.py`` is the one list).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import nn
+
+from lowbit.errors import LowbitError
+from lowbit.schema import check_fields
+
+if TYPE_CHECKING:
+    from lowbit.numerics.qweight import QWeight
+    from lowbit.pipeline.context import BlockContext
+    from lowbit.recipe import Recipe
+
+GRANULARITIES = ("tensor", "channel", "group")
+RECIPE_FIX = "fix the recipe (`lowbit recipes gptq-w4g128` prints a valid one)"
+
+# the order of a recipe: equivalence transforms, then pruning, then rounding, then activation quantization
+TRANSFORM, PRUNE, ROUND, ACTIVATIONS = 0, 1, 2, 3
+STAGE_NAMES = {TRANSFORM: "transform", PRUNE: "prune", ROUND: "round", ACTIVATIONS: "activations"}
+
+
+def check(condition: bool, message: str, fix: str = RECIPE_FIX) -> None:
+    if not condition:
+        raise LowbitError(f"{message}; {fix}")
+
+
+@dataclass(frozen=True)
+class WeightQuant:
+    """An integer grid for weights: bit width, symmetric (absmax) or asymmetric (zero point), and granularity.
+
+    ``granularity``: "tensor" (one scale), "channel" (one per output row) or "group" (one per
+    ``group_size`` consecutive input columns of each row).
+    """
+
+    bits: int = 4
+    symmetric: bool = False
+    granularity: str = "group"
+    group_size: int = 128
+
+    def __post_init__(self) -> None:
+        check_fields(self, "weights", RECIPE_FIX)
+        check(2 <= self.bits <= 8, f"weight bits must be in 2..8, got {self.bits}", "pick e.g. bits=4")
+        check(
+            self.granularity in GRANULARITIES,
+            f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}",
+        )
+        check(self.group_size >= 1, f"group_size must be >= 1, got {self.group_size}")
+
+    @property
+    def label(self) -> str:
+        grid = {"tensor": "per-tensor", "channel": "per-channel"}.get(self.granularity, f"g{self.group_size}")
+        return f"W{self.bits} {'sym' if self.symmetric else 'asym'} {grid}"
+
+
+@dataclass(frozen=True)
+class Needs:
+    """Statistics of each Linear's inputs a step reads while compressing it (collected stage by stage)."""
+
+    hessian: bool = False
+    hessian_skip_first: int = 0  # sequence positions left out of the Hessian
+    input_norm: bool = False  # per input channel ||X_j||_2 (Wanda)
+    input_absmax: bool = False  # per input channel max |X_j| (static activation scales)
+
+    def __or__(self, other: Needs) -> Needs:
+        return Needs(
+            self.hessian or other.hessian, max(self.hessian_skip_first, other.hessian_skip_first),
+            self.input_norm or other.input_norm, self.input_absmax or other.input_absmax,
+        )
+
+
+@dataclass
+class LinearStats:
+    """What was collected for one Linear (None where no step needs it)."""
+
+    hessian: torch.Tensor | None = None  # [in, in]
+    input_norm: torch.Tensor | None = None  # [in]
+    input_absmax: torch.Tensor | None = None  # [in]
+
+
+@dataclass
+class Compression:
+    """One Linear's weight as the steps leave it: ``weight`` [out, in] (pruned zeros included), ``keep`` the mask of
+    weights kept by pruning (None: not pruned), ``qweight`` the integer weights once rounded (None: not rounded)."""
+
+    weight: torch.Tensor
+    keep: torch.Tensor | None = None
+    qweight: QWeight | None = None
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Step:
+    """Base of every recipe step; every hook's default does nothing.
+
+    Each field's value is checked against its annotated type here, before the step's own ``check`` (ranges,
+    consistency) compares it: ``"bits": "4"`` or ``"symmetric": "no"`` is refused by the declaration itself.
+    """
+
+    kind: ClassVar[str] = ""
+    stage: ClassVar[int] = ROUND
+    prunes: ClassVar[bool] = False  # sets weights to zero
+    quantizes_inputs: ClassVar[bool] = False  # computes on quantized activations (W8A8-style)
+
+    def __post_init__(self) -> None:
+        check_fields(self, f"recipe step {self.kind!r}", RECIPE_FIX)
+        self.check()
+
+    def check(self) -> None:
+        """Range and consistency rules beyond the field types; steps that have some override this."""
+
+    def check_recipe(self, recipe: Recipe) -> None:
+        """Rules this step imposes on the recipe around it (e.g. 'use it alone')."""
+
+    # ---- what it is
+    @property
+    def rounds(self) -> bool:
+        """Whether this step puts the weights on an integer grid."""
+        return False
+
+    @property
+    def grid(self) -> WeightQuant | None:
+        """The weight grid this step rounds or searches on."""
+        return getattr(self, "weights", None)
+
+    @property
+    def label(self) -> str:
+        """How the per-layer report names this step."""
+        return self.kind
+
+    def needs(self) -> Needs:
+        return Needs()
+
+    @property
+    def sequential(self) -> bool:
+        """Whether a block's Linears are compressed stage by stage, each fitted to the inputs the earlier stages'
+        compressed outputs give (GPTQ's true-sequential order; it has an option to turn it off)."""
+        return True
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether it reads calibration inputs (statistics, or a search over a block's outputs)."""
+        return self.needs() != Needs()
+
+    def implied_rounding(self) -> Step | None:
+        """The rounding this step implies when the recipe has none (AWQ alone rounds with RTN on its grid)."""
+        return None
+
+    # ---- what it does
+    def transform_block(
+        self, ctx: BlockContext, batch_size: int, saved: dict[str, torch.Tensor] | None
+    ) -> list[torch.Tensor] | None:
+        """An output-preserving transform of the whole block before compression; returns the block's
+        full-precision outputs (or None when this step has no such transform)."""
+        return None
+
+    def adjust_weight(self, ctx: BlockContext, path: str, weight: torch.Tensor) -> torch.Tensor:
+        """The float weight [out, in] before compression (AWQ's clip); unchanged by default."""
+        return weight
+
+    def compress(self, c: Compression, stats: LinearStats) -> None:
+        """Prune and/or round ``c`` in place."""
+
+    def runtime_module(self, c: Compression, bias: torch.Tensor | None, stats: LinearStats) -> nn.Module | None:
+        """The runtime module computing with ``c`` when this step decides it (activation quantization, LLM.int8());
+        None leaves it to the default (weight-only packed, or sparse when nothing was rounded)."""
+        return None
+
+    def check_export(self, fmt: str) -> None:
+        """Refuse (LowbitError) a format that cannot hold what this step produces; ``fmt`` is "gguf" or
+        "compressed-tensors"."""
+
+    # ---- JSON
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": self.kind}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = dataclasses.asdict(value) if isinstance(value, WeightQuant) else value
+        return out
