@@ -24,8 +24,8 @@ import torch
 
 from lowbit.data.text import documents
 from lowbit.evaluation.perplexity import evaluation_ids
-from lowbit.models.embedded import DEFAULT_TEXT
-from lowbit.models.open import open_model
+from lowbit.data.text import DEFAULT_TEXT
+from lowbit.api import open_model
 
 
 def _open_export(path: Path) -> torch.nn.Module:

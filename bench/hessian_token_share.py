@@ -18,7 +18,7 @@ import torch
 from lowbit.data.calibration import calibration_ids
 from lowbit.data.text import documents
 from lowbit.models.lazy import LazyModel
-from lowbit.models.open import load_tokenizer
+from lowbit.models.tokenizer import load_tokenizer
 from lowbit.models.source import resolve_model
 from lowbit.pipeline.capture import capture_block_calls, run_block
 

@@ -69,7 +69,7 @@ def main() -> None:
         w8 = WeightOnlyLinear.from_qweight(rtn(W, WeightQuant(bits=8, symmetric=True, granularity="channel")), None)
         w4 = WeightOnlyLinear.from_qweight(rtn(W, WeightQuant(bits=4, symmetric=False, group_size=128)), None)
         w8a8 = ActQuantLinear.from_qweight(rtn(W, WeightQuant(bits=8, symmetric=True, granularity="channel")), None)
-        w8a8.use_kernels()
+        w8a8 = w8a8.fast_module()  # torch._int_mm (runtime/fast.py)
         int8_weight = (w8.unpacked().codes.to(torch.int16) - 128).to(torch.int8)
         int8_scales = w8.scales.float().flatten()
         int4_mm, int4_reference = int4pack_backend(W, 128)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lowbit.evaluation.comparison import md_escape, row_cells
+from lowbit.evaluation.comparison import comparison_cells, md_escape
 
 RESULTS = Path(__file__).resolve().parent / "results" / "methods" / "results.json"
 INHERITED_PEAK = 1_796_554_752  # bytes: the parent's high-water mark that the first two rows' children inherited
@@ -28,7 +28,7 @@ def main() -> None:
         peak = r.get("peak_rss_bytes")
         rss = "" if peak is None else ("n/m" if peak == INHERITED_PEAK else f"{peak / 2**20:,.0f} MiB")
         error = "" if r.get("mean_linear_error") is None else f"{r['mean_linear_error']:.4f}"
-        cells = row_cells(r, base)
+        cells = comparison_cells(r, base)
         shared = [cells[c] for c in ("perplexity", "vs fp", "size on disk", "smaller by", "quantize time")]
         print("| " + " | ".join([r["recipe"], md_escape(r["description"]), *shared, error, rss]) + " |")
 

@@ -27,19 +27,19 @@ def _w8a8(out_features: int, in_features: int, static: bool = False) -> ActQuant
 
 def _exact_then_fast(module: WeightOnlyLinear, in_features: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(exact output, fast-kernel output) of one decode-sized (1 token, padded for cuBLASLt) and one prefill-sized
-    input; the module is switched to its kernels after the first exact output."""
+    input: the module, then its fast module (runtime/fast.py)."""
     inputs = [torch.randn(2, tokens, in_features, device="cuda") for tokens in (1, 40)]
-    exact = [module(x) for x in inputs]
-    assert module.use_kernels()
-    return list(zip(exact, [module(x) for x in inputs]))
+    fast = module.fast_module()
+    assert fast is not None
+    return [(module(x), fast(x)) for x in inputs]
 
 
 @needs_cuda
 def test_cuda_keeps_the_dequantizing_path_where_no_kernel_fits():
     odd_rows = WeightOnlyLinear.from_qweight(rtn(random_weight(60, 128), WeightQuant(4, True, "group", 32)), None)
-    assert not odd_rows.to("cuda").use_kernels()  # tinygemm tiles the output in rows of 8
+    assert odd_rows.to("cuda").fast_module() is None  # tinygemm tiles the output in rows of 8
     w8 = WeightOnlyLinear.from_qweight(rtn(random_weight(64, 96), WeightQuant(8, True, "channel")), None)
-    assert not w8.to("cuda").use_kernels()  # _weight_int8pack_mm has no CUDA form
+    assert w8.to("cuda").fast_module() is None  # _weight_int8pack_mm has no CUDA form
 
 
 @needs_cuda

@@ -119,13 +119,15 @@ def test_calibration_stand_in_computes_exactly_what_the_packed_module_does():
     assert calibration_stand_in(act, torch.float32) is act
 
 
-def test_gptq_beats_rtn_on_every_architecture():
-    for model_type in ARCHITECTURES:
-        errors = {}
-        for name, recipe in (("rtn", [RTN(WeightQuant(3, False, "group", 32))]), ("gptq", [GPTQ(WeightQuant(3, False, "group", 32))])):
-            report = lowbit.quantize(toy_model(model_type), recipe, calibration(), batch_size=4).lowbit_info.report
-            errors[name] = sum(b.rel_error for b in report.blocks)
-        assert errors["gptq"] < errors["rtn"], model_type
+@pytest.mark.parametrize("model_type", ARCHITECTURES)
+def test_gptq_beats_rtn_on_every_architecture(model_type):
+    errors = {}
+    for name, recipe in (("rtn", [RTN(WeightQuant(3, False, "group", 32))]), ("gptq", [GPTQ(WeightQuant(3, False, "group", 32))])):
+        report = lowbit.quantize(toy_model(model_type), recipe, calibration(), batch_size=4).lowbit_info.report
+        errors[name] = sum(b.rel_error for b in report.blocks)
+    # measured GPTQ/RTN (summed block errors): llama 0.60, mistral 0.70, qwen2 0.63, qwen3 0.61, gemma 0.61,
+    # gemma2 0.44, gemma3_text 0.40, phi3 0.63, opt 0.49, gpt2 0.38
+    assert errors["gptq"] < 0.85 * errors["rtn"]
 
 
 @pytest.mark.parametrize("model_type", ARCHITECTURES)
@@ -199,4 +201,6 @@ def test_smoothing_linear_pairs_repairs_down_proj_outliers():
         info = lowbit.quantize(model_with_down_proj_outliers(), recipe, calibration(), batch_size=4).lowbit_info
         errors[fold] = [r.rel_error for b in info.report.blocks for r in b.linears if r.name.endswith("down_proj")]
         assert any(name.endswith("mlp.up_proj.smooth_scales") for name in info.artifact) == fold
-    assert all(folded < norm_only for folded, norm_only in zip(errors[True], errors[False]))
+    # measured down_proj errors: folded 0.0108, 0.0083; norm-only 0.0439, 0.0339 (ratios 0.25, 0.24)
+    assert len(errors[True]) == len(errors[False]) == 2
+    assert all(folded < 0.5 * norm_only for folded, norm_only in zip(errors[True], errors[False]))

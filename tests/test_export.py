@@ -9,7 +9,7 @@ import lowbit
 from lowbit import RTN, GPTQ, WeightQuant
 from lowbit.errors import LowbitError
 from lowbit.export.gguf import permute_rows, write_gguf
-from lowbit.models.open import open_model
+from lowbit.api import open_model
 from toy import byte_tokenizer, calibration, toy_model
 
 

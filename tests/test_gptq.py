@@ -10,6 +10,7 @@ from lowbit.numerics.qweight import QWeight
 from lowbit.numerics.rtn import rtn
 from lowbit.pipeline.observers import HessianObserver
 from lowbit.recipe import WeightQuant
+from metrics import output_error
 from toy import outlier_inputs, random_weight
 
 
@@ -20,13 +21,15 @@ def hessian(X):
     return obs.H
 
 
-def output_error(W, W_hat, X):
-    return float((X @ (W_hat - W).T).norm() / (X @ W.T).norm())
-
-
 @pytest.fixture(scope="module")
 def data():
-    X = outlier_inputs(tokens=1024, features=256)
+    """X [1024, 256]: outlier inputs plus 16 factors shared by all channels (std ~4 per channel), W [128, 256], H.
+    Real LLM activations are correlated; on independent channels H is nearly diagonal, and GPTQ/SparseGPT, whose
+    gain is feeding each column's error into the columns correlated with it, differ from RTN/Wanda only through
+    the sampled off-diagonals (measured without the factors: GPTQ/RTN 0.973-0.977, SparseGPT/Wanda 0.951)."""
+    generator = torch.Generator().manual_seed(2)
+    shared = torch.randn(1024, 16, generator=generator) @ torch.randn(16, 256, generator=generator)
+    X = outlier_inputs(tokens=1024, features=256) + shared
     return X, random_weight(128, 256), hessian(X)
 
 
@@ -40,7 +43,8 @@ def test_hessian_observer_is_2_xtx_over_n(data):
 def test_gptq_beats_rtn_on_outlier_inputs(data, spec):
     X, W, H = data
     result = gptq(W, H, spec)
-    assert output_error(W, result.weight, X) < output_error(W, rtn(W, spec).dequantize(), X)
+    # measured GPTQ/RTN: 0.733 (4-bit g64), 0.754 (3-bit g128), 0.730 (4-bit channel), 0.737 (8-bit tensor)
+    assert output_error(W, result.weight, X) < 0.85 * output_error(W, rtn(W, spec).dequantize(), X)
     # the dequantized QWeight is exactly the weight GPTQ computed with
     assert torch.equal(result.qweight.dequantize(), result.weight)
 
@@ -57,7 +61,8 @@ def test_act_order_groups_are_consistent_and_stored_exactly(data, static_groups)
         assert torch.bincount(q.g_idx.long()).tolist() == [32] * 8  # every group still has group_size columns
     again = QWeight.unpack(q.pack(), q.bits, q.group_size, q.in_features)
     assert torch.equal(again.dequantize(), result.weight)
-    assert output_error(W, result.weight, X) < output_error(W, rtn(W, spec).dequantize(), X)
+    # measured GPTQ/RTN: 0.662 (dynamic groups), 0.670 (static groups)
+    assert output_error(W, result.weight, X) < 0.8 * output_error(W, rtn(W, spec).dequantize(), X)
 
 
 def test_gptq_keeps_a_pruning_mask(data):
@@ -85,12 +90,13 @@ def test_dead_inputs_do_not_break_gptq(data):
     assert torch.isfinite(result.weight).all()
 
 
-def test_sparsegpt_is_no_worse_than_wanda_at_half_sparsity(data):
+def test_sparsegpt_beats_wanda_at_half_sparsity(data):
     X, W, H = data
     wanda = W.masked_fill(prune_mask(wanda_scores(W, X.norm(dim=0)), 0.5, None, per_row=True), 0)
     result = sparsegpt(W, H, 0.5)
     assert abs(float((result.weight == 0).float().mean()) - 0.5) < 0.01
-    assert output_error(W, result.weight, X) <= output_error(W, wanda, X)
+    # measured SparseGPT/Wanda: 0.366 (Wanda ignores the correlations SparseGPT's reconstruction uses)
+    assert output_error(W, result.weight, X) < 0.6 * output_error(W, wanda, X)
 
 
 def test_sparsegpt_two_four_with_joint_quantization(data):

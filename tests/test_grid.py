@@ -7,11 +7,8 @@ from lowbit.numerics.grid import fit_scale_zero
 from lowbit.numerics.qweight import QWeight
 from lowbit.numerics.rtn import rtn
 from lowbit.recipe import WeightQuant
+from metrics import output_error
 from toy import outlier_inputs, random_weight
-
-
-def output_error(W, W_hat, X):
-    return float((X @ (W_hat - W).T).norm() / (X @ W.T).norm())
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
@@ -42,11 +39,14 @@ def test_zero_is_exact_and_absmax_is_a_grid_point():
 def test_error_falls_with_bits_and_finer_granularity():
     W = random_weight(64, 256)
     W[:, 7] *= 20  # an outlier weight column stretches coarse grids
-    X = torch.randn(256, 256)
+    X = torch.randn(256, 256, generator=torch.Generator().manual_seed(0))
     errs = {b: output_error(W, rtn(W, WeightQuant(b, False, "channel")).dequantize(), X) for b in (2, 3, 4, 8)}
-    assert errs[2] > errs[3] > errs[4] > errs[8]
+    # measured: 2-bit 0.573, 3-bit 0.438, 4-bit 0.254, 8-bit 0.0151 (ratios 0.76, 0.58, 0.060: each bit halves the
+    # step; ratios within 0.67-0.77, 0.50-0.60, 0.059-0.061 over input seeds 0-4)
+    assert errs[3] < 0.85 * errs[2] and errs[4] < 0.75 * errs[3] and errs[8] < 0.1 * errs[4]
     coarse = [output_error(W, rtn(W, WeightQuant(4, False, g, 32)).dequantize(), X) for g in ("tensor", "channel", "group")]
-    assert coarse[0] > coarse[1] > coarse[2]
+    # measured: tensor 0.610, channel 0.254, g32 0.0967 (ratios 0.42, 0.38; at most 0.42, 0.39 over seeds 0-4)
+    assert coarse[1] < 0.6 * coarse[0] and coarse[2] < 0.6 * coarse[1]
 
 
 def test_scales_are_float16_exact():

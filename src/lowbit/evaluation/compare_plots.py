@@ -9,6 +9,7 @@ from typing import Any
 
 from lowbit.evaluation.plotting import pyplot, save_figure
 from lowbit.evaluation.recommend import pareto_front, weight_grid
+from lowbit.evaluation.units import MIB
 
 PPL_VS_BITS_PNG = "ppl_vs_bits.png"
 PARETO_PNG = "pareto.png"
@@ -51,11 +52,11 @@ def plot_pareto(results: dict[str, Any], path: Path) -> None:
     rows = results["rows"]
     fig, ax = plt.subplots(figsize=(9, 6))
     for r in rows:
-        size = r["disk_bytes"] / 2**20
+        size = r["disk_bytes"] / MIB
         ax.scatter(size, r["perplexity"], s=30)
         ax.annotate(r["recipe"], (size, r["perplexity"]), textcoords="offset points", xytext=(5, 4), fontsize=7)
     front = pareto_front(rows)
-    ax.plot([r["disk_bytes"] / 2**20 for r in front], [r["perplexity"] for r in front], color="black", linewidth=1,
+    ax.plot([r["disk_bytes"] / MIB for r in front], [r["perplexity"] for r in front], color="black", linewidth=1,
             label="Pareto front")
     ax.set_xlabel("size on disk (MiB)")
     ax.set_ylabel("perplexity (lower is better)")

@@ -12,16 +12,14 @@ from typing import Any, TypedDict
 
 from lowbit.evaluation.compare_plots import write_plots
 from lowbit.evaluation.recommend import recommendations
+from lowbit.evaluation.speed import machine_line
+from lowbit.evaluation.units import mib
 from lowbit.io.atomic import write_json_atomic, write_text_atomic
 from lowbit.schema import check_record, read_json
 
 RESULTS_JSON = "results.json"
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
-
-
-def _mib(n: float | None) -> str:
-    return "" if n is None else f"{n / 2**20:,.1f} MiB"
 
 
 def _seconds(s: float | None) -> str:
@@ -33,15 +31,15 @@ def md_escape(text: str) -> str:
     return text.replace("|", "\\|")
 
 
-def row_cells(row: dict[str, Any], base: dict[str, Any]) -> dict[str, str]:
+def comparison_cells(row: dict[str, Any], base: dict[str, Any]) -> dict[str, str]:
     """One comparison row formatted for display, deltas relative to ``base`` (the unquantized row)."""
     return {
         "perplexity": f"{row['perplexity']:.3f}",
         "vs fp": f"{(row['perplexity'] / base['perplexity'] - 1) * 100:+.1f}%",
-        "size on disk": _mib(row["disk_bytes"]),
+        "size on disk": mib(row["disk_bytes"]),
         "smaller by": f"{base['disk_bytes'] / row['disk_bytes']:.2f}x",
         "quantize time": _seconds(row.get("quantize_seconds")),
-        "quantize peak RSS": _mib(row.get("peak_rss_bytes")),
+        "quantize peak RSS": mib(row.get("peak_rss_bytes")),
         "eval tokens/s": f"{row['eval_tokens_per_second']:,.0f}",
     }
 
@@ -53,7 +51,8 @@ def markdown_table(results: dict[str, Any]) -> str:
     settings = results["settings"]
     cal, ev = settings["calibration"], settings["evaluation"]
     lines = [
-        f"Model `{results['model']}`, unquantized tensors in {settings['dtype']}, run on {settings['machine']}.",
+        f"Model `{results['model']}`, unquantized tensors in {settings['dtype']}, "
+        f"run on {machine_line(settings['machine'])}.",
         f"Calibration: {cal['n_sequences']} x {cal['seq_len']} tokens of `{cal['text']}` (calibration part, seed "
         f"{cal['seed']}). Evaluation: perplexity on the held-out part of `{ev['text']}`, GPTQ protocol (documents "
         f"joined with blank lines, {base['windows']} non-overlapping windows of {base['window']} tokens, "
@@ -63,7 +62,7 @@ def markdown_table(results: dict[str, Any]) -> str:
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        lines.append("| " + " | ".join([r["recipe"], md_escape(r["description"]), *row_cells(r, base).values()]) + " |")
+        lines.append("| " + " | ".join([r["recipe"], md_escape(r["description"]), *comparison_cells(r, base).values()]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -79,9 +78,9 @@ def report_html(results: dict[str, Any], recommendations: list[str], plots: list
     """report.html: the same content as report.md, readable in a browser without a Markdown renderer."""
     rows = results["rows"]
     base = rows[0]
-    header = ["recipe", "what it does", *row_cells(base, base)]
+    header = ["recipe", "what it does", *comparison_cells(base, base)]
     body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in [r["recipe"], r["description"], *row_cells(r, base).values()]) + "</tr>"
+        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in [r["recipe"], r["description"], *comparison_cells(r, base).values()]) + "</tr>"
         for r in rows
     )
     intro = markdown_table(results).split("\n\n")[0]

@@ -9,7 +9,7 @@ import torch
 from lowbit.data.calibration import check_ids_in_vocabulary
 from lowbit.data.text import documents
 from lowbit.evaluation.perplexity import Perplexity, evaluation_ids, perplexity
-from lowbit.models.open import open_model
+from lowbit.api import open_model
 
 
 @dataclass

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
+from lowbit.evaluation.units import mib
 from lowbit.recipe import Recipe
 
 BUDGETS = (0.01, 0.05, 0.25)  # perplexity increase relative to fp for "smallest model within ..."
@@ -52,10 +53,6 @@ def _pct(x: float) -> str:
     return f"{100 * x:+.1f}%"
 
 
-def _mib(n: float) -> str:
-    return f"{n / 2**20:,.1f} MiB"
-
-
 def pareto_front(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Rows no other row beats on both size and perplexity, smallest first."""
     front: list[dict[str, Any]] = []
@@ -95,7 +92,7 @@ def recommendations(results: dict[str, Any], diagnosis: dict[str, Any] | None = 
         by_grid[weight_grid(r)].append(r)  # type: ignore[index]
     for (bits, grid), group in sorted(by_grid.items()):
         best = min(group, key=lambda r: r["perplexity"])
-        sentence = f"For W{bits} {grid}, use {best['recipe']}: perplexity {best['perplexity']:.3f} ({_pct(delta(best, base))}), {_mib(best['disk_bytes'])}"
+        sentence = f"For W{bits} {grid}, use {best['recipe']}: perplexity {best['perplexity']:.3f} ({_pct(delta(best, base))}), {mib(best['disk_bytes'])}"
         rtn = next((r for r in group if is_rtn(r)), None)
         if rtn is not None and rtn is not best:
             sentence += f"; round-to-nearest ({rtn['recipe']}) gives {_pct(delta(rtn, base))}"
@@ -118,7 +115,7 @@ def recommendations(results: dict[str, Any], diagnosis: dict[str, Any] | None = 
             small = min(fits, key=lambda r: r["disk_bytes"])
             lines.append(
                 f"Smallest within {100 * budget:g}% of {base['recipe']} perplexity: {small['recipe']} "
-                f"({_mib(small['disk_bytes'])}, {base['disk_bytes'] / small['disk_bytes']:.2f}x smaller, {_pct(delta(small, base))})."
+                f"({mib(small['disk_bytes'])}, {base['disk_bytes'] / small['disk_bytes']:.2f}x smaller, {_pct(delta(small, base))})."
             )
         else:
             lines.append(f"No recipe stays within {100 * budget:g}% of {base['recipe']} perplexity.")

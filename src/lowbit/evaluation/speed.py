@@ -12,8 +12,10 @@ import itertools
 import platform
 import statistics
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -50,6 +52,14 @@ def machine_description(device: torch.device | str = "cpu") -> dict[str, object]
     if torch.device(device).type == "cuda":
         description["gpu"] = torch.cuda.get_device_name(device)
     return description
+
+
+def machine_line(machine: Mapping[str, Any]) -> str:
+    """A ``machine_description`` as one line of a report, e.g. "AMD EPYC 7763 (avx2, avx512f), 16 threads, torch
+    2.6.0", led by "NVIDIA H200 on " when a GPU did the work."""
+    isa = f" ({', '.join(machine['isa'])})" if machine["isa"] else ""
+    line = f"{machine['cpu']}{isa}, {machine['threads']} threads, torch {machine['torch']}"
+    return f"{machine['gpu']} on {line}" if "gpu" in machine else line
 
 
 def _median_seconds(run, repeats: int) -> float:

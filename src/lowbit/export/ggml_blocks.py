@@ -19,17 +19,29 @@ from lowbit.numerics.qweight import QWeight
 GGML_BLOCK = 32
 
 
+GGML_HOLDS = "GGUF holds 32-column blocks: W8 symmetric g32 (Q8_0), W4 symmetric g32 (Q4_0) or W4 asymmetric g32 (Q4_1)"
+
+
+def ggml_kind(bits: int, symmetric: bool, group_size: int | None) -> str | None:
+    """The GGML block type holding a grid of ``bits`` with groups of ``group_size`` columns exactly (None: per-channel
+    or per-tensor), or None when none does: the one statement of the rule, for recipes and for weights."""
+    if group_size != GGML_BLOCK:
+        return None
+    if bits == 8 and symmetric:
+        return "Q8_0"
+    if bits == 4:
+        return "Q4_0" if symmetric else "Q4_1"
+    return None
+
+
 def ggml_type_for(qweight: QWeight) -> str:
     """'Q8_0', 'Q4_0' or 'Q4_1' for a grid GGML can hold exactly; raises otherwise."""
     contiguous = qweight.groups_in_order
-    if qweight.group_size == GGML_BLOCK and qweight.in_features % GGML_BLOCK == 0 and contiguous and qweight.scale.shape[0] > 1:
-        if qweight.bits == 8 and qweight.symmetric:
-            return "Q8_0"
-        if qweight.bits == 4:
-            return "Q4_0" if qweight.symmetric else "Q4_1"
+    kind = ggml_kind(qweight.bits, qweight.symmetric, qweight.group_size)
+    if kind is not None and qweight.in_features % GGML_BLOCK == 0 and contiguous and qweight.scale.shape[0] > 1:
+        return kind
     raise LowbitError(
-        f"GGUF holds 32-column blocks: W8 symmetric g32 (Q8_0), W4 symmetric g32 (Q4_0) or W4 asymmetric g32 (Q4_1); "
-        f"this weight is W{qweight.bits} {'symmetric' if qweight.symmetric else 'asymmetric'} "
+        f"{GGML_HOLDS}; this weight is W{qweight.bits} {'symmetric' if qweight.symmetric else 'asymmetric'} "
         f"group size {qweight.group_size}{' with act-order groups' if not contiguous else ''}; re-quantize with "
         "group_size 32 (e.g. `lowbit recipes gptq-w4g128 > r.json`, set \"group_size\": 32)"
     )

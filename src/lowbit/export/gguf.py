@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.export.ggml_blocks import ggml_blocks, ggml_type_for
+from lowbit.export.ggml_blocks import GGML_HOLDS, ggml_blocks, ggml_kind, ggml_type_for
 from lowbit.export.gguf_tokenizer import tokenizer_metadata
 from lowbit.io.atomic import atomic_file
 from lowbit.recipe import Recipe
@@ -68,12 +68,8 @@ def check_recipe_for_gguf(recipe: Recipe, source: Path) -> None:
             "weight grid: add one (e.g. GPTQ W4 symmetric g32 after the pruning step) or export compressed-tensors"
         )
     grid = grids[-1]
-    holdable = grid.granularity == "group" and grid.group_size == 32 and (grid.bits == 4 or (grid.bits == 8 and grid.symmetric))
-    if not holdable:
-        raise LowbitError(
-            f"GGUF holds 32-column blocks (Q8_0: W8 symmetric g32, Q4_0: W4 symmetric g32, Q4_1: W4 asymmetric g32); "
-            f"this recipe gives {grid.label}: use group_size 32"
-        )
+    if ggml_kind(grid.bits, grid.symmetric, grid.group_size if grid.granularity == "group" else None) is None:
+        raise LowbitError(f"{GGML_HOLDS}; this recipe gives {grid.label}: use group_size 32")
     tokenizer_metadata(source)
 
 

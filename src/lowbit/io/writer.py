@@ -15,10 +15,10 @@ from torch import nn
 
 from lowbit import __version__
 from lowbit.models.checkpoint import INDEX_FILE
-from lowbit.models.source import LOWBIT_CONFIG
 from lowbit.runtime.registry import is_runtime_module, module_config
 
 FORMAT_VERSION = 1
+LOWBIT_CONFIG = "lowbit_config.json"  # its presence is what makes a folder a lowbit output
 REPORT_FILE = "quant_report.json"
 ARTIFACT_FILE = "transforms.safetensors"
 TOKENIZER_FILES = (

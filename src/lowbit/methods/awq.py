@@ -10,6 +10,7 @@ from typing import ClassVar
 
 import torch
 
+from lowbit.numerics.grid import group_count
 from lowbit.methods.base import TRANSFORM, Step, WeightQuant, check
 from lowbit.methods.rtn import RTN
 from lowbit.numerics.awq_clip import apply_clip, awq_clip
@@ -141,7 +142,7 @@ def awq_block(ctx: BlockContext, step: AWQ, batch_size: int, saved: dict[str, to
         name = ctx.full_name(f"{path}.{AWQ_CLIP_KEY}")
         if saved is not None:
             weight = ctx.targets[path].weight
-            n_groups = -(-weight.shape[1] // group_size_for(step.weights, weight.shape[1]))
+            n_groups = group_count(weight.shape[1], group_size_for(step.weights, weight.shape[1]))
             # per-tensor grids have no clip, so the artifact may rightly lack this tensor
             max_val = saved_tensor(saved, name, (weight.shape[0], n_groups)) if name in saved else None
         else:

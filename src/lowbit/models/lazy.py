@@ -20,11 +20,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 from transformers.pytorch_utils import Conv1D
 
 from lowbit.errors import LowbitError
+from lowbit.io.writer import LOWBIT_CONFIG
 from lowbit.models.arch import ARCHITECTURES, Arch, arch_for, check_blocks, get_submodule
 from lowbit.models.checkpoint import CheckpointReader
 from lowbit.models.checkpoint_names import ExpertSlice, Location, checkpoint_locations
 from lowbit.models.experts import routed_experts, unfuse_experts
-from lowbit.models.source import LOWBIT_CONFIG
 
 log = logging.getLogger(__name__)
 

@@ -10,10 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lowbit.errors import LowbitError
+from lowbit.io.writer import LOWBIT_CONFIG
 from lowbit.models.embedded import EMBEDDED_MODELS
 from lowbit.models.gguf_import import import_gguf
-
-LOWBIT_CONFIG = "lowbit_config.json"
 
 
 @dataclass(frozen=True)

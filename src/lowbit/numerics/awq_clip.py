@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.numerics.grid import fake_quantize, fit_scale_zero
+from lowbit.numerics.grid import fake_quantize, fit_scale_zero, group_count
 from lowbit.numerics.rtn import group_size_for
 from lowbit.methods.base import WeightQuant
 
@@ -12,7 +12,7 @@ from lowbit.methods.base import WeightQuant
 def _grouped(W: torch.Tensor, X: torch.Tensor, gs: int) -> tuple[torch.Tensor, torch.Tensor]:
     """W [out, in] -> [out, n_groups, gs]; X [t, in] -> [t, n_groups, gs] (zero-padded to whole groups)."""
     n = W.shape[1]
-    n_groups = -(-n // gs)
+    n_groups = group_count(n, gs)
     pad = n_groups * gs - n
     Wg = torch.nn.functional.pad(W, (0, pad)).view(W.shape[0], n_groups, gs)
     Xg = torch.nn.functional.pad(X, (0, pad)).view(X.shape[0], n_groups, gs)

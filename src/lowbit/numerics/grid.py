@@ -16,6 +16,11 @@ SCALE_DTYPE = torch.float16
 _MIN_SCALE = 2.0**-24  # the smallest positive float16
 
 
+
+def group_count(columns: int, group_size: int) -> int:
+    """Groups of ``group_size`` consecutive columns covering ``columns`` (a last partial group counts)."""
+    return -(-columns // group_size)
+
 def max_code(bits: int) -> int:
     return (1 << bits) - 1
 

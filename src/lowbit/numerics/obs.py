@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.numerics.grid import fit_scale_zero, round_to_grid
+from lowbit.numerics.grid import fit_scale_zero, group_count, round_to_grid
 from lowbit.numerics.hessian import inverse_hessian, prepare_hessian
 from lowbit.numerics.qweight import QWeight
 from lowbit.numerics.rtn import group_size_for, weight_ranges
@@ -39,7 +39,7 @@ class _Grid:
         self.grouped = spec.granularity == "group" and self.gs < self.n
         self.perm = perm
         self.static = static_groups and self.grouped
-        self.n_groups = -(-self.n // self.gs) if self.grouped else 1
+        self.n_groups = group_count(self.n, self.gs) if self.grouped else 1
         self.scale: list[torch.Tensor | None] = [None] * self.n_groups
         self.zero: list[torch.Tensor | None] = [None] * self.n_groups
         if not self.grouped or self.static:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.numerics.grid import fit_scale_zero, round_to_grid
+from lowbit.numerics.grid import fit_scale_zero, group_count, round_to_grid
 from lowbit.numerics.qweight import QWeight
 from lowbit.methods.base import WeightQuant
 
@@ -20,7 +20,7 @@ def weight_ranges(W: torch.Tensor, spec: WeightQuant) -> tuple[torch.Tensor, tor
         return W.min().reshape(1, 1), W.max().reshape(1, 1)
     out, n = W.shape
     gs = group_size_for(spec, n)
-    n_groups = -(-n // gs)
+    n_groups = group_count(n, gs)
     # zero padding changes no range: asymmetric ranges always include 0, absmax ignores it
     Wg = torch.nn.functional.pad(W, (0, n_groups * gs - n)).view(out, n_groups, gs)  # [out, n_groups, gs]
     return Wg.amin(dim=-1), Wg.amax(dim=-1)

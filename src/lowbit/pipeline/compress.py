@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from lowbit.methods.base import Compression, LinearStats
-from lowbit.pipeline.context import BlockContext
+from lowbit.pipeline.context import BlockContext, shared_inputs
 from lowbit.pipeline.observers import AbsMaxObserver, HessianObserver, InputNormObserver
 from lowbit.pipeline.taps import run_with_taps
 from lowbit.recipe import Recipe
@@ -54,19 +54,6 @@ def _stages(ctx: BlockContext, recipe: Recipe) -> list[list[str]]:
     return [s for s in stages if s]
 
 
-def _shared_inputs(ctx: BlockContext, stage: list[str]) -> list[list[str]]:
-    """``stage`` split into lists of Linears that read the same input: a scale group's Linears (fed by one norm or
-    Linear, by the architecture table) together, every other Linear alone."""
-    lists: list[list[str]] = []
-    assigned: set[str] = set()
-    for group in ctx.arch.groups:
-        together = [p for p in group.linears if p in stage and p not in assigned]
-        if together:
-            lists.append(together)
-            assigned.update(together)
-    return lists + [[p] for p in stage if p not in assigned]
-
-
 def compress_block(ctx: BlockContext, recipe: Recipe) -> dict[str, Compressed]:
     needs = recipe.needs()
     label = recipe.method_label
@@ -74,7 +61,7 @@ def compress_block(ctx: BlockContext, recipe: Recipe) -> dict[str, Compressed]:
     for stage in _stages(ctx, recipe):
         stats: dict[str, _Stats] = {}
         taps: dict[str, list] = {}
-        for paths in _shared_inputs(ctx, stage):
+        for paths in shared_inputs(ctx.arch, ctx.block, stage):
             # Linears fed by one tensor (q/k/v, gate/up) share one set of statistics: X^T X once, not per Linear
             shared = _Stats(
                 HessianObserver(needs.hessian_skip_first) if needs.hessian else None,
@@ -100,19 +87,9 @@ def compress_block(ctx: BlockContext, recipe: Recipe) -> dict[str, Compressed]:
 def calibration_stand_in(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     """What the block computes with until it is finished: a weight-only or pruned module as a plain Linear holding
     its dequantized / dense weight (bit-identical outputs; the later stage passes and the measurement pass would
-    otherwise unpack it on every call). ``finish_block`` puts the packed modules back."""
-    if isinstance(module, SparseLinear):
-        weight = module.dense_weight(dtype)
-    elif type(module) is WeightOnlyLinear:  # its subclasses quantize activations too: they compute themselves
-        weight = module.dequantized_weight(dtype)
-    else:
-        return module
-    linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device=weight.device,
-                       dtype=dtype)
-    linear.weight.data = weight
-    if module.bias is not None:
-        linear.bias.data = module.bias.to(dtype)
-    return linear
+    otherwise unpack it on every call; modules that quantize their inputs compute themselves). ``finish_block`` puts
+    the packed modules back."""
+    return module.calibration_stand_in(dtype)
 
 
 def finish_block(ctx: BlockContext, compressed: dict[str, Compressed]) -> None:

@@ -91,3 +91,19 @@ def resolve_groups(ctx: BlockContext, norms_only: bool = False) -> list[Resolved
             continue
         groups.append(ResolvedGroup(spec, prev, linears, blocker, passengers))  # type: ignore[arg-type]
     return groups
+
+
+def shared_inputs(arch: Arch, block: nn.Module, paths: list[str]) -> list[list[str]]:
+    """``paths`` (Linears of ``block``) split into lists reading the same input: a scale group's Linears (fed by one
+    op, as the architecture entry says) together, every other Linear alone. The one source of this fact for the
+    compression statistics (one Hessian per input) and for inspect (one row per input)."""
+    lists: list[list[str]] = []
+    assigned: set[str] = set()
+    for group in arch.groups:
+        if not arch.applies(group, block):
+            continue
+        together = [p for p in group.linears if p in paths and p not in assigned]
+        if together:
+            lists.append(together)
+            assigned.update(together)
+    return lists + [[p] for p in paths if p not in assigned]

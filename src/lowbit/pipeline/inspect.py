@@ -19,9 +19,8 @@ from lowbit.models.arch import block_linears
 from lowbit.numerics.grid_usage import GridUsage, activation_usage, weight_usage
 from lowbit.numerics.salient import kept_column_errors
 from lowbit.numerics.scales import smoothquant_scales
-from lowbit.pipeline.capture import capture_block_calls
-from lowbit.pipeline.loop import InMemoryStore, LazyStore, check_calibration
-from lowbit.pipeline.memory import release_freed_memory
+from lowbit.pipeline.context import shared_inputs
+from lowbit.pipeline.loop import InMemoryStore, LazyStore, check_calibration, walk_blocks
 from lowbit.pipeline.observers import AbsMaxObserver, MeanAbsObserver, MomentsObserver, TokenSampleObserver
 from lowbit.pipeline.taps import BlockData, run_with_taps
 from lowbit.methods.base import WeightQuant
@@ -152,47 +151,37 @@ def inspect_model(
 ) -> Inspection:
     """Inspect every block over calibration ids [N, L]; ``on_block(i)`` is called after each block (progress)."""
     ids = check_calibration(ids, store.model.config)
-    store.prepare(device)
     inputs: list[ChannelStats] = []
     residual: list[ChannelStats] = []
     input_absmax: dict[str, torch.Tensor] = {}
     input_mean_abs: dict[str, torch.Tensor] = {}
     residual_absmax: list[torch.Tensor] = []
-    try:
-        calls = capture_block_calls(store.model, store.blocks, ids, batch_size, device)
-        store.captured()
-        hidden = calls.hidden
-        for i in range(len(store.blocks)):
-            prefix = f"{store.arch.blocks}.{i}"
-            stream, stream_absmax = residual_stats(i, hidden, settings)
-            residual.append(stream)
-            residual_absmax.append(stream_absmax)
-            block = store.load(i, device)
-            linears = block_linears(block)
-            observers = {
-                path: (AbsMaxObserver(), MeanAbsObserver(), MomentsObserver(), TokenSampleObserver(settings.sample_tokens, seed=i))
-                for path in linears
-            }
-            hidden = run_with_taps(block, BlockData(hidden, calls.calls[i]), {p: list(o) for p, o in observers.items()})
-            readers: dict[str, list[str]] = {}  # first Linear of each distinct input -> every Linear reading it
-            for path, (absmax, *_rest) in observers.items():
-                first = next((p for p in readers if torch.equal(observers[p][0].absmax, absmax.absmax)), None)
-                readers.setdefault(first or path, []).append(path)
-            for path, paths in readers.items():
-                absmax, mean_abs, moments, sample = observers[path]
-                assert absmax.absmax is not None and sample.rows is not None
-                stats = channel_stats(f"{prefix}.{path}", i, absmax.absmax, sample.rows, moments.kurtosis, settings)
-                stats.shared_with = [p.rsplit(".", 1)[-1] for p in paths[1:]]
-                add_linear_stats(stats, {p: linears[p] for p in paths}, mean_abs.mean, sample.rows, absmax.absmax, settings)
-                inputs.append(stats)
-                input_absmax[stats.name] = absmax.absmax.cpu()
-                input_mean_abs[stats.name] = mean_abs.mean.cpu()
-            calls.calls[i] = []
-            store.finish(i, block)
-            release_freed_memory()
-            if on_block is not None:
-                on_block(i)
-    finally:
-        store.close()
+
+    def observe_block(i: int, prefix: str, block: torch.nn.Module, data: BlockData | None) -> None:
+        assert data is not None
+        stream, stream_absmax = residual_stats(i, data.hidden, settings)
+        residual.append(stream)
+        residual_absmax.append(stream_absmax)
+        linears = block_linears(block)
+        observers = {
+            path: (AbsMaxObserver(), MeanAbsObserver(), MomentsObserver(), TokenSampleObserver(settings.sample_tokens, seed=i))
+            for path in linears
+        }
+        data.hidden[:] = run_with_taps(block, data, {p: list(o) for p, o in observers.items()})  # full precision on
+        for paths in shared_inputs(store.arch, block, list(linears)):  # one row per distinct input
+            absmax, mean_abs, moments, sample = observers[paths[0]]
+            assert absmax.absmax is not None and sample.rows is not None
+            stats = channel_stats(f"{prefix}.{paths[0]}", i, absmax.absmax, sample.rows, moments.kurtosis, settings)
+            stats.shared_with = [p.rsplit(".", 1)[-1] for p in paths[1:]]
+            add_linear_stats(stats, {p: linears[p] for p in paths}, mean_abs.mean, sample.rows, absmax.absmax, settings)
+            inputs.append(stats)
+            input_absmax[stats.name] = absmax.absmax.cpu()
+            input_mean_abs[stats.name] = mean_abs.mean.cpu()
+
+    blocks = walk_blocks(store, ids, observe_block, batch_size=batch_size, device=device, progress=False,
+                         desc="inspecting blocks")
+    for i, _, _ in blocks:
+        if on_block is not None:
+            on_block(i)
     calibration = {"n_sequences": int(ids.shape[0]), "seq_len": int(ids.shape[1])}
     return Inspection(settings, calibration, inputs, residual, input_absmax, input_mean_abs, torch.stack(residual_absmax))

@@ -9,8 +9,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -27,11 +27,12 @@ from lowbit.pipeline.context import BlockContext, check_ignore_leaves_work, sele
 from lowbit.pipeline.memory import (
     block_memory_bytes, long_lived_objects_frozen, release_freed_memory, reset_peak_memory,
 )
-from lowbit.pipeline.report import QuantizeReport, block_row
+from lowbit.pipeline.report import BlockRecord, QuantizeReport, block_row
 from lowbit.pipeline.taps import BlockData
 from lowbit.recipe import Recipe
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # sequences whose full-precision block outputs are kept to measure block and Linear errors: 8 x seq_len tokens
 # estimate a relative error well, and each measured batch costs a full-precision block pass and a reference matmul
@@ -148,12 +149,44 @@ def run_blocks(
     report = QuantizeReport(recipe.to_dict(), {**shape, "batch_size": batch_size, "seed": seed})
     artifact: dict[str, torch.Tensor] = {}
     with long_lived_objects_frozen():
-        try:
-            _run(store, recipe, ids, report, artifact, batch_size, device, seed, saved, progress)
-        finally:
-            store.close()
+        _run(store, recipe, ids, report, artifact, batch_size, device, seed, saved, progress)
     report.seconds = time.perf_counter() - start
     return report, artifact
+
+
+def walk_blocks(
+    store: InMemoryStore | LazyStore,
+    ids: torch.Tensor | None,
+    visit: Callable[[int, str, nn.Module, BlockData | None], T],
+    *,
+    batch_size: int,
+    device: torch.device | str,
+    progress: bool,
+    desc: str,
+) -> Iterator[tuple[int, T, int]]:
+    """The one block loop, shared by quantization and inspection: capture what every block is called with (unless
+    ``ids`` is None: a data-free pass), then per block: materialise it, ``visit(index, prefix, block, data)`` (which
+    leaves the block's outputs in ``data.hidden`` for the next block), hand it back to the store (written out and
+    freed, or kept), free what it held. Yields (index, what visit returned, the block's peak memory in bytes); the
+    store is closed however the loop ends."""
+    calls = None
+    try:
+        if ids is not None:
+            store.prepare(device)
+            calls = capture_block_calls(store.model, store.blocks, ids, batch_size, device)
+            store.captured()
+        for i in tqdm(range(len(store.blocks)), desc=desc, unit="block", disable=not progress):
+            block = store.load(i, device)
+            data = None if calls is None else BlockData(calls.hidden, calls.calls[i])
+            reset_peak_memory(device)
+            result = visit(i, f"{store.arch.blocks}.{i}", block, data)
+            if calls is not None:
+                calls.calls[i] = []  # this block's masks and rotary tables are no longer needed
+            store.finish(i, block)
+            release_freed_memory()
+            yield i, result, block_memory_bytes(device)
+    finally:
+        store.close()
 
 
 def _run(
@@ -168,19 +201,13 @@ def _run(
     saved: dict[str, torch.Tensor] | None,
     progress: bool,
 ) -> None:
-    """The block loop proper: capture block 0's inputs (unless data-free), then each block in turn."""
-    if ids is not None:
-        store.prepare(device)
-        calls = capture_block_calls(store.model, store.blocks, ids, batch_size, device)
-        store.captured()
-    n_blocks = len(store.blocks)
-    for i in tqdm(range(n_blocks), desc="quantizing blocks", unit="block", disable=not progress):
-        prefix = f"{store.arch.blocks}.{i}"
-        block = store.load(i, device)
+    """Quantization's visit of each block: transform, compress, measure (or compress only, data-free)."""
+
+    def quantize_block(i: int, prefix: str, block: nn.Module, data: BlockData | None) -> BlockRecord:
         ctx = BlockContext(
             prefix=prefix,
             block=block,
-            data=None if ids is None else BlockData(calls.hidden, calls.calls[i]),
+            data=data,
             arch=store.arch,
             model_type=store.model_type,
             targets=select_targets(block, prefix, recipe.ignore),
@@ -188,17 +215,17 @@ def _run(
             seed=seed + i,
             error_batches=math.ceil(ERROR_SEQUENCES / batch_size),
         )
-        reset_peak_memory(device)
-        if ids is None:
-            record = compress_without_data(ctx, recipe, i)
-        else:
-            with all_tokens_to_all_experts(block):  # every expert calibrated on every token (models/experts.py)
-                record = process_block(ctx, recipe, batch_size, saved, i)
-            record.folds = ctx.folds
-            calls.calls[i] = []  # this block's masks and rotary tables are no longer needed
-        store.finish(i, block)
-        release_freed_memory()
-        record.memory_bytes = block_memory_bytes(device)
+        if data is None:
+            return compress_without_data(ctx, recipe, i)
+        with all_tokens_to_all_experts(block):  # every expert calibrated on every token (models/experts.py)
+            record = process_block(ctx, recipe, batch_size, saved, i)
+        record.folds = ctx.folds
+        return record
+
+    blocks = walk_blocks(store, ids, quantize_block, batch_size=batch_size, device=device, progress=progress,
+                         desc="quantizing blocks")
+    for _, record, memory in blocks:
+        record.memory_bytes = memory
         report.blocks.append(record)
         log.info(block_row(record))
     for line in report.refused_folds():  # once per scale group, not once per block

@@ -12,7 +12,9 @@ from typing import Any
 import torch
 
 from lowbit.numerics.activations import quantize_activations
-from lowbit.runtime.kernels import int8_int8_linear, int8_int8_weights
+from torch import nn
+
+from lowbit.runtime.kernels import int8_int8_weights
 from lowbit.runtime.weight_only import WeightOnlyLinear
 
 
@@ -32,7 +34,6 @@ class ActQuantLinear(WeightOnlyLinear):
         device = self.qweight.device
         self.input_scale: torch.Tensor | None
         self.register_buffer("input_scale", torch.ones((), dtype=torch.float32, device=device) if act_static else None)
-        self._w8a8: tuple[torch.Tensor, torch.Tensor] | None = None  # set by use_kernels(): int8 weight [in, out], scales
 
     def config(self) -> dict[str, Any]:
         return {
@@ -46,19 +47,22 @@ class ActQuantLinear(WeightOnlyLinear):
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         return quantize_activations(x, self.act_bits, self.act_per_token, self.act_symmetric, self.input_scale)
 
-    def use_kernels(self) -> bool:
-        """W8A8 with symmetric INT8 inputs on the int8 x int8 -> int32 kernel (runtime/kernels.py); other grids keep
-        the weight-only kernels on fake-quantized inputs. Returns whether an integer kernel is used."""
+    def fast_module(self) -> nn.Module | None:
+        """W8A8 with symmetric INT8 inputs on the int8 x int8 -> int32 kernel (runtime/kernels.py); other grids
+        the weight-only kernels on fake-quantized inputs; None where neither fits."""
+        from lowbit.runtime.fast import Int8Int8KernelLinear, QuantizedInputs
+
         if self.act_bits == 8 and self.act_symmetric:
-            self._w8a8 = int8_int8_weights(self.unpacked())
-            if self._w8a8 is not None:
-                return True
-        return super().use_kernels()
+            w8a8 = int8_int8_weights(self.unpacked())
+            if w8a8 is not None:
+                return Int8Int8KernelLinear(self, *w8a8)
+        kernel = self.weight_kernel()
+        return QuantizedInputs(self, kernel) if kernel is not None else None
+
+    def calibration_stand_in(self, dtype: torch.dtype) -> nn.Module:
+        return self  # it quantizes its inputs: only it computes what it computes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._w8a8 is not None:
-            out = int8_int8_linear(x, *self._w8a8, self.act_per_token, self.input_scale if self.act_static else None)
-            return out if self.bias is None else out + self.bias
         return super().forward(self.quantize_input(x))
 
     def extra_repr(self) -> str:

@@ -25,6 +25,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from lowbit.numerics.grid import group_count
 from lowbit.numerics.activations import symmetric_activation_codes
 from lowbit.numerics.qweight import QWeight
 
@@ -46,7 +47,7 @@ def int4pack_weights(qweight: QWeight) -> tuple[torch.Tensor, torch.Tensor, int]
     if device == "cuda" and qweight.out_features % 8:  # tinygemm tiles the output in rows of 8
         return None
     gs = qweight.group_size
-    padded = -(-qweight.in_features // gs) * gs
+    padded = group_count(qweight.in_features, gs) * gs
     codes = F.pad(qweight.codes.to(torch.int32), (0, padded - qweight.in_features), value=8)  # [out, padded]
     scale = qweight.scale.float()  # [out, n_groups]
     zero_code = qweight.zero.float() if qweight.zero is not None else torch.full_like(scale, 8.0)

@@ -13,7 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.numerics.activations import quantize_activations
-from lowbit.runtime.kernels import int8_int8_linear, int8_int8_weights
+from torch import nn
+
+from lowbit.runtime.kernels import int8_int8_weights
 from lowbit.runtime.weight_only import WeightOnlyLinear
 
 
@@ -26,26 +28,22 @@ class Int8OutlierLinear(WeightOnlyLinear):
     def __init__(self, *args: Any, threshold: float = 6.0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.threshold = threshold
-        self._w8a8: tuple[torch.Tensor, torch.Tensor] | None = None  # set by use_kernels()
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), "threshold": self.threshold}
 
-    def use_kernels(self) -> bool:
+    def fast_module(self) -> nn.Module | None:
         """The INT8 part on the int8 x int8 -> int32 kernel (runtime/kernels.py), the outlier columns in float."""
-        self._w8a8 = int8_int8_weights(self.unpacked())
-        return self._w8a8 is not None
+        from lowbit.runtime.fast import Int8OutlierKernelLinear
+
+        w8a8 = int8_int8_weights(self.unpacked())
+        return Int8OutlierKernelLinear(self, *w8a8) if w8a8 is not None else None
+
+    def calibration_stand_in(self, dtype: torch.dtype) -> nn.Module:
+        return self  # it quantizes its inputs: only it computes what it computes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         outliers = outlier_columns(x, self.threshold)  # [in]
-        if self._w8a8 is not None:
-            weight_t, weight_scale = self._w8a8  # int8 [in, out], float [out]
-            out = int8_int8_linear(x.masked_fill(outliers, 0.0), weight_t, weight_scale, True, None)
-            columns = outliers.nonzero().flatten()
-            if columns.numel():
-                w_outlier = weight_t[columns].float().T * weight_scale[:, None]  # [out, n_outliers], as dequantized
-                out = out + F.linear(x[..., columns], w_outlier.to(x.dtype))
-            return out if self.bias is None else out + self.bias
         regular = quantize_activations(x.masked_fill(outliers, 0.0), 8, per_token=True, symmetric=True)
         mixed = torch.where(outliers, x, regular)
         return F.linear(mixed, self.dequantized_weight(x.dtype), self.bias)

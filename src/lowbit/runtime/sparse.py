@@ -37,7 +37,6 @@ class SparseLinear(nn.Module):
         self.register_buffer("values", torch.empty(nnz, dtype=dtype, device=device))
         self.bias: torch.Tensor | None
         self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if has_bias else None)
-        self._dense: torch.Tensor | None = None  # set by use_kernels(): W [out, in], not saved
 
     @classmethod
     def from_dense(cls, W: torch.Tensor, bias: torch.Tensor | None) -> SparseLinear:
@@ -62,14 +61,20 @@ class SparseLinear(nn.Module):
         W[keep] = self.values
         return W if dtype is None else W.to(dtype)
 
-    def use_kernels(self) -> bool:
-        """Keep the dense weight instead of scattering it on every call (bit-identical outputs). Returns True."""
-        self._dense = self.dense_weight()
-        return True
+    def fast_module(self) -> nn.Module:
+        """The dense weight kept instead of scattered on every call (bit-identical outputs, more memory)."""
+        from lowbit.runtime.fast import DenseKernelLinear
+
+        return DenseKernelLinear(self, self.dense_weight())
+
+    def calibration_stand_in(self, dtype: torch.dtype) -> nn.Module:
+        """A plain Linear holding the dense weight (bit-identical outputs) until the block is finished."""
+        from lowbit.runtime.weight_only import _linear
+
+        return _linear(self.dense_weight(dtype), self.bias, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self._dense if self._dense is not None and self._dense.dtype == x.dtype else self.dense_weight(x.dtype)
-        return F.linear(x, weight, self.bias)
+        return F.linear(x, self.dense_weight(x.dtype), self.bias)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, kept={self.nnz / (self.in_features * self.out_features):.1%}"

@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowbit.numerics.grid import group_count
 from lowbit.numerics.packing import packed_length
 from lowbit.numerics.qweight import QWeight
-from lowbit.runtime.kernels import INT8_MAX_TOKENS, int4pack_linear, int4pack_weights, int8pack_linear, int8pack_weights
+from lowbit.runtime.kernels import int4pack_weights, int8pack_weights
 
 
 class WeightOnlyLinear(nn.Module):
@@ -37,7 +38,7 @@ class WeightOnlyLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
         self.per_tensor, self.has_g_idx = per_tensor, has_g_idx
-        n_groups = -(-in_features // group_size)
+        n_groups = group_count(in_features, group_size)
         rows = 1 if per_tensor else out_features
         self.register_buffer("qweight", torch.empty(out_features, packed_length(in_features, bits), dtype=torch.uint8, device=device))
         self.register_buffer("scales", torch.empty(rows, n_groups, dtype=torch.float16, device=device))
@@ -47,9 +48,6 @@ class WeightOnlyLinear(nn.Module):
         self.register_buffer("qzeros", None if symmetric else torch.empty(rows, packed_length(n_groups, bits), dtype=torch.uint8, device=device))
         self.register_buffer("g_idx", torch.empty(in_features, dtype=torch.int32, device=device) if has_g_idx else None)
         self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if has_bias else None)
-        # set by use_kernels(): the same weights laid out for PyTorch's int4 / int8 CPU kernels (not saved)
-        self._int4: tuple[torch.Tensor, torch.Tensor, int] | None = None
-        self._int8: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def from_qweight(cls, qweight: QWeight, bias: torch.Tensor | None, **extra: Any) -> WeightOnlyLinear:
@@ -97,24 +95,39 @@ class WeightOnlyLinear(nn.Module):
         """W_hat [out, in], bit-identical to the fake-quant weight the block loop evaluated."""
         return self.unpacked().dequantize(dtype)
 
-    def use_kernels(self) -> bool:
-        """Compute with PyTorch's low-bit kernels where this grid fits one on this module's device
-        (runtime/kernels.py): reduced precision, much faster decoding. Returns whether it switched."""
+    def weight_kernel(self) -> nn.Module | None:
+        """This module's weights on PyTorch's int4 / int8 kernel where the grid fits one on this device
+        (runtime/kernels.py: reduced precision, much faster decoding), else None."""
+        from lowbit.runtime.fast import Int4KernelLinear, Int8KernelLinear
+
         qweight = self.unpacked()
-        self._int4 = int4pack_weights(qweight)
+        int4 = int4pack_weights(qweight)
+        if int4 is not None:
+            return Int4KernelLinear(self, *int4)
         on_cpu = qweight.codes.device.type == "cpu"  # _weight_int8pack_mm has no CUDA form
-        self._int8 = int8pack_weights(qweight) if self._int4 is None and on_cpu else None
-        return self._int4 is not None or self._int8 is not None
+        int8 = int8pack_weights(qweight) if on_cpu else None
+        return Int8KernelLinear(self, *int8) if int8 is not None else None
+
+    def fast_module(self) -> nn.Module | None:
+        """The fast backend's module for this one (runtime/fast.py), or None where no kernel fits."""
+        return self.weight_kernel()
+
+    def calibration_stand_in(self, dtype: torch.dtype) -> nn.Module:
+        """What the block computes with until it is finished: a plain Linear holding the dequantized weight
+        (bit-identical outputs; the later stage passes would otherwise unpack it on every call)."""
+        return _linear(self.dequantized_weight(dtype), self.bias, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._int4 is not None:
-            out = int4pack_linear(x, self._int4[0], self._int4[1], self.group_size, self._int4[2])
-            return out if self.bias is None else out + self.bias
-        if self._int8 is not None and x.numel() <= INT8_MAX_TOKENS * self.in_features:
-            out = int8pack_linear(x, *self._int8)
-            return out if self.bias is None else out + self.bias
         return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
 
     def extra_repr(self) -> str:
         grid = "per-tensor" if self.per_tensor else f"group_size={self.group_size}"
         return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, {grid}, sym={self.symmetric}"
+
+
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> nn.Linear:
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=dtype)
+    linear.weight.data = weight
+    if bias is not None:
+        linear.bias.data = bias.to(dtype)
+    return linear

@@ -1,0 +1,36 @@
+"""`lowbit eval`: perplexity on held-out text, bytes on disk and in memory, and load time of one model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from lowbit.cli.common import DTYPES, add_eval_options, add_model_options, console, parse_device
+from lowbit.evaluation.evaluate import evaluate
+from lowbit.evaluation.units import mib
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    e = sub.add_parser("eval", help="perplexity, bytes on disk and load time of a model or lowbit output")
+    e.add_argument("model", help="HF folder, .gguf file, lowbit output directory, or 'smollm2-135m'")
+    e.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_model_options(e)
+    add_eval_options(e)
+    e.set_defaults(func=run_eval)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    ev = evaluate(
+        args.model, args.data, args.window, args.max_windows or None, DTYPES[args.dtype], parse_device(args.device),
+        progress=not args.json,
+    )
+    if args.json:
+        print(json.dumps({"model": args.model, **ev.summary()}, indent=2))
+        return 0
+    p = ev.perplexity
+    console.print(
+        f"[bold]{args.model}[/bold]: perplexity {p.perplexity:.3f} (GPTQ protocol: {p.windows} non-overlapping "
+        f"windows of {p.seq_len} tokens, {p.tokens} predicted tokens), {mib(ev.disk_bytes)} parameters on disk, "
+        f"{mib(ev.memory_bytes)} in memory, loaded in {ev.load_seconds:.2f}s, evaluated in {p.seconds:.1f}s"
+    )
+    return 0

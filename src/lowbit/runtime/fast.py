@@ -1,0 +1,128 @@
+"""The fast backend's modules: one per kernel, each with one forward, built from an exact runtime module by its
+``fast_module()`` when ``lowbit.load(..., backend="fast")`` swaps them in.
+
+Each holds its kernel's weight layout as buffers (they follow ``.to()``, unlike the plain attributes they replace)
+and keeps the exact module as ``exact`` (its packed weights stay the model's stored form: ``unpacked()``,
+``config()`` and exports read them; the kernels' layouts are not saved). runtime/kernels.py says what each kernel
+computes and where it exists.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowbit.runtime.kernels import INT8_MAX_TOKENS, int4pack_linear, int8_int8_linear, int8pack_linear
+
+
+def _bias(out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return out if bias is None else out + bias
+
+
+class KernelModule(nn.Module):
+    """An exact runtime module (``exact``) plus its weights in a kernel's layout, as buffers that follow ``.to()``
+    and stay out of the state dict."""
+
+    def __init__(self, exact: nn.Module, **layout: torch.Tensor) -> None:
+        super().__init__()
+        self.exact = exact
+        for name, tensor in layout.items():
+            self.register_buffer(name, tensor, persistent=False)
+
+
+class Int4KernelLinear(KernelModule):
+    """A weight-only W4 group-quantized Linear on PyTorch's int4 tinygemm kernel (CPU or CUDA)."""
+
+    def __init__(self, exact: nn.Module, packed: torch.Tensor, scales_and_zeros: torch.Tensor, padded_in: int) -> None:
+        # packed: the kernel's int4 tile layout; scales_and_zeros: bfloat16 [groups, out, 2]
+        super().__init__(exact, packed=packed, scales_and_zeros=scales_and_zeros)
+        self.padded_in = padded_in  # in_features rounded up to whole groups (the kernel's k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # a model.to(dtype) casts float buffers: the kernel takes bfloat16 scales whatever the model's dtype
+        scales = self.scales_and_zeros.to(torch.bfloat16)
+        out = int4pack_linear(x, self.packed, scales, self.exact.group_size, self.padded_in)
+        return _bias(out, self.exact.bias)
+
+
+class Int8KernelLinear(KernelModule):
+    """A weight-only W8 per-channel Linear: decode-sized inputs (at most INT8_MAX_TOKENS tokens) on
+    ``_weight_int8pack_mm`` (CPU), larger ones through the exact module (the kernel is slower there)."""
+
+    def __init__(self, exact: nn.Module, weight: torch.Tensor, scales: torch.Tensor) -> None:
+        super().__init__(exact, weight=weight, scales=scales)  # int8 [out, in], float32 [out]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() > INT8_MAX_TOKENS * self.exact.in_features:
+            return self.exact(x)
+        return _bias(int8pack_linear(x, self.weight, self.scales.float()), self.exact.bias)
+
+
+class Int8Int8KernelLinear(KernelModule):
+    """W8A8 with symmetric INT8 inputs on int8 x int8 -> int32 (``torch._int_mm``): the integer product is exact,
+    then the per-token (or static per-tensor) input scale and the per-channel weight scale."""
+
+    def __init__(self, exact: nn.Module, weight_t: torch.Tensor, weight_scale: torch.Tensor) -> None:
+        super().__init__(exact, weight_t=weight_t, weight_scale=weight_scale)  # int8 [in, out], float32 [out]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        static = self.exact.input_scale if self.exact.act_static else None
+        out = int8_int8_linear(x, self.weight_t, self.weight_scale.float(), self.exact.act_per_token, static)
+        return _bias(out, self.exact.bias)
+
+
+class QuantizedInputs(nn.Module):
+    """Inputs fake-quantized as the exact module does, then a weight-only kernel (an activation grid with no
+    integer kernel: W4A8, asymmetric inputs)."""
+
+    def __init__(self, exact: nn.Module, kernel: nn.Module) -> None:
+        super().__init__()
+        self.exact = exact
+        self.kernel = kernel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.kernel(self.exact.quantize_input(x))
+
+
+class Int8OutlierKernelLinear(KernelModule):
+    """LLM.int8(): the INT8 columns on ``torch._int_mm``, the outlier columns of this call in float."""
+
+    def __init__(self, exact: nn.Module, weight_t: torch.Tensor, weight_scale: torch.Tensor) -> None:
+        super().__init__(exact, weight_t=weight_t, weight_scale=weight_scale)  # int8 [in, out], float32 [out]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from lowbit.runtime.llm_int8 import outlier_columns
+
+        outliers = outlier_columns(x, self.exact.threshold)  # [in]
+        weight_scale = self.weight_scale.float()
+        out = int8_int8_linear(x.masked_fill(outliers, 0.0), self.weight_t, weight_scale, True, None)
+        columns = outliers.nonzero().flatten()
+        if columns.numel():
+            w_outlier = self.weight_t[columns].float().T * weight_scale[:, None]  # [out, n_outliers], dequantized
+            out = out + F.linear(x[..., columns], w_outlier.to(x.dtype))
+        return _bias(out, self.exact.bias)
+
+
+class DenseKernelLinear(KernelModule):
+    """A pruned Linear with its dense weight materialised once (no CPU kernel gains from 2:4 sparsity: float speed
+    for more memory)."""
+
+    def __init__(self, exact: nn.Module, weight: torch.Tensor) -> None:
+        super().__init__(exact, weight=weight)  # [out, in]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
+        return F.linear(x, weight, self.exact.bias)
+
+
+def to_fast(model: nn.Module) -> int:
+    """Swap every runtime module of ``model`` that has a kernel on its device for its fast module; returns how many."""
+    switched = 0
+    for name, module in list(model.named_modules()):
+        make = getattr(module, "fast_module", None)
+        fast = make() if callable(make) else None
+        if fast is not None:
+            model.set_submodule(name, fast)
+            switched += 1
+    return switched

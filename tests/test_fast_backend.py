@@ -1,0 +1,53 @@
+"""The fast backend's modules (runtime/fast.py): one per kernel, swapped in at load, their weight layouts buffers
+that follow the model (the old plain attributes stayed behind on .to()), nothing of them saved."""
+
+from __future__ import annotations
+
+import torch
+
+import lowbit
+from lowbit.recipe import GPTQ, RTN, ActQuant, Prune, WeightQuant
+from lowbit.runtime.fast import DenseKernelLinear, Int4KernelLinear, Int8Int8KernelLinear, Int8KernelLinear
+from lowbit.runtime.weight_only import WeightOnlyLinear
+from toy import byte_tokenizer, calibration, toy_model
+
+IDS = calibration(n=2, length=12, seed=4)
+
+
+def _saved(tmp_path, recipe, name):
+    model = lowbit.quantize(toy_model("llama", biases=False), recipe, calibration(), batch_size=4)
+    lowbit.save(model, tmp_path / name, tokenizer=byte_tokenizer())
+    with torch.no_grad():
+        return tmp_path / name, model(IDS).logits
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_each_grid_gets_its_kernel_module_and_agrees_with_the_exact_model(tmp_path):
+    cases = {
+        "w4": ((GPTQ(WeightQuant(4, True, "group", 32)),), Int4KernelLinear, 2e-2),
+        "w8": ((RTN(WeightQuant(8, True, "channel")),), Int8KernelLinear, 1e-3),
+        "w8a8": ((RTN(WeightQuant(8, True, "channel")), ActQuant(8, "token")), Int8Int8KernelLinear, 1e-4),
+        "pruned": ((Prune("magnitude", 0.5),), DenseKernelLinear, 0.0),
+    }
+    for name, (recipe, kernel, tolerance) in cases.items():
+        folder, exact_logits = _saved(tmp_path, recipe, name)
+        fast = lowbit.load(folder, backend="fast")
+        kernels = [m for m in fast.modules() if isinstance(m, kernel)]
+        assert kernels, name
+        with torch.no_grad():
+            assert relative(fast(IDS).logits, exact_logits) <= tolerance, name
+        assert not any(k.startswith(("packed", "scales_and_zeros", "weight_t")) or ".packed" in k
+                       for k in fast.state_dict()), name  # the kernels' layouts are never saved
+
+
+def test_kernel_layouts_follow_the_model_to_another_dtype(tmp_path):
+    """A bfloat16 model made from a fast-loaded float32 one: the layouts move with it (buffers) and still compute."""
+    folder, exact_logits = _saved(tmp_path, (GPTQ(WeightQuant(4, True, "group", 32)),), "w4")
+    fast = lowbit.load(folder, backend="fast")
+    kernel = next(m for m in fast.modules() if isinstance(m, Int4KernelLinear))
+    assert "packed" in dict(kernel.named_buffers()) and isinstance(kernel.exact, WeightOnlyLinear)
+    with torch.no_grad():
+        assert relative(fast.to(torch.bfloat16)(IDS).logits.float(), exact_logits) < 5e-2
