@@ -51,3 +51,13 @@ def test_kernel_layouts_follow_the_model_to_another_dtype(tmp_path):
     assert "packed" in dict(kernel.named_buffers()) and isinstance(kernel.exact, WeightOnlyLinear)
     with torch.no_grad():
         assert relative(fast.to(torch.bfloat16)(IDS).logits.float(), exact_logits) < 5e-2
+
+
+def test_a_fast_loaded_model_saves_its_stored_form(tmp_path):
+    """lowbit.save of a fast-loaded model writes the packed modules, not the kernel wrappers: it loads back."""
+    folder, exact_logits = _saved(tmp_path, (GPTQ(WeightQuant(4, True, "group", 32)),), "w4")
+    fast = lowbit.load(folder, backend="fast")
+    lowbit.save(fast, tmp_path / "again", tokenizer=byte_tokenizer())
+    assert any(isinstance(m, Int4KernelLinear) for m in fast.modules())  # the fast modules are back afterwards
+    with torch.no_grad():
+        assert torch.equal(lowbit.load(tmp_path / "again")(IDS).logits, exact_logits)

@@ -208,3 +208,31 @@ def test_compressed_tensors_export_holds_every_expert_under_the_hub_names(tmp_pa
             weight = PackedQuantizationCompressor.decompress(local, scheme)["weight"]
             assert torch.equal(weight.float(), getattr(experts.expert(e), proj).dequantized_weight())
     assert state["model.layers.1.block_sparse_moe.gate.weight"].shape == (4, 64)
+
+
+def test_an_expert_overflowing_on_a_token_it_is_not_routed_contributes_nothing():
+    """Calibration runs every expert on every token; where an expert overflows on a token the router did not send
+    it (inf * routing weight 0 = NaN), that token's output is still the routed experts' sum."""
+    model = toy_model("mixtral")
+    unfuse_experts(model)
+    experts = model.model.layers[0].mlp.experts
+    hidden = torch.randn(6, 64)
+    index = torch.tensor([[0, 1]] * 6)
+    weights = torch.full((6, 2), 0.5)
+    with torch.no_grad():
+        experts.expert(3).down_proj.weight.fill_(float("inf"))  # expert 3 is never routed here
+        routed = experts(hidden, index, weights)
+        with all_tokens_to_all_experts(model):
+            dense = experts(hidden, index, weights)
+    assert torch.isfinite(dense).all() and torch.allclose(dense, routed, atol=1e-6)
+
+
+def test_inspect_sees_every_expert_and_one_row_per_input():
+    from lowbit.pipeline.inspect import inspect_model
+    from lowbit.pipeline.loop import InMemoryStore
+
+    inspection = inspect_model(InMemoryStore(toy_model("mixtral")), calibration()[:1, :3], batch_size=1)
+    names = [s.name for s in inspection.inputs if s.block == 0]
+    assert names == ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.o_proj",
+                     "model.layers.0.mlp.experts.0.gate_proj",
+                     *(f"model.layers.0.mlp.experts.{e}.down_proj" for e in range(4))]

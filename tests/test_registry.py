@@ -82,3 +82,26 @@ def test_a_kind_cannot_be_registered_twice():
 
     with pytest.raises(LowbitError, match="already registered"):
         registry.register(Impostor)
+
+
+def test_pruning_runs_before_rounding_in_either_listed_order():
+    """SparseGPT and GPTQ share the rounding stage: listed either way, the weights are pruned, then rounded."""
+    from lowbit.recipe import GPTQ, SparseGPT
+    from lowbit.runtime.weight_only import WeightOnlyLinear
+
+    grid = WeightQuant(4, True, "group", 32)
+    for steps in ((SparseGPT(), GPTQ(grid)), (GPTQ(grid), SparseGPT())):
+        model = lowbit.quantize(toy_model("llama"), steps, calibration(), batch_size=4)
+        linear = model.model.layers[0].mlp.down_proj
+        assert isinstance(linear, WeightOnlyLinear)  # rounded, not left a float sparse matrix
+        assert (linear.dequantized_weight() == 0).float().mean() >= 0.5  # and pruned
+
+
+def test_a_stored_recipe_loads_under_rules_added_later():
+    """An output's recipe was checked when it was written; a composition rule added since (AWQ's grid must be the
+    rounding grid) refuses new recipes but never makes an existing output unloadable."""
+    stored = {"steps": [{"type": "awq", "bits": 4, "group_size": 32},
+                        {"type": "gptq", "bits": 4, "symmetric": True, "group_size": 32}]}
+    with pytest.raises(LowbitError, match="one grid per recipe"):
+        Recipe.from_dict(stored)
+    assert Recipe.from_dict(stored, stored=True).method_label == "awq + gptq W4 sym g32"

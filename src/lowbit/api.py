@@ -27,7 +27,7 @@ from lowbit.pipeline.memory import release_freed_memory
 from lowbit.pipeline.report import QuantizeReport
 from lowbit.recipe import Recipe, Step
 from lowbit.runtime.registry import build_empty
-from lowbit.runtime.fast import to_fast
+from lowbit.runtime.fast import exact_modules, to_fast
 
 log = logging.getLogger(__name__)
 BACKENDS = ("exact", "fast")
@@ -92,6 +92,11 @@ def save(model: nn.Module, folder: str | Path, *, tokenizer=None, overwrite: boo
     if info is None:
         raise LowbitError("save() takes a model returned by lowbit.quantize() or lowbit.load()")
     folder = Path(folder)
+    with exact_modules(model):  # a fast-loaded model saves its stored form, never a kernel's layout
+        return _save(model, info, folder, tokenizer, overwrite)
+
+
+def _save(model: nn.Module, info: LowbitInfo, folder: Path, tokenizer, overwrite: bool) -> Path:  # noqa: ANN001
     store = InMemoryStore(model)
     blocks = store.arch.blocks
     skip = output_embedding_key(model) if ties_embeddings(model.config) else None
@@ -195,7 +200,7 @@ def read_lowbit_config(folder: Path) -> dict:
         raise LowbitError(f"{path}: dtype {config['dtype']!r} is not a float dtype lowbit loads (float16, bfloat16, "
                           f"float32, float64); {CONFIG_FIX}")
     try:
-        Recipe.from_dict(config["recipe"])
+        Recipe.from_dict(config["recipe"], stored=True)
     except LowbitError as exc:
         raise LowbitError(f"{path}: {exc}") from None
     owners = {key.rpartition(".")[0] for key in CheckpointReader(folder).keys()}
@@ -246,7 +251,7 @@ def load(
         # the kernels' layouts were built from unpacked temporaries (one byte per code); glibc keeps such freed
         # heap memory resident until trimmed (`lowbit bench` reports the RSS growth at load that results)
         release_freed_memory()
-    model.lowbit_info = LowbitInfo(Recipe.from_dict(config["recipe"]))
+    model.lowbit_info = LowbitInfo(Recipe.from_dict(config["recipe"], stored=True))
     return model
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +66,9 @@ class Recipe:
     steps: tuple[Step, ...]
     ignore: tuple[str, ...] = ("lm_head",)
     name: str = "custom"
+    # a recipe read back from an output or a report: it was checked when it was made, by the rules of that time;
+    # the steps' composition rules (which later versions may tighten) are not applied to it again
+    stored: bool = field(default=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         check_fields(self, "recipe", RECIPE_FIX)  # before the tuples are made: "lm_head" is not a list of patterns
@@ -88,8 +91,9 @@ class Recipe:
             len(transforms) <= 1,
             f"use one equivalence transform per recipe, got {[s.kind for s in transforms]}",
         )
-        for step in self.steps:
-            step.check_recipe(self)
+        if not self.stored:
+            for step in self.steps:
+                step.check_recipe(self)
 
     @property
     def transform(self) -> Step | None:
@@ -100,10 +104,12 @@ class Recipe:
     def effective_steps(self) -> tuple[Step, ...]:
         """The steps as they run: with the rounding a transform implies when no step rounds (AWQ alone rounds with
         RTN on its grid), in stage order."""
-        if any(s.rounds for s in self.steps):
-            return self.steps
-        implied = [r for r in (s.implied_rounding() for s in self.steps) if r is not None]
-        return tuple(sorted((*self.steps, *implied[:1]), key=lambda s: s.stage))
+        implied = [] if any(s.rounds for s in self.steps) else [
+            r for r in (s.implied_rounding() for s in self.steps) if r is not None
+        ][:1]
+        # within a stage, pruning first: SparseGPT and GPTQ share the rounding stage, and GPTQ must round the pruned
+        # weights keeping SparseGPT's mask, whichever order the recipe lists them in
+        return tuple(sorted((*self.steps, *implied), key=lambda s: (s.stage, not s.prunes)))
 
     @property
     def weight_step(self) -> Step | None:
@@ -150,7 +156,8 @@ class Recipe:
         """This recipe with its SmoothQuant/AWQ step re-applying the scales (and clips) saved in ``path`` (an earlier
         output directory, or its transforms.safetensors) instead of searching them again."""
         step = self.transform
-        _check(step is not None, "re-applying saved transforms needs a recipe with a smoothquant or awq step",
+        _check(step is not None and hasattr(step, "artifact"),
+               "re-applying saved transforms needs a recipe with a smoothquant or awq step",
                "drop --transforms or pick such a recipe")
         steps = tuple(dataclasses.replace(s, artifact=path) if s is step else s for s in self.steps)
         return dataclasses.replace(self, steps=steps)
@@ -174,8 +181,9 @@ class Recipe:
         return json.dumps(self.to_dict(), indent=2)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Recipe:
-        """A recipe from decoded JSON: an object with a 'steps' list of step objects, optional 'ignore' and 'name'."""
+    def from_dict(cls, data: dict[str, Any], stored: bool = False) -> Recipe:
+        """A recipe from decoded JSON: an object with a 'steps' list of step objects, optional 'ignore' and 'name'.
+        ``stored``: read back from an output or a report (see the field)."""
         check_value(data, dict[str, Any], "recipe", RECIPE_FIX)
         unknown = sorted(set(data) - set(_RECIPE_KEYS))
         if unknown:
@@ -187,6 +195,7 @@ class Recipe:
             steps=tuple(step_from_dict(s) for s in data["steps"]),
             ignore=data.get("ignore", ("lm_head",)),
             name=data.get("name", "custom"),
+            stored=stored,
         )
 
     @classmethod

@@ -213,7 +213,7 @@ def compare(
             source = None if args.no_reuse_transforms or step is None else searched.get(step)
             row = earlier.get(name)
             # compare parsed recipes, so a field added since (with its default) does not invalidate a measured row
-            if row is None or row.get("config") is None or Recipe.from_dict(row["config"]) != recipe:
+            if row is None or row.get("config") is None or Recipe.from_dict(row["config"], stored=True) != recipe:
                 console.print(f"[bold]{name}[/bold]: quantizing" + (f" (re-using {source}'s scales)" if source else ""))
                 summary = quantize_in_child(args, spec, out / name, out / source if source else None)
                 row = {

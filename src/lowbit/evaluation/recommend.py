@@ -13,7 +13,7 @@ BUDGETS = (0.01, 0.05, 0.25)  # perplexity increase relative to fp for "smallest
 
 
 def _recipe(row: dict[str, Any]) -> Recipe | None:
-    return None if row.get("config") is None else Recipe.from_dict(row["config"])
+    return None if row.get("config") is None else Recipe.from_dict(row["config"], stored=True)
 
 
 def family(row: dict[str, Any]) -> str:

@@ -23,6 +23,14 @@ from lowbit.pipeline.taps import replay, run_with_taps
 from lowbit.pipeline.transforms import AWQ_CLIP_KEY, AWQ_SCALE_KEY, fold_proven, saved_tensor
 
 
+def same_grid(a: WeightQuant, b: WeightQuant) -> bool:
+    """Whether two grids round alike (a group size is irrelevant unless the granularity is per-group)."""
+    def key(w: WeightQuant) -> tuple:
+        return w.bits, w.symmetric, w.granularity, w.group_size if w.granularity == "group" else None
+
+    return key(a) == key(b)
+
+
 @dataclass(frozen=True)
 class AWQ(Step):
     """Per-channel mean|x|, grid search of s = mean|x|^a / sqrt(max min) over a in [0, 1) against the inspected
@@ -54,7 +62,7 @@ class AWQ(Step):
             # AWQ searches its scales and clips on its own grid: rounding on another one would apply g128 clips
             # to a g32 rounding, a search result for weights that are never produced
             check(
-                self.weights == rounding.grid,
+                same_grid(self.weights, rounding.grid),
                 f"awq searches on {self.weights.label} but {rounding.kind} rounds on {rounding.grid.label}: one grid "
                 "per recipe",
                 "give awq the same weights as the rounding step",

@@ -91,9 +91,7 @@ def checkpoint_locations(
     """Model tensor name -> where the checkpoint holds it, for every checkpoint key the conversion rules of
     ``model_type`` rename or split (keys stored under the model's own names need no entry). ``experts`` are the
     model's RoutedExperts by path; ``prefix`` the base-model prefix some checkpoints omit."""
-    rules = _rules(model_type)
-    if not rules:
-        return {}
+    rules = _rules(model_type)  # none for a type whose checkpoints use the model's names (stacks are still sliced)
     located: dict[str, Location] = {}
     for key in keys:
         name = _renamed(key, rules)

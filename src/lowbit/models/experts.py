@@ -134,7 +134,9 @@ class RoutedExperts(nn.Module):
             # a token's output sums only its routed experts, weighted as the router chose
             for e in range(self.num_experts):
                 weight = (top_k_weights * (top_k_index == e)).sum(dim=-1, keepdim=True)  # [T, 1]
-                out = out + (self._expert_forward(e, hidden_states) * weight).to(out.dtype)
+                y = self._expert_forward(e, hidden_states) * weight
+                # a token not routed here contributes exactly 0, even where the expert overflows on it (inf * 0)
+                out = out + torch.where(weight != 0, y, torch.zeros((), dtype=y.dtype, device=y.device)).to(out.dtype)
             return out
         for e in range(self.num_experts):
             token, slot = torch.where(top_k_index == e)  # the tokens routed to e, and which of their k picks it is
@@ -242,6 +244,7 @@ def _probe_copy(fused: nn.Module, n_experts: int, hidden: int, intermediate: int
             child = child.to_empty(device="cpu")
             for p in child.parameters():
                 nn.init.normal_(p, 1.0, 0.1)
+        child = child.to("cpu")  # the probe runs on the CPU whatever device the model is on
         probe._modules[name] = child
     return probe.float()
 

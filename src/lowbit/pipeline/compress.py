@@ -89,7 +89,8 @@ def calibration_stand_in(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     its dequantized / dense weight (bit-identical outputs; the later stage passes and the measurement pass would
     otherwise unpack it on every call; modules that quantize their inputs compute themselves). ``finish_block`` puts
     the packed modules back."""
-    return module.calibration_stand_in(dtype)
+    stand_in = getattr(module, "calibration_stand_in", None)  # a registered method's own module may not have one
+    return stand_in(dtype) if callable(stand_in) else module
 
 
 def finish_block(ctx: BlockContext, compressed: dict[str, Compressed]) -> None:

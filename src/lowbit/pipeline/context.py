@@ -37,8 +37,8 @@ class ResolvedGroup:
     spec: ScaleGroup
     prev: nn.Module
     linears: list[nn.Linear]
-    blocker: str = ""
-    passengers: list[nn.Module] = field(default_factory=list)  # float modules reading the same input (routers)  # why this group cannot be folded at all (e.g. a norm without a weight); "" when it can
+    blocker: str = ""  # why this group cannot be folded at all (e.g. a norm without a weight); "" when it can
+    passengers: list[nn.Module] = field(default_factory=list)  # float modules reading the same input (routers)
 
     @property
     def inspect_path(self) -> str:
@@ -94,16 +94,36 @@ def resolve_groups(ctx: BlockContext, norms_only: bool = False) -> list[Resolved
 
 
 def shared_inputs(arch: Arch, block: nn.Module, paths: list[str]) -> list[list[str]]:
-    """``paths`` (Linears of ``block``) split into lists reading the same input: a scale group's Linears (fed by one
-    op, as the architecture entry says) together, every other Linear alone. The one source of this fact for the
-    compression statistics (one Hessian per input) and for inspect (one row per input)."""
+    """``paths`` (Linears of ``block``) split into lists reading the same input, in block order: a scale group's
+    Linears (fed by one op) together, then the Linears of one true-sequential stage (a stage is the Linears called
+    on one input; a merged stage of different experts' down projections is not), every other Linear alone. The one
+    source of this fact for the compression statistics (one Hessian per input) and for inspect (one row per input)."""
+    from lowbit.models.experts import RoutedExperts
+
+    def expert_of(path: str) -> str | None:  # "mlp.experts.3" for a Linear inside routed expert 3
+        owner = path.rpartition(".")[0]  # "mlp.experts.3"
+        parent = owner.rpartition(".")[0]  # "mlp.experts"
+        try:
+            return owner if isinstance(block.get_submodule(parent), RoutedExperts) else None
+        except AttributeError:
+            return None
+
     lists: list[list[str]] = []
     assigned: set[str] = set()
-    for group in arch.groups:
-        if not arch.applies(group, block):
-            continue
-        together = [p for p in group.linears if p in paths and p not in assigned]
+
+    def take(candidates: list[str]) -> None:
+        together = [p for p in candidates if p in paths and p not in assigned]
         if together:
             lists.append(together)
             assigned.update(together)
-    return lists + [[p] for p in paths if p not in assigned]
+
+    for group in arch.groups:
+        if arch.applies(group, block):
+            take(list(group.linears))
+    for stage in arch.sequential:
+        experts = {expert_of(p) for p in stage}
+        if len(experts) > 1 and None not in experts:  # one Linear per expert: each reads its own expert's input
+            continue
+        take(list(stage))
+    lists += [[p] for p in paths if p not in assigned]
+    return sorted(lists, key=lambda paths_: min(paths.index(p) for p in paths_))

@@ -19,6 +19,7 @@ from lowbit.models.arch import block_linears
 from lowbit.numerics.grid_usage import GridUsage, activation_usage, weight_usage
 from lowbit.numerics.salient import kept_column_errors
 from lowbit.numerics.scales import smoothquant_scales
+from lowbit.models.experts import all_tokens_to_all_experts
 from lowbit.pipeline.context import shared_inputs
 from lowbit.pipeline.loop import InMemoryStore, LazyStore, check_calibration, walk_blocks
 from lowbit.pipeline.observers import AbsMaxObserver, MeanAbsObserver, MomentsObserver, TokenSampleObserver
@@ -167,7 +168,10 @@ def inspect_model(
             path: (AbsMaxObserver(), MeanAbsObserver(), MomentsObserver(), TokenSampleObserver(settings.sample_tokens, seed=i))
             for path in linears
         }
-        data.hidden[:] = run_with_taps(block, data, {p: list(o) for p, o in observers.items()})  # full precision on
+        # every expert sees every token, as when quantizing (models/experts.py); the block's outputs stay the routed
+        # ones and, unquantized, are the next block's inputs
+        with all_tokens_to_all_experts(block):
+            data.hidden[:] = run_with_taps(block, data, {p: list(o) for p, o in observers.items()})
         for paths in shared_inputs(store.arch, block, list(linears)):  # one row per distinct input
             absmax, mean_abs, moments, sample = observers[paths[0]]
             assert absmax.absmax is not None and sample.rows is not None
@@ -180,8 +184,11 @@ def inspect_model(
 
     blocks = walk_blocks(store, ids, observe_block, batch_size=batch_size, device=device, progress=False,
                          desc="inspecting blocks")
-    for i, _, _ in blocks:
-        if on_block is not None:
-            on_block(i)
+    try:
+        for i, _, _ in blocks:
+            if on_block is not None:
+                on_block(i)
+    finally:
+        blocks.close()  # the store is closed now, not when the generator is collected
     calibration = {"n_sequences": int(ids.shape[0]), "seq_len": int(ids.shape[1])}
     return Inspection(settings, calibration, inputs, residual, input_absmax, input_mean_abs, torch.stack(residual_absmax))

@@ -224,9 +224,12 @@ def _run(
 
     blocks = walk_blocks(store, ids, quantize_block, batch_size=batch_size, device=device, progress=progress,
                          desc="quantizing blocks")
-    for _, record, memory in blocks:
-        record.memory_bytes = memory
-        report.blocks.append(record)
-        log.info(block_row(record))
+    try:
+        for _, record, memory in blocks:
+            record.memory_bytes = memory
+            report.blocks.append(record)
+            log.info(block_row(record))
+    finally:
+        blocks.close()  # the store is closed now, not when the generator is collected
     for line in report.refused_folds():  # once per scale group, not once per block
         log.warning(line)

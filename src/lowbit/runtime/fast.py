@@ -1,18 +1,23 @@
 """The fast backend's modules: one per kernel, each with one forward, built from an exact runtime module by its
 ``fast_module()`` when ``lowbit.load(..., backend="fast")`` swaps them in.
 
-Each holds its kernel's weight layout as buffers (they follow ``.to()``, unlike the plain attributes they replace)
-and keeps the exact module as ``exact`` (its packed weights stay the model's stored form: ``unpacked()``,
-``config()`` and exports read them; the kernels' layouts are not saved). runtime/kernels.py says what each kernel
-computes and where it exists.
+Each holds its kernel's weight layout as buffers (they follow ``.to(dtype)``, unlike the plain attributes they
+replace; a layout is built for one device, so a module moved to another device refuses to run, in one line: load
+the model on the device it runs on) and keeps the exact module as ``exact`` (its packed weights stay the model's
+stored form: ``unpacked()``, ``config()``, exports and ``lowbit.save`` (through ``exact_modules``) read them; the
+kernels' layouts are never saved). runtime/kernels.py says what each kernel computes and where it exists.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowbit.errors import LowbitError
 from lowbit.runtime.kernels import INT8_MAX_TOKENS, int4pack_linear, int8_int8_linear, int8pack_linear
 
 
@@ -29,6 +34,16 @@ class KernelModule(nn.Module):
         self.exact = exact
         for name, tensor in layout.items():
             self.register_buffer(name, tensor, persistent=False)
+        self.register_forward_pre_hook(_same_device)
+
+
+def _same_device(module: nn.Module, args: tuple) -> None:
+    layout = next(module.buffers(recurse=False))
+    if args and isinstance(args[0], torch.Tensor) and args[0].device != layout.device:
+        raise LowbitError(
+            f"a fast-backend kernel built on {layout.device} got inputs on {args[0].device}; its weight layout is "
+            "device-specific: load the model with device=... (or the exact backend) where it runs"
+        )
 
 
 class Int4KernelLinear(KernelModule):
@@ -114,6 +129,20 @@ class DenseKernelLinear(KernelModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
         return F.linear(x, weight, self.exact.bias)
+
+
+@contextmanager
+def exact_modules(model: nn.Module) -> Iterator[None]:
+    """Inside the context the model holds its exact runtime modules where fast ones were swapped in (what is saved
+    is the stored form, never a kernel's layout); the fast ones are put back afterwards."""
+    swapped = [(name, m) for name, m in model.named_modules() if isinstance(m, (KernelModule, QuantizedInputs))]
+    for name, module in swapped:
+        model.set_submodule(name, module.exact)
+    try:
+        yield
+    finally:
+        for name, module in swapped:
+            model.set_submodule(name, module)
 
 
 def to_fast(model: nn.Module) -> int:
