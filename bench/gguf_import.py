@@ -8,7 +8,6 @@ Usage: OMP_NUM_THREADS=1 .venv/bin/python bench/gguf_import.py FILE.gguf [FILE.g
 from __future__ import annotations
 
 import json
-import platform
 import subprocess
 import sys
 import tempfile
@@ -35,7 +34,10 @@ else:
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     from safetensors.torch import save_file
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)  # the embedding, stored once (as lowbit's old importer did)
+    save_file(state, str(out / "model.safetensors"))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     largest = max(t.numel() * t.element_size() for t in model.state_dict().values())
 print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss_mib": peak / 1024,
@@ -43,19 +45,13 @@ print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss_mib": peak /
 """
 
 
-def cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
-
-
 def main() -> int:
     rows = []
     for name in sys.argv[1:]:
         path = Path(name).resolve()
         for mode in ("streaming", "transformers"):
-            done = subprocess.run([sys.executable, "-c", CHILD, str(path), mode], capture_output=True, text=True)
+            done = subprocess.run([sys.executable, "-c", CHILD, str(path), mode], capture_output=True, text=True,
+                                  env={**__import__("os").environ, "TQDM_DISABLE": "1"})
             if done.returncode != 0:
                 print(done.stderr[-2000:], file=sys.stderr)
                 return 1
@@ -65,7 +61,9 @@ def main() -> int:
             print(f"{row['file']:45s} {mode:12s} {row['gguf_mib']:8.0f} MiB file  {row['seconds']:6.1f} s  "
                   f"peak RSS {row['peak_rss_mib']:7.0f} MiB  largest tensor {row['largest_tensor_mib']:6.0f} MiB",
                   flush=True)
-    RESULTS.write_text(json.dumps({"cpu": cpu(), "rows": rows}, indent=2))
+    from lowbit.evaluation.speed import machine_description
+
+    RESULTS.write_text(json.dumps({"machine": machine_description(), "rows": rows}, indent=2))
     return 0
 
 
