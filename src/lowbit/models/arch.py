@@ -169,13 +169,10 @@ def get_submodule(root: nn.Module, path: str, model_type: str) -> nn.Module:
 def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
     """Every Linear inside a decoder block, by path relative to the block, except routers' (they stay float:
     models/experts.py)."""
-    from lowbit.models.experts import is_router
+    from lowbit.models.experts import in_routers
 
-    routers = [name + "." for name, m in block.named_modules() if is_router(m)]
-    return {
-        name: m for name, m in block.named_modules()
-        if isinstance(m, nn.Linear) and not is_router(m) and not any(name.startswith(r) for r in routers)
-    }
+    routers = in_routers(block)
+    return {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear) and name not in routers}
 
 
 def _has(block: nn.Module, path: str) -> bool:

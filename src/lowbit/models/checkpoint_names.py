@@ -21,6 +21,8 @@ import torch
 from lowbit.models.experts import RoutedExperts
 
 _PLAIN_OPS = {"MergeModulelist", "Concatenate"}
+# a merge rule's stacked target -> the per-expert Linears its sources are, in the order of the rule's sources
+_ROLES = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",), "up_proj": ("up_proj",)}
 
 
 @dataclass(frozen=True)
@@ -74,10 +76,9 @@ def _expert_name(key: str, rules: list) -> str | None:
             continue
         target = rule.target_patterns[0]
         stack, _, fused = target.rpartition(".")
-        roles = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",), "up_proj": ("up_proj",)}
-        if fused not in roles or len(rule.source_patterns) != len(roles[fused]):
+        if fused not in _ROLES or len(rule.source_patterns) != len(_ROLES[fused]):
             continue
-        for source, role in zip(rule.source_patterns, roles[fused]):
+        for source, role in zip(rule.source_patterns, _ROLES[fused]):
             suffix = source.rpartition(".")[2]  # "weight" or "bias"
             match = re.search(source.replace(".", r"\.").replace("*", r"(\d+)") + "$", key)
             if match:
@@ -124,10 +125,9 @@ def hub_tensor_name(model_type: str, name: str) -> str:
         if type(rule).__name__ != "WeightConverter" or len(rule.target_patterns) != 1:
             continue
         stack, _, fused = rule.target_patterns[0].rpartition(".")
-        roles = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",), "up_proj": ("up_proj",)}
-        if fused not in roles or len(rule.source_patterns) != len(roles[fused]):
+        if fused not in _ROLES or len(rule.source_patterns) != len(_ROLES[fused]):
             continue
-        for source, role in zip(rule.source_patterns, roles[fused]):
+        for source, role in zip(rule.source_patterns, _ROLES[fused]):
             match = re.search(stack.replace(".", r"\.") + rf"\.(\d+)\.{role}$", module)
             if match:  # ".experts.*.w1.weight" -> ".experts.3.w1"
                 module = module[: match.start()] + source.rpartition(".")[0].replace("*", match.group(1))

@@ -35,7 +35,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lowbit.errors import LowbitError
-from lowbit.models.experts import RoutedExperts, all_tokens_to_all_experts, is_router, unfuse_experts
+from lowbit.models.experts import RoutedExperts, all_tokens_to_all_experts, in_routers, is_router, unfuse_experts
 
 if TYPE_CHECKING:
     from lowbit.models.arch import Arch
@@ -54,11 +54,8 @@ def is_linear(module: nn.Module) -> bool:
 
 def quantizable_linears(block: nn.Module) -> set[str]:
     """Paths of the block's Linears (or runtime modules in their place) outside routers."""
-    routers = [name + "." for name, m in block.named_modules() if is_router(m)]
-    return {
-        name for name, m in block.named_modules()
-        if is_linear(m) and not is_router(m) and not any(name.startswith(r) for r in routers)
-    }
+    routers = in_routers(block)
+    return {name for name, m in block.named_modules() if is_linear(m) and name not in routers}
 
 
 def is_norm(module: nn.Module) -> bool:
@@ -89,9 +86,9 @@ def check_weights_are_in_linears_and_norms(block: nn.Module) -> None:
     silently or be mishandled: refuse. Vectors and scalars elsewhere (a learnable activation's alphas, a gate's
     bias, a state-space layer's decay) stay in float, as norms do, and so do mixture-of-experts routers (marked by
     models/experts.py, which split the experts into Linears)."""
-    routers = [name for name, m in block.named_modules() if is_router(m)]
+    routers = in_routers(block)
     for name, module in block.named_modules():
-        if is_linear(module) or is_norm(module) or any(name == r or name.startswith(r + ".") for r in routers):
+        if is_linear(module) or is_norm(module) or name in routers:
             continue
         matrices = [p for p, t in module.named_parameters(recurse=False) if t.dim() >= 2]
         if matrices:

@@ -184,6 +184,13 @@ def is_router(module: nn.Module) -> bool:
     return getattr(module, "lowbit_router", False) is True
 
 
+def in_routers(block: nn.Module) -> set[str]:
+    """Paths of the routers under ``block`` and of every module inside them (a router may hold a Linear, like
+    Hunyuan's ``gate.wg``): the modules that stay float and are never staged."""
+    routers = [name for name, m in block.named_modules() if is_router(m)]
+    return {name for name, _ in block.named_modules() if any(name == r or name.startswith(r + ".") for r in routers)}
+
+
 def router_matrix(module: nn.Module) -> torch.Tensor:
     """A router's weight matrix [E, H] (or [1, H]): its columns take a fold's scales like a Linear's. The largest
     2-D parameter: a router's statistics beside it ([1, E]) are smaller."""

@@ -161,7 +161,10 @@ def _convert(path: Path, out: Path) -> list[str]:
     tied = "lm_head.weight" if getattr(config, "tie_word_embeddings", False) else None
     # transformers would initialise a parameter the file lacks at random and go on: lowbit would quantize noise
     missing = sorted(set(expected) - set(written) - {tied})
-    wrong = sorted(n for n in written if n in expected and _shape(out, n) != tuple(expected[n].shape))
+    from lowbit.models.checkpoint import CheckpointReader
+
+    shapes = CheckpointReader(out)  # the shards' headers, read once
+    wrong = sorted(n for n in written if n in expected and shapes.shape(n) != tuple(expected[n].shape))
     if missing or wrong:
         example = (missing or wrong)[0]
         raise LowbitError(
@@ -172,8 +175,3 @@ def _convert(path: Path, out: Path) -> list[str]:
     tokenizer.save_pretrained(out)
     return sorted(written)
 
-
-def _shape(folder: Path, name: str) -> tuple[int, ...]:
-    from lowbit.models.checkpoint import CheckpointReader
-
-    return CheckpointReader(folder).shape(name)
