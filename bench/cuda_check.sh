@@ -12,6 +12,7 @@
 #          bench/cuda_check.sh                 (there; results under $OUT, else out/cuda)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export LOWBIT_GGUF_DTYPE="${LOWBIT_GGUF_DTYPE:-float32}"  # the GGUF's exact weights, as published (docs/gguf_import.md)
 TOKENIZER=${TOKENIZER:-out/cuda/tokenizer}
 if [ "${1:-}" = "--prepare" ]; then
   mkdir -p "$TOKENIZER"

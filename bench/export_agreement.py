@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import tempfile
 from collections.abc import Callable
@@ -26,6 +27,8 @@ from lowbit.data.text import documents
 from lowbit.evaluation.perplexity import evaluation_ids
 from lowbit.data.text import DEFAULT_TEXT
 from lowbit.api import open_model
+
+os.environ.setdefault("LOWBIT_GGUF_DTYPE", "float32")  # the GGUF's exact weights, as published (docs/gguf_import.md)
 
 
 def _open_export(path: Path) -> torch.nn.Module:

@@ -11,6 +11,7 @@
 #   usage: bench/exports.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export LOWBIT_GGUF_DTYPE="${LOWBIT_GGUF_DTYPE:-float32}"  # the GGUF's exact weights, as published (docs/gguf_import.md)
 LOWBIT=.venv/bin/lowbit
 MODELS=out/bench/methods
 RESULTS=bench/results/exports

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -21,6 +22,8 @@ from lowbit.models.lazy import LazyModel
 from lowbit.models.tokenizer import load_tokenizer
 from lowbit.models.source import resolve_model
 from lowbit.pipeline.capture import capture_block_calls, run_block
+
+os.environ.setdefault("LOWBIT_GGUF_DTYPE", "float32")  # the GGUF's exact weights, as published (docs/gguf_import.md)
 
 RESULTS = Path(__file__).resolve().parent / "results" / "hessian_token_share.json"
 INPUTS = ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")  # q/k/v and gate/up share inputs

@@ -6,6 +6,7 @@
 #   usage: bench/methods.sh [extra `lowbit compare` options, e.g. --device cuda]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export LOWBIT_GGUF_DTYPE="${LOWBIT_GGUF_DTYPE:-float32}"  # the GGUF's exact weights, as published (docs/gguf_import.md)
 RECIPES=(
   # the table issue 3 asks for, cheapest first so an interrupted run has the most rows
   w4g128 gptq-w4g128 gptq-w4g128-actorder

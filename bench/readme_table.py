@@ -11,9 +11,12 @@ bench/peak_memory.py measures those recipes alone.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from lowbit.evaluation.comparison import comparison_cells, md_escape
+
+os.environ.setdefault("LOWBIT_GGUF_DTYPE", "float32")  # the GGUF's exact weights, as published (docs/gguf_import.md)
 
 RESULTS = Path(__file__).resolve().parent / "results" / "methods" / "results.json"
 INHERITED_PEAK = 1_796_554_752  # bytes: the parent's high-water mark that the first two rows' children inherited

@@ -15,6 +15,7 @@
 # A run is reused only if its recorded command line is the same. Takes hours on 2 shared CPU cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export LOWBIT_GGUF_DTYPE="${LOWBIT_GGUF_DTYPE:-float32}"  # the GGUF's exact weights, as published (docs/gguf_import.md)
 ROOT=$PWD
 PY=$ROOT/.venv/bin/python
 LOWBIT=$ROOT/.venv/bin/lowbit

@@ -39,3 +39,4 @@ def isolated_cache(tmp_path, monkeypatch):
     """Keep GGUF conversions of test files out of the user's cache (the embedded model's cache is shared)."""
     if "LOWBIT_CACHE" not in os.environ:
         monkeypatch.setenv("LOWBIT_CACHE", str(Path.home() / ".cache" / "lowbit"))
+    monkeypatch.delenv("LOWBIT_GGUF_DTYPE", raising=False)  # every test sees the default import dtype

@@ -26,7 +26,8 @@ def quantized_folder(tmp_path, recipe, name="q", biases=True):
     [(WeightQuant(bits=8, symmetric=True, group_size=32), "Q8_0"), (WeightQuant(bits=4, symmetric=True, group_size=32), "Q4_0"),
      (WeightQuant(bits=4, symmetric=False, group_size=32), "Q4_1")],
 )
-def test_gguf_blocks_hold_lowbit_weights_and_transformers_loads_them(tmp_path, grid, kind):
+def test_gguf_blocks_hold_lowbit_weights_and_transformers_loads_them(tmp_path, grid, kind, monkeypatch):
+    monkeypatch.setenv("LOWBIT_GGUF_DTYPE", "float32")  # the exported values exactly, as transformers reads them
     import gguf
 
     folder = quantized_folder(tmp_path, [GPTQ(grid)], biases=False)
@@ -100,7 +101,8 @@ def test_permutation_matches_transformers_inverse():
     assert np.array_equal(back, w.numpy())
 
 
-def test_quantize_with_gguf_format_checks_the_recipe_first_and_writes_the_file(tmp_path, capsys):
+def test_quantize_with_gguf_format_checks_the_recipe_first_and_writes_the_file(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LOWBIT_GGUF_DTYPE", "float32")  # the exported values exactly, as transformers reads them
     import json
 
     from lowbit.cli.main import main

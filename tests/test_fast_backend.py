@@ -7,7 +7,7 @@ import torch
 
 import lowbit
 from lowbit.recipe import GPTQ, RTN, ActQuant, Prune, WeightQuant
-from lowbit.runtime.fast import DenseKernelLinear, Int4KernelLinear, Int8Int8KernelLinear, Int8KernelLinear
+from lowbit.runtime.fast import DequantizedLinear, Int4KernelLinear, Int8Int8KernelLinear, Int8KernelLinear
 from lowbit.runtime.weight_only import WeightOnlyLinear
 from toy import byte_tokenizer, calibration, toy_model
 
@@ -30,7 +30,7 @@ def test_each_grid_gets_its_kernel_module_and_agrees_with_the_exact_model(tmp_pa
         "w4": ((GPTQ(WeightQuant(4, True, "group", 32)),), Int4KernelLinear, 2e-2),
         "w8": ((RTN(WeightQuant(8, True, "channel")),), Int8KernelLinear, 1e-3),
         "w8a8": ((RTN(WeightQuant(8, True, "channel")), ActQuant(8, "token")), Int8Int8KernelLinear, 1e-4),
-        "pruned": ((Prune("magnitude", 0.5),), DenseKernelLinear, 0.0),
+        "pruned": ((Prune("magnitude", 0.5),), DequantizedLinear, 0.0),
     }
     for name, (recipe, kernel, tolerance) in cases.items():
         folder, exact_logits = _saved(tmp_path, recipe, name)
@@ -61,3 +61,32 @@ def test_a_fast_loaded_model_saves_its_stored_form(tmp_path):
     assert any(isinstance(m, Int4KernelLinear) for m in fast.modules())  # the fast modules are back afterwards
     with torch.no_grad():
         assert torch.equal(lowbit.load(tmp_path / "again")(IDS).logits, exact_logits)
+
+
+def test_the_dequantized_backend_gives_the_exact_logits_bit_for_bit(tmp_path):
+    """Evaluation's backend: every runtime Linear (weight-only symmetric/asymmetric/act-order, static and dynamic
+    W8A8, LLM.int8(), pruned, pruned and quantized) keeps its float weight instead of dequantizing it per call; the
+    logits are torch.equal to the exact backend's, in float32 and bfloat16, and what it saves is the stored form."""
+    from lowbit.recipe import LLMInt8, SparseGPT
+
+    grid4 = WeightQuant(4, False, "group", 32)
+    cases = {
+        "w4-asym": (RTN(grid4),),
+        "w4-actorder": (GPTQ(WeightQuant(4, True, "group", 32), act_order=True),),
+        "w8a8-static": (RTN(WeightQuant(8, True, "channel")), ActQuant(8, "tensor", dynamic=False)),
+        "w8a8-token": (RTN(WeightQuant(8, True, "channel")), ActQuant(8, "token")),
+        "llm-int8": (LLMInt8(threshold=0.5),),
+        "wanda": (Prune("wanda", 0.5),),
+        "sparsegpt-w4": (SparseGPT(0.5, weights=grid4),),
+    }
+    for name, recipe in cases.items():
+        folder, _ = _saved(tmp_path, recipe, name)
+        for dtype in (torch.float32, torch.bfloat16):
+            exact = lowbit.load(folder, dtype=dtype)
+            fast = lowbit.load(folder, dtype=dtype, backend="dequantized")
+            swapped = [m for m in fast.modules() if isinstance(m, DequantizedLinear)]
+            assert swapped and all(m.weight.dtype == dtype for m in swapped), name
+            with torch.no_grad():
+                assert torch.equal(fast(IDS).logits, exact(IDS).logits), (name, dtype)
+    lowbit.save(fast, tmp_path / "again", tokenizer=byte_tokenizer())
+    assert lowbit.load(tmp_path / "again").state_dict().keys() == exact.state_dict().keys()  # no float weight saved

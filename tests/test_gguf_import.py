@@ -63,3 +63,75 @@ def test_a_gguf_missing_a_tensor_is_refused(tmp_path):
     out.mkdir()
     with pytest.raises(LowbitError, match="lacks 1 tensor"):
         _convert(tmp_path / "cut.gguf", out)
+
+
+@pytest.fixture
+def toy_gguf(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
+    model = lowbit.quantize(toy_model("llama", biases=False), [GPTQ(WeightQuant(8, True, "group", 32))],
+                            calibration(n=4, length=32), batch_size=2)
+    lowbit.save(model, tmp_path / "q", tokenizer=byte_tokenizer())
+    write_gguf(tmp_path / "q", lowbit.load(tmp_path / "q"), tmp_path / "m.gguf")
+    return tmp_path / "m.gguf"
+
+
+def test_the_cache_is_bfloat16_unless_float32_is_asked_for(toy_gguf, monkeypatch):
+    import json
+
+    from lowbit.errors import LowbitError
+    from lowbit.models.gguf_import import import_gguf
+
+    monkeypatch.delenv("LOWBIT_GGUF_DTYPE", raising=False)
+    narrow = import_gguf(toy_gguf)
+    monkeypatch.setenv("LOWBIT_GGUF_DTYPE", "float32")
+    wide = import_gguf(toy_gguf)
+    assert narrow != wide  # one cache entry per dtype, each validated against its own record
+    ours, theirs = (CheckpointReader(f) for f in (narrow, wide))
+    names = ours.keys()
+    assert sorted(names) == sorted(theirs.keys())
+    low, high = ours.get_many(names), theirs.get_many(names)
+    assert all(low[n].dtype == torch.bfloat16 and high[n].dtype == torch.float32 for n in names)
+    assert all(torch.equal(low[n], high[n].to(torch.bfloat16)) for n in names)  # one rounding, nothing else
+    assert json.loads((narrow / "config.json").read_text())["dtype"] == "bfloat16"
+    assert sum(t.nbytes for t in low.values()) * 2 == sum(t.nbytes for t in high.values())
+    monkeypatch.setenv("LOWBIT_GGUF_DTYPE", "float8")
+    with pytest.raises(LowbitError, match="LOWBIT_GGUF_DTYPE='float8' is not an import dtype; set it to one of"):
+        import_gguf(toy_gguf)
+
+
+def test_narrowing_in_place_equals_a_cast_across_chunk_edges(monkeypatch):
+    from lowbit.models.gguf_import import narrowed_in_place
+
+    monkeypatch.setattr("lowbit.models.gguf_import.CHUNK_VALUES", 64)
+    for rows in (1, 21, 32, 33, 100):  # [rows, 2]: chunk edges inside, at and past the end
+        values = torch.randn(rows, 2) * 1e3
+        expected = values.to(torch.bfloat16)
+        buffer = values.clone()
+        got = narrowed_in_place(buffer, torch.bfloat16)
+        assert torch.equal(got, expected) and got.data_ptr() == buffer.data_ptr()  # in the same memory
+
+
+def test_streamed_shards_read_back_exactly_with_safetensors_own_loader(tmp_path):
+    from safetensors.torch import load_file
+
+    from lowbit.io.stream_shards import StreamingShardWriter
+
+    torch.manual_seed(0)
+    tensors = {f"layers.{i}.weight": torch.randn(i + 1, 5).to((torch.float32, torch.bfloat16, torch.float16)[i % 3])
+               for i in range(40)}
+    tensors |= {"ids": torch.arange(7), "empty": torch.zeros(0, 4), "scalar": torch.tensor(2.5),
+                "mask": torch.tensor([True, False, True])}
+    writer = StreamingShardWriter(tmp_path, shard_bytes=400, header_bytes=1024)  # both limits close shards
+    for name, tensor in tensors.items():
+        writer.add(name, tensor)
+    writer.finish()
+    shards = sorted(tmp_path.glob("model-*.safetensors"))
+    assert len(shards) > 3
+    read = {}
+    for shard in shards:
+        read |= load_file(shard)
+    assert read.keys() == tensors.keys()
+    assert all(read[n].dtype == t.dtype and torch.equal(read[n], t) for n, t in tensors.items())
+    assert CheckpointReader(tmp_path).keys() and sorted(CheckpointReader(tmp_path).keys()) == sorted(tensors)
+    with pytest.raises(ValueError, match="written twice"):
+        writer.add("ids", torch.arange(2))

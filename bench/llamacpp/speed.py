@@ -19,6 +19,8 @@ import time
 
 import numpy as np
 
+os.environ.setdefault("LOWBIT_GGUF_DTYPE", "float32")  # the GGUF's exact weights, as published (docs/gguf_import.md)
+
 
 def measure(path: str, prefill: int, new_tokens: int, repeats: int, threads: int) -> dict:
     from llama_cpp import Llama

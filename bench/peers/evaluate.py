@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
 import torch
 
 from shared import MODEL, lowbit_perplexity, shared_inputs
+
+os.environ.setdefault("LOWBIT_GGUF_DTYPE", "float32")  # the GGUF's exact weights, as published (docs/gguf_import.md)
 
 
 def open_model(tool: str, path: str) -> torch.nn.Module:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import shutil
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from lowbit.data.text import documents
 from lowbit.evaluation.perplexity import evaluation_ids
 from lowbit.models.tokenizer import load_tokenizer
 from lowbit.models.source import resolve_model
+
+os.environ.setdefault("LOWBIT_GGUF_DTYPE", "float32")  # the GGUF's exact weights, as published (docs/gguf_import.md)
 
 ROOT = Path(__file__).resolve().parents[2] / "out" / "peers"
 

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import sys
 import types
 from pathlib import Path
 
 import torch
+
+os.environ.setdefault("LOWBIT_GGUF_DTYPE", "float32")  # the GGUF's exact weights, as published (docs/gguf_import.md)
 
 REPO = Path(__file__).resolve().parents[2]
 WORK = REPO / "out" / "peers"

@@ -27,10 +27,10 @@ from lowbit.pipeline.memory import release_freed_memory
 from lowbit.pipeline.report import QuantizeReport
 from lowbit.recipe import Recipe, Step
 from lowbit.runtime.registry import build_empty
-from lowbit.runtime.fast import exact_modules, to_fast
+from lowbit.runtime.backends import BACKENDS
+from lowbit.runtime.fast import exact_modules, to_dequantized, to_fast
 
 log = logging.getLogger(__name__)
-BACKENDS = ("exact", "fast")
 
 
 @dataclass
@@ -228,7 +228,9 @@ def load(
     "fast" runs weight-only Linears whose grid fits PyTorch's int4 / int8 kernels on ``device`` through them (reduced
     precision), W8A8 / LLM.int8() Linears through int8 x int8 -> int32 matmuls (exact integer products), and keeps
     pruned Linears' dense weights (float speed, more memory: no CPU kernel gains from 2:4); see runtime/kernels.py
-    for what bench/kernels.py measured and which kernels exist on CUDA."""
+    for what bench/kernels.py measured and which kernels exist on CUDA. "dequantized" computes every quantized
+    weight once at load and keeps it in float (float memory): the exact backend's outputs, bit for bit, at the float
+    model's speed; evaluation (`lowbit eval`, `compare`) uses it."""
     if backend not in BACKENDS:
         raise LowbitError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
     folder = Path(folder)
@@ -245,6 +247,9 @@ def load(
     lazy.verify_checkpoint()
     lazy.materialize("")
     model = lazy.model.to(device).eval()
+    if backend == "dequantized":
+        to_dequantized(model, dtype)
+        release_freed_memory()  # the unpacked codes each weight was computed from
     if backend == "fast":
         switched = to_fast(model)
         log.info("fast backend: %d Linear(s) on PyTorch's low-bit kernels", switched)

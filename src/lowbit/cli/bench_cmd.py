@@ -12,23 +12,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from rich.table import Table
 
-from lowbit.api import BACKENDS
-from lowbit.cli.common import DTYPES, add_number, child_command, console, default_model, parse_device, run_child
-from lowbit.data.calibration import check_positions
-from lowbit.evaluation.evaluate import tensor_bytes
-from lowbit.evaluation.speed import machine_description, measure_speed
+from lowbit.cli.common import (
+    DTYPES, add_number, child_command, console, default_model, parse_device, run_child, torch_dtype,
+)
 from lowbit.evaluation.units import mib
 from lowbit.io.atomic import refuse_non_directory, report_folder, write_json_atomic, write_text_atomic
-from lowbit.models.checkpoint import CheckpointReader
-from lowbit.models.source import resolve_model
-from lowbit.pipeline.memory import resident_bytes
 from lowbit.schema import Range
 
 BENCH_JSON = "runtime.json"
 BENCH_MD = "runtime.md"
+from lowbit.runtime.backends import BACKENDS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -51,12 +46,19 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def measure_one(spec: str, dtype: str | None, args: argparse.Namespace) -> dict[str, Any]:
     """Open one model in this process and measure it (the child side)."""
+    import torch
+
     from lowbit.api import open_model
+    from lowbit.data.calibration import check_positions
+    from lowbit.evaluation.evaluate import tensor_bytes
+    from lowbit.evaluation.speed import measure_speed
+    from lowbit.models.checkpoint import CheckpointReader
+    from lowbit.pipeline.memory import resident_bytes
 
     device = parse_device(args.device)
     before = resident_bytes()
     start = time.perf_counter()
-    opened = open_model(spec, DTYPES[dtype] if dtype else None, device, backend=args.backend)
+    opened = open_model(spec, torch_dtype(dtype) if dtype else None, device, backend=args.backend)
     load_seconds = time.perf_counter() - start
     after = resident_bytes()
     vocab = opened.model.get_input_embeddings().num_embeddings
@@ -82,6 +84,9 @@ def measure_in_child(spec: str, dtype: str | None, args: argparse.Namespace, bac
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    from lowbit.evaluation.speed import machine_description
+    from lowbit.models.source import resolve_model
+
     if args.single:
         print(json.dumps(measure_one(args.models[0], args.dtype, args)))
         return 0

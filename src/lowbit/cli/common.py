@@ -8,20 +8,23 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from rich.console import Console
 
-from lowbit.data.calibration import calibration_ids, check_ids_fit_model
-from lowbit.data.text import DEFAULT_TEXT, documents
+from lowbit.data.text import DEFAULT_TEXT
 from lowbit.errors import LowbitError
 from lowbit.models.embedded import DEFAULT_MODEL
-from lowbit.models.lazy import load_config
-from lowbit.models.tokenizer import load_tokenizer
 from lowbit.schema import Range
 
+if TYPE_CHECKING:
+    import torch
+
+# Registering the options (`lowbit --help`, an argument error) imports no torch, transformers or numpy: what needs
+# them is imported by the function that uses it (tests/test_cli_startup.py).
+
 console = Console()
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("float32", "bfloat16", "float16")  # --dtype NAME; torch_dtype(NAME) when a run needs the torch.dtype
 SEEDS = Range(0, 2**32 - 1)  # what every seeded generator (torch, random, numpy) accepts
 
 
@@ -66,9 +69,21 @@ def add_eval_options(parser: argparse.ArgumentParser) -> None:
                help="evaluate at most this many windows; 0 = all (default 16)")
 
 
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch.dtype of a --dtype NAME (one of DTYPES)."""
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
 def calibration_from_args(args: argparse.Namespace, folder: Path) -> torch.Tensor:
     """Calibration ids [--nsamples, --seq-len] from --calib for the model in ``folder``; ids the model cannot embed
     (past its vocabulary or its learned positions) are refused here, before any forward pass."""
+    from lowbit.data.calibration import calibration_ids, check_ids_fit_model
+    from lowbit.data.text import documents
+    from lowbit.models.lazy import load_config
+    from lowbit.models.tokenizer import load_tokenizer
+
     ids = calibration_ids(load_tokenizer(folder), documents(args.calib, "calibration"), args.nsamples, args.seq_len,
                           args.seed)
     check_ids_fit_model(ids, load_config(folder))
@@ -76,6 +91,8 @@ def calibration_from_args(args: argparse.Namespace, folder: Path) -> torch.Tenso
 
 
 def parse_device(name: str) -> torch.device:
+    import torch
+
     try:
         device = torch.device(name)
     except RuntimeError:

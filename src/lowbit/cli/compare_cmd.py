@@ -16,30 +16,26 @@ import argparse
 import json
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
 
-import torch
 from rich.table import Table
-from tqdm.auto import tqdm
 
 from lowbit.cli.common import (
-    DTYPES, add_calibration_options, add_eval_options, add_model_options, add_number, calibration_from_args,
-    child_command, console, default_model, parse_device, run_child,
+    add_calibration_options, add_eval_options, add_model_options, add_number, calibration_from_args,
+    child_command, console, default_model, parse_device, run_child, torch_dtype,
 )
 from lowbit.cli.inspect_cmd import INSPECT_JSON
+from lowbit.preset_names import SWEEP_METHODS, check_recipe_name
 from lowbit.errors import LowbitError
-from lowbit.evaluation.comparison import REPORT_MD, comparison_cells, reusable_rows, write_results
-from lowbit.evaluation.evaluate import evaluate
-from lowbit.evaluation.recommend import recommendations
-from lowbit.evaluation.speed import machine_description
 from lowbit.io.atomic import refuse_non_directory, refuse_unsafe_target, report_folder, write_text_atomic
-from lowbit.io.writer import ARTIFACT_FILE, REPORT_FILE
-from lowbit.models.source import resolve_model
 from lowbit.pipeline.report import QuantizeReport
-from lowbit.presets import SWEEP_METHODS, preset_names, resolve_recipe, sweep_recipe
-from lowbit.methods.base import Step
-from lowbit.recipe import Recipe
 from lowbit.schema import Range, check_record, read_json
+
+if TYPE_CHECKING:
+    import torch
+
+    from lowbit.methods.base import Step
+    from lowbit.recipe import Recipe
 
 DEMO_RECIPES = ("w8", "w4g128")
 
@@ -48,7 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     c = sub.add_parser("compare", help="quantize one model with several recipes and compare them in one report")
     c.add_argument("model_arg", nargs="?", metavar="MODEL", help="HF folder, .gguf file, or 'smollm2-135m' (default)")
     c.add_argument("--model", default=default_model(), help=argparse.SUPPRESS)
-    c.add_argument("--recipes", nargs="+", default=[], help="presets or JSON recipe files, one row each")
+    c.add_argument("--recipes", nargs="+", type=check_recipe_name, default=[],
+                   help="presets or JSON recipe files, one row each")
     c.add_argument("--methods", nargs="+", default=[], choices=SWEEP_METHODS, help="weight-only methods to sweep")
     add_number(c, "--bits", int, Range(2, 8), nargs="+", default=[4], help="bit widths of the sweep (default 4)")
     add_number(c, "--group-sizes", int, Range(0), nargs="+", default=[128],
@@ -60,7 +57,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.set_defaults(func=run_compare)
 
     d = sub.add_parser("demo", help="the embedded default model: full precision vs W8 per-channel vs W4 g128 RTN")
-    d.add_argument("--recipes", nargs="+", default=list(DEMO_RECIPES), help="presets to run (default: w8 w4g128)")
+    d.add_argument("--recipes", nargs="+", type=check_recipe_name, default=list(DEMO_RECIPES),
+                   help="presets to run (default: w8 w4g128)")
     d.add_argument("--out", default="out/demo", help="folder for the quantized models and results (default out/demo)")
     _add_shared(d)
     # RTN needs no statistics: a small calibration set only feeds the per-layer error table
@@ -90,12 +88,16 @@ def quantize_in_child(args: argparse.Namespace, recipe: str, out: Path, transfor
 
 def row_name(recipe: str) -> str:
     """Presets by name, recipe files by file stem."""
+    from lowbit.presets import preset_names
+
     return recipe if recipe in preset_names() else Path(recipe).stem
 
 
 def planned_recipes(args: argparse.Namespace, out: Path) -> dict[str, tuple[str, Recipe]]:
     """Row name -> (what the child is given, the recipe): named recipes first, then the sweep. Every recipe is
     built (and so checked) before anything is written; sweep points that are not presets go to out/recipes/."""
+    from lowbit.presets import preset_names, resolve_recipe, sweep_recipe
+
     recipes = {row_name(r): (r, resolve_recipe(r)) for r in args.recipes}
     sweep = [sweep_recipe(m, b, g) for m in args.methods for b in args.bits for g in args.group_sizes]
     if not recipes and not sweep:
@@ -134,6 +136,8 @@ class _Diagnosis(TypedDict):
 def block_errors(folder: Path) -> list[float]:
     """Mean relative Linear output error per block, from a quantized folder's report (checked against the report's
     own dataclasses: a resumed row may point at a folder someone edited)."""
+    from lowbit.io.writer import REPORT_FILE
+
     path = folder / REPORT_FILE
     if not path.exists():
         return []
@@ -167,8 +171,10 @@ def read_diagnosis(path: Path) -> dict[str, Any]:
 
 
 def run_compare(args: argparse.Namespace) -> int:
+    from lowbit.models.source import resolve_model
+
     args.model = args.model_arg or args.model
-    device, dtype = parse_device(args.device), DTYPES[args.dtype]
+    device, dtype = parse_device(args.device), torch_dtype(args.dtype)
     out = Path(args.out)
     results_dir = Path(args.results) if args.results else out
     for folder, option in ((out, "--out"), (results_dir, "--results")):
@@ -189,6 +195,16 @@ def compare(
     device: torch.device, dtype: torch.dtype,
 ) -> int:
     """Measure the baseline and every recipe, writing the results after each row (see run_compare)."""
+    from tqdm.auto import tqdm
+
+    from lowbit.evaluation.comparison import REPORT_MD, reusable_rows, write_results
+    from lowbit.evaluation.evaluate import evaluate
+    from lowbit.evaluation.recommend import recommendations
+    from lowbit.evaluation.speed import machine_description
+    from lowbit.io.writer import ARTIFACT_FILE
+    from lowbit.presets import preset_names
+    from lowbit.recipe import Recipe
+
     max_windows = args.max_windows or None
     settings = {
         "calibration": {"text": args.calib, "n_sequences": args.nsamples, "seq_len": args.seq_len, "seed": args.seed,
@@ -242,6 +258,8 @@ def compare(
 
 
 def results_table(results: dict[str, Any]) -> Table:
+    from lowbit.evaluation.comparison import comparison_cells
+
     rows = results["rows"]
     base = rows[0]
     table = Table(title=f"{results['model']}: perplexity on held-out text ({base['windows']} x {base['window']} tokens)")

@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from lowbit.cli.common import DTYPES, add_eval_options, add_model_options, console, parse_device
-from lowbit.evaluation.evaluate import evaluate
+from lowbit.cli.common import add_eval_options, add_model_options, console, parse_device, torch_dtype
 from lowbit.evaluation.units import mib
 
 
@@ -20,8 +19,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    from lowbit.evaluation.evaluate import evaluate
+
     ev = evaluate(
-        args.model, args.data, args.window, args.max_windows or None, DTYPES[args.dtype], parse_device(args.device),
+        args.model, args.data, args.window, args.max_windows or None, torch_dtype(args.dtype), parse_device(args.device),
         progress=not args.json,
     )
     if args.json:

@@ -9,7 +9,6 @@ from lowbit.cli.common import console
 from lowbit.errors import LowbitError
 from lowbit.evaluation.units import mib
 from lowbit.io.atomic import check_output_dir, check_output_file
-from lowbit.models.source import resolve_model
 
 FORMATS = ("compressed-tensors", "gguf")
 
@@ -28,6 +27,7 @@ def run_export(args: argparse.Namespace) -> int:
     from lowbit.api import load
     from lowbit.export.compressed_tensors import write_compressed_tensors
     from lowbit.export.gguf import write_gguf
+    from lowbit.models.source import resolve_model
 
     source = resolve_model(args.model)
     if not source.is_lowbit:

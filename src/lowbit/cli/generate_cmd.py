@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from typing import TYPE_CHECKING
 
-import torch
-
-from lowbit.cli.common import DTYPES, SEEDS, add_number, parse_device
+from lowbit.cli.common import DTYPES, SEEDS, add_number, parse_device, torch_dtype
 from lowbit.errors import LowbitError
-from lowbit.api import open_model
 from lowbit.schema import Range
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +45,15 @@ def prompt_ids(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from transformers import TextStreamer
-
     if not args.prompt:
         raise LowbitError('--prompt "" is empty; pass the text to continue, e.g. --prompt "Once upon a time"')
+    import torch
+    from transformers import TextStreamer
+
+    from lowbit.api import open_model
+
     device = parse_device(args.device)
-    opened = open_model(args.model, DTYPES[args.dtype] if args.dtype else None, device, backend=args.backend)
+    opened = open_model(args.model, torch_dtype(args.dtype) if args.dtype else None, device, backend=args.backend)
     tokenizer = opened.tokenizer
     ids = prompt_ids(tokenizer, args.prompt, args.chat).to(device)
     torch.manual_seed(args.seed)

@@ -10,21 +10,12 @@ import argparse
 import json
 from pathlib import Path
 
-from safetensors.torch import save_file
-from tqdm.auto import tqdm
-
 from lowbit.cli.common import (
-    DTYPES, add_calibration_options, add_model_options, add_number, calibration_from_args, console, default_model,
-    parse_device,
+    add_calibration_options, add_model_options, add_number, calibration_from_args, console, default_model,
+    parse_device, torch_dtype,
 )
 from lowbit.errors import LowbitError
-from lowbit.evaluation.inspect_plots import write_plots
-from lowbit.evaluation.inspect_summary import inputs_table, inspection_json, kind_table, residual_table
 from lowbit.io.atomic import refuse_non_directory, refuse_unsafe_target, report_folder, write_atomic, write_json_atomic
-from lowbit.models.lazy import LazyModel
-from lowbit.models.source import resolve_model
-from lowbit.pipeline.inspect import InspectSettings, inspect_model
-from lowbit.pipeline.loop import LazyStore
 from lowbit.schema import Range
 
 INSPECT_JSON = "inspect.json"
@@ -52,6 +43,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    from lowbit.evaluation.inspect_plots import write_plots
+    from lowbit.evaluation.inspect_summary import inputs_table, inspection_json, kind_table, residual_table
+    from lowbit.models.lazy import LazyModel
+    from lowbit.models.source import resolve_model
+    from lowbit.pipeline.inspect import InspectSettings, inspect_model
+    from lowbit.pipeline.loop import LazyStore
+
     model = args.model_arg or args.model
     source = resolve_model(model)
     if source.is_lowbit:
@@ -61,7 +62,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     settings = InspectSettings(threshold=args.threshold, ratio=args.ratio, smooth_alpha=args.alpha,
                                sample_tokens=args.sample_tokens)
     ids = calibration_from_args(args, source.folder)
-    store = LazyStore(LazyModel(source.folder, DTYPES[args.dtype]), on_block_done=lambda prefix, block: None)
+    store = LazyStore(LazyModel(source.folder, torch_dtype(args.dtype)), on_block_done=lambda prefix, block: None)
     with tqdm(total=len(store.blocks), desc="inspecting blocks", unit="block") as bar:
         inspection = inspect_model(store, ids, settings, batch_size=args.batch_size, device=parse_device(args.device),
                                    on_block=lambda i: bar.update())

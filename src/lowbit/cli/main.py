@@ -1,4 +1,8 @@
-"""The `lowbit` command. It only parses options into configs; library code never sees argparse."""
+"""The `lowbit` command. It only parses options into configs; library code never sees argparse.
+
+Building the parser imports no torch, transformers or numpy (tests/test_cli_startup.py): `lowbit --help`, a
+subcommand's --help and a bad option answer in a fraction of a second; each command imports what it runs.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,6 @@ import sys
 
 from lowbit.errors import LowbitError
 from lowbit.io.atomic import Terminated
-from lowbit.pipeline.memory import prefer_mmap_for_large_allocations
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,18 +28,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def configure_logging(quiet: bool) -> None:
+def configure_logging(quiet: bool, transformers: bool = True) -> None:
+    """Logs to stderr; with ``transformers``, its warnings and progress bars off (a command that loads no model
+    leaves transformers unimported)."""
     from rich.console import Console
     from rich.logging import RichHandler
-    from transformers.utils import logging as hf_logging
 
     # logs go to stderr: stdout carries results, which --json makes machine-readable
     logging.basicConfig(
         level=logging.WARNING if quiet else logging.INFO, format="%(message)s",
         handlers=[RichHandler(console=Console(stderr=True), show_path=False, show_time=False)],
     )
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    if transformers:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,9 +51,14 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     try:
-        args = build_parser().parse_args(argv)  # a number out of its range is a LowbitError (cli/common.py)
-        configure_logging(args.quiet)
-        prefer_mmap_for_large_allocations()
+        # a number out of its range or an unknown recipe name is a LowbitError (cli/common.py, preset_names.py)
+        args = build_parser().parse_args(argv)
+        loads_models = getattr(args, "loads_models", True)  # False: `lowbit recipes` (set_defaults)
+        configure_logging(args.quiet, transformers=loads_models)
+        if loads_models:
+            from lowbit.pipeline.memory import prefer_mmap_for_large_allocations
+
+            prefer_mmap_for_large_allocations()
         return int(args.func(args) or 0)
     except LowbitError as exc:
         print(f"lowbit: error: {exc}", file=sys.stderr)

@@ -7,26 +7,21 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from lowbit.api import load, quantize_checkpoint
 from lowbit.cli.common import (
-    DTYPES, add_calibration_options, add_model_options, calibration_from_args, console, default_model, parse_device,
-    peak_rss_bytes,
+    add_calibration_options, add_model_options, calibration_from_args, console, default_model, parse_device,
+    peak_rss_bytes, torch_dtype,
 )
+from lowbit.preset_names import check_recipe_name
 from lowbit.errors import LowbitError
 from lowbit.evaluation.units import mib
-from lowbit.export.compressed_tensors import CT_DIR, check_recipe_for_compressed_tensors, write_compressed_tensors
-from lowbit.export.gguf import GGUF_FILE, check_recipe_for_gguf, write_gguf
-from lowbit.io.atomic import check_output_dir
-from lowbit.models.checkpoint import CheckpointReader
-from lowbit.models.source import resolve_model
 from lowbit.pipeline.report import QuantizeReport, layer_table
-from lowbit.presets import resolve_recipe
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     q = sub.add_parser("quantize", help="quantize a model with a recipe into an output directory")
     q.add_argument("--model", default=default_model(), help="HF folder, .gguf file, or 'smollm2-135m' (default)")
-    q.add_argument("--recipe", default="w4g128", help="preset name (see `lowbit recipes`) or a JSON recipe file")
+    q.add_argument("--recipe", type=check_recipe_name, default="w4g128",
+                   help="preset name (see `lowbit recipes`) or a JSON recipe file")
     q.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     q.add_argument(
@@ -69,6 +64,14 @@ class QuantizeRun:
 
 def quantize_from_args(args: argparse.Namespace, out: Path, recipe_name: str) -> QuantizeRun:
     """Calibrate and quantize as the CLI options say."""
+    from lowbit.api import quantize_checkpoint
+    from lowbit.export.compressed_tensors import check_recipe_for_compressed_tensors
+    from lowbit.export.gguf import check_recipe_for_gguf
+    from lowbit.io.atomic import check_output_dir
+    from lowbit.models.checkpoint import CheckpointReader
+    from lowbit.models.source import resolve_model
+    from lowbit.presets import resolve_recipe
+
     device = parse_device(args.device)
     recipe = resolve_recipe(recipe_name)
     if args.transforms:
@@ -85,13 +88,17 @@ def quantize_from_args(args: argparse.Namespace, out: Path, recipe_name: str) ->
     if recipe.needs_calibration or args.measure:
         ids = calibration_from_args(args, source.folder)
     report = quantize_checkpoint(
-        source.folder, recipe, ids, out, dtype=DTYPES[args.dtype], device=device, batch_size=args.batch_size,
+        source.folder, recipe, ids, out, dtype=torch_dtype(args.dtype), device=device, batch_size=args.batch_size,
         seed=args.seed, overwrite=args.overwrite,
     )
     return QuantizeRun(report, out, CheckpointReader(source.folder).nbytes(), CheckpointReader(out).nbytes(), peak_rss_bytes())
 
 
 def run_quantize(args: argparse.Namespace) -> int:
+    from lowbit.api import load
+    from lowbit.export.compressed_tensors import CT_DIR, write_compressed_tensors
+    from lowbit.export.gguf import GGUF_FILE, write_gguf
+
     run = quantize_from_args(args, Path(args.out), args.recipe)
     if args.format == "gguf":
         write_gguf(run.out, load(run.out), run.out / GGUF_FILE)

@@ -10,6 +10,7 @@ from lowbit.data.calibration import check_ids_in_vocabulary
 from lowbit.data.text import documents
 from lowbit.evaluation.perplexity import Perplexity, evaluation_ids, perplexity
 from lowbit.api import open_model
+from lowbit.runtime.fast import exact_modules
 
 
 @dataclass
@@ -17,7 +18,7 @@ class Evaluation:
     model: str
     perplexity: Perplexity
     disk_bytes: int
-    memory_bytes: int  # parameters and buffers as loaded
+    memory_bytes: int  # parameters and buffers as stored and loaded (packed), before evaluation's float weights
     load_seconds: float
 
     def summary(self) -> dict:
@@ -53,11 +54,16 @@ def evaluate(
     dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
     progress: bool = False,
+    backend: str = "dequantized",
 ) -> Evaluation:
-    opened = open_model(spec, dtype, device)
+    """Perplexity of any model lowbit opens. A lowbit output is evaluated on the dequantized backend by default:
+    the exact backend's logits, bit for bit, at float speed (each weight dequantized once, not in every forward)."""
+    opened = open_model(spec, dtype, device, backend)
     limit = getattr(opened.model.config, "max_position_embeddings", None) or getattr(opened.model.config, "n_positions", window)
     seq_len = min(window, int(limit))
     ids = evaluation_ids(opened.tokenizer, documents(data, "evaluation"))
     check_ids_in_vocabulary(ids, opened.model.config)
     result = perplexity(opened.model, ids, seq_len, max_windows, device, progress)
-    return Evaluation(spec, result, opened.disk_bytes, tensor_bytes(opened.model), opened.load_seconds)
+    with exact_modules(opened.model):
+        memory = tensor_bytes(opened.model)
+    return Evaluation(spec, result, opened.disk_bytes, memory, opened.load_seconds)

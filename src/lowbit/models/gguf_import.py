@@ -1,13 +1,17 @@
-"""Convert a GGUF file once into a cached Hugging Face folder (float32 safetensors shards + config + tokenizer),
-streaming: one tensor in memory at a time.
+"""Convert a GGUF file once into a cached Hugging Face folder (safetensors shards + config + tokenizer), streaming:
+one tensor in memory at a time.
 
 transformers loads a GGUF by building the whole model in float32 and dequantizing every tensor into it (a 1.5B
 Q4_K GGUF peaked at 9.3 GB of RSS; a 7B one would need ~40 GB). Here the file is memory-mapped (gguf's reader),
 each tensor is dequantized, passed through transformers' own per-architecture tensor processor and name map (the
-same code its loader runs, so the tensors are the ones it would load: q/k rotary un-permutation, renames), and
-written to a shard of at most ``SHARD_BYTES`` before the next is read. Only the config, the tokenizer and the
-name map come from transformers' metadata reading; the model is a meta-device skeleton. float32 keeps the
-dequantized values exactly (a Q8_0 or Q4_K value d * q is not exact in bfloat16).
+same code its loader runs, so the tensors are the ones it would load: q/k rotary un-permutation, renames), and its
+bytes written to the shard file before the next is read (io/stream_shards.py). Only the config, the tokenizer and
+the name map come from transformers' metadata reading; the model is a meta-device skeleton.
+
+The cache is bfloat16 by default, half of float32 on disk and when read (a 7B model: 13.5 GB instead of 27 GB);
+``LOWBIT_GGUF_DTYPE=float32`` (or ``dtype=torch.float32``) keeps the dequantized values exactly (a Q4_K value
+d * sc * q - dmin * m needs about 20 significant bits; bfloat16 has 8, so each weight moves by at most 2^-9 of
+itself, 1/100 of a 4-bit grid step: the embedded SmolLM2's perplexity goes from 13.1480 to 13.1486).
 
 The cache key is the file's sha256, so a changed file is never served stale; an entry is reused only when its
 import record matches the file and its weights (see ``cache_entry_is_valid``).
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -28,25 +33,39 @@ from lowbit.models.embedded import cache_dir, file_sha256
 
 log = logging.getLogger(__name__)
 IMPORT_RECORD = "lowbit_import.json"  # written last: which GGUF the entry came from and which tensors it holds
+IMPORT_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+DTYPE_VARIABLE = "LOWBIT_GGUF_DTYPE"
 
 
-def import_gguf(path: Path, sha256: str | None = None) -> Path:
-    """Return the cached HF folder for GGUF ``path``, converting it on first use (or when the cached entry does not
-    validate: written by an older lowbit, edited, or truncated)."""
+def default_import_dtype() -> torch.dtype:
+    """bfloat16, or what ``LOWBIT_GGUF_DTYPE`` names."""
+    name = os.environ.get(DTYPE_VARIABLE, "bfloat16")
+    if name not in IMPORT_DTYPES:
+        raise LowbitError(f"{DTYPE_VARIABLE}={name!r} is not an import dtype; set it to one of: {', '.join(IMPORT_DTYPES)}")
+    return IMPORT_DTYPES[name]
+
+
+def import_gguf(path: Path, sha256: str | None = None, dtype: torch.dtype | None = None) -> Path:
+    """Return the cached HF folder for GGUF ``path`` in ``dtype`` (default: ``default_import_dtype()``), converting
+    it on first use (or when the cached entry does not validate: written by an older lowbit, edited, truncated)."""
+    dtype = dtype or default_import_dtype()
+    dtype_name = str(dtype).removeprefix("torch.")
     digest = sha256 or file_sha256(path)
-    folder = cache_dir() / "gguf" / f"{path.stem}-{digest[:16]}"
-    if cache_entry_is_valid(folder, digest):
+    folder = cache_dir() / "gguf" / f"{path.stem}-{digest[:16]}-{dtype_name}"
+    if cache_entry_is_valid(folder, digest, dtype_name):
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
-    log.info("converting %s to a Hugging Face folder in %s (once)", path.name, folder)
+    log.info("converting %s to a %s Hugging Face folder in %s (once)", path.name, dtype_name, folder)
     with atomic_directory(folder, overwrite=True, inputs=[path], wait=True) as tmp:
-        tensors = _convert(path, tmp)
-        (tmp / IMPORT_RECORD).write_text(json.dumps({"gguf_sha256": digest, "tensors": tensors}, indent=2))
+        tensors = _convert(path, tmp, dtype)
+        record = {"gguf_sha256": digest, "dtype": dtype_name, "tensors": tensors}
+        (tmp / IMPORT_RECORD).write_text(json.dumps(record, indent=2))
     return folder
 
 
-def cache_entry_is_valid(folder: Path, digest: str) -> bool:
-    """The entry was converted from this very file, and its weight files hold exactly the tensors written."""
+def cache_entry_is_valid(folder: Path, digest: str, dtype_name: str) -> bool:
+    """The entry was converted from this very file to this dtype, and its weight files hold exactly the tensors
+    written (names from the shards' headers, which a truncated shard fails to give)."""
     from lowbit.models.checkpoint import CheckpointReader
 
     try:
@@ -54,11 +73,12 @@ def cache_entry_is_valid(folder: Path, digest: str) -> bool:
         names = sorted(CheckpointReader(folder).keys())
     except (OSError, ValueError, SafetensorError, LowbitError):
         return False
-    return isinstance(record, dict) and record.get("gguf_sha256") == digest and record.get("tensors") == names
+    return (isinstance(record, dict) and record.get("gguf_sha256") == digest and record.get("dtype") == dtype_name
+            and record.get("tensors") == names)
 
 
-SHARD_BYTES = 256 << 20  # a shard is written once this much is collected: the import's memory beyond one tensor
-CHUNK_VALUES = 1 << 22  # values dequantized (and checked) per step: gguf's numpy dequantizers allocate several
+SHARD_BYTES = 2 << 30  # shards are written tensor by tensor, so their size costs disk files, not memory
+CHUNK_VALUES = 1 << 18  # values dequantized (and checked) per step: gguf's numpy dequantizers allocate several
 # temporaries the size of their output, so a whole 150k-token embedding at once would cost ~3x its float32 size
 
 
@@ -85,6 +105,38 @@ def dequantized(tensor, dequantize):  # noqa: ANN001, ANN201 (gguf's ReaderTenso
     return out
 
 
+def as_tensor(array, dtype: torch.dtype) -> torch.Tensor:  # noqa: ANN001 (numpy float32)
+    """A processed float32 array as a ``dtype`` tensor without a second full-size buffer: an array of its own is
+    narrowed in place; a read-only view into the memory map (an F32 source tensor) is cast, which only reads it; a
+    processor's transposed view is copied once."""
+    import warnings
+
+    import numpy as np
+
+    if not array.flags.c_contiguous:
+        array = np.ascontiguousarray(array)  # a processor's transposed view: its rows in order
+    if dtype == torch.float32:
+        return torch.from_numpy(array if array.flags.writeable else array.copy())
+    if array.flags.writeable:
+        return narrowed_in_place(torch.from_numpy(array), dtype)
+    with warnings.catch_warnings():  # the non-writable warning: the cast below reads the array, never writes it
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(array).to(dtype)
+
+
+def narrowed_in_place(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``values.to(dtype)`` for a 2-byte ``dtype``, written over the first half of ``values``' own buffer (which
+    stays allocated until the result is freed). Chunk i's 2-byte values land on bytes [2ic, 2ic + 2c), which only
+    chunks < i occupied as float32 (chunk 0 is converted before it is written), so nothing is overwritten before it
+    is read; peak memory is the float32 tensor plus one chunk, not 1.5x it."""
+    flat = values.reshape(-1)  # float32 [n], contiguous
+    narrow = flat.view(torch.int16)[: flat.numel()].view(dtype)  # the same bytes seen as n 2-byte slots
+    for start in range(0, flat.numel(), CHUNK_VALUES):
+        chunk = flat[start : start + CHUNK_VALUES].to(dtype)  # a copy: read before anything is written
+        narrow[start : start + chunk.numel()] = chunk
+    return narrow.view(values.shape)
+
+
 def _read_metadata(path: Path):
     """(config, tokenizer, metadata parsed by transformers) of a GGUF, without reading its tensors."""
     from transformers import AutoConfig, AutoTokenizer
@@ -103,16 +155,16 @@ def _read_metadata(path: Path):
     return config, tokenizer, parsed
 
 
-def _convert(path: Path, out: Path) -> list[str]:
-    """Write the HF folder tensor by tensor; returns the names of the tensors written."""
-    import numpy as np
+def _convert(path: Path, out: Path, dtype: torch.dtype = torch.float32) -> list[str]:
+    """Write the HF folder tensor by tensor, floats in ``dtype``; returns the names of the tensors written.
+    Memory beyond the floor (modules, metadata, skeleton): the largest tensor in float32, plus its ``dtype`` copy."""
     from accelerate import init_empty_weights
     from gguf import GGUFReader, dequantize
     from transformers import AutoModelForCausalLM
     from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map, read_field
 
-    from lowbit.io.writer import ShardWriter
-    from lowbit.pipeline.memory import release_freed_memory
+    from lowbit.io.stream_shards import StreamingShardWriter
+    from lowbit.pipeline.memory import long_lived_objects_frozen, release_freed_memory
 
     config, tokenizer, parsed = _read_metadata(path)
     with init_empty_weights(include_buffers=True):
@@ -125,38 +177,34 @@ def _convert(path: Path, out: Path) -> list[str]:
     except Exception as exc:  # an architecture gguf-py does not name, a malformed tensor table
         raise LowbitError(f"cannot read GGUF file {path}: {type(exc).__name__}: {str(exc)[:200]}") from None
     expected = skeleton.state_dict()
-    writer = ShardWriter(out)
-    batch: dict[str, torch.Tensor] = {}
+    writer = StreamingShardWriter(out, SHARD_BYTES)
     written: list[str] = []
-
-    def flush() -> None:
-        if batch:
-            writer.write(f"model-{len(set(writer.weight_map.values())) + 1:05d}.safetensors", dict(batch))
-            written.extend(batch)
-            batch.clear()
-            release_freed_memory()  # glibc keeps freed large arrays resident unless trimmed
 
     def add(name: str, tensor: torch.Tensor) -> None:
         if not all(torch.isfinite(part).all() for part in tensor.reshape(-1).split(CHUNK_VALUES)):
             raise LowbitError(f"GGUF file {path}: tensor {name!r} has NaN or inf values; the file is corrupt")
-        batch[name] = tensor.contiguous()
-        if sum(t.numel() * t.element_size() for t in batch.values()) >= SHARD_BYTES:
-            flush()
+        writer.add(name, tensor)
+        written.append(name)
 
-    parsed["tensors"] = {}  # where transformers' MoE processors assemble stacked experts over several tensors
-    for tensor in reader.tensors:
-        weights = dequantized(tensor, dequantize)  # float32 [rows, ...]: one tensor at a time
-        result = processor.process(weights=weights, name=tensor.name, tensor_key_mapping=names,
-                                   parsed_parameters=parsed)
-        if result.name in names:
-            array = result.weights
-            owned = array.flags.writeable and array.flags.c_contiguous  # not a view into the memory map
-            add(names[result.name], torch.from_numpy(array if owned else np.array(array)).float())
-        del weights, result
-        release_mapped_pages(reader)
-    for name, stacked in parsed.pop("tensors").items():
-        add(name, stacked.float())
-    flush()
+    with long_lived_objects_frozen():  # the reader's ~10^6 field objects: each collection would scan them
+        parsed["tensors"] = {}  # where transformers' MoE processors assemble stacked experts over several tensors
+        for tensor in reader.tensors:
+            weights = dequantized(tensor, dequantize)  # float32 [rows, ...]: one tensor at a time
+            result = processor.process(weights=weights, name=tensor.name, tensor_key_mapping=names,
+                                       parsed_parameters=parsed)
+            if result.name in names:
+                name, array = names[result.name], result.weights  # float32 numpy [rows, ...]
+                del weights, result
+                tensor_out = as_tensor(array, dtype)
+                del array  # the float32 original goes before the bytes are written
+                add(name, tensor_out)
+                del tensor_out
+            else:
+                del weights, result
+            release_mapped_pages(reader)
+            release_freed_memory()  # glibc keeps freed large arrays resident unless trimmed
+        for name, stacked in parsed.pop("tensors").items():
+            add(name, stacked.to(dtype))
     writer.finish()
     tied = "lm_head.weight" if getattr(config, "tie_word_embeddings", False) else None
     # transformers would initialise a parameter the file lacks at random and go on: lowbit would quantize noise
@@ -171,6 +219,7 @@ def _convert(path: Path, out: Path) -> list[str]:
             f"GGUF file {path} lacks {len(missing) + len(wrong)} tensor(s) its architecture needs, e.g. {example!r} "
             "(renamed, missing or of the wrong shape); the file is corrupt or was written for another architecture"
         )
+    config.dtype = dtype  # what the shards hold (transformers' own GGUF loading would say float32)
     config.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return sorted(written)

@@ -62,8 +62,8 @@ class ActQuantLinear(WeightOnlyLinear):
     def calibration_stand_in(self, dtype: torch.dtype) -> nn.Module:
         return self  # it quantizes its inputs: only it computes what it computes
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(self.quantize_input(x))
+    def matmul_input(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quantize_input(x)
 
     def extra_repr(self) -> str:
         act = f"A{self.act_bits} {'static' if self.act_static else 'dynamic'} per-{'token' if self.act_per_token else 'tensor'}"

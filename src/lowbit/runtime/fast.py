@@ -119,16 +119,19 @@ class Int8OutlierKernelLinear(KernelModule):
         return _bias(out, self.exact.bias)
 
 
-class DenseKernelLinear(KernelModule):
-    """A pruned Linear with its dense weight materialised once (no CPU kernel gains from 2:4 sparsity: float speed
-    for more memory)."""
+class DequantizedLinear(KernelModule):
+    """A runtime Linear with its float weight computed once: the exact module's own forward (its input quantization
+    included) with the weight it would dequantize on every call kept instead, so outputs are bit-identical to the
+    exact backend's at float speed, for float memory. The dequantized backend (evaluation) uses it for every
+    runtime Linear, the fast backend for pruned ones (no CPU kernel gains from 2:4 sparsity)."""
 
     def __init__(self, exact: nn.Module, weight: torch.Tensor) -> None:
         super().__init__(exact, weight=weight)  # [out, in]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
-        return F.linear(x, weight, self.exact.bias)
+        if x.dtype != self.weight.dtype:  # the exact module dequantizes in the input's dtype: so does it here
+            return self.exact(x)
+        return F.linear(self.exact.matmul_input(x), self.weight, self.exact.bias)
 
 
 @contextmanager
@@ -143,6 +146,18 @@ def exact_modules(model: nn.Module) -> Iterator[None]:
     finally:
         for name, module in swapped:
             model.set_submodule(name, module)
+
+
+def to_dequantized(model: nn.Module, dtype: torch.dtype) -> int:
+    """Swap every runtime Linear of ``model`` for a ``DequantizedLinear`` holding its ``dtype`` weight; returns how
+    many."""
+    switched = 0
+    for name, module in list(model.named_modules()):
+        make = getattr(module, "float_weight", None)
+        if callable(make) and not isinstance(module, KernelModule):
+            model.set_submodule(name, DequantizedLinear(module, make(dtype)))
+            switched += 1
+    return switched
 
 
 def to_fast(model: nn.Module) -> int:

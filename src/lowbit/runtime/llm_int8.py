@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from lowbit.numerics.activations import quantize_activations
 from torch import nn
@@ -42,11 +41,11 @@ class Int8OutlierLinear(WeightOnlyLinear):
     def calibration_stand_in(self, dtype: torch.dtype) -> nn.Module:
         return self  # it quantizes its inputs: only it computes what it computes
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def matmul_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Outlier columns as they are, the rest quantized to INT8 per token."""
         outliers = outlier_columns(x, self.threshold)  # [in]
         regular = quantize_activations(x.masked_fill(outliers, 0.0), 8, per_token=True, symmetric=True)
-        mixed = torch.where(outliers, x, regular)
-        return F.linear(mixed, self.dequantized_weight(x.dtype), self.bias)
+        return torch.where(outliers, x, regular)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, outlier threshold={self.threshold}"

@@ -63,9 +63,9 @@ class SparseLinear(nn.Module):
 
     def fast_module(self) -> nn.Module:
         """The dense weight kept instead of scattered on every call (bit-identical outputs, more memory)."""
-        from lowbit.runtime.fast import DenseKernelLinear
+        from lowbit.runtime.fast import DequantizedLinear
 
-        return DenseKernelLinear(self, self.dense_weight())
+        return DequantizedLinear(self, self.dense_weight())
 
     def calibration_stand_in(self, dtype: torch.dtype) -> nn.Module:
         """A plain Linear holding the dense weight (bit-identical outputs) until the block is finished."""
@@ -73,8 +73,14 @@ class SparseLinear(nn.Module):
 
         return _linear(self.dense_weight(dtype), self.bias, dtype)
 
+    def float_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.dense_weight(dtype)
+
+    def matmul_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dense_weight(x.dtype), self.bias)
+        return F.linear(x, self.float_weight(x.dtype), self.bias)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, kept={self.nnz / (self.in_features * self.out_features):.1%}"

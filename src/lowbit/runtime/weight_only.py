@@ -117,8 +117,16 @@ class WeightOnlyLinear(nn.Module):
         (bit-identical outputs; the later stage passes would otherwise unpack it on every call)."""
         return _linear(self.dequantized_weight(dtype), self.bias, dtype)
 
+    def float_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight the matmul uses, [out, in] in ``dtype`` (what the dequantized backend computes once)."""
+        return self.dequantized_weight(dtype)
+
+    def matmul_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What multiplies the weight: the input itself here; quantized inputs in the W8A8 / LLM.int8() modules."""
+        return x
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
+        return F.linear(self.matmul_input(x), self.float_weight(x.dtype), self.bias)
 
     def extra_repr(self) -> str:
         grid = "per-tensor" if self.per_tensor else f"group_size={self.group_size}"

@@ -1,0 +1,70 @@
+"""The recipe names lowbit accepts, importable without torch: the preset names and descriptions, the grid-point
+names, and the check of a name. lowbit/presets.py builds the recipes these names stand for (it imports the recipe
+classes, and with them torch); the command line checks ``--recipe``/``--recipes``/``lowbit recipes NAME`` with
+``check_recipe_name`` while the options are parsed, and lists the presets, without building a recipe.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from lowbit.errors import LowbitError
+
+# name -> one-line description; lowbit/presets.py gives each its steps
+PRESETS: dict[str, str] = {
+    "w8": "RTN INT8 symmetric per-channel weights",
+    "w4g128": "RTN INT4 asymmetric g128 weights (the demo default)",
+    "w3g128": "RTN INT3 asymmetric g128 weights",
+    "gptq-w4g128": "GPTQ INT4 g128",
+    "gptq-w4g128-actorder": "GPTQ INT4 g128 with act-order",
+    "gptq-w3g128": "GPTQ INT3 g128",
+    "awq-w4g128": "AWQ scale + clip search, INT4 g128",
+    "awq-w3g128": "AWQ scale + clip search, INT3 g128",
+    "awq-gptq-w4g128": "AWQ scales and clip, then GPTQ rounding, INT4 g128",
+    "w8a8-naive": "INT8 per-tensor weights and per-tensor static INT8 inputs (the naive baseline)",
+    "w8a8-token": "INT8 per-channel weights, per-token dynamic INT8 inputs",
+    "smoothquant-w8a8": "SmoothQuant a=0.5, INT8 per-channel weights, per-token dynamic INT8 inputs",
+    "smoothquant-w8a8-static": "SmoothQuant a=0.5, INT8 per-channel weights, per-tensor static INT8 inputs",
+    "smoothquant-all-w8a8-static": (
+        "SmoothQuant a=0.5 on norm and Linear->Linear inputs (up->down too), INT8 per-channel weights, "
+        "per-tensor static INT8 inputs"
+    ),
+    "llm-int8": "LLM.int8(): outlier input columns (|x|>6) in float, the rest INT8",
+    "magnitude-50": "magnitude pruning, 50% unstructured",
+    "wanda-50": "Wanda pruning, 50% unstructured",
+    "wanda-2of4": "Wanda pruning, 2:4 semi-structured",
+    "wanda-2of4-w4g128": "Wanda 2:4, then RTN INT4 g128",
+    "sparsegpt-50": "SparseGPT 50% unstructured",
+    "sparsegpt-2of4": "SparseGPT 2:4 semi-structured",
+}
+
+# any weight-only grid point is a recipe name too: "gptq-w4g64", "w3pc", "awq-gptq-w4g32", "gptq-w4g128-actorder";
+# `lowbit compare --methods M... --bits B... --group-sizes G...` sweeps SWEEP_METHODS
+SWEEP_NAME = re.compile(r"(?:(?P<method>gptq|awq|awq-gptq)-)?w(?P<bits>[2-8])(?:g(?P<group>[1-9][0-9]*)|pc)(?P<actorder>-actorder)?")
+SWEEP_METHODS = ("rtn", "gptq", "gptq-actorder", "awq", "awq-gptq")
+
+
+def parse_recipe_name(name_or_path: str) -> tuple[str, tuple[str, int, int] | None]:
+    """("preset" | "file" | "sweep", (method, bits, group size or 0) for a grid point) of a name lowbit takes for a
+    recipe (whether a file holds a valid recipe is checked when it is read); else the one-line unknown-recipe error."""
+    if name_or_path in PRESETS:
+        return "preset", None
+    if Path(name_or_path).suffix == ".json" or Path(name_or_path).exists():
+        return "file", None
+    sweep = SWEEP_NAME.fullmatch(name_or_path)
+    if sweep is not None:
+        method = (sweep["method"] or "rtn") + ("-actorder" if sweep["actorder"] else "")
+        if method in SWEEP_METHODS:
+            return "sweep", (method, int(sweep["bits"]), int(sweep["group"] or 0))
+    raise LowbitError(
+        f"unknown recipe {name_or_path!r}: pass a preset ({', '.join(PRESETS)}), a weight-only grid point named like "
+        "the presets (e.g. gptq-w4g64, awq-w3pc, w2g32, gptq-w4g64-actorder) or the path of a JSON recipe file"
+    )
+
+
+def check_recipe_name(name_or_path: str) -> str:
+    """``name_or_path`` unchanged if it names a recipe, else the unknown-recipe error: the ``type=`` of every recipe
+    option (argparse only catches ValueError, so the LowbitError reaches ``main``), checked before torch is imported."""
+    parse_recipe_name(name_or_path)
+    return name_or_path
