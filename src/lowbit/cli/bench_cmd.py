@@ -19,11 +19,11 @@ from lowbit.cli.common import (
 )
 from lowbit.evaluation.units import mib
 from lowbit.io.atomic import refuse_non_directory, report_folder, write_json_atomic, write_text_atomic
+from lowbit.runtime.backends import BACKENDS
 from lowbit.schema import Range
 
 BENCH_JSON = "runtime.json"
 BENCH_MD = "runtime.md"
-from lowbit.runtime.backends import BACKENDS
 
 
 def register(sub: argparse._SubParsersAction) -> None:

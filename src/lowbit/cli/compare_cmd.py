@@ -25,10 +25,10 @@ from lowbit.cli.common import (
     child_command, console, default_model, parse_device, run_child, torch_dtype,
 )
 from lowbit.cli.inspect_cmd import INSPECT_JSON
-from lowbit.preset_names import SWEEP_METHODS, check_recipe_name
 from lowbit.errors import LowbitError
 from lowbit.io.atomic import refuse_non_directory, refuse_unsafe_target, report_folder, write_text_atomic
 from lowbit.pipeline.report import QuantizeReport
+from lowbit.preset_names import PRESETS, SWEEP_METHODS, check_recipe_name
 from lowbit.schema import Range, check_record, read_json
 
 if TYPE_CHECKING:
@@ -88,15 +88,13 @@ def quantize_in_child(args: argparse.Namespace, recipe: str, out: Path, transfor
 
 def row_name(recipe: str) -> str:
     """Presets by name, recipe files by file stem."""
-    from lowbit.presets import preset_names
-
-    return recipe if recipe in preset_names() else Path(recipe).stem
+    return recipe if recipe in PRESETS else Path(recipe).stem
 
 
 def planned_recipes(args: argparse.Namespace, out: Path) -> dict[str, tuple[str, Recipe]]:
     """Row name -> (what the child is given, the recipe): named recipes first, then the sweep. Every recipe is
     built (and so checked) before anything is written; sweep points that are not presets go to out/recipes/."""
-    from lowbit.presets import preset_names, resolve_recipe, sweep_recipe
+    from lowbit.presets import resolve_recipe, sweep_recipe
 
     recipes = {row_name(r): (r, resolve_recipe(r)) for r in args.recipes}
     sweep = [sweep_recipe(m, b, g) for m in args.methods for b in args.bits for g in args.group_sizes]
@@ -105,7 +103,7 @@ def planned_recipes(args: argparse.Namespace, out: Path) -> dict[str, tuple[str,
     for recipe in sweep:
         if recipe.name in recipes:
             continue
-        if recipe.name in preset_names() and resolve_recipe(recipe.name) == recipe:
+        if recipe.name in PRESETS and resolve_recipe(recipe.name) == recipe:
             recipes[recipe.name] = (recipe.name, recipe)
             continue
         recipes[recipe.name] = (str(out / "recipes" / f"{recipe.name}.json"), recipe)
@@ -202,7 +200,6 @@ def compare(
     from lowbit.evaluation.recommend import recommendations
     from lowbit.evaluation.speed import machine_description
     from lowbit.io.writer import ARTIFACT_FILE
-    from lowbit.presets import preset_names
     from lowbit.recipe import Recipe
 
     max_windows = args.max_windows or None
@@ -233,7 +230,7 @@ def compare(
                 console.print(f"[bold]{name}[/bold]: quantizing" + (f" (re-using {source}'s scales)" if source else ""))
                 summary = quantize_in_child(args, spec, out / name, out / source if source else None)
                 row = {
-                    "recipe": name, "description": preset_names().get(name, recipe.label), "config": recipe.to_dict(),
+                    "recipe": name, "description": PRESETS.get(name, recipe.label), "config": recipe.to_dict(),
                     **measure(str(out / name)),
                     "quantize_seconds": summary["seconds"], "peak_rss_bytes": summary["peak_rss_bytes"],
                     "mean_linear_error": summary["mean_linear_error"], "block_errors": block_errors(out / name),

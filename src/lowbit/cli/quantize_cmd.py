@@ -11,10 +11,10 @@ from lowbit.cli.common import (
     add_calibration_options, add_model_options, calibration_from_args, console, default_model, parse_device,
     peak_rss_bytes, torch_dtype,
 )
-from lowbit.preset_names import check_recipe_name
 from lowbit.errors import LowbitError
 from lowbit.evaluation.units import mib
 from lowbit.pipeline.report import QuantizeReport, layer_table
+from lowbit.preset_names import check_recipe_name
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -16,7 +16,7 @@ from typing import BinaryIO
 
 import torch
 
-from lowbit.models.checkpoint import INDEX_FILE
+from lowbit.io.writer import write_index
 
 SHARD_BYTES = 2 << 30
 HEADER_BYTES = 256 << 10  # ~2,000 tensor entries; a multiple of 8, so the data starts 8-byte aligned
@@ -65,8 +65,7 @@ class StreamingShardWriter:
     def finish(self) -> None:
         if self._file is not None:
             self._close_shard()
-        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(self.weight_map.items()))}
-        (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2))
+        write_index(self.folder, self.weight_map, self.total_bytes)
 
     def _header(self, entries: dict[str, dict]) -> bytes:
         return json.dumps({"__metadata__": {"format": "pt"}, **entries}, separators=(",", ":")).encode()

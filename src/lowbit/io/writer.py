@@ -46,8 +46,13 @@ class ShardWriter:
         self.write(filename, {f"{prefix}.{k}": v for k, v in module.state_dict().items()})
 
     def finish(self) -> None:
-        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(self.weight_map.items()))}
-        (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2))
+        write_index(self.folder, self.weight_map, self.total_bytes)
+
+
+def write_index(folder: Path, weight_map: dict[str, str], total_bytes: int) -> None:
+    """The HF-style ``model.safetensors.index.json``: tensor -> shard file, and the tensors' total bytes."""
+    index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+    (folder / INDEX_FILE).write_text(json.dumps(index, indent=2))
 
 
 def block_shard_name(prefix: str) -> str:
