@@ -11,7 +11,7 @@ the name map come from transformers' metadata reading; the model is a meta-devic
 The cache is bfloat16 by default, half of float32 on disk and when read (a 7B model: 13.5 GB instead of 27 GB);
 ``LOWBIT_GGUF_DTYPE=float32`` (or ``dtype=torch.float32``) keeps the dequantized values exactly (a Q4_K value
 d * sc * q - dmin * m needs about 20 significant bits; bfloat16 has 8, so each weight moves by at most 2^-9 of
-itself, 1/100 of a 4-bit grid step: the embedded SmolLM2's perplexity goes from 13.1480 to 13.1486).
+itself, 1/100 of a 4-bit grid step: the embedded SmolLM2's perplexity goes from 13.1479 to 13.1486).
 
 The cache key is the file's sha256, so a changed file is never served stale; an entry is reused only when its
 import record matches the file and its weights (see ``cache_entry_is_valid``).
