@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from lowbit.distributed.ranks import SINGLE, Ranks
 from lowbit.errors import LowbitError
 from lowbit.io.atomic import atomic_directory, check_output_dir
 from lowbit.io.writer import (
@@ -69,10 +70,16 @@ def quantize(
     batch_size: int = 8,
     seed: int = 0,
     progress: bool = False,
+    ranks: Ranks | None = None,
 ) -> nn.Module:
     """Quantize a transformers causal LM in place with ``recipe``; ``calibration`` is token ids [N, L], or None
     for a data-free recipe (RTN, magnitude pruning, LLM.int8(), dynamic activations: no forward pass, no errors
     measured).
+
+    Under torchrun, with the default process group initialised (``torch.distributed.init_process_group``), pass
+    ``ranks=lowbit.distributed.ranks.current_ranks(device)`` and call this on every rank with the same arguments:
+    the calibration is divided among them and every rank returns the same quantized model (docs/distributed.md).
+    Without ``ranks`` this process quantizes alone, whatever process group exists.
 
     Returns the same model, its Linears replaced by lowbit runtime modules, with ``model.lowbit_info``.
     """
@@ -80,7 +87,7 @@ def quantize(
     store = InMemoryStore(model)
     report, artifact = run_blocks(
         store, recipe, calibration, batch_size=batch_size, device=device, seed=seed,
-        saved=saved_artifact(recipe), progress=progress,
+        saved=saved_artifact(recipe), progress=progress, ranks=ranks or SINGLE,
     )
     model.lowbit_info = LowbitInfo(recipe, report, artifact)
     return model
@@ -127,17 +134,29 @@ def quantize_checkpoint(
     seed: int = 0,
     overwrite: bool = False,
     progress: bool = True,
+    ranks: Ranks = SINGLE,
 ) -> QuantizeReport:
     """Quantize the HF checkpoint in ``source`` into ``out`` block by block: each block is read from disk when
-    its turn comes, written as soon as it is done, and freed. Peak memory is about one block plus activations."""
-    check_output_dir(out, overwrite, inputs=[source])
+    its turn comes, written as soon as it is done, and freed. Peak memory is about one block plus activations.
+
+    On several ``ranks`` (each calling this with the same arguments) rank 0 writes ``out`` and the others write
+    nothing; rank 0 renames its output into place only after every rank has finished without error."""
+    if ranks.writes:  # the others write nothing (on other machines, OUT's folder may not even exist)
+        check_output_dir(out, overwrite, inputs=[source])
     lazy = LazyModel(source, dtype)
     saved = saved_artifact(recipe)
+    if not ranks.writes:
+        store = LazyStore(lazy, lambda prefix, block: None)
+        report, _ = run_blocks(store, recipe, calibration, batch_size=batch_size, device=device, seed=seed,
+                               saved=saved, progress=False, ranks=ranks)
+        ranks.barrier()  # this rank is done: rank 0 may commit the output
+        return report
     with atomic_directory(out, overwrite, inputs=[source]) as tmp:
         writer = ShardWriter(tmp)
         store = LazyStore(lazy, lambda prefix, block: writer.write_module(block_shard_name(prefix), prefix, block))
         report, artifact = run_blocks(
-            store, recipe, calibration, batch_size=batch_size, device=device, seed=seed, saved=saved, progress=progress
+            store, recipe, calibration, batch_size=batch_size, device=device, seed=seed, saved=saved,
+            progress=progress, ranks=ranks,
         )
         write_outside_blocks(writer, lazy, dtype)
         writer.finish()
@@ -145,6 +164,7 @@ def quantize_checkpoint(
             tmp, lazy.config, runtime_module_configs(lazy.model), recipe.to_dict(), dtype,
             report.to_dict(), artifact, tokenizer_source=source,
         )
+        ranks.barrier()  # commit only once every rank has finished: a rank that failed leaves no output
     return report
 
 

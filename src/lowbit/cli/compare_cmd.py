@@ -25,6 +25,7 @@ from lowbit.cli.common import (
     child_command, console, default_model, parse_device, run_child, torch_dtype,
 )
 from lowbit.cli.inspect_cmd import INSPECT_JSON
+from lowbit.cli.quantize_cmd import add_nproc_option
 from lowbit.errors import LowbitError
 from lowbit.io.atomic import refuse_non_directory, refuse_unsafe_target, report_folder, write_text_atomic
 from lowbit.pipeline.report import QuantizeReport
@@ -53,6 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--out", required=True, help="folder for the quantized models (one sub-folder per recipe)")
     c.add_argument("--no-reuse-transforms", action="store_true", help="search SmoothQuant/AWQ scales in every row")
     c.add_argument("--no-inspect", action="store_true", help="skip the outlier diagnosis behind the recommendation")
+    add_nproc_option(c)
     _add_shared(c)
     c.set_defaults(func=run_compare)
 
@@ -82,6 +84,7 @@ def quantize_in_child(args: argparse.Namespace, recipe: str, out: Path, transfor
         "--calib", args.calib, "--nsamples", str(args.nsamples), "--seq-len", str(args.seq_len),
         "--batch-size", str(args.batch_size), "--seed", str(args.seed),
         *(["--transforms", str(transforms)] if transforms else []),
+        *(["--nproc", str(args.nproc)] if getattr(args, "nproc", 1) > 1 else []),  # demo has no --nproc
     ]
     return json.loads(run_child(command, f"`lowbit quantize --recipe {recipe}`"))
 

@@ -53,22 +53,38 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # a number out of its range or an unknown recipe name is a LowbitError (cli/common.py, preset_names.py)
         args = build_parser().parse_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)  # what `--nproc` starts again in every rank
         loads_models = getattr(args, "loads_models", True)  # False: `lowbit recipes` (set_defaults)
-        configure_logging(args.quiet, transformers=loads_models)
+        # ranks other than 0 of a distributed run keep quiet: rank 0 speaks for the run
+        configure_logging(args.quiet or os.environ.get("RANK", "0") not in ("", "0"), transformers=loads_models)
         if loads_models:
             from lowbit.pipeline.memory import prefer_mmap_for_large_allocations
 
             prefer_mmap_for_large_allocations()
         return int(args.func(args) or 0)
     except LowbitError as exc:
-        print(f"lowbit: error: {exc}", file=sys.stderr)
+        say(f"lowbit: error: {exc}")
         return 2
     except KeyboardInterrupt:
-        print("lowbit: interrupted; no partial output was left behind", file=sys.stderr)
+        say("lowbit: interrupted; no partial output was left behind")
         return 130
     except Terminated as exc:
-        print(f"lowbit: stopped by {exc}; no partial output was left behind", file=sys.stderr)
+        say(f"lowbit: stopped by {exc}; no partial output was left behind")
         return 128 + exc.signum
+
+
+def say(line: str) -> None:
+    """The one line a failed run ends with: on stderr, or, in a rank started by `--nproc`, into the file its
+    launcher reads (the launcher prints one line for the whole run: distributed/launch.py)."""
+    error_file = os.environ.get("LOWBIT_ERROR_FILE")
+    if error_file:
+        try:
+            with open(error_file, "w") as f:
+                f.write(line + "\n")
+            return
+        except OSError:
+            pass
+    print(line, file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -5,16 +5,25 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from pathlib import Path
 
 from lowbit.cli.common import (
-    add_calibration_options, add_model_options, calibration_from_args, console, default_model, parse_device,
-    peak_rss_bytes, torch_dtype,
+    add_calibration_options, add_model_options, add_number, calibration_from_args, console, default_model,
+    parse_device, peak_rss_bytes, torch_dtype,
 )
 from lowbit.errors import LowbitError
 from lowbit.evaluation.units import mib
 from lowbit.pipeline.report import QuantizeReport, layer_table
 from lowbit.preset_names import check_recipe_name
+from lowbit.schema import Range
+
+if TYPE_CHECKING:
+    import torch
+
+    from lowbit.distributed.ranks import Ranks
+    from lowbit.models.source import ModelSource
+    from lowbit.recipe import Recipe
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -36,6 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "dynamic W8A8), to report per-layer errors; without it they need no forward pass")
     q.add_argument("--verbose", action="store_true", help="print a row per Linear, not only per block")
     q.add_argument("--json", action="store_true", help="print the run summary as JSON")
+    add_nproc_option(q)
     add_model_options(q)
     add_calibration_options(q)
     q.set_defaults(func=run_quantize)
@@ -62,21 +72,35 @@ class QuantizeRun:
         }
 
 
-def quantize_from_args(args: argparse.Namespace, out: Path, recipe_name: str) -> QuantizeRun:
-    """Calibrate and quantize as the CLI options say."""
-    from lowbit.api import quantize_checkpoint
+def add_nproc_option(parser: argparse.ArgumentParser) -> None:
+    add_number(parser, "--nproc", int, Range(1), default=1,
+               help="calibrate on N processes of this machine (torch.distributed: gloo on CPUs, one GPU each with "
+                    "--device cuda); the result equals one process's (docs/distributed.md). Default 1")
+
+
+def checked_request(
+    args: argparse.Namespace, out: Path, recipe_name: str, writes: bool = True
+) -> tuple[Recipe, ModelSource]:
+    """The recipe and model of a `quantize` command, checked (cheap checks, one line each) before any work; the
+    output folder only where it is written (rank 0 of a distributed run)."""
     from lowbit.export.compressed_tensors import check_recipe_for_compressed_tensors
     from lowbit.export.gguf import check_recipe_for_gguf
     from lowbit.io.atomic import check_output_dir
-    from lowbit.models.checkpoint import CheckpointReader
     from lowbit.models.source import resolve_model
     from lowbit.presets import resolve_recipe
 
     device = parse_device(args.device)
+    if device.type == "cuda" and args.nproc > 1:
+        import torch
+
+        if args.nproc > torch.cuda.device_count():
+            raise LowbitError(f"--nproc {args.nproc} with --device cuda needs {args.nproc} GPUs, this machine shows "
+                              f"{torch.cuda.device_count()}; lower --nproc")
     recipe = resolve_recipe(recipe_name)
     if args.transforms:
         recipe = recipe.reusing_transforms(args.transforms)
-    check_output_dir(out, args.overwrite, inputs=[Path(args.model)])
+    if writes:
+        check_output_dir(out, args.overwrite, inputs=[Path(args.model)])
     source = resolve_model(args.model)
     if source.is_lowbit:
         raise LowbitError(f"{args.model} is already a lowbit output; quantize the original model instead")
@@ -84,22 +108,59 @@ def quantize_from_args(args: argparse.Namespace, out: Path, recipe_name: str) ->
         check_recipe_for_gguf(recipe, source.folder)
     if args.format == "compressed-tensors":
         check_recipe_for_compressed_tensors(recipe)
+    return recipe, source
+
+
+def quantize_from_args(
+    args: argparse.Namespace, out: Path, recipe_name: str, ranks: Ranks | None = None,
+    device: torch.device | None = None,
+) -> QuantizeRun:
+    """Calibrate and quantize as the CLI options say (as one rank of several when ``ranks`` says so)."""
+    from lowbit.api import quantize_checkpoint
+    from lowbit.distributed.ranks import SINGLE
+    from lowbit.models.checkpoint import CheckpointReader
+
+    ranks = ranks or SINGLE
+    recipe, source = checked_request(args, out, recipe_name, writes=ranks.writes)
+    device = device or parse_device(args.device)
     ids = None
     if recipe.needs_calibration or args.measure:
         ids = calibration_from_args(args, source.folder)
     report = quantize_checkpoint(
         source.folder, recipe, ids, out, dtype=torch_dtype(args.dtype), device=device, batch_size=args.batch_size,
-        seed=args.seed, overwrite=args.overwrite,
+        seed=args.seed, overwrite=args.overwrite, progress=ranks.writes, ranks=ranks,
     )
-    return QuantizeRun(report, out, CheckpointReader(source.folder).nbytes(), CheckpointReader(out).nbytes(), peak_rss_bytes())
+    out_bytes = CheckpointReader(out).nbytes() if ranks.writes else 0
+    return QuantizeRun(report, out, CheckpointReader(source.folder).nbytes(), out_bytes, peak_rss_bytes())
 
 
 def run_quantize(args: argparse.Namespace) -> int:
+    from lowbit.distributed.ranks import join_ranks, launched_world, leave_ranks
+
+    world = launched_world()[1]
+    if args.nproc > 1 and world == 1:
+        from lowbit.distributed.launch import launch, strip_nproc
+
+        checked_request(args, Path(args.out), args.recipe)  # a bad request is one line before any rank starts
+        return launch(strip_nproc(args.argv), args.nproc, Path(args.out))
+    if args.nproc > 1 and args.nproc != world:
+        raise LowbitError(f"--nproc {args.nproc} inside a run of {world} ranks (torchrun); drop --nproc")
+    ranks, device = join_ranks(parse_device(args.device))
+    try:
+        run = quantize_from_args(args, Path(args.out), args.recipe, ranks, device)
+    finally:
+        leave_ranks()
+    if not ranks.writes:
+        return 0
+    return report_run(args, run)
+
+
+def report_run(args: argparse.Namespace, run: QuantizeRun) -> int:
+    """Exports asked for, then the summary (JSON or the per-layer table)."""
     from lowbit.api import load
     from lowbit.export.compressed_tensors import CT_DIR, write_compressed_tensors
     from lowbit.export.gguf import GGUF_FILE, write_gguf
 
-    run = quantize_from_args(args, Path(args.out), args.recipe)
     if args.format == "gguf":
         write_gguf(run.out, load(run.out), run.out / GGUF_FILE)
     if args.format == "compressed-tensors":

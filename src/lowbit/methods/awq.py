@@ -10,6 +10,8 @@ from typing import ClassVar
 
 import torch
 
+from lowbit.distributed.divide import divide_work
+from lowbit.distributed.ranks import SINGLE, Ranks
 from lowbit.numerics.grid import group_count
 from lowbit.methods.base import TRANSFORM, Step, WeightQuant, check
 from lowbit.methods.rtn import RTN
@@ -20,7 +22,7 @@ from lowbit.pipeline.context import BlockContext, resolve_groups
 from lowbit.pipeline.fold import probe_from
 from lowbit.pipeline.observers import CallRecorder, MeanAbsObserver, TokenSampleObserver
 from lowbit.pipeline.taps import replay, run_with_taps
-from lowbit.pipeline.transforms import AWQ_CLIP_KEY, AWQ_SCALE_KEY, fold_proven, saved_tensor
+from lowbit.pipeline.transforms import AWQ_CLIP_KEY, AWQ_SCALE_KEY, agreed_scales, fold_proven, saved_tensor
 
 
 def same_grid(a: WeightQuant, b: WeightQuant) -> bool:
@@ -89,10 +91,11 @@ class AWQ(Step):
 @torch.no_grad()
 def search_awq_scale(
     linears: list[torch.nn.Linear], x_mean: torch.Tensor, spec: WeightQuant, n_grid: int,
-    run: Callable[[], list[torch.Tensor]],
+    run: Callable[[], list[torch.Tensor]], ranks: Ranks = SINGLE,
 ) -> torch.Tensor:
     """AWQ grid search: the s = mean|x|^a (normalised) for which quantizing the Linears as Q(W s) / s changes the
-    outputs of ``run`` (the inspected module replayed on recorded inputs) least. The weights are restored."""
+    outputs of ``run`` (the inspected module replayed on recorded inputs) least. The weights are restored. On
+    several ranks each replays its own recorded calls and the losses are summed over ranks."""
     reference = run()
     originals = [lin.weight.detach().clone() for lin in linears]
     best_loss, best_s = math.inf, torch.ones_like(x_mean)
@@ -102,6 +105,8 @@ def search_awq_scale(
             for lin, W in zip(linears, originals):
                 lin.weight.copy_((rtn(W * s, spec).dequantize() / s).to(W.dtype))
             loss = sum(float((o - r).float().pow(2).sum()) for o, r in zip(run(), reference))
+            if ranks.distributed:
+                loss = ranks.sum_floats([loss])[0]
             if loss < best_loss:
                 best_loss, best_s = loss, s
     finally:
@@ -138,7 +143,9 @@ def awq_block(ctx: BlockContext, step: AWQ, batch_size: int, saved: dict[str, to
             else:
                 x_mean = next(o for o in taps[g.spec.linears[0]] if isinstance(o, MeanAbsObserver)).mean
                 module, calls = ctx.block.get_submodule(g.inspect_path), recorders[g.inspect_path].calls
-                s = search_awq_scale(g.linears, x_mean, step.weights, step.n_grid, lambda: replay(module, calls))
+                s = agreed_scales(ctx, search_awq_scale(
+                    g.linears, x_mean, step.weights, step.n_grid, lambda: replay(module, calls), ctx.ranks
+                ))
             ctx.artifact[name] = s.cpu()
         if fold_proven(ctx, probe, g, s, "awq"):
             assert s is not None
@@ -146,6 +153,13 @@ def awq_block(ctx: BlockContext, step: AWQ, batch_size: int, saved: dict[str, to
                 if path in samples and samples[path].rows is not None:
                     samples[path].rows = samples[path].rows / s.to(samples[path].rows.device)
 
+    def search_clip(path: str) -> torch.Tensor | None:
+        rows = samples[path].rows
+        assert rows is not None
+        return awq_clip(ctx.targets[path].weight.detach(), rows, step.weights, step.n_grid, step.max_shrink)
+
+    if saved is None:  # each rank searches its share of the Linears (distributed/divide.py)
+        clips = divide_work(ctx.ranks, clip_paths, lambda p: ctx.targets[p].weight.numel(), search_clip)
     for path in clip_paths:
         name = ctx.full_name(f"{path}.{AWQ_CLIP_KEY}")
         if saved is not None:
@@ -154,9 +168,7 @@ def awq_block(ctx: BlockContext, step: AWQ, batch_size: int, saved: dict[str, to
             # per-tensor grids have no clip, so the artifact may rightly lack this tensor
             max_val = saved_tensor(saved, name, (weight.shape[0], n_groups)) if name in saved else None
         else:
-            rows = samples[path].rows
-            assert rows is not None
-            max_val = awq_clip(ctx.targets[path].weight.detach(), rows, step.weights, step.n_grid, step.max_shrink)
+            max_val = clips[path]
         if max_val is not None:
             ctx.artifact[name] = max_val.cpu()
     return reference

@@ -14,7 +14,7 @@ from lowbit.pipeline.context import BlockContext, resolve_groups
 from lowbit.pipeline.fold import probe_from
 from lowbit.pipeline.observers import AbsMaxObserver
 from lowbit.pipeline.taps import run_with_taps
-from lowbit.pipeline.transforms import SMOOTH_KEY, fold_proven, saved_tensor
+from lowbit.pipeline.transforms import SMOOTH_KEY, agreed_scales, fold_proven, saved_tensor
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,7 @@ def smooth_block(ctx: BlockContext, step: SmoothQuant, saved: dict[str, torch.Te
             else:
                 weight_absmax = torch.stack([lin.weight.abs().amax(dim=0) for lin in g.linears]).amax(dim=0)
                 s = smoothquant_scales(observers[g.spec.linears[0]].absmax, weight_absmax, step.alpha)
+                s = agreed_scales(ctx, s)
             ctx.artifact[name] = s.cpu()
         fold_proven(ctx, probe, g, s, "smoothquant")
     return reference

@@ -56,9 +56,11 @@ class _Recorder(nn.Module):
 
 
 def capture_block_calls(
-    model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor, batch_size: int, device: torch.device | str
+    model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor, batch_size: int, device: torch.device | str,
+    batches: list[int] | None = None,
 ) -> BlockCalls:
-    """Run ``ids`` [N, L] through the embeddings in batches and record every block's inputs."""
+    """Run ``ids`` [N, L] through the embeddings in batches and record every block's inputs; ``batches`` names the
+    batches to run (global numbers: batch b is ids[b * batch_size : (b + 1) * batch_size]; None: all)."""
     calls = BlockCalls(hidden=[], calls=[[] for _ in blocks])
     originals = list(blocks)
     last = len(blocks) - 1
@@ -66,7 +68,8 @@ def capture_block_calls(
         for i in range(len(blocks)):
             blocks[i] = _Recorder(i, last, calls)
         with torch.no_grad():
-            for start in range(0, ids.shape[0], batch_size):
+            for b in batches if batches is not None else range(len(range(0, ids.shape[0], batch_size))):
+                start = b * batch_size
                 try:
                     model(input_ids=ids[start : start + batch_size].to(device), use_cache=False)
                 except _StopForward:

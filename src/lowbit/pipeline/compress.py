@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lowbit.distributed.divide import divide_work
 from lowbit.methods.base import Compression, LinearStats
 from lowbit.pipeline.context import BlockContext, shared_inputs
 from lowbit.pipeline.observers import AbsMaxObserver, HessianObserver, InputNormObserver
@@ -74,14 +75,25 @@ def compress_block(ctx: BlockContext, recipe: Recipe) -> dict[str, Compressed]:
         if taps:
             assert ctx.data is not None, "a recipe that observes inputs runs with calibration data"
             run_with_taps(ctx.block, ctx.data, taps, stop_early=True)
-        for path in stage:
+
+        def compress(path: str) -> Compressed:
             start = time.perf_counter()
             module, note = _compress_linear(ctx, path, recipe, stats[path])
+            return Compressed(module, label, time.perf_counter() - start, note)
+
+        # on several ranks each compresses its share of the stage's Linears and receives the others'
+        for path, c in divide_work(ctx.ranks, stage, lambda p: linear_cost(ctx.targets[p]), compress).items():
             # a block that runs no further pass (data-free) gets its runtime module directly
-            placed = module if ctx.data is None else calibration_stand_in(module, ctx.targets[path].weight.dtype)
+            placed = c.module if ctx.data is None else calibration_stand_in(c.module, ctx.targets[path].weight.dtype)
             ctx.block.set_submodule(path, placed)
-            done[path] = Compressed(module, label, time.perf_counter() - start, note)
+            done[path] = c
     return done
+
+
+def linear_cost(linear: nn.Linear) -> float:
+    """Relative cost of compressing a Linear [out, in]: GPTQ's column loop is out * in^2, its Cholesky in^3 / 3."""
+    n_in, n_out = linear.in_features, linear.out_features
+    return float(n_in) ** 2 * (n_out + n_in / 3)
 
 
 def calibration_stand_in(module: nn.Module, dtype: torch.dtype) -> nn.Module:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from lowbit.distributed.ranks import SINGLE, Ranks
 from lowbit.errors import LowbitError
 from lowbit.models.arch import Arch, ScaleGroup, block_linears, get_submodule
 from lowbit.pipeline.fold import fold_blocker
@@ -27,6 +28,7 @@ class BlockContext:
     seed: int = 0
     error_batches: int = 4  # batches whose full-precision outputs are kept to measure the block's error
     folds: list[FoldRecord] = field(default_factory=list)  # every scale fold tried on this block, kept or refused
+    ranks: Ranks = SINGLE  # the run's processes (per-Linear work is divided among them)
 
     def full_name(self, path: str) -> str:
         return f"{self.prefix}.{path}"

@@ -98,7 +98,8 @@ class Probe:
 def probe_from(data: BlockData, n_sequences: int = PROBE_SEQUENCES) -> Probe:
     """The first ``n_sequences`` of the block's first calibration batch. Call arguments with that batch's size as
     their leading dimension (masks [B, 1, L, L], position ids [B, L]) are cut with it; broadcast ones ([1, ...])
-    and 1-d ones (cache positions) are kept whole."""
+    and 1-d ones (cache positions) are kept whole. On several ranks only rank 0's probe is used (its first batch
+    is global batch 0, as in one process: transforms.fold_proven)."""
     hidden = data.hidden[0]
     batch = hidden.shape[0]
 

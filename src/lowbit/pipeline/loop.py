@@ -17,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowbit.data.calibration import check_ids_fit_model
+from lowbit.distributed.ranks import SINGLE, Ranks
 from lowbit.errors import LowbitError
 from lowbit.models.arch import arch_for, check_blocks, get_submodule
 from lowbit.models.experts import all_tokens_to_all_experts, unfuse_experts
@@ -121,6 +122,36 @@ def check_calibration(ids: torch.Tensor, config: Any) -> torch.Tensor:
     return ids.long()
 
 
+def check_ranks_agree(
+    ranks: Ranks, store: InMemoryStore | LazyStore, recipe: Recipe, ids: torch.Tensor | None, batch_size: int,
+    seed: int,
+) -> None:
+    """Before any work on several ranks: every rank was given the same recipe, calibration, batching and model
+    (config and tensor layout here; each block's weights when it is loaded), and every rank has a batch to run."""
+    if not ranks.distributed:
+        return
+    layout = [(name, tuple(t.shape), str(t.dtype)) for name, t in store.model.state_dict().items()]
+    ranks.check_same("inputs", {
+        "recipe": recipe.to_dict(), "calibration ids": ids if ids is not None else "none",
+        "batch size": batch_size, "seed": seed, "model config": store.model.config.to_dict(), "model layout": layout,
+    })
+    n_batches = 0 if ids is None else math.ceil(ids.shape[0] / batch_size)
+    if ids is not None and n_batches < ranks.size:
+        raise LowbitError(
+            f"{ids.shape[0]} calibration sequences in batches of {batch_size} make {n_batches} batch(es) for "
+            f"{ranks.size} ranks: every rank needs at least one; use fewer ranks, a smaller --batch-size or more "
+            "--nsamples"
+        )
+
+
+def weights_fingerprint(block: nn.Module) -> torch.Tensor:
+    """[n_tensors] float64 sums of a block's floating tensors (accumulated in float64 without a widened copy): equal
+    on ranks that read the same weights; compared before the block is calibrated, so a rank given another
+    checkpoint is refused rather than averaged in."""
+    sums = [t.sum(dtype=torch.float64).cpu() for t in block.state_dict().values() if t.is_floating_point()]
+    return torch.stack(sums) if sums else torch.zeros(0, dtype=torch.float64)
+
+
 @torch.no_grad()
 def run_blocks(
     store: InMemoryStore | LazyStore,
@@ -132,24 +163,28 @@ def run_blocks(
     seed: int = 0,
     saved: dict[str, torch.Tensor] | None = None,
     progress: bool = True,
+    ranks: Ranks = SINGLE,
 ) -> tuple[QuantizeReport, dict[str, torch.Tensor]]:
     """Quantize every block of ``store`` with ``recipe`` on calibration ``ids`` [N, L].
 
     ``ids`` may be None for a data-free recipe (RTN, magnitude pruning, LLM.int8(), dynamic activations): each block
     is then compressed without a forward pass, and the report has no errors (NaN). Returns the report and the
     transform artifact (SmoothQuant/AWQ scales and clips, by tensor name); ``saved`` is an earlier run's artifact
-    to re-apply instead of searching.
+    to re-apply instead of searching. With several ``ranks`` every rank calls this with the same arguments: each
+    runs its share of the calibration batches, the statistics are reduced over ranks and the per-Linear work is
+    divided, so every rank ends with the same compressed blocks (docs/distributed.md).
     """
     check_ignore_leaves_work(store.blocks, store.arch.blocks, recipe.ignore)
     if ids is None and recipe.needs_calibration:
         raise LowbitError(f"recipe {recipe.name!r} needs calibration data: pass token ids [n_sequences, seq_len]")
     ids = None if ids is None else check_calibration(ids, store.model.config)
+    check_ranks_agree(ranks, store, recipe, ids, batch_size, seed)
     start = time.perf_counter()
     shape = {"n_sequences": 0, "seq_len": 0} if ids is None else {"n_sequences": ids.shape[0], "seq_len": ids.shape[1]}
     report = QuantizeReport(recipe.to_dict(), {**shape, "batch_size": batch_size, "seed": seed})
     artifact: dict[str, torch.Tensor] = {}
     with long_lived_objects_frozen():
-        _run(store, recipe, ids, report, artifact, batch_size, device, seed, saved, progress)
+        _run(store, recipe, ids, report, artifact, batch_size, device, seed, saved, progress, ranks)
     report.seconds = time.perf_counter() - start
     return report, artifact
 
@@ -163,21 +198,28 @@ def walk_blocks(
     device: torch.device | str,
     progress: bool,
     desc: str,
+    ranks: Ranks = SINGLE,
 ) -> Iterator[tuple[int, T, int]]:
     """The one block loop, shared by quantization and inspection: capture what every block is called with (unless
     ``ids`` is None: a data-free pass), then per block: materialise it, ``visit(index, prefix, block, data)`` (which
     leaves the block's outputs in ``data.hidden`` for the next block), hand it back to the store (written out and
     freed, or kept), free what it held. Yields (index, what visit returned, the block's peak memory in bytes); the
-    store is closed however the loop ends."""
+    store is closed however the loop ends. On several ``ranks`` each captures and runs its own batches."""
     calls = None
+    index = tokens = None
     try:
         if ids is not None:
             store.prepare(device)
-            calls = capture_block_calls(store.model, store.blocks, ids, batch_size, device)
+            n_batches = math.ceil(ids.shape[0] / batch_size)
+            index = ranks.batches(n_batches)
+            tokens = [ids[b * batch_size : (b + 1) * batch_size].numel() for b in range(n_batches)]
+            calls = capture_block_calls(store.model, store.blocks, ids, batch_size, device, index)
             store.captured()
         for i in tqdm(range(len(store.blocks)), desc=desc, unit="block", disable=not progress):
             block = store.load(i, device)
-            data = None if calls is None else BlockData(calls.hidden, calls.calls[i])
+            if ranks.distributed:
+                ranks.check_same("model weights", {f"{store.arch.blocks}.{i}": weights_fingerprint(block)})
+            data = None if calls is None else BlockData(calls.hidden, calls.calls[i], index, tokens, ranks)
             reset_peak_memory(device)
             result = visit(i, f"{store.arch.blocks}.{i}", block, data)
             if calls is not None:
@@ -200,6 +242,7 @@ def _run(
     seed: int,
     saved: dict[str, torch.Tensor] | None,
     progress: bool,
+    ranks: Ranks,
 ) -> None:
     """Quantization's visit of each block: transform, compress, measure (or compress only, data-free)."""
 
@@ -214,6 +257,7 @@ def _run(
             artifact=artifact,
             seed=seed + i,
             error_batches=math.ceil(ERROR_SEQUENCES / batch_size),
+            ranks=ranks,
         )
         if data is None:
             return compress_without_data(ctx, recipe, i)
@@ -223,7 +267,7 @@ def _run(
         return record
 
     blocks = walk_blocks(store, ids, quantize_block, batch_size=batch_size, device=device, progress=progress,
-                         desc="quantizing blocks")
+                         desc="quantizing blocks", ranks=ranks)
     try:
         for _, record, memory in blocks:
             record.memory_bytes = memory

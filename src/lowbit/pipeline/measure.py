@@ -58,7 +58,7 @@ def measure_block(
     block_err = [0.0, 0.0]
     try:
         with torch.no_grad():
-            for b, call in enumerate(data.calls):
+            for b, call in enumerate(data.calls):  # local batches; the measured ones come first
                 measuring[0] = b < len(fp_outputs)
                 out = run_block(block, data.hidden[b], call)
                 if b < len(fp_outputs):
@@ -69,6 +69,15 @@ def measure_block(
     finally:
         for handle in handles:
             handle.remove()
+    if data.ranks.distributed:  # the error sums of every rank's measured batches: one process's sums
+        paths = list(sums)
+        flat = data.ranks.sum_floats(
+            block_err + [v for p in paths for v in sums[p]] + [x for p in shares for x in (sum(shares[p]), len(shares[p]))]
+        )
+        block_err, rest = flat[:2], flat[2:]
+        sums = {p: rest[2 * k : 2 * k + 2] for k, p in enumerate(paths)}
+        rest = rest[2 * len(paths) :]
+        shares = {p: [rest[2 * k] / rest[2 * k + 1]] if rest[2 * k + 1] else [] for k, p in enumerate(shares)}
     return Measurement(
         linear_error={p: relative_error(*s) for p, s in sums.items()},
         outlier_share={p: sum(v) / len(v) for p, v in shares.items() if v},

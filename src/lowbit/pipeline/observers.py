@@ -1,13 +1,18 @@
 """Streaming accumulators over a module's inputs x [..., in], fed one calibration batch at a time.
 
 Only the AWQ replay keeps raw activations (a bounded number of calls); everything else is a running statistic.
+On several ranks each observer sees its rank's batches, and ``reduce`` turns the local statistics into the ones
+of all batches (taps.run_with_taps calls it once, after the pass, on every rank in the same order).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from lowbit.distributed.ranks import Ranks
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -36,6 +41,14 @@ class HessianObserver:
         self.n += t
         self.H.addmm_(rows.T, rows, alpha=2.0 / self.n)  # in place: no scaled copy of the [tokens, in] rows
 
+    def reduce(self, ranks: Ranks) -> None:
+        """H = sum over ranks of n_r H_r, divided by the total token count."""
+        assert self.H is not None, "every rank runs at least one batch (checked before the loop)"
+        self.H *= self.n
+        ranks.sum_(self.H)
+        self.n = int(ranks.sum_floats([float(self.n)])[0])
+        self.H /= self.n
+
 
 class InputNormObserver:
     """||X_j||_2 over all tokens, per input feature (Wanda's activation term)."""
@@ -46,6 +59,10 @@ class InputNormObserver:
     def add_batch(self, x: torch.Tensor) -> None:
         sq = _rows(x).pow(2).sum(dim=0)
         self.sumsq = sq if self.sumsq is None else self.sumsq + sq
+
+    def reduce(self, ranks: Ranks) -> None:
+        assert self.sumsq is not None
+        ranks.sum_(self.sumsq)
 
     @property
     def norm(self) -> torch.Tensor:
@@ -63,6 +80,10 @@ class AbsMaxObserver:
         m = _rows(x).abs().amax(dim=0)
         self.absmax = m if self.absmax is None else torch.maximum(self.absmax, m)
 
+    def reduce(self, ranks: Ranks) -> None:
+        assert self.absmax is not None
+        ranks.max_(self.absmax)
+
 
 class MeanAbsObserver:
     """mean |X_j| per input feature (AWQ's activation statistic)."""
@@ -76,6 +97,11 @@ class MeanAbsObserver:
         s = rows.abs().sum(dim=0)
         self.total = s if self.total is None else self.total + s
         self.n += rows.shape[0]
+
+    def reduce(self, ranks: Ranks) -> None:
+        assert self.total is not None
+        ranks.sum_(self.total)
+        self.n = int(ranks.sum_floats([float(self.n)])[0])
 
     @property
     def mean(self) -> torch.Tensor:
@@ -119,6 +145,21 @@ class TokenSampleObserver:
         if self.rows is not None:
             rows = torch.cat([self.rows, rows.to(self.rows.device)])
             keys = torch.cat([self.keys, keys])
+        self._keep_top(rows, keys)
+
+    def skip_batch(self, tokens: int) -> None:
+        """Another rank's batch of ``tokens`` rows: draw (and drop) its keys, so every row of every batch gets the
+        key one process would have drawn for it."""
+        torch.rand(tokens, generator=self.generator)
+
+    def reduce(self, ranks: Ranks) -> None:
+        """The rows with the largest keys over all ranks: one process's sample (top-k of a union of top-ks)."""
+        assert self.rows is not None and self.keys is not None
+        every = ranks.gather((self.rows.cpu(), self.keys))
+        rows = torch.cat([r for r, _ in every]).to(self.rows.device)
+        self._keep_top(rows, torch.cat([k.cpu() for _, k in every]))
+
+    def _keep_top(self, rows: torch.Tensor, keys: torch.Tensor) -> None:
         keep = torch.topk(keys, min(self.max_tokens, keys.numel())).indices
         self.rows, self.keys = rows[keep.to(rows.device)], keys[keep]
 

@@ -8,16 +8,34 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lowbit.distributed.ranks import SINGLE, Ranks
+from lowbit.errors import LowbitError
 from lowbit.pipeline.capture import _StopForward, run_block
 from lowbit.pipeline.observers import CallRecorder
 
 
 @dataclass
 class BlockData:
-    """One block's calibration inputs: a hidden-state tensor and the recorded call arguments per batch."""
+    """One block's calibration inputs: a hidden-state tensor and the recorded call arguments per batch this rank
+    runs. ``index`` gives each local batch's global number (None: every batch, in order: one process) and
+    ``tokens`` the token count of every global batch (what a sampling observer skips for batches other ranks run).
+    """
 
     hidden: list[torch.Tensor]
     calls: list[tuple[tuple, dict]]
+    index: list[int] | None = None
+    tokens: list[int] | None = None
+    ranks: Ranks = SINGLE
+
+    def numbered(self) -> list[tuple[int, torch.Tensor, tuple[tuple, dict]]]:
+        """(global batch number, hidden, call) of every local batch, in increasing global order."""
+        index = self.index if self.index is not None else range(len(self.hidden))
+        return list(zip(index, self.hidden, self.calls))
+
+    def skipped_tokens(self, before: int, after: int) -> list[int]:
+        """Token counts of the global batches between local batches ``after`` and ``before`` (exclusive): the
+        batches other ranks run there."""
+        return [] if self.tokens is None else self.tokens[after + 1 : before]
 
 
 def run_with_taps(
@@ -31,13 +49,16 @@ def run_with_taps(
 ) -> list[torch.Tensor]:
     """Forward every batch; feed the input of each tapped module (path in the block) to its observers.
 
-    ``recorders`` keep whole calls of a module for replay. With ``stop_early`` a batch ends as soon as every
-    tapped module has seen its input (nothing after them is needed), and no outputs are returned. Otherwise
-    the outputs of the first ``max_outputs`` batches (all when None) are returned. ``max_batches`` limits the
-    pass to the first batches.
+    ``recorders`` keep whole calls of a module for replay (global batches below their ``max_calls``). With
+    ``stop_early`` a batch ends as soon as every tapped module has seen its input (nothing after them is needed),
+    and no outputs are returned. Otherwise the outputs of global batches below ``max_outputs`` (all when None) are
+    returned. ``max_batches`` limits the pass to global batches below it. Batch numbers are global: on several
+    ranks each runs its own batches and the observers' statistics are reduced over ranks at the end, so every rank
+    ends with the statistics one process would have collected.
     """
     taps = dict(taps or {})
     fired: set[str] = set()
+    fired_ever: set[str] = set()
     handles = []
 
     def tap_hook(name: str, observers: Sequence):
@@ -45,14 +66,18 @@ def run_with_taps(
             for observer in observers:
                 observer.add_batch(args[0])
             fired.add(name)
+            fired_ever.add(name)
             if stop_early and len(fired) == len(taps):
                 raise _StopForward
 
         return hook
 
+    current = [0]  # the global number of the batch being run
+
     def record_hook(recorder: CallRecorder):
         def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-            recorder.add_call(args, kwargs)
+            if current[0] < recorder.max_calls:
+                recorder.add_call(args, kwargs)
 
         return hook
 
@@ -62,19 +87,48 @@ def run_with_taps(
             handles.append(block.get_submodule(name).register_forward_pre_hook(tap_hook(name, observers)))
         for name, recorder in (recorders or {}).items():
             handles.append(block.get_submodule(name).register_forward_pre_hook(record_hook(recorder), with_kwargs=True))
+        observers = unique_observers(taps)
+        previous = -1
         with torch.no_grad():
-            for hidden, call in list(zip(data.hidden, data.calls))[:max_batches]:
+            for b, hidden, call in data.numbered():
+                if max_batches is not None and b >= max_batches:
+                    break
+                for tokens in data.skipped_tokens(b, previous):  # other ranks' batches: keep random draws aligned
+                    for observer in observers:
+                        if hasattr(observer, "skip_batch"):
+                            observer.skip_batch(tokens)
+                current[0], previous = b, b
                 fired.clear()
                 try:
                     out = run_block(block, hidden, call)
                 except _StopForward:
                     continue
-                if not stop_early and (max_outputs is None or len(outputs) < max_outputs):
+                if not stop_early and (max_outputs is None or b < max_outputs):
                     outputs.append(out)
     finally:
         for handle in handles:
             handle.remove()
+    if data.ranks.distributed and observers:
+        # a tapped module no batch of some rank reached would leave that rank without a statistic to reduce (and
+        # the others waiting for it): every rank learns it and stops with the same line
+        missing = data.ranks.sum_floats([float(len(taps) - len(fired_ever))])[0]
+        if missing:
+            raise LowbitError(
+                f"on {data.ranks.size} ranks, {int(missing)} tapped module(s) were not called on some rank's "
+                "calibration batches (data-dependent control flow); calibrate this model on one process"
+            )
+        for observer in observers:
+            observer.reduce(data.ranks)
     return outputs
+
+
+def unique_observers(taps: Mapping[str, Sequence]) -> list:
+    """Each observer once (Linears sharing an input share one), in the same order on every rank."""
+    seen: dict[int, object] = {}
+    for observers in taps.values():
+        for observer in observers:
+            seen.setdefault(id(observer), observer)
+    return list(seen.values())
 
 
 def replay(module: nn.Module, calls: list[tuple[tuple, dict]]) -> list[torch.Tensor]:

@@ -16,7 +16,7 @@ import torch
 
 from lowbit.errors import LowbitError
 from lowbit.pipeline.context import BlockContext, ResolvedGroup
-from lowbit.pipeline.fold import Probe, fold_scales, prove_fold, snapshot
+from lowbit.pipeline.fold import Probe, float32_parameters, fold_scales, prove_fold, snapshot
 from lowbit.pipeline.report import FoldRecord
 
 SMOOTH_KEY = "smooth_scales"
@@ -36,19 +36,33 @@ def saved_tensor(saved: dict[str, torch.Tensor], name: str, shape: tuple[int, ..
     return saved[name]
 
 
+def agreed_scales(ctx: BlockContext, s: torch.Tensor) -> torch.Tensor:
+    """Rank 0's scales on every rank: each rank computed them from the same reduced statistics, but a pow or a sum
+    on another CPU or GPU may round differently in the last bit, and the ranks must fold identical values."""
+    return ctx.ranks.broadcast(s, src=0) if ctx.ranks.distributed else s
+
+
 def fold_proven(ctx: BlockContext, probe: Probe, g: ResolvedGroup, s: torch.Tensor | None, method: str) -> bool:
     """The one way SmoothQuant and AWQ fold: ``s`` into group ``g`` of ``ctx.block``, kept only if ``prove_fold``
     finds the block's float32 output on ``probe`` unchanged (else undone exactly, and the group's Linears are
     quantized unsmoothed). The attempt goes to ``ctx.folds``; returns whether the fold was kept. ``s`` is None
-    exactly when the group cannot be folded at all (``g.blocker``)."""
+    exactly when the group cannot be folded at all (``g.blocker``). On several ranks rank 0 proves the fold and
+    the others follow its decision."""
     if g.blocker:
         applied, change, reason = False, math.nan, g.blocker
     else:
         assert s is not None
-        proof = prove_fold(
-            ctx.block, probe, lambda: fold_scales(g.prev, g.linears, s, ctx.arch.norm_offset, g.passengers),
-            snapshot([g.prev, *g.linears, *g.passengers]),
-        )
+
+        def fold() -> None:
+            fold_scales(g.prev, g.linears, s, ctx.arch.norm_offset, g.passengers)
+
+        ranks = ctx.ranks
+        if ranks.writes:  # one process, or rank 0: its probe is global batch 0's, as in one process
+            proof = prove_fold(ctx.block, probe, fold, snapshot([g.prev, *g.linears, *g.passengers]))
+        proof = ranks.broadcast(proof if ranks.writes else None, src=0)
+        if not ranks.writes and proof.holds:  # the others fold as rank 0 did (in float32, then narrowed back)
+            with float32_parameters(ctx.block):
+                fold()
         applied, change = proof.holds, proof.change
         reason = "" if applied else (
             f"folding changed the block's float32 output by {change:.1e} of its scale (tolerance "
