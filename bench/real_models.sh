@@ -10,7 +10,8 @@
 # Writes bench/results/real_models.json and prints a Markdown table. Per-run JSON and logs go to
 # out/realmodels/runs/<model>/ (not committed); a run whose JSON is there is reused, unless FRESH=1.
 #   usage: bench/real_models.sh [MODEL ...]        (MODEL: gemma3-270m, qwen2.5-coder-0.5b; default both)
-#   env:   NSAMPLES, SEQ_LEN (override the per-model calibration below), WINDOWS (8), WINDOW (512), FRESH (0)
+#   env:   NSAMPLES, SEQ_LEN (override the per-model calibration below), WINDOWS (8), WINDOW (512), FRESH (0),
+#          FETCH_ONLY=1 (install and check the GGUF files, nothing else)
 # Calibration is 16 x 512 tokens where GPTQ/AWQ finish within ~25 minutes on 2 CPU cores, else 8 x 256 (Qwen2.5 0.5B).
 # A run is reused only if its recorded command line is the same. Takes hours on 2 shared CPU cores.
 set -euo pipefail
@@ -90,6 +91,7 @@ for spec in "${MODELS[@]}"; do
   if (( ${#WANT[@]} )) && [[ " ${WANT[*]} " != *" $name "* ]]; then continue; fi
   echo "== $name ($family)" >&2
   fetch_model "$name" "$file" "$sha" "$pkgs"
+  [[ ${FETCH_ONLY:-0} == 1 ]] && continue  # only the GGUF files (bench/embeddings.py uses them)
   runs=$OUT/runs/$name
   mkdir -p "$runs"
   run "$runs/float.eval.json" "$runs/float.eval.log" \
@@ -107,6 +109,7 @@ for spec in "${MODELS[@]}"; do
   done
 done
 
+[[ ${FETCH_ONLY:-0} == 1 ]] && exit 0
 # Collect every run into bench/results/real_models.json and print the Markdown table.
 "$PY" - "$OUT" "$RESULTS" "${RECIPES[*]}" "$WINDOWS" "$WINDOW" "${MODELS[@]}" <<'EOF'
 import json, os, platform, subprocess, sys, time

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypedDict
 from pathlib import Path
 
 import torch
@@ -24,7 +25,12 @@ from lowbit.models.lazy import LazyModel, output_embedding_key, ties_embeddings
 from lowbit.models.source import ModelSource, resolve_model
 from lowbit.models.tokenizer import load_tokenizer
 from lowbit.pipeline.loop import InMemoryStore, LazyStore, run_blocks
+from lowbit.pipeline.head_inputs import head_input_hessian
 from lowbit.pipeline.memory import release_freed_memory
+from lowbit.pipeline.outside import (
+    OutsidePlan, packed_outside, plan_outside, quantize_outside_in_memory, tie_quantized_head, tied_head_entry,
+    tied_head_of,
+)
 from lowbit.pipeline.report import QuantizeReport
 from lowbit.recipe import Recipe, Step
 from lowbit.runtime.registry import build_empty
@@ -32,6 +38,13 @@ from lowbit.runtime.backends import BACKENDS
 from lowbit.runtime.fast import exact_modules, to_dequantized, to_fast
 
 log = logging.getLogger(__name__)
+
+
+class TiedHead(TypedDict):
+    """lowbit_config.json's ``tied_head``: module paths of a quantized head and the embedding whose table it reads."""
+
+    head: str
+    embedding: str
 
 
 @dataclass
@@ -84,11 +97,17 @@ def quantize(
     Returns the same model, its Linears replaced by lowbit runtime modules, with ``model.lowbit_info``.
     """
     recipe = _as_recipe(recipe)
+    outside = plan_outside(model, recipe)  # checked before any work
+    dtype = next(model.parameters()).dtype
     store = InMemoryStore(model)
+    ranks = ranks or SINGLE
+    head_hessian: list[torch.Tensor] = []
     report, artifact = run_blocks(
         store, recipe, calibration, batch_size=batch_size, device=device, seed=seed,
-        saved=saved_artifact(recipe), progress=progress, ranks=ranks or SINGLE,
+        saved=saved_artifact(recipe), progress=progress, ranks=ranks,
+        after_blocks=head_inputs(store, outside, ranks, head_hessian),
     )
+    quantize_outside_in_memory(model, outside, dtype, head_hessian[0] if head_hessian else None)
     model.lowbit_info = LowbitInfo(recipe, report, artifact)
     return model
 
@@ -118,6 +137,7 @@ def _save(model: nn.Module, info: LowbitInfo, folder: Path, tokenizer, overwrite
         write_metadata(
             tmp, model.config, runtime_module_configs(model), info.recipe.to_dict(), dtype,
             info.report.to_dict() if info.report else None, info.artifact, tokenizer=tokenizer,
+            tied_head=tied_head_of(model),
         )
     return folder
 
@@ -144,25 +164,28 @@ def quantize_checkpoint(
     if ranks.writes:  # the others write nothing (on other machines, OUT's folder may not even exist)
         check_output_dir(out, overwrite, inputs=[source])
     lazy = LazyModel(source, dtype)
+    outside = plan_outside(lazy.model, recipe)  # checked before any work
     saved = saved_artifact(recipe)
     if not ranks.writes:
         store = LazyStore(lazy, lambda prefix, block: None)
         report, _ = run_blocks(store, recipe, calibration, batch_size=batch_size, device=device, seed=seed,
-                               saved=saved, progress=False, ranks=ranks)
+                               saved=saved, progress=False, ranks=ranks,
+                               after_blocks=head_inputs(store, outside, ranks, []))  # its collectives, too
         ranks.barrier()  # this rank is done: rank 0 may commit the output
         return report
     with atomic_directory(out, overwrite, inputs=[source]) as tmp:
         writer = ShardWriter(tmp)
         store = LazyStore(lazy, lambda prefix, block: writer.write_module(block_shard_name(prefix), prefix, block))
+        head_hessian: list[torch.Tensor] = []
         report, artifact = run_blocks(
             store, recipe, calibration, batch_size=batch_size, device=device, seed=seed, saved=saved,
-            progress=progress, ranks=ranks,
+            progress=progress, ranks=ranks, after_blocks=head_inputs(store, outside, ranks, head_hessian),
         )
-        write_outside_blocks(writer, lazy, dtype)
+        packed = write_outside_blocks(writer, lazy, dtype, outside, head_hessian[0] if head_hessian else None)
         writer.finish()
         write_metadata(
-            tmp, lazy.config, runtime_module_configs(lazy.model), recipe.to_dict(), dtype,
-            report.to_dict(), artifact, tokenizer_source=source,
+            tmp, lazy.config, {**runtime_module_configs(lazy.model), **packed}, recipe.to_dict(), dtype,
+            report.to_dict(), artifact, tokenizer_source=source, tied_head=tied_head_entry(outside),
         )
         ranks.barrier()  # commit only once every rank has finished: a rank that failed leaves no output
     return report
@@ -171,19 +194,43 @@ def quantize_checkpoint(
 LARGE_TENSOR_BYTES = 16 << 20
 
 
-def write_outside_blocks(writer: ShardWriter, lazy: LazyModel, dtype: torch.dtype) -> None:
-    """Copy embeddings, final norm and an untied head to the output: every large tensor in a shard of its own,
-    written before the next is read, the small rest together. Read together, with their memory-mapped pages and
-    safetensors' serialisation copy, a 1.1B Llama's embedding and untied head (402 MB each) would cost several
-    times one of its blocks (170 MB)."""
+def head_inputs(
+    store: InMemoryStore | LazyStore, outside: OutsidePlan | None, ranks: Ranks, into: list[torch.Tensor]
+) -> Callable[[list[torch.Tensor]], None] | None:
+    """What collects the Hessian of the head's inputs into ``into`` after the last block, when the plan rounds the
+    head from it (GPTQ); None otherwise."""
+    if outside is None or not outside.head_needs_hessian:
+        return None
+
+    def collect(hidden: list[torch.Tensor]) -> None:
+        into.append(head_input_hessian(store.model, store.blocks, hidden, ranks))
+
+    return collect
+
+
+def write_outside_blocks(
+    writer: ShardWriter, lazy: LazyModel, dtype: torch.dtype, outside: OutsidePlan | None = None,
+    head_hessian: torch.Tensor | None = None,
+) -> dict[str, dict]:
+    """Copy embeddings, final norm and an untied head to the output (packed where ``outside`` quantizes them; their
+    module config entries are returned): every large tensor in a shard of its own, written before the next is read,
+    the small rest together. Read together, with their memory-mapped pages and safetensors' serialisation copy, a
+    1.1B Llama's embedding and untied head (402 MB each) would cost several times one of its blocks (170 MB)."""
     small: dict[str, torch.Tensor] = {}
+    modules: dict[str, dict] = {}
+    head = lazy.model.get_output_embeddings()
+    head_has_bias = getattr(head, "bias", None) is not None
     for i, (name, tensor) in enumerate(lazy.tensors_outside_blocks(dtype)):
-        if tensor.numel() * tensor.element_size() >= LARGE_TENSOR_BYTES:
-            writer.write(f"rest-{i:05d}.safetensors", {name: tensor})
+        packed = packed_outside(name, tensor, outside, dtype, head_has_bias, head_hessian)
+        tensors, entries = packed if packed is not None else ({name: tensor}, {})
+        modules.update(entries)
+        if sum(t.numel() * t.element_size() for t in tensors.values()) >= LARGE_TENSOR_BYTES:
+            writer.write(f"rest-{i:05d}.safetensors", tensors)
         else:
-            small[name] = tensor
-        del tensor
+            small.update(tensors)
+        del tensor, tensors
     writer.write("rest.safetensors", small)
+    return modules
 
 
 def read_lowbit_config(folder: Path) -> dict:
@@ -193,7 +240,7 @@ def read_lowbit_config(folder: Path) -> dict:
     from lowbit.io.writer import FORMAT_VERSION
     from lowbit.models.checkpoint import CheckpointReader
     from lowbit.runtime.registry import CONFIG_FIX, check_module_config
-    from lowbit.schema import check_value, read_json
+    from lowbit.schema import check_record, check_value, read_json
 
     path = folder / LOWBIT_CONFIG
     if not path.is_file():
@@ -216,6 +263,11 @@ def read_lowbit_config(folder: Path) -> dict:
         if key not in config:
             raise LowbitError(f"{path} lacks {key!r}; {CONFIG_FIX}")
         check_value(config[key], annotation, str(path), CONFIG_FIX, key)
+    if "tied_head" in config:
+        check_record(config["tied_head"], TiedHead, str(path), CONFIG_FIX, "tied_head")
+        embedding = config["modules"].get(config["tied_head"]["embedding"], {})
+        if embedding.get("class") != "QuantizedEmbedding":
+            raise LowbitError(f"{path}: tied_head names an embedding that is not a quantized one; {CONFIG_FIX}")
     if config["dtype"] not in ("float16", "bfloat16", "float32", "float64"):
         raise LowbitError(f"{path}: dtype {config['dtype']!r} is not a float dtype lowbit loads (float16, bfloat16, "
                           f"float32, float64); {CONFIG_FIX}")
@@ -258,12 +310,15 @@ def load(
     dtype = dtype or getattr(torch, config.get("dtype", "float32"))
     lazy = LazyModel(folder, dtype)
     for name, module_config in config["modules"].items():
-        if not isinstance(_module_or_none(lazy.model, name), nn.Linear):
+        kind = nn.Embedding if module_config["class"] == "QuantizedEmbedding" else nn.Linear
+        if not isinstance(_module_or_none(lazy.model, name), kind):
             raise LowbitError(
-                f"{folder / LOWBIT_CONFIG} lists module {name!r}, which is not a Linear of the model its config.json "
-                "describes; the files do not belong together: re-run lowbit quantize"
+                f"{folder / LOWBIT_CONFIG} lists module {name!r}, which is not a {kind.__name__} of the model its "
+                "config.json describes; the files do not belong together: re-run lowbit quantize"
             )
         lazy.model.set_submodule(name, build_empty(module_config, dtype))
+    if "tied_head" in config:
+        tie_quantized_head(lazy.model, config["tied_head"]["head"], config["tied_head"]["embedding"])
     lazy.verify_checkpoint()
     lazy.materialize("")
     model = lazy.model.to(device).eval()

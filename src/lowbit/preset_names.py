@@ -37,17 +37,25 @@ PRESETS: dict[str, str] = {
     "wanda-2of4-w4g128": "Wanda 2:4, then RTN INT4 g128",
     "sparsegpt-50": "SparseGPT 50% unstructured",
     "sparsegpt-2of4": "SparseGPT 2:4 semi-structured",
+    "w4g128-e8": "RTN INT4 g128 weights, embedding and head INT8 g128 (the whole model quantized)",
+    "w4g128-e6": "RTN INT4 g128 weights, embedding and head INT6 g128 (a llama.cpp Q4_K_M-class size)",
+    "gptq-w4g128-e6": "GPTQ INT4 g128, embedding and head INT6 g128 (RTN)",
 }
 
-# any weight-only grid point is a recipe name too: "gptq-w4g64", "w3pc", "awq-gptq-w4g32", "gptq-w4g128-actorder";
-# `lowbit compare --methods M... --bits B... --group-sizes G...` sweeps SWEEP_METHODS
-SWEEP_NAME = re.compile(r"(?:(?P<method>gptq|awq|awq-gptq)-)?w(?P<bits>[2-8])(?:g(?P<group>[1-9][0-9]*)|pc)(?P<actorder>-actorder)?")
+# any weight-only grid point is a recipe name too: "gptq-w4g64", "w3pc", "awq-gptq-w4g32", "gptq-w4g128-actorder",
+# and with "-eN" its embedding and head on INT N g128 too ("awq-w4g128-e8"); `lowbit compare --methods M... --bits
+# B... --group-sizes G...` sweeps SWEEP_METHODS
+SWEEP_NAME = re.compile(
+    r"(?:(?P<method>gptq|awq|awq-gptq)-)?w(?P<bits>[2-8])(?:g(?P<group>[1-9][0-9]*)|pc)(?P<actorder>-actorder)?"
+    r"(?:-e(?P<outside>[2-8]))?"
+)
 SWEEP_METHODS = ("rtn", "gptq", "gptq-actorder", "awq", "awq-gptq")
 
 
-def parse_recipe_name(name_or_path: str) -> tuple[str, tuple[str, int, int] | None]:
-    """("preset" | "file" | "sweep", (method, bits, group size or 0) for a grid point) of a name lowbit takes for a
-    recipe (whether a file holds a valid recipe is checked when it is read); else the one-line unknown-recipe error."""
+def parse_recipe_name(name_or_path: str) -> tuple[str, tuple[str, int, int, int] | None]:
+    """("preset" | "file" | "sweep", (method, bits, group size or 0, embedding/head bits or 0) for a grid point) of
+    a name lowbit takes for a recipe (whether a file holds a valid recipe is checked when it is read); else the
+    one-line unknown-recipe error."""
     if name_or_path in PRESETS:
         return "preset", None
     if Path(name_or_path).suffix == ".json" or Path(name_or_path).exists():
@@ -56,10 +64,10 @@ def parse_recipe_name(name_or_path: str) -> tuple[str, tuple[str, int, int] | No
     if sweep is not None:
         method = (sweep["method"] or "rtn") + ("-actorder" if sweep["actorder"] else "")
         if method in SWEEP_METHODS:
-            return "sweep", (method, int(sweep["bits"]), int(sweep["group"] or 0))
+            return "sweep", (method, int(sweep["bits"]), int(sweep["group"] or 0), int(sweep["outside"] or 0))
     raise LowbitError(
         f"unknown recipe {name_or_path!r}: pass a preset ({', '.join(PRESETS)}), a weight-only grid point named like "
-        "the presets (e.g. gptq-w4g64, awq-w3pc, w2g32, gptq-w4g64-actorder) or the path of a JSON recipe file"
+        "the presets (e.g. gptq-w4g64, awq-w3pc, w2g32, gptq-w4g64-actorder, awq-w4g128-e8) or the path of a JSON recipe file"
     )
 
 

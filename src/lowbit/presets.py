@@ -21,6 +21,8 @@ W8_CHANNEL = WeightQuant(bits=8, symmetric=True, granularity="channel")
 W8_TENSOR = WeightQuant(bits=8, symmetric=True, granularity="tensor")
 W4_G128 = WeightQuant(bits=4, symmetric=False, granularity="group", group_size=128)
 W3_G128 = WeightQuant(bits=3, symmetric=False, granularity="group", group_size=128)
+E8_G128 = WeightQuant(bits=8, symmetric=False, granularity="group", group_size=128)
+E6_G128 = WeightQuant(bits=6, symmetric=False, granularity="group", group_size=128)
 PER_TOKEN = ActQuant(bits=8, granularity="token", dynamic=True)
 PER_TENSOR_STATIC = ActQuant(bits=8, granularity="tensor", dynamic=False)
 
@@ -49,9 +51,16 @@ def _steps() -> dict[str, tuple]:
         "wanda-2of4-w4g128": (Prune("wanda", None, "2:4"), RTN(W4_G128)),
         "sparsegpt-50": (SparseGPT(0.5),),
         "sparsegpt-2of4": (SparseGPT(None, "2:4"),),
+        "w4g128-e8": (RTN(W4_G128),),
+        "w4g128-e6": (RTN(W4_G128),),
+        "gptq-w4g128-e6": (GPTQ(W4_G128),),
     }
     assert list(steps) == list(PRESETS), "every preset has a name, a description (preset_names.py) and steps (here)"
     return steps
+
+
+# presets that quantize the embedding and head too (on this grid; the rest keep them in float)
+OUTSIDE_GRIDS = {"w4g128-e8": E8_G128, "w4g128-e6": E6_G128, "gptq-w4g128-e6": E6_G128}
 
 
 def preset_names() -> dict[str, str]:
@@ -63,15 +72,22 @@ def resolve_recipe(name_or_path: str) -> Recipe:
     """A preset name, a weight-only grid point named like the presets, or the path of a JSON recipe file."""
     kind, point = parse_recipe_name(name_or_path)
     if kind == "preset":
-        return Recipe(steps=_steps()[name_or_path], name=name_or_path)
+        grid = OUTSIDE_GRIDS.get(name_or_path)
+        return Recipe(steps=_steps()[name_or_path], name=name_or_path, embeddings=grid, head=grid)
     if kind == "file":
         return Recipe.from_file(name_or_path)
     return sweep_recipe(*point)
 
 
-def sweep_recipe(method: str, bits: int, group_size: int) -> Recipe:
+def outside_grid(bits: int) -> WeightQuant:
+    """The embedding and head grid of a "-eN" recipe name: INT N asymmetric, groups of 128 along the hidden size."""
+    return WeightQuant(bits=bits, symmetric=False, granularity="group", group_size=128)
+
+
+def sweep_recipe(method: str, bits: int, group_size: int, outside_bits: int = 0) -> Recipe:
     """One point of a quant-curve sweep: ``method`` at ``bits`` with an asymmetric grid of ``group_size`` columns
-    (0 = per output channel). Named like the presets (``gptq-w4g128``), so a sweep point equal to a preset is it."""
+    (0 = per output channel), with the embedding and head on ``outside_grid(outside_bits)`` unless 0 (float). Named
+    like the presets (``gptq-w4g128``, ``w4g128-e6``), so a sweep point equal to a preset is it."""
     if method not in SWEEP_METHODS:
         raise LowbitError(f"unknown sweep method {method!r}; pick from {', '.join(SWEEP_METHODS)}")
     if group_size < 0:
@@ -86,5 +102,7 @@ def sweep_recipe(method: str, bits: int, group_size: int) -> Recipe:
         "awq-gptq": (AWQ(grid), GPTQ(grid)),
     }
     head = {"rtn": "", "gptq-actorder": "gptq-"}.get(method, f"{method}-")
-    tail = "-actorder" if method == "gptq-actorder" else ""
-    return Recipe(steps=steps[method], name=f"{head}w{bits}{f'g{group_size}' if group_size else 'pc'}{tail}")
+    tail = ("-actorder" if method == "gptq-actorder" else "") + (f"-e{outside_bits}" if outside_bits else "")
+    outside = outside_grid(outside_bits) if outside_bits else None
+    return Recipe(steps=steps[method], name=f"{head}w{bits}{f'g{group_size}' if group_size else 'pc'}{tail}",
+                  embeddings=outside, head=outside)

@@ -66,6 +66,11 @@ class Recipe:
     steps: tuple[Step, ...]
     ignore: tuple[str, ...] = ("lm_head",)
     name: str = "custom"
+    # the tensors outside the decoder blocks: the input embedding table (quantized per row, dequantized at lookup)
+    # and the output head, each on its own grid, rounded to nearest; None keeps them in float. A tied embedding and
+    # head are one tensor: quantized once, on one grid (runtime/embedding.py)
+    embeddings: WeightQuant | None = None
+    head: WeightQuant | None = None
     # a recipe read back from an output or a report: it was checked when it was made, by the rules of that time;
     # the steps' composition rules (which later versions may tighten) are not applied to it again
     stored: bool = field(default=False, compare=False, repr=False)
@@ -145,6 +150,11 @@ class Recipe:
         """Refuse, before any work, a recipe whose output the exporter ``fmt`` cannot hold."""
         for step in self.effective_steps:
             step.check_export(fmt)
+        if self.quantizes_outside_blocks and fmt == "compressed-tensors":
+            raise LowbitError(
+                "compressed-tensors has no quantized embedding, and vLLM reads its head in float: export a recipe "
+                "without 'embeddings'/'head' (GGUF holds them on 32-column grids)"
+            )
 
     @property
     def needs_calibration(self) -> bool:
@@ -174,8 +184,17 @@ class Recipe:
     def find(self, cls: type[Step]) -> Any:
         return next((s for s in self.steps if isinstance(s, cls)), None)
 
+    @property
+    def quantizes_outside_blocks(self) -> bool:
+        return self.embeddings is not None or self.head is not None
+
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "steps": [s.to_dict() for s in self.steps], "ignore": list(self.ignore)}
+        out = {"name": self.name, "steps": [s.to_dict() for s in self.steps], "ignore": list(self.ignore)}
+        for key in ("embeddings", "head"):  # only when set: recipes without them keep their JSON
+            grid = getattr(self, key)
+            if grid is not None:
+                out[key] = dataclasses.asdict(grid)
+        return out
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -191,11 +210,20 @@ class Recipe:
         if "steps" not in data:
             raise LowbitError('a recipe needs a \'steps\' list, e.g. {"steps": [{"type": "rtn"}]}; ' + RECIPE_FIX)
         check_value(data["steps"], list[dict[str, Any]], "recipe", RECIPE_FIX, "steps")
+        grids = {}
+        for key in ("embeddings", "head"):
+            if data.get(key) is not None:
+                check_record(data[key], WeightQuant, "recipe", RECIPE_FIX, key)
+                try:
+                    grids[key] = WeightQuant(**data[key])
+                except LowbitError as exc:
+                    raise LowbitError(f"recipe {key}: {exc}") from None
         return cls(
             steps=tuple(step_from_dict(s) for s in data["steps"]),
             ignore=data.get("ignore", ("lm_head",)),
             name=data.get("name", "custom"),
             stored=stored,
+            **grids,
         )
 
     @classmethod
@@ -209,4 +237,4 @@ class Recipe:
             raise LowbitError(f"recipe file {path}: {exc}") from None
 
 
-_RECIPE_KEYS = ("name", "steps", "ignore")
+_RECIPE_KEYS = ("name", "steps", "ignore", "embeddings", "head")

@@ -1,6 +1,6 @@
 """Export a lowbit checkpoint of a Llama-architecture model to GGUF (llama.cpp, ollama), keeping lowbit's own
-GPTQ/AWQ-optimised integer weights: quantized Linears become Q8_0 / Q4_0 / Q4_1 blocks (export/ggml_blocks.py),
-everything else float32.
+GPTQ/AWQ-optimised integer weights: quantized Linears, a quantized embedding (``token_embd``) and head (``output``)
+become Q8_0 / Q4_0 / Q4_1 blocks (export/ggml_blocks.py), everything else float32.
 
 GGUF follows llama.cpp's converter: tensor names ``blk.N.attn_q.weight`` ..., q/k rows permuted into llama.cpp's
 rotary layout (transformers undoes this on load), and the config and byte-level BPE tokenizer as metadata
@@ -22,6 +22,7 @@ from lowbit.export.ggml_blocks import GGML_HOLDS, ggml_blocks, ggml_kind, ggml_t
 from lowbit.export.gguf_tokenizer import tokenizer_metadata
 from lowbit.io.atomic import atomic_file
 from lowbit.recipe import Recipe
+from lowbit.runtime.embedding import QuantizedEmbedding
 from lowbit.runtime.sparse import SparseLinear
 from lowbit.runtime.weight_only import WeightOnlyLinear
 
@@ -67,9 +68,10 @@ def check_recipe_for_gguf(recipe: Recipe, source: Path) -> None:
             "GGUF export needs quantized weights and has no sparse format; this recipe has no RTN/GPTQ/AWQ/SparseGPT "
             "weight grid: add one (e.g. GPTQ W4 symmetric g32 after the pruning step) or export compressed-tensors"
         )
-    grid = grids[-1]
-    if ggml_kind(grid.bits, grid.symmetric, grid.group_size if grid.granularity == "group" else None) is None:
-        raise LowbitError(f"{GGML_HOLDS}; this recipe gives {grid.label}: use group_size 32")
+    outside = {"embeddings": recipe.embeddings, "head": recipe.head}
+    for what, grid in [("weights", grids[-1]), *((k, g) for k, g in outside.items() if g is not None)]:
+        if ggml_kind(grid.bits, grid.symmetric, grid.group_size if grid.granularity == "group" else None) is None:
+            raise LowbitError(f"{GGML_HOLDS}; this recipe's {what} are {grid.label}: use group_size 32")
     tokenizer_metadata(source)
 
 
@@ -83,6 +85,11 @@ def check_exportable(model: nn.Module) -> dict[str, str]:
         )
     types: dict[str, str] = {}
     for name, module in model.named_modules():
+        if isinstance(module, QuantizedEmbedding):  # token_embd: llama.cpp looks rows up in these blocks too
+            try:
+                types[name] = ggml_type_for(module.unpacked())
+            except LowbitError as exc:
+                raise LowbitError(f"{name}: {exc}") from None
         if isinstance(module, WeightOnlyLinear):
             if type(module) is not WeightOnlyLinear:
                 raise LowbitError(
@@ -96,7 +103,7 @@ def check_exportable(model: nn.Module) -> dict[str, str]:
     names = gguf_tensor_names(model.config)
     if any(getattr(m, "bias", None) is not None for n, m in model.named_modules() if n in names):
         raise LowbitError(NO_BIASES)
-    if not types:
+    if not any(isinstance(m, WeightOnlyLinear) for m in model.modules()):
         pruned = any(isinstance(m, SparseLinear) for m in model.modules())
         raise LowbitError(
             "only pruned Linears found: GGUF has no sparse format; quantize them too (e.g. GPTQ W4 symmetric g32 "
@@ -165,7 +172,7 @@ def add_tensors(writer: Any, model: nn.Module, types: dict[str, str]) -> None:
         if gguf_name is None or (name == "lm_head" and tied):
             continue
         n_head = heads.get(gguf_name.rsplit(".", 1)[-1])
-        if name in types:
+        if name in types:  # a quantized Linear, embedding or untied head (a tied one is token_embd: llama.cpp's rule)
             qweight = module.unpacked()  # type: ignore[operator]
             if n_head is not None:  # permute whole rows: codes, scales and zeros alike, so nothing is re-rounded
                 qweight.codes, qweight.scale = permute_rows(qweight.codes, n_head), permute_rows(qweight.scale, n_head)

@@ -73,9 +73,10 @@ def write_metadata(
     artifact: dict[str, torch.Tensor],
     tokenizer_source: Path | None = None,
     tokenizer: Any = None,
+    tied_head: dict[str, str] | None = None,
 ) -> None:
     config.save_pretrained(folder)
-    lowbit_config = {
+    lowbit_config: dict[str, Any] = {
         "format": "lowbit",
         "format_version": FORMAT_VERSION,
         "lowbit_version": __version__,
@@ -83,6 +84,8 @@ def write_metadata(
         "recipe": recipe,
         "modules": modules,
     }
+    if tied_head is not None:  # a quantized head that reads the quantized embedding's table (stored once)
+        lowbit_config["tied_head"] = tied_head
     (folder / LOWBIT_CONFIG).write_text(json.dumps(lowbit_config, indent=2))
     if report is not None:
         (folder / REPORT_FILE).write_text(json.dumps(report, indent=2))

@@ -90,6 +90,13 @@ def conv1d_to_linear(root: nn.Module) -> set[str]:
     return replaced
 
 
+def narrower_float(wanted: torch.dtype, stored: torch.dtype) -> torch.dtype:
+    """The dtype a float tensor stored as ``stored`` is written in when ``wanted`` is asked for: never wider than it
+    is stored (widening is exact but only costs bytes); a float16 / bfloat16 pair keeps the stored one."""
+    size = torch.finfo(wanted).bits, torch.finfo(stored).bits
+    return wanted if size[0] < size[1] else stored
+
+
 def ties_embeddings(config: PretrainedConfig) -> bool:
     return bool(getattr(config, "tie_word_embeddings", False))
 
@@ -225,17 +232,21 @@ class LazyModel:
 
     def tensors_outside_blocks(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
         """Embeddings, final norm and an untied head straight from the checkpoint, one at a time (each is freed
-        before the next is read: together they are larger than a block), for writing them out."""
+        before the next is read: together they are larger than a block), for writing them out: float tensors in
+        ``dtype`` or in the checkpoint's own dtype where that is narrower (a bfloat16 embedding written as float32
+        would double its bytes and add no information)."""
         for name in self._outside_blocks(skip_head=self.tied_embeddings):
             tensor = self.read([name])[name]
-            yield name, tensor.to(dtype) if tensor.is_floating_point() else tensor
+            yield name, tensor.to(narrower_float(dtype, tensor.dtype)) if tensor.is_floating_point() else tensor
 
     def output_embedding_key(self) -> str:
         return output_embedding_key(self.model)
 
     def tie_embeddings(self) -> None:
-        if self.tied_embeddings:
-            self.model.get_output_embeddings().weight = self.model.get_input_embeddings().weight
+        """The head shares the embedding's weight (a quantized tied head reads the packed table itself)."""
+        embedding = self.model.get_input_embeddings()
+        if self.tied_embeddings and isinstance(getattr(embedding, "weight", None), torch.Tensor):
+            self.model.get_output_embeddings().weight = embedding.weight
 
     def release(self, prefix: str) -> None:
         """Move a module's tensors back to meta, freeing their memory."""

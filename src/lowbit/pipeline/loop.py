@@ -97,8 +97,16 @@ class LazyStore:
         move_outside_blocks(self.model, self.arch.blocks, device)
 
     def captured(self) -> None:
-        """Embeddings are only needed to capture block 0's inputs (they are copied to the output from disk)."""
-        self.model.to("meta")
+        """Embeddings are only needed to capture block 0's inputs (they are copied to the output from disk): the
+        weights outside the blocks go back to meta. Computed buffers (rotary tables) stay: they are not in the
+        checkpoint, so a later ``prepare`` (for the head's inputs) could not bring them back."""
+        for module in self.model.modules():
+            for key, param in module._parameters.items():
+                if param is not None:
+                    module._parameters[key] = nn.Parameter(param.data.to("meta"), requires_grad=False)
+            for key, buf in module._buffers.items():
+                if buf is not None and key not in module._non_persistent_buffers_set:
+                    module._buffers[key] = buf.to("meta")
 
     def load(self, index: int, device: torch.device | str) -> nn.Module:
         prefix = f"{self.arch.blocks}.{index}"
@@ -164,6 +172,7 @@ def run_blocks(
     saved: dict[str, torch.Tensor] | None = None,
     progress: bool = True,
     ranks: Ranks = SINGLE,
+    after_blocks: Callable[[list[torch.Tensor]], None] | None = None,
 ) -> tuple[QuantizeReport, dict[str, torch.Tensor]]:
     """Quantize every block of ``store`` with ``recipe`` on calibration ``ids`` [N, L].
 
@@ -172,7 +181,8 @@ def run_blocks(
     transform artifact (SmoothQuant/AWQ scales and clips, by tensor name); ``saved`` is an earlier run's artifact
     to re-apply instead of searching. With several ``ranks`` every rank calls this with the same arguments: each
     runs its share of the calibration batches, the statistics are reduced over ranks and the per-Linear work is
-    divided, so every rank ends with the same compressed blocks (docs/distributed.md).
+    divided, so every rank ends with the same compressed blocks (docs/distributed.md). ``after_blocks`` gets the
+    last block's outputs (one tensor per local calibration batch) with the model's other modules in place.
     """
     check_ignore_leaves_work(store.blocks, store.arch.blocks, recipe.ignore)
     if ids is None and recipe.needs_calibration:
@@ -184,7 +194,7 @@ def run_blocks(
     report = QuantizeReport(recipe.to_dict(), {**shape, "batch_size": batch_size, "seed": seed})
     artifact: dict[str, torch.Tensor] = {}
     with long_lived_objects_frozen():
-        _run(store, recipe, ids, report, artifact, batch_size, device, seed, saved, progress, ranks)
+        _run(store, recipe, ids, report, artifact, batch_size, device, seed, saved, progress, ranks, after_blocks)
     report.seconds = time.perf_counter() - start
     return report, artifact
 
@@ -199,6 +209,7 @@ def walk_blocks(
     progress: bool,
     desc: str,
     ranks: Ranks = SINGLE,
+    after_blocks: Callable[[list[torch.Tensor]], None] | None = None,
 ) -> Iterator[tuple[int, T, int]]:
     """The one block loop, shared by quantization and inspection: capture what every block is called with (unless
     ``ids`` is None: a data-free pass), then per block: materialise it, ``visit(index, prefix, block, data)`` (which
@@ -227,6 +238,10 @@ def walk_blocks(
             store.finish(i, block)
             release_freed_memory()
             yield i, result, block_memory_bytes(device)
+        if after_blocks is not None and calls is not None:
+            store.prepare(device)  # the modules after the blocks (a lazy model released them after the capture)
+            after_blocks(calls.hidden)
+            store.captured()
     finally:
         store.close()
 
@@ -243,6 +258,7 @@ def _run(
     saved: dict[str, torch.Tensor] | None,
     progress: bool,
     ranks: Ranks,
+    after_blocks: Callable[[list[torch.Tensor]], None] | None,
 ) -> None:
     """Quantization's visit of each block: transform, compress, measure (or compress only, data-free)."""
 
@@ -267,7 +283,7 @@ def _run(
         return record
 
     blocks = walk_blocks(store, ids, quantize_block, batch_size=batch_size, device=device, progress=progress,
-                         desc="quantizing blocks", ranks=ranks)
+                         desc="quantizing blocks", ranks=ranks, after_blocks=after_blocks)
     try:
         for _, record, memory in blocks:
             record.memory_bytes = memory

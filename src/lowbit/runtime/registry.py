@@ -17,19 +17,21 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.runtime.act_quant import ActQuantLinear
+from lowbit.runtime.embedding import QuantizedEmbedding
 from lowbit.runtime.llm_int8 import Int8OutlierLinear
 from lowbit.runtime.sparse import SparseLinear
 from lowbit.runtime.weight_only import WeightOnlyLinear
 from lowbit.schema import Range, check_range, check_value
 
 RUNTIME_MODULES: dict[str, type[nn.Module]] = {
-    cls.__name__: cls for cls in (WeightOnlyLinear, ActQuantLinear, Int8OutlierLinear, SparseLinear)
+    cls.__name__: cls for cls in (WeightOnlyLinear, ActQuantLinear, Int8OutlierLinear, SparseLinear, QuantizedEmbedding)
 }
 CONFIG_FIX = "the checkpoint's lowbit_config.json is damaged: re-run lowbit quantize"
 # constructor arguments that say where a module is built, not what it stores
 _PLACEMENT = ("self", "dtype", "device")
 _RANGES = {
     "in_features": Range(1), "out_features": Range(1), "group_size": Range(1), "nnz": Range(0),
+    "num_embeddings": Range(1), "embedding_dim": Range(1), "embed_scale": Range(0, open_low=True),
     "bits": Range(2, 8), "act_bits": Range(2, 8), "threshold": Range(0, open_low=True),
 }
 
@@ -81,7 +83,7 @@ def check_module_config(name: str, config: Any) -> type[nn.Module]:
         raise LowbitError(f"{where} lacks {missing}, which {cls_name} needs; {CONFIG_FIX}")
     for key, value in arguments.items():
         check_value(value, fields[key][0], where, CONFIG_FIX, key)
-        if key in _RANGES:
+        if key in _RANGES and value is not None:  # an optional argument (embed_scale) may be null
             check_range(value, _RANGES[key], f"{where}: {key}", CONFIG_FIX)
     if "nnz" in arguments and arguments["nnz"] > arguments["in_features"] * arguments["out_features"]:
         raise LowbitError(f"{where}: nnz {arguments['nnz']} exceeds in_features x out_features; {CONFIG_FIX}")

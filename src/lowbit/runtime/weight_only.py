@@ -98,15 +98,7 @@ class WeightOnlyLinear(nn.Module):
     def weight_kernel(self) -> nn.Module | None:
         """This module's weights on PyTorch's int4 / int8 kernel where the grid fits one on this device
         (runtime/kernels.py: reduced precision, much faster decoding), else None."""
-        from lowbit.runtime.fast import Int4KernelLinear, Int8KernelLinear
-
-        qweight = self.unpacked()
-        int4 = int4pack_weights(qweight)
-        if int4 is not None:
-            return Int4KernelLinear(self, *int4)
-        on_cpu = qweight.codes.device.type == "cpu"  # _weight_int8pack_mm has no CUDA form
-        int8 = int8pack_weights(qweight) if on_cpu else None
-        return Int8KernelLinear(self, *int8) if int8 is not None else None
+        return weight_kernel(self, self.unpacked())
 
     def fast_module(self) -> nn.Module | None:
         """The fast backend's module for this one (runtime/fast.py), or None where no kernel fits."""
@@ -131,6 +123,19 @@ class WeightOnlyLinear(nn.Module):
     def extra_repr(self) -> str:
         grid = "per-tensor" if self.per_tensor else f"group_size={self.group_size}"
         return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, {grid}, sym={self.symmetric}"
+
+
+def weight_kernel(exact: nn.Module, qweight: QWeight) -> nn.Module | None:
+    """``exact`` (a runtime Linear computing with ``qweight``) on PyTorch's int4 or int8 kernel where the grid fits
+    one on its device, else None."""
+    from lowbit.runtime.fast import Int4KernelLinear, Int8KernelLinear
+
+    int4 = int4pack_weights(qweight)
+    if int4 is not None:
+        return Int4KernelLinear(exact, *int4)
+    on_cpu = qweight.codes.device.type == "cpu"  # _weight_int8pack_mm has no CUDA form
+    int8 = int8pack_weights(qweight) if on_cpu else None
+    return Int8KernelLinear(exact, *int8) if int8 is not None else None
 
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> nn.Linear:
