@@ -130,8 +130,9 @@ def _first_cause(ranks: list[subprocess.Popen], folder: Path, first: int) -> tup
     messages = {}
     for r, p in enumerate(ranks):
         path = folder / f"error-{r}"
-        if p.returncode not in (0, None) and path.is_file() and path.read_text().strip():
-            messages[r] = path.read_text().strip()
+        line = path.read_text().strip() if p.returncode not in (0, None) and path.is_file() else ""
+        if line:
+            messages[r] = line
     # "lowbit: stopped by SIGTERM" is this launcher's doing; a lost connection is another rank's failure: the cause
     # is a rank's own error, else a rank that ended without a line (a signal, a crash), else the first failure
     own = [r for r in sorted(messages) if messages[r].startswith(ERROR_PREFIX) and LOST_CONTACT not in messages[r]]

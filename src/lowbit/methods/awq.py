@@ -104,9 +104,8 @@ def search_awq_scale(
             s = awq_scales(x_mean, ratio).to(originals[0].device)
             for lin, W in zip(linears, originals):
                 lin.weight.copy_((rtn(W * s, spec).dequantize() / s).to(W.dtype))
-            loss = sum(float((o - r).float().pow(2).sum()) for o, r in zip(run(), reference))
-            if ranks.distributed:
-                loss = ranks.sum_floats([loss])[0]
+            local = sum(float((o - r).float().pow(2).sum()) for o, r in zip(run(), reference))
+            loss = ranks.sum_floats([local])[0]  # one process: the local loss itself
             if loss < best_loss:
                 best_loss, best_s = loss, s
     finally:

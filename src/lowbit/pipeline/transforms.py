@@ -39,7 +39,7 @@ def saved_tensor(saved: dict[str, torch.Tensor], name: str, shape: tuple[int, ..
 def agreed_scales(ctx: BlockContext, s: torch.Tensor) -> torch.Tensor:
     """Rank 0's scales on every rank: each rank computed them from the same reduced statistics, but a pow or a sum
     on another CPU or GPU may round differently in the last bit, and the ranks must fold identical values."""
-    return ctx.ranks.broadcast(s, src=0) if ctx.ranks.distributed else s
+    return ctx.ranks.broadcast(s, src=0)  # one process: ``s`` itself
 
 
 def fold_proven(ctx: BlockContext, probe: Probe, g: ResolvedGroup, s: torch.Tensor | None, method: str) -> bool:
