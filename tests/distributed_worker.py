@@ -42,7 +42,8 @@ def quantized_state(model_type: str, recipe: str, seed: int = 0, calibration_see
     with torch.no_grad():
         logits = model(calibration(2, 24, seed=7)).logits
     return {"state": {k: v.clone() for k, v in model.state_dict().items()},
-            "block_errors": [b.rel_error for b in report.blocks], "logits": logits}
+            "block_errors": [b.rel_error for b in report.blocks], "logits": logits,
+            "linear_errors": [r.rel_error for b in report.blocks for r in b.linears]}
 
 
 def run(rank: int, world: int, rendezvous: str, scenario: str, folder: str, payload: dict) -> None:

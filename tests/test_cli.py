@@ -41,6 +41,16 @@ def test_quantize_then_eval(toy_folder, corpus, tmp_path, capsys):
     summary = json.loads(stdout)
     assert summary["out_bytes"] < summary["source_bytes"]
     assert {"lowbit_config.json", "quant_report.json", "config.json", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    # the run's profile: where the block loop's time went (the phases add up to it, less bookkeeping between them:
+    # on this toy model, per-block garbage collection is a large share)
+    phases = summary["phase_seconds"]
+    assert list(phases) == ["capture", "load", "reference pass", "statistics passes", "compress", "final pass", "write"]
+    assert all(v >= 0 for v in phases.values()) and 0 < sum(phases.values()) <= summary["seconds"]
+    # and its memory: the peak so far at the end of each phase, in the order they ran, the last one the process's
+    peaks = summary["peak_rss_after_phase"]
+    assert list(peaks) == ["before blocks", "capture", "blocks", "outside blocks"]
+    assert 0 < peaks["before blocks"] <= peaks["capture"] <= peaks["blocks"] <= peaks["outside blocks"]
+    assert peaks["outside blocks"] <= summary["peak_rss_bytes"]
     code, stdout, _ = run(capsys, "eval", out, "--data", corpus, "--window", "32", "--json")
     assert code == 0
     row = json.loads(stdout)
@@ -85,6 +95,38 @@ def test_nan_weights(corpus, tmp_path, capsys):
     code, _, err = run(capsys, "quantize", "--model", folder, "--out", tmp_path / "q", "--calib", corpus, *SMALL)
     assert code == 2 and "NaN" in err and "down_proj" in err and not (tmp_path / "q").exists()
     assert leftovers(tmp_path) == []
+
+
+def test_the_finite_check_reads_every_slice(monkeypatch):
+    """Weights are checked for NaN/inf a slice at a time (a whole-tensor check costs ~1.75x the tensor in
+    temporaries): a bad value in the last, partial slice is still found."""
+    from lowbit.models import checkpoint
+
+    monkeypatch.setattr(checkpoint, "FINITE_CHUNK", 7)
+    weights = torch.ones(5, 9)
+    assert checkpoint.all_finite(weights)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        broken = weights.clone()
+        broken[4, 8] = bad  # element 44 of 45: in the last slice, of 3 elements
+        assert not checkpoint.all_finite(broken)
+
+
+def test_tensors_are_copied_out_of_the_map_chunk_by_chunk(tmp_path, monkeypatch):
+    """Each tensor leaves the file's memory map in chunks, the copied pages dropped as it goes: the copy is exact
+    and owned (the map's pages are not the result's), whatever the chunk size against the page size."""
+    from safetensors import safe_open
+
+    from lowbit.models import checkpoint
+
+    tensors = {"a": torch.randn(3, 5000), "b": torch.randn(7).to(torch.bfloat16), "c": torch.arange(10)}
+    save_file(tensors, tmp_path / "t.safetensors")
+    for chunk in (1000, 4096, 1 << 20):
+        monkeypatch.setattr(checkpoint, "COPY_CHUNK", chunk)
+        with safe_open(str(tmp_path / "t.safetensors"), framework="pt") as handle:
+            for name, expected in tensors.items():
+                mapped = handle.get_tensor(name)
+                got = checkpoint.copied_out(mapped)
+                assert torch.equal(got, expected) and got.data_ptr() != mapped.data_ptr(), (name, chunk)
 
 
 def test_unsupported_architecture(corpus, tmp_path, capsys):

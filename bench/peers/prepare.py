@@ -44,7 +44,7 @@ def main() -> None:
 
     source = resolve_model("smollm2-135m").folder
     model_dir = ROOT / "model"
-    if not (model_dir / "model.safetensors").exists():
+    if not model_dir.is_dir():  # a finished copy (the rename below is its last step), sharded or not
         tmp = ROOT / "model.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(source, tmp)

@@ -8,7 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 PEERS = ("llmcompressor", "gptqmodel")
-NAMES = {"lowbit": "lowbit", "llmcompressor": "llm-compressor", "gptqmodel": "GPTQModel"}
+NAMES = {"lowbit": "lowbit", "lowbit-bf16": "lowbit, bf16 forwards", "llmcompressor": "llm-compressor",
+         "gptqmodel": "GPTQModel"}
 
 
 def _value(results: dict, tool: str, method: str, key: str) -> float | None:
@@ -28,8 +29,8 @@ def _cell(results: dict, tool: str, method: str, key: str, fmt: str) -> str:
     return "" if value is None else format(value, fmt)
 
 
-def _ratio(results: dict, method: str, key: str, peers: tuple[str, ...]) -> str:
-    ours = _value(results, "lowbit", method, key)
+def _ratio(results: dict, method: str, key: str, peers: tuple[str, ...], tool: str = "lowbit") -> str:
+    ours = _value(results, tool, method, key)
     theirs = [v for v in (_value(results, p, method, key) for p in peers) if v is not None]
     if ours is None or not theirs:
         return ""
@@ -50,9 +51,14 @@ def _repeats(results: dict, tool: str, method: str) -> str:
     return f" (n={n})" if n else ""
 
 
+def _tools(results: dict) -> tuple[str, ...]:
+    """lowbit, lowbit with bfloat16 forwards where it was run, then the peers."""
+    return ("lowbit",) + (("lowbit-bf16",) if "lowbit-bf16" in results["rows"] else ()) + PEERS
+
+
 def _plain_table(results: dict, title: str, methods: list[str], key: str, fmt: Callable[[float], str]) -> list[str]:
     """One value per (method, tool), no ratios."""
-    tools = ("lowbit",) + PEERS
+    tools = _tools(results)
     lines = ["", f"## {title}", "", "| method | " + " | ".join(NAMES[t] for t in tools) + " |",
              "|---|" + "---:|" * len(tools)]
     for m in methods:
@@ -66,7 +72,8 @@ def _plain_table(results: dict, title: str, methods: list[str], key: str, fmt: C
 
 def write_report(results: dict, path: Path) -> None:
     methods = _methods(results)
-    tools = ("lowbit",) + PEERS
+    tools = _tools(results)
+    bf16 = "lowbit-bf16" in tools
     n, length = results["calibration"]
     windows, window = results["evaluation"]
     fp = results.get("fp32", {}).get("perplexity")
@@ -94,8 +101,9 @@ def write_report(results: dict, path: Path) -> None:
     ):
         lines += [
             "", f"## {title}", "",
-            "| method | " + " | ".join(NAMES[t] for t in tools) + " | lowbit / best peer | lowbit / llm-compressor |",
-            "|---|" + "---:|" * (len(tools) + 2),
+            "| method | " + " | ".join(NAMES[t] for t in tools) + " | lowbit / best peer | lowbit / llm-compressor |"
+            + (" lowbit bf16 / llm-compressor |" if bf16 else ""),
+            "|---|" + "---:|" * (len(tools) + 2 + bf16),
         ]
         for m in methods:
             cells = []
@@ -104,7 +112,8 @@ def write_report(results: dict, path: Path) -> None:
                 cells.append(format(value / scale, fmt) + _repeats(results, t, m) if value is not None
                              else _cell(results, t, m, key, fmt))
             lines.append(f"| {m} | " + " | ".join(cells) + f" | {_ratio(results, m, key, PEERS)} | "
-                         f"{_ratio(results, m, key, ('llmcompressor',))} |")
+                         f"{_ratio(results, m, key, ('llmcompressor',))} |"
+                         + (f" {_ratio(results, m, key, ('llmcompressor',), 'lowbit-bf16')} |" if bf16 else ""))
     lines += _plain_table(results, "Output size, MiB (weight files)", methods, "output_bytes",
                           lambda v: f"{v / 2**20:.1f}")
     pruned = [m for m in methods if m.startswith(("wanda", "sparsegpt"))]

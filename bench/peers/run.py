@@ -30,6 +30,7 @@ RESULTS = REPO / "bench" / "results" / "peers"
 OUTPUTS = WORK / "outputs"
 PYTHON = {
     "lowbit": REPO / ".venv" / "bin" / "python",
+    "lowbit-bf16": REPO / ".venv" / "bin" / "python",
     "llmcompressor": WORK / "venvs" / "llmcompressor" / "bin" / "python",
     "gptqmodel": WORK / "venvs" / "gptqmodel" / "bin" / "python",
 }
@@ -40,17 +41,20 @@ METHODS = (
 LOWBIT_RECIPE = {"rtn-w4g64": "w4g64"}  # otherwise the method name is lowbit's recipe name
 SUPPORTED = {
     "lowbit": METHODS,
+    # the same, with the calibration forwards in bfloat16 (--compute-dtype; RTN has none)
+    "lowbit-bf16": tuple(m for m in METHODS if m != "rtn-w4g64"),
     "llmcompressor": METHODS,
     "gptqmodel": ("gptq-w4g64", "gptq-w4g64-actorder"),
 }
 
 
 def quantize_command(tool: str, method: str, out: Path, n: int, length: int) -> list[str]:
-    if tool == "lowbit":
+    if tool in ("lowbit", "lowbit-bf16"):
         return [
             str(REPO / ".venv" / "bin" / "lowbit"), "quantize", "--model", str(MODEL),
             "--recipe", LOWBIT_RECIPE.get(method, method), "--nsamples", str(n), "--seq-len", str(length),
             "--out", str(out), "--overwrite", "--json",
+            *(["--compute-dtype", "bfloat16"] if tool == "lowbit-bf16" else []),
         ]
     return [str(PYTHON[tool]), str(Path(__file__).parent / f"quantize_{tool}.py"), method, str(out)]
 
@@ -70,6 +74,7 @@ def weight_bytes(folder: Path) -> int:
 
 
 def evaluate(tool: str, folder: Path | None) -> dict:
+    tool = "lowbit" if tool == "lowbit-bf16" else tool  # a lowbit output either way
     command = [str(PYTHON["lowbit" if tool == "fp32" else tool]), str(Path(__file__).parent / "evaluate.py"), tool]
     command += [str(folder)] if folder is not None else []
     done = subprocess.run(command, capture_output=True, text=True, cwd=WORK)
@@ -145,6 +150,7 @@ def main() -> None:
                     save(results)
                     continue
                 row["wall_seconds"].append(round(seconds, 2))
+                row["date"] = f"{datetime.date.today()}"
                 row["peak_rss_bytes"].append(rss)
                 row["output_bytes"] = weight_bytes(out)
                 if "perplexity" not in row:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import resource
 import subprocess
 import sys
 from collections.abc import Callable
@@ -60,6 +59,9 @@ def add_calibration_options(parser: argparse.ArgumentParser) -> None:
     add_number(parser, "--seq-len", int, Range(2), default=512, help="tokens per calibration sequence L (default 512)")
     add_number(parser, "--batch-size", int, Range(1), default=8, help="sequences per forward pass (default 8)")
     add_number(parser, "--seed", int, SEEDS, default=0, help="seed for the calibration sample (default 0)")
+    parser.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="precision of the calibration forwards; statistics stay float32. bfloat16 is faster "
+                             "where the hardware has it (AVX-512 BF16 / AMX CPUs, GPUs): docs/speed.md (default float32)")
 
 
 def add_eval_options(parser: argparse.ArgumentParser) -> None:
@@ -103,20 +105,10 @@ def parse_device(name: str) -> torch.device:
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far.
+    """Peak resident set size of this process so far (VmHWM on Linux, across the block loop's per-phase resets)."""
+    from lowbit.pipeline.peak_rss import process_peak_bytes
 
-    On Linux this is VmHWM, the high-water mark of this program's own address space. getrusage's ru_maxrss is not
-    used there: a child started by fork/vfork + exec inherits the parent's high-water mark in it, so a `lowbit
-    quantize` launched by `lowbit compare` right after an evaluation reported the parent's 1.7 GB, not its own peak.
-    """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024  # kB
-    except OSError:
-        pass
-    scale = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes, Linux KiB
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+    return process_peak_bytes()
 
 
 def child_command(command: str) -> list[str]:

@@ -50,6 +50,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     from lowbit.evaluation.inspect_summary import inputs_table, inspection_json, kind_table, residual_table
     from lowbit.models.lazy import LazyModel
     from lowbit.models.source import resolve_model
+    from lowbit.pipeline.compute import compute_dtype
     from lowbit.pipeline.inspect import InspectSettings, inspect_model
     from lowbit.pipeline.loop import LazyStore
 
@@ -65,7 +66,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     store = LazyStore(LazyModel(source.folder, torch_dtype(args.dtype)), on_block_done=lambda prefix, block: None)
     with tqdm(total=len(store.blocks), desc="inspecting blocks", unit="block") as bar:
         inspection = inspect_model(store, ids, settings, batch_size=args.batch_size, device=parse_device(args.device),
-                                   on_block=lambda i: bar.update())
+                                   on_block=lambda i: bar.update(), compute_dtype=compute_dtype(args.compute_dtype))
     report = inspection_json(inspection)
     title = f"{model}: {ids.shape[0]} x {ids.shape[1]} calibration tokens"
     with report_folder(Path(args.out), inputs=[Path(model)]) as out:

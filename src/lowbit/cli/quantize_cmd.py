@@ -65,9 +65,11 @@ class QuantizeRun:
             "recipe": self.report.recipe,
             "calibration": self.report.calibration,
             "seconds": round(self.report.seconds, 2),
+            "phase_seconds": {k: round(v, 2) for k, v in self.report.phase_seconds().items()},
             "source_bytes": self.source_bytes,
             "out_bytes": self.out_bytes,
             "peak_rss_bytes": self.peak_rss,
+            "peak_rss_after_phase": self.report.peak_rss,
             "mean_linear_error": self.report.mean_linear_error() if self.report.measured else None,
         }
 
@@ -119,6 +121,7 @@ def quantize_from_args(
     from lowbit.api import quantize_checkpoint
     from lowbit.distributed.ranks import SINGLE
     from lowbit.models.checkpoint import CheckpointReader
+    from lowbit.pipeline.compute import compute_dtype
 
     ranks = ranks or SINGLE
     recipe, source = checked_request(args, out, recipe_name, writes=ranks.writes)
@@ -129,6 +132,7 @@ def quantize_from_args(
     report = quantize_checkpoint(
         source.folder, recipe, ids, out, dtype=torch_dtype(args.dtype), device=device, batch_size=args.batch_size,
         seed=args.seed, overwrite=args.overwrite, progress=ranks.writes, ranks=ranks,
+        compute_dtype=compute_dtype(args.compute_dtype),
     )
     out_bytes = CheckpointReader(out).nbytes() if ranks.writes else 0
     return QuantizeRun(report, out, CheckpointReader(source.folder).nbytes(), out_bytes, peak_rss_bytes())
@@ -177,5 +181,7 @@ def report_run(args: argparse.Namespace, run: QuantizeRun) -> int:
         f"{run.report.seconds:.1f}s, peak RSS {mib(run.peak_rss)}, "
         f"{mib(run.source_bytes)} -> {mib(run.out_bytes)} on disk, written to {run.out}"
     )
+    phases = run.report.phase_seconds()
+    console.print("time per phase, all blocks: " + ", ".join(f"{k} {v:.1f}s" for k, v in phases.items()))
     return 0
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
+import mmap
 from pathlib import Path
 
 import torch
@@ -99,10 +102,10 @@ class CheckpointReader:
             with self._open(path) as handle:
                 for name in file_names:
                     try:
-                        tensor = handle.get_tensor(name).clone()
+                        tensor = copied_out(handle.get_tensor(name))
                     except SafetensorError as exc:
                         raise LowbitError(f"cannot read tensor {name!r} from {path}: {exc}; the file is corrupt") from None
-                    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                    if tensor.is_floating_point() and not all_finite(tensor):
                         raise LowbitError(
                             f"tensor {name!r} in {self.folder} contains NaN or inf values; the checkpoint is corrupt "
                             "(re-download or re-export it)"
@@ -113,3 +116,49 @@ class CheckpointReader:
     def nbytes(self) -> int:
         """Bytes of the weight files (headers included: what the model costs on disk)."""
         return sum(p.stat().st_size for p in set(self._file_of.values()))
+
+
+FINITE_CHUNK = 1 << 22  # elements checked at a time: isfinite's temporaries on a whole tensor cost ~1.75x its size
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or inf in ``tensor``, checked in slices (on Gemma 3's 671 MB float32 embedding the one-shot check
+    raised the process's peak by 1.1 GB)."""
+    flat = tensor.reshape(-1)
+    return all(bool(torch.isfinite(flat[i : i + FINITE_CHUNK]).all()) for i in range(0, flat.numel(), FINITE_CHUNK))
+
+
+COPY_CHUNK = 64 << 20  # bytes copied out of the memory map at a time
+
+
+@functools.cache
+def _madvise():  # noqa: ANN202
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        return libc.madvise if hasattr(libc, "madvise") else None
+    except OSError:  # not glibc: pages are released when the file is closed instead
+        return None
+
+
+def copied_out(mapped: torch.Tensor) -> torch.Tensor:
+    """An owned copy of a tensor backed by the file's memory map, copied a chunk at a time with the pages already
+    copied dropped from the map as it goes (madvise DONTNEED: clean file pages, re-read from the file if touched
+    again). A plain clone kept every page of the map resident until the file closed: reading Gemma 3's 671 MB
+    embedding cost 1.34 GB. Only pages wholly inside the copied range are dropped, so nothing is dropped unread."""
+    out = torch.empty_like(mapped, memory_format=torch.contiguous_format)
+    if mapped.numel() == 0:
+        return out
+    if not mapped.is_contiguous():
+        return out.copy_(mapped)
+    src, dst = mapped.reshape(-1).view(torch.uint8), out.reshape(-1).view(torch.uint8)
+    madvise, page = _madvise(), mmap.PAGESIZE
+    base = src.data_ptr()
+    for start in range(0, src.numel(), COPY_CHUNK):
+        end = min(start + COPY_CHUNK, src.numel())
+        dst[start:end].copy_(src[start:end])
+        if madvise is not None:
+            first = -(-base // page) * page  # the first page boundary at or after the tensor's start
+            last = (base + end) // page * page  # the last page boundary at or before the copied end
+            if last > first:
+                madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), 4)  # 4: MADV_DONTNEED
+    return out

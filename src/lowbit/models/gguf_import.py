@@ -29,6 +29,7 @@ from safetensors import SafetensorError
 
 from lowbit.errors import LowbitError
 from lowbit.io.atomic import atomic_directory
+from lowbit.models.checkpoint import all_finite
 from lowbit.models.embedded import cache_dir, file_sha256
 
 log = logging.getLogger(__name__)
@@ -181,7 +182,7 @@ def _convert(path: Path, out: Path, dtype: torch.dtype = torch.float32) -> list[
     written: list[str] = []
 
     def add(name: str, tensor: torch.Tensor) -> None:
-        if not all(torch.isfinite(part).all() for part in tensor.reshape(-1).split(CHUNK_VALUES)):
+        if not all_finite(tensor):
             raise LowbitError(f"GGUF file {path}: tensor {name!r} has NaN or inf values; the file is corrupt")
         writer.add(name, tensor)
         written.append(name)

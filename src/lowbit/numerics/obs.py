@@ -132,6 +132,7 @@ def obs_compress(
             threshold = torch.sort(score.flatten())[0][int(score.numel() * sparsity)]
             mask1 |= score <= threshold
         codes1 = torch.zeros_like(W1)  # float codes of this block's columns
+        d_cols = d.tolist()  # [Hinv]_jj as Python floats (exact float32 values): no indexing op per column
         for i in range(count):
             col = i1 + i
             w = W1[:, i]
@@ -140,7 +141,7 @@ def obs_compress(
                 drop = torch.topk(score, nm[1] - nm[0], dim=1, largest=False).indices
                 mask1.scatter_(1, i + drop, True)
             # the column loop is op-bound (one rank-1 update of [out, count - i] per column), so plain rounding
-            # skips the masking ops that only pruning needs
+            # skips the masking ops that only pruning needs, and results go straight into their block columns
             q = w.masked_fill(mask1[:, i], 0.0) if prunes else w
             if grid is not None:
                 if grid.needs_fit(col):
@@ -150,11 +151,11 @@ def obs_compress(
                 if prunes:
                     code = torch.where(mask1[:, i], zero.expand_as(code), code)  # pruned -> exactly 0.0
                 codes1[:, i] = code
-                q = (code - zero) * scale
-            Q1[:, i] = q
-            err = (w - q).div_(d[i])
+                q = torch.sub(code, zero, out=Q1[:, i]).mul_(scale)
+            else:
+                Q1[:, i] = q
+            err = torch.sub(w, q, out=Err1[:, i]).div_(d_cols[i])
             W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1.0)
-            Err1[:, i] = err
         codes[:, i1:i2] = codes1.to(torch.uint8)
         W[:, i1:i2] = Q1
         pruned[:, i1:i2] = mask1

@@ -8,7 +8,8 @@ import torch
 
 from lowbit.pipeline.compress import compress_block, finish_block
 from lowbit.pipeline.context import BlockContext
-from lowbit.pipeline.measure import measure_block
+from lowbit.pipeline.measure import ErrorMeter, measure_block
+from lowbit.pipeline.pass_cache import PassCache, budget_from_env
 from lowbit.pipeline.report import BlockRecord, LinearRecord
 from lowbit.pipeline.taps import run_with_taps
 from lowbit.recipe import Recipe
@@ -17,21 +18,32 @@ from lowbit.recipe import Recipe
 def process_block(
     ctx: BlockContext, recipe: Recipe, batch_size: int, saved: dict[str, torch.Tensor] | None, index: int
 ) -> BlockRecord:
-    """Transform and compress ``ctx.block`` in place; afterwards ``ctx.data.hidden`` holds its quantized outputs."""
+    """Transform and compress ``ctx.block`` in place; afterwards ``ctx.data.hidden`` holds its quantized outputs.
+    The record's ``phases`` say where the block's time went (seconds)."""
+    assert ctx.data is not None
     start = time.perf_counter()
+    phases: dict[str, float] = {}
     transform = recipe.transform
     fp_outputs = transform.transform_block(ctx, batch_size, saved) if transform is not None else None
     if fp_outputs is None:
         # nothing to calibrate: only the reference outputs for the error measurement are needed
         fp_outputs = run_with_taps(ctx.block, ctx.data, max_outputs=ctx.error_batches, max_batches=ctx.error_batches)
+        phases["reference pass"] = time.perf_counter() - start
+    else:
+        phases["transform"] = time.perf_counter() - start
     # the full-precision reference of each Linear after the (output-preserving) transform
     references = {
         path: (lin.weight.detach().clone(), None if lin.bias is None else lin.bias.detach().clone())
         for path, lin in ctx.targets.items()
     }
-    compressed = compress_block(ctx, recipe)
-    modules = {p: c.module for p, c in compressed.items()}
-    measured = measure_block(ctx.block, ctx.data, modules, references, fp_outputs)
+    meter = ErrorMeter(references, ctx.error_batches, len(fp_outputs))
+    # from here on the block's modules are only swapped, never edited in place: the passes can share outputs
+    cache = PassCache(ctx.block, budget_from_env())
+    compressed = compress_block(ctx, recipe, cache, meter, phases)
+    mark = time.perf_counter()
+    measured = measure_block(ctx.block, ctx.data, meter, fp_outputs, cache)
+    phases["final pass"] = time.perf_counter() - mark
+    del cache
     finish_block(ctx, compressed)
     linears = []
     for path, c in compressed.items():
@@ -40,7 +52,7 @@ def process_block(
             note = f"{note}, " if note else ""
             note += f"outlier columns {measured.outlier_share[path]:.2%}"
         linears.append(LinearRecord(ctx.full_name(path), c.method, measured.linear_error[path], c.seconds, note))
-    return BlockRecord(index, time.perf_counter() - start, measured.block_error, linears)
+    return BlockRecord(index, time.perf_counter() - start, measured.block_error, linears, phases=phases)
 
 
 def compress_without_data(ctx: BlockContext, recipe: Recipe, index: int) -> BlockRecord:
@@ -50,4 +62,5 @@ def compress_without_data(ctx: BlockContext, recipe: Recipe, index: int) -> Bloc
     compressed = compress_block(ctx, recipe)
     nan = float("nan")
     linears = [LinearRecord(ctx.full_name(p), c.method, nan, c.seconds, c.note) for p, c in compressed.items()]
-    return BlockRecord(index, time.perf_counter() - start, nan, linears)
+    seconds = time.perf_counter() - start
+    return BlockRecord(index, seconds, nan, linears, phases={"compress": seconds})

@@ -8,6 +8,7 @@ it will really see. A recipe that needs no statistics compresses everything with
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +17,9 @@ from torch import nn
 from lowbit.distributed.divide import divide_work
 from lowbit.methods.base import Compression, LinearStats
 from lowbit.pipeline.context import BlockContext, shared_inputs
+from lowbit.pipeline.measure import ErrorMeter
 from lowbit.pipeline.observers import AbsMaxObserver, HessianObserver, InputNormObserver
+from lowbit.pipeline.pass_cache import PassCache
 from lowbit.pipeline.taps import run_with_taps
 from lowbit.recipe import Recipe
 from lowbit.runtime.sparse import SparseLinear
@@ -55,7 +58,17 @@ def _stages(ctx: BlockContext, recipe: Recipe) -> list[list[str]]:
     return [s for s in stages if s]
 
 
-def compress_block(ctx: BlockContext, recipe: Recipe) -> dict[str, Compressed]:
+def compress_block(
+    ctx: BlockContext,
+    recipe: Recipe,
+    cache: PassCache | None = None,
+    meter: ErrorMeter | None = None,
+    phases: dict[str, float] | None = None,
+) -> dict[str, Compressed]:
+    """Compress every target of ``ctx.block``, stage by stage. Each stage's statistics pass takes unchanged
+    submodule outputs from ``cache`` and measures the previous stages' Linears with ``meter``; the seconds spent
+    in passes and in fitting are added to ``phases``."""
+    phases = {} if phases is None else phases
     needs = recipe.needs()
     label = recipe.method_label
     done: dict[str, Compressed] = {}
@@ -74,7 +87,10 @@ def compress_block(ctx: BlockContext, recipe: Recipe) -> dict[str, Compressed]:
                 taps[paths[0]] = shared.observers()
         if taps:
             assert ctx.data is not None, "a recipe that observes inputs runs with calibration data"
-            run_with_taps(ctx.block, ctx.data, taps, stop_early=True)
+            mark = time.perf_counter()
+            with meter.hooked(ctx.block) if meter is not None else nullcontext():
+                run_with_taps(ctx.block, ctx.data, taps, stop_early=True, cache=cache, meter=meter)
+            phases["statistics passes"] = phases.get("statistics passes", 0.0) + time.perf_counter() - mark
 
         def compress(path: str) -> Compressed:
             start = time.perf_counter()
@@ -82,11 +98,16 @@ def compress_block(ctx: BlockContext, recipe: Recipe) -> dict[str, Compressed]:
             return Compressed(module, label, time.perf_counter() - start, note)
 
         # on several ranks each compresses its share of the stage's Linears and receives the others'
-        for path, c in divide_work(ctx.ranks, stage, lambda p: linear_cost(ctx.targets[p]), compress).items():
+        mark = time.perf_counter()
+        results = divide_work(ctx.ranks, stage, lambda p: linear_cost(ctx.targets[p]), compress)
+        phases["compress"] = phases.get("compress", 0.0) + time.perf_counter() - mark
+        for path, c in results.items():
             # a block that runs no further pass (data-free) gets its runtime module directly
             placed = c.module if ctx.data is None else calibration_stand_in(c.module, ctx.targets[path].weight.dtype)
             ctx.block.set_submodule(path, placed)
             done[path] = c
+        if meter is not None:
+            meter.add({path: done[path].module for path in stage})
     return done
 
 

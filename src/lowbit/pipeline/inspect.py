@@ -149,8 +149,10 @@ def inspect_model(
     batch_size: int = 8,
     device: torch.device | str = "cpu",
     on_block: Any = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> Inspection:
-    """Inspect every block over calibration ids [N, L]; ``on_block(i)`` is called after each block (progress)."""
+    """Inspect every block over calibration ids [N, L]; ``on_block(i)`` is called after each block (progress).
+    ``compute_dtype``: the precision of the forwards (pipeline/compute.py)."""
     ids = check_calibration(ids, store.model.config)
     inputs: list[ChannelStats] = []
     residual: list[ChannelStats] = []
@@ -183,9 +185,9 @@ def inspect_model(
             input_mean_abs[stats.name] = mean_abs.mean.cpu()
 
     blocks = walk_blocks(store, ids, observe_block, batch_size=batch_size, device=device, progress=False,
-                         desc="inspecting blocks")
+                         desc="inspecting blocks", compute_dtype=compute_dtype)
     try:
-        for i, _, _ in blocks:
+        for i, _, _, _ in blocks:
             if on_block is not None:
                 on_block(i)
     finally:

@@ -28,6 +28,8 @@ from lowbit.pipeline.context import BlockContext, check_ignore_leaves_work, sele
 from lowbit.pipeline.memory import (
     block_memory_bytes, long_lived_objects_frozen, release_freed_memory, reset_peak_memory,
 )
+from lowbit.pipeline.pass_cache import budget_from_env
+from lowbit.pipeline.peak_rss import high_water_bytes, peak_during
 from lowbit.pipeline.report import BlockRecord, QuantizeReport, block_row
 from lowbit.pipeline.taps import BlockData
 from lowbit.recipe import Recipe
@@ -173,6 +175,7 @@ def run_blocks(
     progress: bool = True,
     ranks: Ranks = SINGLE,
     after_blocks: Callable[[list[torch.Tensor]], None] | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> tuple[QuantizeReport, dict[str, torch.Tensor]]:
     """Quantize every block of ``store`` with ``recipe`` on calibration ``ids`` [N, L].
 
@@ -183,18 +186,25 @@ def run_blocks(
     runs its share of the calibration batches, the statistics are reduced over ranks and the per-Linear work is
     divided, so every rank ends with the same compressed blocks (docs/distributed.md). ``after_blocks`` gets the
     last block's outputs (one tensor per local calibration batch) with the model's other modules in place.
+    ``compute_dtype`` (None, or torch.bfloat16): the precision of the calibration forwards (pipeline/compute.py).
     """
     check_ignore_leaves_work(store.blocks, store.arch.blocks, recipe.ignore)
     if ids is None and recipe.needs_calibration:
         raise LowbitError(f"recipe {recipe.name!r} needs calibration data: pass token ids [n_sequences, seq_len]")
     ids = None if ids is None else check_calibration(ids, store.model.config)
     check_ranks_agree(ranks, store, recipe, ids, batch_size, seed)
+    budget_from_env()  # a malformed LOWBIT_PASS_CACHE_MIB ends the run here, before any work
     start = time.perf_counter()
     shape = {"n_sequences": 0, "seq_len": 0} if ids is None else {"n_sequences": ids.shape[0], "seq_len": ids.shape[1]}
-    report = QuantizeReport(recipe.to_dict(), {**shape, "batch_size": batch_size, "seed": seed})
+    settings = {**shape, "batch_size": batch_size, "seed": seed}
+    if compute_dtype is not None:
+        settings["compute_dtype"] = str(compute_dtype).removeprefix("torch.")
+    report = QuantizeReport(recipe.to_dict(), settings)
+    report.peak_rss["before blocks"] = high_water_bytes()  # imports, the model's skeleton, the calibration ids
     artifact: dict[str, torch.Tensor] = {}
     with long_lived_objects_frozen():
-        _run(store, recipe, ids, report, artifact, batch_size, device, seed, saved, progress, ranks, after_blocks)
+        _run(store, recipe, ids, report, artifact, batch_size, device, seed, saved, progress, ranks, after_blocks,
+             compute_dtype)
     report.seconds = time.perf_counter() - start
     return report, artifact
 
@@ -210,12 +220,20 @@ def walk_blocks(
     desc: str,
     ranks: Ranks = SINGLE,
     after_blocks: Callable[[list[torch.Tensor]], None] | None = None,
-) -> Iterator[tuple[int, T, int]]:
+    compute_dtype: torch.dtype | None = None,
+    peaks: dict[str, int] | None = None,
+    seconds: dict[str, float] | None = None,
+) -> Iterator[tuple[int, T, int, dict[str, float]]]:
     """The one block loop, shared by quantization and inspection: capture what every block is called with (unless
     ``ids`` is None: a data-free pass), then per block: materialise it, ``visit(index, prefix, block, data)`` (which
     leaves the block's outputs in ``data.hidden`` for the next block), hand it back to the store (written out and
-    freed, or kept), free what it held. Yields (index, what visit returned, the block's peak memory in bytes); the
-    store is closed however the loop ends. On several ``ranks`` each captures and runs its own batches."""
+    freed, or kept), free what it held. Yields (index, what visit returned, the block's peak memory in bytes,
+    seconds spent loading and writing it); the store is closed however the loop ends. On several ``ranks`` each captures and runs its own batches.
+    ``compute_dtype`` (e.g. bfloat16): what the calibration passes compute in (pipeline/compute.py). ``peaks`` gets
+    the peak resident memory at the end of each phase: capturing the inputs, the blocks, the head's inputs;
+    ``seconds`` the time of the phases outside the blocks (capture, head inputs)."""
+    peaks = {} if peaks is None else peaks
+    seconds = {} if seconds is None else seconds
     calls = None
     index = tokens = None
     try:
@@ -224,24 +242,37 @@ def walk_blocks(
             n_batches = math.ceil(ids.shape[0] / batch_size)
             index = ranks.batches(n_batches)
             tokens = [ids[b * batch_size : (b + 1) * batch_size].numel() for b in range(n_batches)]
-            calls = capture_block_calls(store.model, store.blocks, ids, batch_size, device, index)
-            store.captured()
+            mark = time.perf_counter()
+            with peak_during(peaks, "capture"):
+                calls = capture_block_calls(store.model, store.blocks, ids, batch_size, device, index)
+                store.captured()
+            seconds["capture"] = time.perf_counter() - mark
         for i in tqdm(range(len(store.blocks)), desc=desc, unit="block", disable=not progress):
+            mark = time.perf_counter()
             block = store.load(i, device)
+            io = {"load": time.perf_counter() - mark}
             if ranks.distributed:
                 ranks.check_same("model weights", {f"{store.arch.blocks}.{i}": weights_fingerprint(block)})
-            data = None if calls is None else BlockData(calls.hidden, calls.calls[i], index, tokens, ranks)
+            data = None if calls is None else BlockData(
+                calls.hidden, calls.calls[i], index, tokens, ranks, compute_dtype
+            )
             reset_peak_memory(device)
-            result = visit(i, f"{store.arch.blocks}.{i}", block, data)
+            with peak_during(peaks, "blocks"):
+                result = visit(i, f"{store.arch.blocks}.{i}", block, data)
             if calls is not None:
                 calls.calls[i] = []  # this block's masks and rotary tables are no longer needed
+            mark = time.perf_counter()
             store.finish(i, block)
             release_freed_memory()
-            yield i, result, block_memory_bytes(device)
+            io["write"] = time.perf_counter() - mark
+            yield i, result, block_memory_bytes(device), io
         if after_blocks is not None and calls is not None:
-            store.prepare(device)  # the modules after the blocks (a lazy model released them after the capture)
-            after_blocks(calls.hidden)
-            store.captured()
+            mark = time.perf_counter()
+            with peak_during(peaks, "head inputs"):
+                store.prepare(device)  # the modules after the blocks (a lazy model released them after the capture)
+                after_blocks(calls.hidden)
+                store.captured()
+            seconds["head inputs"] = time.perf_counter() - mark
     finally:
         store.close()
 
@@ -259,6 +290,7 @@ def _run(
     progress: bool,
     ranks: Ranks,
     after_blocks: Callable[[list[torch.Tensor]], None] | None,
+    compute_dtype: torch.dtype | None,
 ) -> None:
     """Quantization's visit of each block: transform, compress, measure (or compress only, data-free)."""
 
@@ -283,10 +315,12 @@ def _run(
         return record
 
     blocks = walk_blocks(store, ids, quantize_block, batch_size=batch_size, device=device, progress=progress,
-                         desc="quantizing blocks", ranks=ranks, after_blocks=after_blocks)
+                         desc="quantizing blocks", ranks=ranks, after_blocks=after_blocks, compute_dtype=compute_dtype,
+                         peaks=report.peak_rss, seconds=report.outside_seconds)
     try:
-        for _, record, memory in blocks:
+        for _, record, memory, io in blocks:
             record.memory_bytes = memory
+            record.phases = {"load": io["load"], **record.phases, "write": io["write"]}
             report.blocks.append(record)
             log.info(block_row(record))
     finally:

@@ -81,3 +81,4 @@ def block_memory_bytes(device: torch.device | str) -> int:
 def resident_bytes() -> int:
     """This process's resident set size now."""
     return int(psutil.Process().memory_info().rss)
+

@@ -40,6 +40,9 @@ class BlockRecord:
     linears: list[LinearRecord] = field(default_factory=list)
     memory_bytes: int = 0  # GPU peak during the block on CUDA; process RSS after it on CPU
     folds: list[FoldRecord] = field(default_factory=list)
+    # seconds per phase, in order: load, transform or reference pass, statistics passes, compress, final pass,
+    # write (pipeline/block.py times the middle ones, the block loop load and write)
+    phases: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -48,6 +51,10 @@ class QuantizeReport:
     calibration: dict[str, Any]
     blocks: list[BlockRecord] = field(default_factory=list)
     seconds: float = 0.0
+    # the process's peak resident bytes at the end of each phase (before blocks, capture, blocks, head inputs,
+    # outside blocks: the tensors outside the blocks written): the phase in which it last rose set the peak
+    peak_rss: dict[str, int] = field(default_factory=dict)
+    outside_seconds: dict[str, float] = field(default_factory=dict)  # capture, head inputs: outside the blocks
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -55,11 +62,22 @@ class QuantizeReport:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> QuantizeReport:
         blocks = [
-            BlockRecord(**{**b, "linears": [LinearRecord(**r) for r in b["linears"]],
+            BlockRecord(**{**b, "linears": [LinearRecord(**r) for r in b.get("linears", [])],
                            "folds": [FoldRecord(**f) for f in b.get("folds", [])]})
             for b in data.get("blocks", [])
         ]
-        return cls(data["recipe"], data["calibration"], blocks, data.get("seconds", 0.0))
+        return cls(data["recipe"], data["calibration"], blocks, data.get("seconds", 0.0), data.get("peak_rss", {}),
+                   data.get("outside_seconds", {}))
+
+    def phase_seconds(self) -> dict[str, float]:
+        """Seconds per phase: capturing block 0's inputs, then each block phase summed over blocks (in the order
+        they first appear), then the head's inputs."""
+        totals: dict[str, float] = {k: v for k, v in self.outside_seconds.items() if k == "capture"}
+        for b in self.blocks:
+            for phase, seconds in b.phases.items():
+                totals[phase] = totals.get(phase, 0.0) + seconds
+        totals.update({k: v for k, v in self.outside_seconds.items() if k != "capture"})
+        return totals
 
     def mean_linear_error(self) -> float:
         """Mean relative error over Linears; NaN when the run was not measured (a data-free recipe, no data)."""

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -11,7 +13,12 @@ from torch import nn
 from lowbit.distributed.ranks import SINGLE, Ranks
 from lowbit.errors import LowbitError
 from lowbit.pipeline.capture import _StopForward, run_block
+from lowbit.pipeline.compute import full_precision, lower_precision
 from lowbit.pipeline.observers import CallRecorder
+
+if TYPE_CHECKING:
+    from lowbit.pipeline.measure import ErrorMeter
+    from lowbit.pipeline.pass_cache import PassCache
 
 
 @dataclass
@@ -26,6 +33,13 @@ class BlockData:
     index: list[int] | None = None
     tokens: list[int] | None = None
     ranks: Ranks = SINGLE
+    # the dtype the block's matmuls run in during calibration passes (None: the weights' own); statistics and
+    # error sums stay float32 (compute.py)
+    compute_dtype: torch.dtype | None = None
+
+    def computing(self) -> AbstractContextManager:
+        """The context every calibration forward of this block runs in."""
+        return lower_precision(self.hidden[0].device if self.hidden else "cpu", self.compute_dtype)
 
     def numbered(self) -> list[tuple[int, torch.Tensor, tuple[tuple, dict]]]:
         """(global batch number, hidden, call) of every local batch, in increasing global order."""
@@ -46,6 +60,8 @@ def run_with_taps(
     stop_early: bool = False,
     max_outputs: int | None = None,
     max_batches: int | None = None,
+    cache: PassCache | None = None,
+    meter: ErrorMeter | None = None,
 ) -> list[torch.Tensor]:
     """Forward every batch; feed the input of each tapped module (path in the block) to its observers.
 
@@ -63,8 +79,9 @@ def run_with_taps(
 
     def tap_hook(name: str, observers: Sequence):
         def hook(_module: nn.Module, args: tuple) -> None:
-            for observer in observers:
-                observer.add_batch(args[0])
+            with full_precision(args[0]):
+                for observer in observers:
+                    observer.add_batch(args[0])
             fired.add(name)
             fired_ever.add(name)
             if stop_early and len(fired) == len(taps):
@@ -99,8 +116,11 @@ def run_with_taps(
                             observer.skip_batch(tokens)
                 current[0], previous = b, b
                 fired.clear()
+                if meter is not None:
+                    meter.begin_batch(b)
                 try:
-                    out = run_block(block, hidden, call)
+                    with cache.forward_of(b) if cache is not None else nullcontext(), data.computing():
+                        out = run_block(block, hidden, call)
                 except _StopForward:
                     continue
                 if not stop_early and (max_outputs is None or b < max_outputs):

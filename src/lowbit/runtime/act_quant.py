@@ -15,7 +15,7 @@ from lowbit.numerics.activations import quantize_activations
 from torch import nn
 
 from lowbit.runtime.kernels import int8_int8_weights
-from lowbit.runtime.weight_only import WeightOnlyLinear
+from lowbit.runtime.weight_only import InputQuantizingStandIn, WeightOnlyLinear
 
 
 class ActQuantLinear(WeightOnlyLinear):
@@ -60,7 +60,7 @@ class ActQuantLinear(WeightOnlyLinear):
         return QuantizedInputs(self, kernel) if kernel is not None else None
 
     def calibration_stand_in(self, dtype: torch.dtype) -> nn.Module:
-        return self  # it quantizes its inputs: only it computes what it computes
+        return InputQuantizingStandIn(self, dtype)
 
     def matmul_input(self, x: torch.Tensor) -> torch.Tensor:
         return self.quantize_input(x)

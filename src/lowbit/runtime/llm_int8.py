@@ -15,7 +15,7 @@ from lowbit.numerics.activations import quantize_activations
 from torch import nn
 
 from lowbit.runtime.kernels import int8_int8_weights
-from lowbit.runtime.weight_only import WeightOnlyLinear
+from lowbit.runtime.weight_only import InputQuantizingStandIn, WeightOnlyLinear
 
 
 def outlier_columns(x: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -39,7 +39,7 @@ class Int8OutlierLinear(WeightOnlyLinear):
         return Int8OutlierKernelLinear(self, *w8a8) if w8a8 is not None else None
 
     def calibration_stand_in(self, dtype: torch.dtype) -> nn.Module:
-        return self  # it quantizes its inputs: only it computes what it computes
+        return InputQuantizingStandIn(self, dtype)
 
     def matmul_input(self, x: torch.Tensor) -> torch.Tensor:
         """Outlier columns as they are, the rest quantized to INT8 per token."""

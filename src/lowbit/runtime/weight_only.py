@@ -138,6 +138,21 @@ def weight_kernel(exact: nn.Module, qweight: QWeight) -> nn.Module | None:
     return Int8KernelLinear(exact, *int8) if int8 is not None else None
 
 
+class InputQuantizingStandIn(nn.Module):
+    """A module that quantizes its inputs (W8A8, LLM.int8()) while its block is calibrated: its weight dequantized
+    once, not on every call, and its inputs quantized by the module itself, so the outputs are bit-identical."""
+
+    def __init__(self, source: WeightOnlyLinear, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(source.dequantized_weight(dtype), requires_grad=False)  # [out, in]
+        object.__setattr__(self, "source", source)  # not a submodule: the block holds only the stand-in
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        source: WeightOnlyLinear = self.source  # type: ignore[assignment]
+        weight = self.weight if x.dtype == self.weight.dtype else source.float_weight(x.dtype)
+        return F.linear(source.matmul_input(x), weight, source.bias)
+
+
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> nn.Linear:
     linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=dtype)
     linear.weight.data = weight
