@@ -2,10 +2,10 @@
 
 A block's calibration passes (statistics, reference outputs, the pass that produces the next block's inputs) can
 run their matmuls and attention in bfloat16 under autocast, where the hardware computes it natively (AVX-512 BF16
-or AMX CPUs, recent GPUs): on a 2-core AVX-512 BF16 EPYC a [4096, 576] x [576, 1536] matmul takes 7.8 ms in
-bfloat16 against 36.3 ms in float32. What is computed from the activations stays float32: Hessians, norms and
-ranges (observers cast their inputs), the error sums, the residual stream (float32 + bfloat16 is float32), the
-weights being fitted and the fold proofs (run outside these passes, in float32 at highest matmul precision).
+or AMX CPUs, recent GPUs; docs/speed.md has the time it saves and the quality it costs). What is computed from the
+activations stays float32: Hessians, norms and ranges (observers cast their inputs), the error sums, the residual
+stream (float32 + bfloat16 is float32), the weights being fitted and the fold proofs (run outside these passes, in
+float32 at highest matmul precision).
 """
 
 from __future__ import annotations
