@@ -191,10 +191,12 @@ def test_a_malformed_cache_budget_is_one_line_before_any_work(toy_folder, tmp_pa
     from lowbit.cli.main import main
     from toy import write_corpus
 
+    model, corpus = toy_folder(), write_corpus(tmp_path / "c.txt")
+    capsys.readouterr()  # building the toy model (first use in a run) writes progress bars of its own
     monkeypatch.setenv("LOWBIT_PASS_CACHE_MIB", "lots")
     out = tmp_path / "q"
-    code = main(["--quiet", "quantize", "--model", str(toy_folder()), "--recipe", "gptq-w4g128", "--out", str(out),
-                 "--calib", str(write_corpus(tmp_path / "c.txt")), "--nsamples", "4", "--seq-len", "32"])
+    code = main(["--quiet", "quantize", "--model", str(model), "--recipe", "gptq-w4g128", "--out", str(out),
+                 "--calib", str(corpus), "--nsamples", "4", "--seq-len", "32"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err == ["lowbit: error: LOWBIT_PASS_CACHE_MIB must be a number of MiB >= 0, got 'lots'; "
                                  "0 turns the cache off"]
