@@ -105,10 +105,10 @@ def parse_device(name: str) -> torch.device:
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far (VmHWM on Linux, across the block loop's per-phase resets)."""
-    from lowbit.pipeline.peak_rss import process_peak_bytes
+    """Peak resident set size of this process so far (VmHWM on Linux: pipeline/peak_rss.py)."""
+    from lowbit.pipeline.peak_rss import high_water_bytes
 
-    return process_peak_bytes()
+    return high_water_bytes()
 
 
 def child_command(command: str) -> list[str]:

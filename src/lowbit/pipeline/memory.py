@@ -81,4 +81,3 @@ def block_memory_bytes(device: torch.device | str) -> int:
 def resident_bytes() -> int:
     """This process's resident set size now."""
     return int(psutil.Process().memory_info().rss)
-

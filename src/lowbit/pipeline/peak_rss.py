@@ -45,7 +45,3 @@ def peak_during(into: dict[str, int], phase: str) -> Iterator[None]:
     finally:
         into[phase] = high_water_bytes()
 
-
-def process_peak_bytes() -> int:
-    """Peak resident set size of this process so far."""
-    return high_water_bytes()
