@@ -34,11 +34,13 @@ bench: install
 bench-exports: install
 	bench/exports.sh
 
-# lowbit next to llm-compressor and GPTQModel (bench/peers/; creates their venvs under out/peers/venvs; hours).
+# lowbit next to llm-compressor and GPTQModel on every model (bench/peers/; creates their venvs under
+# out/peers/venvs and fetches the real models; many hours on 2 cores).
+PEER_MODELS ?= smollm2-135m gemma3-270m qwen2.5-coder-0.5b
 bench-peers: install
 	bench/peers/setup.sh
-	$(PY) bench/peers/prepare.py
-	$(PY) bench/peers/run.py --repeats 3
+	FETCH_ONLY=1 bench/real_models.sh
+	for m in $(PEER_MODELS); do $(PY) bench/peers/prepare.py --model $$m && $(PY) bench/peers/run.py --model $$m || exit 1; done
 
 clean:
 	rm -rf $(VENV) out

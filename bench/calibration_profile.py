@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL = ROOT / "out" / "peers" / "model"
+MODEL = ROOT / "out" / "peers" / "smollm2-135m" / "model"
 WORK = ROOT / "out" / "bench" / "profile"
 RESULTS = ROOT / "bench" / "results" / "calibration_profile.json"
 SETTINGS = {  # name -> (pass cache MiB, compute dtype)

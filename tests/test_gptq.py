@@ -65,6 +65,51 @@ def test_act_order_groups_are_consistent_and_stored_exactly(data, static_groups)
     assert output_error(W, result.weight, X) < 0.8 * output_error(W, rtn(W, spec).dequantize(), X)
 
 
+@pytest.mark.parametrize("act_order", [False, True])
+def test_upfront_groups_take_the_original_weights_grids(data, act_order):
+    """Up-front fitting: every group's scale/zero is RTN's on the ORIGINAL weights (in the sweep's group order
+    under act-order), whatever GPTQ's updates did; lazy fitting reads the updated weights and differs."""
+    X, W, H = data
+    spec = WeightQuant(4, False, "group", 32)
+    upfront = gptq(W, H, spec, act_order=act_order, upfront_groups=True)
+    lazy = gptq(W, H, spec, act_order=act_order)
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(W.shape[1])
+    reference = rtn(W[:, perm], spec)  # groups of 32 consecutive columns in sweep order
+    assert torch.equal(upfront.qweight.scale, reference.scale) and torch.equal(upfront.qweight.zero, reference.zero)
+    assert not torch.equal(lazy.qweight.scale[:, 1:], reference.scale[:, 1:])  # group 0 is fitted before updates
+    assert torch.equal(upfront.qweight.dequantize(), upfront.weight)
+    assert (upfront.qweight.g_idx is not None) == act_order
+    assert output_error(W, upfront.weight, X) < 0.8 * output_error(W, rtn(W, spec).dequantize(), X)
+
+
+def test_full_shrink_is_round_to_nearest(data):
+    """shrink=1 leaves H diagonal: no column's error reaches another, so GPTQ is RTN, bit for bit."""
+    _, W, H = data
+    spec = WeightQuant(4, False, "group", 64)
+    assert torch.equal(gptq(W, H, spec, shrink=1.0).weight, rtn(W, spec).dequantize())
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_shrink_generalizes_when_tokens_are_few(act_order):
+    """768 calibration tokens for 512 input channels with 1% outlier channels (the down_proj picture): GPTQ fits the
+    calibration set's noise and loses to RTN on fresh tokens from the same distribution, more so with act-order;
+    shrinking H's off-diagonal by 20% makes it win. Measured held-out error / RTN's: 1.83 (2.13 act-order) at
+    shrink 0, 0.92 (0.94) at 0.2."""
+    mixing = torch.randn(16, 512, generator=torch.Generator().manual_seed(7))
+
+    def draw(tokens: int, seed: int) -> torch.Tensor:
+        shared = torch.randn(tokens, 16, generator=torch.Generator().manual_seed(seed)) @ mixing
+        return outlier_inputs(tokens=tokens, features=512, seed=seed) + shared
+
+    calibration, held_out = draw(768, 3), draw(4096, 4)
+    W, H = random_weight(128, 512), hessian(calibration)
+    spec = WeightQuant(4, False, "group", 64)
+    error = {s: output_error(W, gptq(W, H, spec, act_order=act_order, shrink=s).weight, held_out) for s in (0, 0.2)}
+    rounded = output_error(W, rtn(W, spec).dequantize(), held_out)
+    assert error[0] > 1.5 * rounded
+    assert error[0.2] < 0.97 * rounded
+
+
 def test_gptq_keeps_a_pruning_mask(data):
     X, W, H = data
     mask = prune_mask(wanda_scores(W, X.norm(dim=0)), None, (2, 4), per_row=True)

@@ -60,6 +60,7 @@ def refused(capsys, *argv) -> str:
     ({"steps": [{"type": "rtn", "weights": "w4"}]}, 'weights must be an object or null, got "w4"'),
     ({"steps": [{"type": "gptq", "damp": "0.01"}]}, 'damp must be a number, got "0.01"'),
     ({"steps": [{"type": "gptq", "act_order": 1}]}, "act_order must be true or false, got 1"),
+    ({"steps": [{"type": "gptq", "shrink": 1.5}]}, "gptq shrink must be in [0, 1], got 1.5"),
     ({"steps": [{"type": "prune", "sparsity": "half"}]}, 'sparsity must be a number or null, got "half"'),
     ({"steps": [{"type": "sparsegpt", "block_size": 0}]}, "sparsegpt block_size must be >= 1, got 0"),
     ({"steps": [{"type": "llm_int8", "threshold": 1e999}]}, "llm_int8 threshold must be a finite number > 0"),

@@ -2,7 +2,8 @@
 own environment, loading the output the way that tool's users would (lowbit.load; transformers + compressed-tensors
 for llm-compressor; GPTQModel.load), then calls the same perplexity function on the same token ids.
 
-  usage: python bench/peers/evaluate.py TOOL DIR   (TOOL: fp32, lowbit, llmcompressor, gptqmodel); prints JSON
+  usage: python bench/peers/evaluate.py TOOL DIR --ids FILE   (TOOL: fp32, lowbit, llmcompressor, gptqmodel; FILE:
+         out/peers/<model>/ids-seed<S>.pt, whose evaluation windows are the same for every seed); prints JSON
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from shared import MODEL, lowbit_perplexity, shared_inputs
+from shared import lowbit_perplexity
 
 os.environ.setdefault("LOWBIT_GGUF_DTYPE", "float32")  # the GGUF's exact weights, as published (docs/gguf_import.md)
 
@@ -71,12 +72,15 @@ def block_weight_zero_share(model: torch.nn.Module) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("tool")
-    parser.add_argument("path", nargs="?", default=str(MODEL))
+    parser.add_argument("path", help="the folder the tool wrote (the float32 input folder for fp32)")
+    parser.add_argument("--ids", required=True, type=Path, help="a bench/peers/prepare.py ids file")
     args = parser.parse_args()
     if not Path(args.path).is_dir():
         raise SystemExit(f"{args.path} is not a folder; pass the output folder the tool wrote")
+    if not args.ids.is_file():
+        raise SystemExit(f"{args.ids} is missing; run bench/peers/prepare.py for this model first")
     torch.set_num_threads(2)
-    inputs = shared_inputs()
+    inputs = torch.load(args.ids)
     start = time.perf_counter()
     model = open_model(args.tool, args.path)
     load_seconds = time.perf_counter() - start

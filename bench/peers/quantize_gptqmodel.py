@@ -1,10 +1,11 @@
 """Quantize the shared model with GPTQModel, as its users do (GPTQModel.load -> quantize -> save), in its own GPTQ
 checkpoint format. Runs in out/peers/venvs/gptqmodel. Settings matched to lowbit's presets: INT4 asymmetric
-(sym=False) with groups of 64, lm_head left alone, dampening 0.01, true-sequential; act-order off means desc_act and
+(sym=False) with the method's groups, lm_head left alone, dampening 0.01, true-sequential; act-order off means desc_act and
 GPTQModel's own group-aware reordering (act_group_aware, on by default) both off; act-order on is desc_act=True.
 Calibration: the shared token ids, batch size 1.
 
-  usage: python bench/peers/quantize_gptqmodel.py METHOD OUT; writes OUT/bench.json
+  usage: python bench/peers/quantize_gptqmodel.py METHOD OUT --model DIR --ids FILE; writes OUT/bench.json
+  (METHOD: gptq-w4gG or gptq-w4gG-actorder)
 """
 
 from __future__ import annotations
@@ -17,20 +18,25 @@ from pathlib import Path
 
 import torch
 
-from shared import MODEL, shared_inputs, write_json
+from shared import group_of, write_json
 
-GROUP = 64  # the grid every tool shares (llm-compressor cannot do g128 on SmolLM2's 576 columns)
-METHODS = {
-    "gptq-w4g64": {"desc_act": False, "act_group_aware": False},
-    "gptq-w4g64-actorder": {"desc_act": True, "act_group_aware": False},
+ACT_ORDER = {  # by the method name's ending
+    "": {"desc_act": False, "act_group_aware": False},
+    "-actorder": {"desc_act": True, "act_group_aware": False},
 }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("method", choices=list(METHODS))
+    parser.add_argument("method")
     parser.add_argument("out")
+    parser.add_argument("--model", required=True, type=Path, help="the float32 input folder")
+    parser.add_argument("--ids", required=True, type=Path, help="a bench/peers/prepare.py ids file")
     args = parser.parse_args()
+    group = group_of(args.method)
+    ending = args.method.split(f"g{group}", 1)[-1] if group else None
+    if not args.method.startswith("gptq-w4g") or ending not in ACT_ORDER:
+        raise SystemExit(f"gptqmodel: no recipe for {args.method!r}; pick gptq-w4gG or gptq-w4gG-actorder")
     torch.set_num_threads(2)
     start = time.perf_counter()
     # GPTQModel 7.6 sizes its CPU pool as ceil(cores / 2) = 1 here, then asks for 2 model-loader workers from it
@@ -38,11 +44,11 @@ def main() -> None:
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 1)))
     from gptqmodel import GPTQModel, QuantizeConfig
 
-    ids = shared_inputs()["calibration"]  # [N, L]
+    ids = torch.load(args.ids)["calibration"]  # [N, L]
     calibration = [{"input_ids": row.tolist(), "attention_mask": [1] * len(row)} for row in ids]
-    config = QuantizeConfig(bits=4, group_size=GROUP, sym=False, damp_percent=0.01, true_sequential=True,
-                            **METHODS[args.method])
-    model = GPTQModel.load(str(MODEL), config, device="cpu")
+    config = QuantizeConfig(bits=4, group_size=group, sym=False, damp_percent=0.01, true_sequential=True,
+                            **ACT_ORDER[ending])
+    model = GPTQModel.load(str(args.model), config, device="cpu")
     algo_start = time.perf_counter()
     model.quantize(calibration, batch_size=1)
     algo_seconds = time.perf_counter() - algo_start

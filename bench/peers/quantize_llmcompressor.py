@@ -1,32 +1,33 @@
 """Quantize the shared model with llm-compressor (its `oneshot` entry point), as its users do, and save it in
 compressed-tensors form. Runs in out/peers/venvs/llmcompressor. Settings matched to lowbit's presets: INT4
-asymmetric with groups of 64 (W4A16_ASYM at g64), lm_head left alone, GPTQ block 128 and dampening 0.01,
+asymmetric with the method's groups (W4A16_ASYM at gG), lm_head left alone, GPTQ block 128 and dampening 0.01,
 act-order as llm-compressor 0.14 offers it ("weight": columns visited by descending H_jj, groups kept in the
 original column order; "group" is no longer accepted), SmoothQuant a=0.5 with INT8 per-channel weights and
 dynamic per-token INT8 inputs (scheme W8A8); everything else at llm-compressor's defaults. Calibration: the
 shared token ids, in order, batch size 1 (oneshot's default).
 
-  usage: python bench/peers/quantize_llmcompressor.py METHOD OUT; writes OUT/bench.json
+  usage: python bench/peers/quantize_llmcompressor.py METHOD OUT --model DIR --ids FILE; writes OUT/bench.json
+  (METHOD as bench/peers/run.py names it: gptq-w4g128, smoothquant-w8a8, ...)
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import time
 from pathlib import Path
 
 import torch
 
-from shared import MODEL, shared_inputs, write_json
+from shared import group_of, write_json
 
-GROUP = 64  # llm-compressor refuses g128 here: SmolLM2's 576 input columns are not a multiple of 128
-W4 = {
-    "ignore": ["lm_head"],
-    "config_groups": {"w4": {"targets": ["Linear"], "weights": {
-        "num_bits": 4, "type": "int", "strategy": "group", "group_size": GROUP, "symmetric": False,
-    }}},
-}
+
+
+def w4(group: int | None) -> dict:
+    return {"ignore": ["lm_head"], "config_groups": {"w4": {"targets": ["Linear"], "weights": {
+        "num_bits": 4, "type": "int", "strategy": "group", "group_size": group, "symmetric": False,
+    }}}}
 
 
 def recipe(method: str) -> list:
@@ -37,11 +38,12 @@ def recipe(method: str) -> list:
     from llmcompressor.modifiers.transform import AWQModifier
 
     prune = {"targets": ["Linear"], "ignore": ["lm_head"], "sparsity": 0.5}
+    W4 = w4(group_of(method))
     recipes = {
-        "rtn-w4g64": lambda: [QuantizationModifier(**W4)],
-        "gptq-w4g64": lambda: [GPTQModifier(**W4, actorder=None, block_size=128, dampening_frac=0.01)],
-        "gptq-w4g64-actorder": lambda: [GPTQModifier(**W4, actorder="weight", block_size=128, dampening_frac=0.01)],
-        "awq-w4g64": lambda: [AWQModifier(), QuantizationModifier(**W4)],
+        "rtn-w4": lambda: [QuantizationModifier(**W4)],
+        "gptq-w4": lambda: [GPTQModifier(**W4, actorder=None, block_size=128, dampening_frac=0.01)],
+        "gptq-w4-actorder": lambda: [GPTQModifier(**W4, actorder="weight", block_size=128, dampening_frac=0.01)],
+        "awq-w4": lambda: [AWQModifier(), QuantizationModifier(**W4)],
         "smoothquant-w8a8": lambda: [
             SmoothQuantModifier(smoothing_strength=0.5),
             QuantizationModifier(targets="Linear", scheme="W8A8", ignore=["lm_head"]),
@@ -50,15 +52,19 @@ def recipe(method: str) -> list:
         "wanda-2of4": lambda: [WandaPruningModifier(**prune, mask_structure="2:4")],
         "sparsegpt-50": lambda: [SparseGPTModifier(**prune, mask_structure="0:0")],
     }
-    if method not in recipes:
-        raise SystemExit(f"llm-compressor: no recipe for {method!r}; pick from {', '.join(recipes)}")
-    return recipes[method]()
+    template = re.sub(r"-w4g\d+", "-w4", method)
+    if template not in recipes or (template.startswith(("rtn-", "gptq-", "awq-")) and group_of(method) is None):
+        raise SystemExit(f"llm-compressor: no recipe for {method!r}; pick from {', '.join(recipes)} "
+                         "(w4 methods with their group size: gptq-w4g128)")
+    return recipes[template]()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("method")
     parser.add_argument("out")
+    parser.add_argument("--model", required=True, type=Path, help="the float32 input folder")
+    parser.add_argument("--ids", required=True, type=Path, help="a bench/peers/prepare.py ids file")
     args = parser.parse_args()
     torch.set_num_threads(2)
     start = time.perf_counter()
@@ -72,14 +78,14 @@ def main() -> None:
         from llmcompressor.pipelines.cache import IntermediatesCache
 
         IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
-    ids = shared_inputs()["calibration"]  # [N, L]
+    ids = torch.load(args.ids)["calibration"]  # [N, L]
     n, length = ids.shape
-    data_free = args.method == "rtn-w4g64"  # weight-only RTN reads no calibration inputs
+    data_free = args.method.startswith("rtn-")  # weight-only RTN reads no calibration inputs
     dataset = None if data_free else Dataset.from_dict(
         {"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()}
     )
-    model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(MODEL)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
     mods = recipe(args.method)
     algo_start = time.perf_counter()
     oneshot(

@@ -1,6 +1,7 @@
-"""bench/results/peers/report.md from results.json: perplexity per tool, then wall time and peak RSS medians, each
-with lowbit's ratio to the best peer (lower is better for all three) and, for time and memory, to llm-compressor
-(the issue's targets: at most 0.5)."""
+"""The peer benchmark's reports: per model, bench/results/peers/<model>-g<G>/report.md from its results.json
+(perplexity per tool, then wall time and peak RSS medians, each with lowbit's ratio to the best peer, lower is
+better for all three, and for time and memory to llm-compressor); across models, bench/results/peers/summary.md
+(lowbit / best peer per method and model, for perplexity, time and memory)."""
 
 from __future__ import annotations
 
@@ -51,6 +52,11 @@ def _repeats(results: dict, tool: str, method: str) -> str:
     return f" (n={n})" if n else ""
 
 
+def _seeds(results: dict) -> str:
+    seeds = sorted({s for rows in results["rows"].values() for row in rows.values() for s in row.get("seeds", [])})
+    return ", ".join(map(str, seeds))
+
+
 def _tools(results: dict) -> tuple[str, ...]:
     """lowbit, lowbit with bfloat16 forwards where it was run, then the peers."""
     return ("lowbit",) + (("lowbit-bf16",) if "lowbit-bf16" in results["rows"] else ()) + PEERS
@@ -77,15 +83,16 @@ def write_report(results: dict, path: Path) -> None:
     n, length = results["calibration"]
     windows, window = results["evaluation"]
     fp = results.get("fp32", {}).get("perplexity")
+    shas = ", ".join(f"seed {k}: {v}" for k, v in sorted(results["calibration_sha"].items()))
     lines = [
-        "# lowbit next to llm-compressor and GPTQModel",
+        f"# lowbit next to llm-compressor and GPTQModel: {results['model']}, groups of {results['group_size']}",
         "",
-        f"Embedded SmolLM2-135M-Instruct (float32 input), calibration {n} x {length} token ids (sha "
-        f"{results['calibration_sha']}), perplexity by lowbit's evaluator on {windows} windows of {window} tokens (sha "
-        f"{results['evaluation_sha']}){f', fp32 {fp:.3f}' if fp else ''}. Machine: {results['machine']}; "
-        f"date {results.get('date', '')}. Times and peak RSS are medians over the repeats listed in results.json, each "
-        "a fresh process from start to exit (model load and save included). Ratios are lowbit / best peer: "
-        "below 1 is better for lowbit.",
+        f"{results['model']} (float32 input), calibration {n} x {length} token ids per seed ({shas}), perplexity by "
+        f"lowbit's evaluator on {windows} windows of {window} tokens (sha {results['evaluation_sha']})"
+        f"{f', fp32 {fp:.3f}' if fp else ''}. Machine: {results['machine']}; date {results.get('date', '')}. "
+        f"Calibration seeds run: {_seeds(results)}. Perplexity is the median over a row's runs (one per seed), times "
+        "and peak RSS the medians over its runs, each a fresh process from start to exit (model load and save "
+        "included). Ratios are lowbit / best peer: below 1 is better for lowbit.",
         "",
         "## Perplexity (lower is better)",
         "",
@@ -124,3 +131,24 @@ def write_report(results: dict, path: Path) -> None:
     if errors:
         lines += ["", "## Failures", ""] + [f"- {NAMES[t]} {m}: {e}" for t, m, e in errors]
     path.write_text("\n".join(lines) + "\n")
+
+
+def write_summary(root: Path) -> None:
+    """summary.md: lowbit / best peer for every model benchmarked under ``root`` (one results.json per folder)."""
+    import json
+
+    lines = [
+        "# lowbit / best peer, every model", "",
+        "Per model and method: lowbit's median perplexity, wall time and peak RSS over the best peer's (below 1 is "
+        "better for lowbit; the perplexity target is at most 1.005). Each model's own report.md has the values.", "",
+        "| model | groups | seeds | method | perplexity | time | peak RSS |", "|---|---:|---|---|---:|---:|---:|",
+    ]
+    for path in sorted(root.glob("*/results.json")):
+        results = json.loads(path.read_text())
+        for m in _methods(results):
+            ratios = [_ratio(results, m, key, PEERS) for key in ("perplexity", "median_wall_seconds",
+                                                                  "median_peak_rss_bytes")]
+            if any(ratios):
+                lines.append(f"| {results['model']} | {results['group_size']} | {_seeds(results)} | {m} | "
+                             + " | ".join(ratios) + " |")
+    (root / "summary.md").write_text("\n".join(lines) + "\n")

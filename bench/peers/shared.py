@@ -1,12 +1,14 @@
 """What every peer-benchmark script shares, in any of the three environments (needs only the stdlib and torch):
-where the shared inputs live, and lowbit's own perplexity function, imported from the source tree without
-importing the rest of lowbit (whose dependencies a peer's environment does not have)."""
+which models the benchmark knows, where each model's shared inputs live, and lowbit's own perplexity function,
+imported from the source tree without importing the rest of lowbit (whose dependencies a peer's environment does
+not have)."""
 
 from __future__ import annotations
 
 import importlib
 import json
 import os
+import re
 import sys
 import types
 from pathlib import Path
@@ -17,17 +19,44 @@ os.environ.setdefault("LOWBIT_GGUF_DTYPE", "float32")  # the GGUF's exact weight
 
 REPO = Path(__file__).resolve().parents[2]
 WORK = REPO / "out" / "peers"
-MODEL = WORK / "model"  # the float32 input every tool quantizes
-IDS = WORK / "ids.pt"  # calibration and evaluation token ids (bench/peers/prepare.py)
+REAL = REPO / "out" / "realmodels"  # the real GGUF files bench/real_models.sh fetches (FETCH_ONLY=1) and checks
+# name -> what lowbit's --model takes; any other --model (a folder or a .gguf) is named after its file or folder
+MODELS = {
+    "smollm2-135m": "smollm2-135m",  # llama, the embedded default
+    "gemma3-270m": str(REAL / "gemma-3-270m-q4_k_m.gguf"),  # gemma3
+    "qwen2.5-coder-0.5b": str(REAL / "qwen2.5-coder-0.5b-instruct.gguf"),  # qwen2
+}
 
 
-def shared_inputs() -> dict:
-    if not IDS.exists():
-        raise SystemExit(f"{IDS} is missing: run `.venv/bin/python bench/peers/prepare.py` first")
+def model_name(spec: str) -> str:
+    return spec if spec in MODELS else Path(spec).name.removesuffix(".gguf").lower()
+
+
+def model_folder(name: str) -> Path:
+    """The float32 Hugging Face folder every tool quantizes (bench/peers/prepare.py writes it)."""
+    return WORK / name / "model"
+
+
+def ids_file(name: str, seed: int) -> Path:
+    """Calibration ids drawn with this seed, and the evaluation ids (the same for every seed)."""
+    return WORK / name / f"ids-seed{seed}.pt"
+
+
+def shared_inputs(name: str, seed: int) -> dict:
+    path = ids_file(name, seed)
+    if not path.exists():
+        raise SystemExit(f"{path} is missing: run `.venv/bin/python bench/peers/prepare.py --model {name} "
+                         f"--seeds {seed}` first")
     try:
-        return torch.load(IDS)
+        return torch.load(path)
     except Exception as exc:  # torch raises several types for a truncated or foreign file
-        raise SystemExit(f"{IDS} is unreadable ({str(exc)[:80]}); run bench/peers/prepare.py again") from None
+        raise SystemExit(f"{path} is unreadable ({str(exc)[:80]}); run bench/peers/prepare.py again") from None
+
+
+def group_of(method: str) -> int | None:
+    """The group size a method name carries ("gptq-w4g128-actorder" -> 128), None for per-channel methods."""
+    found = re.search(r"-w4g(\d+)", method)
+    return int(found.group(1)) if found else None
 
 
 def lowbit_perplexity():

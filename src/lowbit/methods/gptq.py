@@ -24,6 +24,11 @@ class GPTQ(Step):
     weights: WeightQuant = field(default_factory=WeightQuant)
     act_order: bool = False
     static_groups: bool = False
+    upfront_groups: bool = False  # fit every group's grid from the original weights before the sweep (not lazily)
+    # Shrink H's off-diagonal toward zero by this fraction: where an attention sink's few tokens dominate X^T X, or a
+    # Linear is wide for the tokens seen (down_proj), GPTQ otherwise fits correlations that other text does not
+    # have (docs/actorder.md: 0.1 helped act-order on all three real models measured; default off until seeds agree).
+    shrink: float = 0.0
     damp: float = 0.01
     block_size: int = 128
     true_sequential: bool = True
@@ -35,6 +40,7 @@ class GPTQ(Step):
 
     def check(self) -> None:
         check(0.0 < self.damp < 1.0, f"gptq damp must be in (0, 1), got {self.damp}", "the usual value is 0.01")
+        check(0.0 <= self.shrink <= 1.0, f"gptq shrink must be in [0, 1], got {self.shrink}", "0.1 is a usual value")
         check(self.block_size >= 1, f"gptq block_size must be >= 1, got {self.block_size}")
         check(self.skip_first_positions >= 0, f"gptq skip_first_positions must be >= 0, got {self.skip_first_positions}")
 
@@ -57,7 +63,8 @@ class GPTQ(Step):
         assert stats.hessian is not None
         result = gptq(
             c.weight, stats.hessian, self.weights, keep_mask=c.keep, act_order=self.act_order,
-            static_groups=self.static_groups, damp=self.damp, block_size=self.block_size,
+            static_groups=self.static_groups, upfront_groups=self.upfront_groups,
+            shrink=self.shrink, damp=self.damp, block_size=self.block_size,
         )
         c.qweight = result.qweight
         c.notes.append(damp_note(result.damp, result.retries))

@@ -30,9 +30,12 @@ class ObsResult:
 
 
 class _Grid:
-    """Scale/zero per group, fitted lazily as the sweep reaches each group (static groups: fitted up front)."""
+    """Scale/zero per group, fitted lazily as the sweep reaches each group, from the error-updated weights; or up
+    front from the original weights (``upfront``; always so for static groups, which stay in column order)."""
 
-    def __init__(self, spec: WeightQuant, W: torch.Tensor, perm: torch.Tensor | None, static_groups: bool) -> None:
+    def __init__(
+        self, spec: WeightQuant, W: torch.Tensor, perm: torch.Tensor | None, static_groups: bool, upfront: bool
+    ) -> None:
         self.spec = spec
         self.n = W.shape[1]
         self.gs = group_size_for(spec, self.n)
@@ -42,8 +45,10 @@ class _Grid:
         self.n_groups = group_count(self.n, self.gs) if self.grouped else 1
         self.scale: list[torch.Tensor | None] = [None] * self.n_groups
         self.zero: list[torch.Tensor | None] = [None] * self.n_groups
-        if not self.grouped or self.static:
-            wmin, wmax = weight_ranges(W, spec)  # W in original column order: [out or 1, n_groups]
+        if not self.grouped or self.static or upfront:
+            # groups in sweep order unless static: [out or 1, n_groups]
+            ordered = W[:, perm] if perm is not None and self.grouped and not self.static else W
+            wmin, wmax = weight_ranges(ordered, spec)
             scale, zero = fit_scale_zero(wmin, wmax, spec.bits, spec.symmetric)
             for g in range(self.n_groups):
                 self.scale[g], self.zero[g] = scale[:, g], zero[:, g]
@@ -91,21 +96,28 @@ def obs_compress(
     keep_mask: torch.Tensor | None = None,
     act_order: bool = False,
     static_groups: bool = False,
+    upfront_groups: bool = False,
+    shrink: float = 0.0,
     damp: float = 0.01,
     block_size: int = 128,
 ) -> ObsResult:
     """Round (``spec``) and/or prune (``sparsity`` unstructured per block, or ``nm`` = (kept, M)) W [out, in]
     using the Hessian H [in, in]. ``keep_mask`` (bool [out, in], False = already pruned) pins earlier pruning:
-    those weights stay exactly zero and their removal error is compensated like any other."""
+    those weights stay exactly zero and their removal error is compensated like any other. ``shrink`` pulls H's
+    off-diagonal toward zero, H <- (1 - shrink) H + shrink diag(H): less compensation through correlations that
+    the calibration tokens estimate poorly (docs/actorder.md)."""
     out_features, n = W.shape
     if nm is not None and n % nm[1] != 0:
         raise LowbitError(f"N:M pruning needs in_features divisible by M={nm[1]}, got {n}")
     W, H, dead = prepare_hessian(W, H)
+    if shrink > 0.0:
+        diagonal = torch.diagonal(H).clone()
+        H.mul_(1.0 - shrink).diagonal().copy_(diagonal)
     perm = invperm = None
     if act_order:
         perm = torch.argsort(torch.diag(H), descending=True)
         invperm = torch.argsort(perm)
-    grid = _Grid(spec, W, perm, static_groups) if spec is not None else None
+    grid = _Grid(spec, W, perm, static_groups, upfront_groups) if spec is not None else None
     if perm is not None:
         W, H = W[:, perm], H[perm][:, perm]
         keep_mask = keep_mask[:, perm] if keep_mask is not None else None
