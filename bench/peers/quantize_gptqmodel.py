@@ -33,6 +33,8 @@ def main() -> None:
     parser.add_argument("--model", required=True, type=Path, help="the float32 input folder")
     parser.add_argument("--ids", required=True, type=Path, help="a bench/peers/prepare.py ids file")
     args = parser.parse_args()
+    if not args.model.is_dir() or not args.ids.is_file():
+        raise SystemExit(f"{args.model} or {args.ids} is missing: run bench/peers/prepare.py for this model first")
     group = group_of(args.method)
     ending = args.method.split(f"g{group}", 1)[-1] if group else None
     if not args.method.startswith("gptq-w4g") or ending not in ACT_ORDER:

@@ -66,6 +66,8 @@ def main() -> None:
     parser.add_argument("--model", required=True, type=Path, help="the float32 input folder")
     parser.add_argument("--ids", required=True, type=Path, help="a bench/peers/prepare.py ids file")
     args = parser.parse_args()
+    if not args.model.is_dir() or not args.ids.is_file():
+        raise SystemExit(f"{args.model} or {args.ids} is missing: run bench/peers/prepare.py for this model first")
     torch.set_num_threads(2)
     start = time.perf_counter()
     from datasets import Dataset
