@@ -24,7 +24,8 @@ import sys
 
 import torch
 
-from shared import REPO, ids_file, model_folder, model_name
+from actorder import VARIANTS as ALL_VARIANTS
+from shared import REPO, model_folder, model_name, shared_inputs
 
 sys.path.insert(0, str(REPO / "src"))
 from lowbit.methods.base import WeightQuant  # noqa: E402
@@ -32,7 +33,7 @@ from lowbit.numerics.obs import obs_compress  # noqa: E402
 from lowbit.numerics.rtn import rtn  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "peers"
-VARIANTS = {"column": {}, "desc": {"act_order": True}, "weight": {"act_order": True, "static_groups": True}}
+VARIANTS = {v: ALL_VARIANTS[v] for v in ("column", "desc", "weight")}  # shrink is swept here, not a variant
 
 
 @torch.no_grad()
@@ -83,8 +84,8 @@ def main() -> None:
     name = model_name(args.model)
     model = AutoModelForCausalLM.from_pretrained(model_folder(name), dtype=torch.float32).eval()
     targets = {f"{b}.{path}": model.model.layers[b].get_submodule(path) for b in args.blocks for path in args.linears}
-    fit = hessians(model, targets, torch.load(ids_file(name, 0))["calibration"], max(args.blocks))
-    held_ids = torch.load(ids_file(name, 1))["calibration"]
+    fit = hessians(model, targets, shared_inputs(name, 0)["calibration"], max(args.blocks))
+    held_ids = shared_inputs(name, 1)["calibration"]
     held = hessians(model, targets, held_ids, max(args.blocks))
     ordinary = hessians(model, targets, held_ids, max(args.blocks), skip_first=1)
     spec = WeightQuant(bits=4, symmetric=False, granularity="group", group_size=args.group_size)

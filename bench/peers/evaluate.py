@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from shared import lowbit_perplexity
+from shared import lowbit_perplexity, read_ids
 
 os.environ.setdefault("LOWBIT_GGUF_DTYPE", "float32")  # the GGUF's exact weights, as published (docs/gguf_import.md)
 
@@ -77,10 +77,8 @@ def main() -> None:
     args = parser.parse_args()
     if not Path(args.path).is_dir():
         raise SystemExit(f"{args.path} is not a folder; pass the output folder the tool wrote")
-    if not args.ids.is_file():
-        raise SystemExit(f"{args.ids} is missing; run bench/peers/prepare.py for this model first")
     torch.set_num_threads(2)
-    inputs = torch.load(args.ids)
+    inputs = read_ids(args.ids)
     start = time.perf_counter()
     model = open_model(args.tool, args.path)
     load_seconds = time.perf_counter() - start

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from shared import group_of, write_json
+from shared import group_of, read_ids, write_json
 
 ACT_ORDER = {  # by the method name's ending
     "": {"desc_act": False, "act_group_aware": False},
@@ -33,8 +33,9 @@ def main() -> None:
     parser.add_argument("--model", required=True, type=Path, help="the float32 input folder")
     parser.add_argument("--ids", required=True, type=Path, help="a bench/peers/prepare.py ids file")
     args = parser.parse_args()
-    if not args.model.is_dir() or not args.ids.is_file():
-        raise SystemExit(f"{args.model} or {args.ids} is missing: run bench/peers/prepare.py for this model first")
+    if not args.model.is_dir():
+        raise SystemExit(f"{args.model} is missing: run bench/peers/prepare.py for this model first")
+    ids = read_ids(args.ids)["calibration"]  # [N, L]; checked before the peer's slow imports
     group = group_of(args.method)
     ending = args.method.split(f"g{group}", 1)[-1] if group else None
     if not args.method.startswith("gptq-w4g") or ending not in ACT_ORDER:
@@ -46,7 +47,6 @@ def main() -> None:
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 1)))
     from gptqmodel import GPTQModel, QuantizeConfig
 
-    ids = torch.load(args.ids)["calibration"]  # [N, L]
     calibration = [{"input_ids": row.tolist(), "attention_mask": [1] * len(row)} for row in ids]
     config = QuantizeConfig(bits=4, group_size=group, sym=False, damp_percent=0.01, true_sequential=True,
                             **ACT_ORDER[ending])

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from shared import group_of, write_json
+from shared import group_of, read_ids, write_json
 
 
 
@@ -66,8 +66,9 @@ def main() -> None:
     parser.add_argument("--model", required=True, type=Path, help="the float32 input folder")
     parser.add_argument("--ids", required=True, type=Path, help="a bench/peers/prepare.py ids file")
     args = parser.parse_args()
-    if not args.model.is_dir() or not args.ids.is_file():
-        raise SystemExit(f"{args.model} or {args.ids} is missing: run bench/peers/prepare.py for this model first")
+    if not args.model.is_dir():
+        raise SystemExit(f"{args.model} is missing: run bench/peers/prepare.py for this model first")
+    ids = read_ids(args.ids)["calibration"]  # [N, L]; checked before the peer's slow imports
     torch.set_num_threads(2)
     start = time.perf_counter()
     from datasets import Dataset
@@ -80,7 +81,6 @@ def main() -> None:
         from llmcompressor.pipelines.cache import IntermediatesCache
 
         IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
-    ids = torch.load(args.ids)["calibration"]  # [N, L]
     n, length = ids.shape
     data_free = args.method.startswith("rtn-")  # weight-only RTN reads no calibration inputs
     dataset = None if data_free else Dataset.from_dict(

@@ -42,15 +42,19 @@ def ids_file(name: str, seed: int) -> Path:
     return WORK / name / f"ids-seed{seed}.pt"
 
 
-def shared_inputs(name: str, seed: int) -> dict:
-    path = ids_file(name, seed)
-    if not path.exists():
-        raise SystemExit(f"{path} is missing: run `.venv/bin/python bench/peers/prepare.py --model {name} "
-                         f"--seeds {seed}` first")
+def read_ids(path: Path) -> dict:
+    """A bench/peers/prepare.py ids file, or one line naming the fix if it is missing or unreadable."""
+    if not path.is_file():
+        raise SystemExit(f"{path} is missing: run `.venv/bin/python bench/peers/prepare.py --model M --seeds S` "
+                         "for its model and seed first")
     try:
         return torch.load(path)
     except Exception as exc:  # torch raises several types for a truncated or foreign file
         raise SystemExit(f"{path} is unreadable ({str(exc)[:80]}); run bench/peers/prepare.py again") from None
+
+
+def shared_inputs(name: str, seed: int) -> dict:
+    return read_ids(ids_file(name, seed))
 
 
 def group_of(method: str) -> int | None:
