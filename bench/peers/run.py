@@ -75,9 +75,12 @@ def default_group(model: str) -> int:
     last group: SmolLM2's 576 columns take 64)."""
     config = json.loads((model_folder(model) / "config.json").read_text())
     config = config.get("text_config", config)
-    widths = [config["hidden_size"], config["intermediate_size"]]
-    heads = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    widths.append(heads * config["num_attention_heads"])
+    try:
+        widths = [config["hidden_size"], config["intermediate_size"]]
+        heads = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+        widths.append(heads * config["num_attention_heads"])
+    except (KeyError, TypeError):
+        sys.exit(f"{model}: its config.json does not name the Linear widths this check reads; pass --group-size")
     return next((g for g in (128, 64, 32) if all(w % g == 0 for w in widths)), 32)
 
 
