@@ -216,6 +216,11 @@ def test_grid_points_resolve_by_name_like_the_presets():
 
     gptq = resolve_recipe("gptq-w4g64-actorder")
     assert isinstance(gptq.steps[0], GPTQ) and gptq.steps[0].act_order
+    # the measured best act-order (docs/actorder.md): groups in column order, H's off-diagonal shrunk by 10%
+    assert gptq.steps[0].static_groups and gptq.steps[0].shrink == 0.1
+    from lowbit.presets import sweep_recipe
+
+    assert sweep_recipe("gptq-actorder", 4, 128).steps == resolve_recipe("gptq-w4g128-actorder").steps  # one definition
     assert gptq.steps[0].weights.group_size == 64 and not gptq.steps[0].weights.symmetric
     rtn = resolve_recipe("w3pc")
     assert isinstance(rtn.steps[0], RTN) and rtn.steps[0].weights.granularity == "channel" and rtn.steps[0].weights.bits == 3

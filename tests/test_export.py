@@ -22,15 +22,18 @@ def quantized_folder(tmp_path, recipe, name="q", biases=True):
 
 
 @pytest.mark.parametrize(
-    "grid, kind",
-    [(WeightQuant(bits=8, symmetric=True, group_size=32), "Q8_0"), (WeightQuant(bits=4, symmetric=True, group_size=32), "Q4_0"),
-     (WeightQuant(bits=4, symmetric=False, group_size=32), "Q4_1")],
+    "grid, kind, act_order",
+    [(WeightQuant(bits=8, symmetric=True, group_size=32), "Q8_0", False),
+     (WeightQuant(bits=4, symmetric=True, group_size=32), "Q4_0", False),
+     (WeightQuant(bits=4, symmetric=False, group_size=32), "Q4_1", False),
+     # act-order's default groups stay in column order (static groups): plain GGUF blocks, no g_idx
+     (WeightQuant(bits=4, symmetric=False, group_size=32), "Q4_1", True)],
 )
-def test_gguf_blocks_hold_lowbit_weights_and_transformers_loads_them(tmp_path, grid, kind, monkeypatch):
+def test_gguf_blocks_hold_lowbit_weights_and_transformers_loads_them(tmp_path, grid, kind, act_order, monkeypatch):
     monkeypatch.setenv("LOWBIT_GGUF_DTYPE", "float32")  # the exported values exactly, as transformers reads them
     import gguf
 
-    folder = quantized_folder(tmp_path, [GPTQ(grid)], biases=False)
+    folder = quantized_folder(tmp_path, [GPTQ(grid, act_order=act_order)], biases=False)
     model = lowbit.load(folder)
     out = tmp_path / "m.gguf"
     types = write_gguf(folder, model, out)
@@ -65,7 +68,8 @@ def test_gguf_export_refuses_grids_it_cannot_hold(tmp_path, capsys):
     assert code == 2 and "group size 64" in capsys.readouterr().err and not (tmp_path / "x.gguf").exists()
     assert not list(tmp_path.glob(".x.gguf*"))
     with pytest.raises(LowbitError, match="act-order"):
-        act_order = quantized_folder(tmp_path, [GPTQ(WeightQuant(bits=4, group_size=32), act_order=True)], "a")
+        desc_act = GPTQ(WeightQuant(bits=4, group_size=32), act_order=True, static_groups=False)  # a g_idx per column
+        act_order = quantized_folder(tmp_path, [desc_act], "a")
         write_gguf(act_order, lowbit.load(act_order), tmp_path / "a.gguf")
     pruned = quantized_folder(tmp_path, [lowbit.Prune("magnitude", 0.5)], "p", biases=False)
     with pytest.raises(LowbitError, match="GGUF has no sparse format"):
@@ -129,13 +133,15 @@ def test_quantize_with_gguf_format_checks_the_recipe_first_and_writes_the_file(t
     assert not (tmp_path / "m").exists()
 
 
-@pytest.mark.parametrize("grid", [WeightQuant(bits=4, symmetric=True, group_size=32), WeightQuant(bits=8, symmetric=True, granularity="channel")])
-def test_compressed_tensors_export_loads_in_transformers_with_identical_logits(tmp_path, grid):
+@pytest.mark.parametrize("grid, act_order", [(WeightQuant(bits=4, symmetric=True, group_size=32), False),
+                                             (WeightQuant(bits=8, symmetric=True, granularity="channel"), False),
+                                             (WeightQuant(bits=4, symmetric=True, group_size=32), True)])
+def test_compressed_tensors_export_loads_in_transformers_with_identical_logits(tmp_path, grid, act_order):
     from transformers import AutoModelForCausalLM
 
     from lowbit.export.compressed_tensors import write_compressed_tensors
 
-    folder = quantized_folder(tmp_path, [GPTQ(grid)])
+    folder = quantized_folder(tmp_path, [GPTQ(grid, act_order=act_order)])
     model = lowbit.load(folder)
     config = write_compressed_tensors(folder, model, tmp_path / "ct")
     assert config["format"] == "pack-quantized" and config["ignore"] == ["lm_head"]

@@ -65,6 +65,30 @@ def test_act_order_groups_are_consistent_and_stored_exactly(data, static_groups)
     assert output_error(W, result.weight, X) < 0.8 * output_error(W, rtn(W, spec).dequantize(), X)
 
 
+def test_the_gptq_step_defaults_to_static_groups_under_act_order_only(data):
+    """GPTQ(act_order=True) keeps groups in column order (no g_idx: exportable), its measured best order; without
+    act-order the default static_groups changes nothing: groups are still fitted lazily as the sweep enters them."""
+    from lowbit.methods.base import Compression, LinearStats
+    from lowbit.recipe import GPTQ
+
+    _, W, H = data
+    spec = WeightQuant(4, False, "group", 32)
+
+    def step_result(step):
+        c = Compression(weight=W.clone())
+        step.compress(c, LinearStats(hessian=H.clone()))
+        return c.qweight
+
+    act_order = step_result(GPTQ(spec, act_order=True))
+    assert act_order.g_idx is None
+    assert torch.equal(act_order.dequantize(), gptq(W, H, spec, act_order=True, static_groups=True).weight)
+    desc_act = step_result(GPTQ(spec, act_order=True, static_groups=False))
+    assert desc_act.g_idx is not None and not torch.equal(desc_act.dequantize(), act_order.dequantize())
+    column = step_result(GPTQ(spec)).dequantize()
+    assert torch.equal(column, gptq(W, H, spec).weight)
+    assert not torch.equal(column, gptq(W, H, spec, upfront_groups=True).weight)
+
+
 @pytest.mark.parametrize("act_order", [False, True])
 def test_upfront_groups_take_the_original_weights_grids(data, act_order):
     """Up-front fitting: every group's scale/zero is RTN's on the ORIGINAL weights (in the sweep's group order

@@ -11,12 +11,12 @@ the benchmark's one evaluator. The variants differ in three choices:
   variant        order      groups       fitted     who does it
   column         columns    columns      lazily     GPTQ paper, GPTQModel desc_act=False, lowbit gptq-w4gG
   column-upfront columns    columns      up front   llm-compressor actorder=None
-  desc           H_jj       visit order  lazily     GPTQModel desc_act=True, lowbit gptq-w4gG-actorder
+  desc           H_jj       visit order  lazily     GPTQModel desc_act=True, lowbit static_groups=False
   desc-upfront   H_jj       visit order  up front   llm-compressor's "group" order (removed in 0.14)
-  weight         H_jj       columns      up front   llm-compressor actorder="weight", GPTQModel static_groups
+  weight         H_jj       columns      up front   llm-compressor "weight", GPTQModel static_groups
 
 and each of column, desc and weight again with the Hessian's off-diagonal shrunk toward zero by 10% (-shrink:
-GPTQ(shrink=0.1), docs/actorder.md).
+GPTQ(shrink=0.1), docs/actorder.md). lowbit's gptq-w4gG-actorder presets are weight-shrink.
 
 Writes bench/results/peers/actorder.json (every run: seed, perplexity, wall seconds) and prints a table of
 median perplexities over the seeds. A run already in the JSON with the same command line is reused.
@@ -42,12 +42,12 @@ RESULTS = REPO / "bench" / "results" / "peers" / "actorder.json"
 VARIANTS = {
     "column": {},
     "column-upfront": {"upfront_groups": True},
-    "desc": {"act_order": True},
-    "desc-upfront": {"act_order": True, "upfront_groups": True},
+    "desc": {"act_order": True, "static_groups": False},
+    "desc-upfront": {"act_order": True, "static_groups": False, "upfront_groups": True},
     "weight": {"act_order": True, "static_groups": True},
     # the same three with the Hessian's off-diagonal shrunk by 10% (GPTQ(shrink=0.1))
     "column-shrink": {"shrink": 0.1},
-    "desc-shrink": {"act_order": True, "shrink": 0.1},
+    "desc-shrink": {"act_order": True, "static_groups": False, "shrink": 0.1},
     "weight-shrink": {"act_order": True, "static_groups": True, "shrink": 0.1},
 }
 
@@ -92,6 +92,18 @@ def table(results: dict, group: int) -> str:
     return "\n".join(lines)
 
 
+def seed_table(results: dict, group: int) -> str:
+    """Each seed's perplexity per variant (the medians' inputs: whether an ordering holds seed by seed)."""
+    lines = ["| model | seed | " + " | ".join(VARIANTS) + " |", "|---|---:|" + "---:|" * len(VARIANTS)]
+    for model, runs in results.get("models", {}).items():
+        seeds = sorted({r["seed"] for variant in VARIANTS for r in runs.get(f"{variant}-g{group}", [])})
+        for seed in seeds:
+            cells = [next((f"{r['perplexity']:.3f}" for r in runs.get(f"{variant}-g{group}", []) if r["seed"] == seed),
+                          "") for variant in VARIANTS]
+            lines.append(f"| {model} | {seed} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS))
@@ -115,6 +127,8 @@ def main() -> None:
                 print(f"  perplexity {row['perplexity']:.3f}, {row['wall_seconds']} s", flush=True)
                 RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     print(table(results, args.group_size))
+    print()
+    print(seed_table(results, args.group_size))
 
 
 if __name__ == "__main__":

@@ -38,8 +38,8 @@ def open_model(tool: str, path: str) -> torch.nn.Module:
         # exact for 4-bit codes times float16 scales up to float16 rounding).
         model = GPTQModel.load(path, device="cpu", backend=BACKEND.TORCH, dtype=torch.float16).model
         for name, module in list(model.named_modules()):
-            if hasattr(module, "dequantize_weight") and hasattr(module, "qweight"):
-                weight = module.dequantize_weight().T.float()  # GPTQ layout is [in, out]
+            if hasattr(module, "qweight") and hasattr(module, "qzeros"):
+                weight = gptqmodel_weight(module)
                 linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=module.bias is not None)
                 linear.weight.data = weight.contiguous()
                 if module.bias is not None:
@@ -47,6 +47,17 @@ def open_model(tool: str, path: str) -> torch.nn.Module:
                 model.set_submodule(name, linear)
         return model.float().eval()
     raise SystemExit(f"unknown tool {tool!r}")
+
+
+def gptqmodel_weight(module: torch.nn.Module) -> torch.Tensor:
+    """A GPTQModel quantized Linear's weight [out, in] in float32: GPTQ modules dequantize themselves, AWQ's GEMM
+    modules through AWQ's unpacking (both layouts are [in, out])."""
+    if hasattr(module, "dequantize_weight"):
+        return module.dequantize_weight().T.float()
+    from gptqmodel.quantization.awq.utils.packing_utils import dequantize_gemm
+
+    return dequantize_gemm(qweight=module.qweight, qzeros=module.qzeros, scales=module.scales, bits=module.bits,
+                           group_size=module.group_size).T.float()
 
 
 def block_weight_zero_share(model: torch.nn.Module) -> float:

@@ -46,7 +46,7 @@ SUPPORTED = {
     # the same, with the calibration forwards in bfloat16 (--compute-dtype; RTN has none)
     "lowbit-bf16": tuple(m for m in METHODS if m != "rtn-w4"),
     "llmcompressor": METHODS,
-    "gptqmodel": ("gptq-w4", "gptq-w4-actorder"),
+    "gptqmodel": ("gptq-w4", "gptq-w4-actorder", "awq-w4"),
 }
 
 
@@ -169,6 +169,8 @@ def main() -> None:
     parser.add_argument("--tools", nargs="+", default=list(SUPPORTED), choices=list(SUPPORTED))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--retry-failed", action="store_true", help="run again the rows that failed before")
+    parser.add_argument("--again", action="store_true", help="drop the earlier runs of the selected tools and "
+                        "methods and measure them again (after a change to what they run)")
     args = parser.parse_args()
     model = model_name(args.model)
     if not model_folder(model).is_dir():
@@ -191,6 +193,10 @@ def main() -> None:
         for rows in results["rows"].values():
             for method in [m for m, row in rows.items() if "error" in row]:
                 del rows[method]
+    if args.again:
+        for tool in args.tools:
+            for method in (grouped(m, group) for m in args.methods):
+                results["rows"].get(tool, {}).pop(method, None)
     if "fp32" not in results:
         results["fp32"] = {**evaluate("fp32", model_folder(model), ids_file(model, args.seeds[0])),
                            "output_bytes": weight_bytes(model_folder(model))}

@@ -17,7 +17,7 @@ PRESETS: dict[str, str] = {
     "w4g128": "RTN INT4 asymmetric g128 weights (the demo default)",
     "w3g128": "RTN INT3 asymmetric g128 weights",
     "gptq-w4g128": "GPTQ INT4 g128",
-    "gptq-w4g128-actorder": "GPTQ INT4 g128 with act-order",
+    "gptq-w4g128-actorder": "GPTQ INT4 g128 with act-order (groups in column order, H off-diagonal shrunk 10%)",
     "gptq-w3g128": "GPTQ INT3 g128",
     "awq-w4g128": "AWQ scale + clip search, INT4 g128",
     "awq-w3g128": "AWQ scale + clip search, INT3 g128",

@@ -73,8 +73,8 @@ def _check_activations(symmetric: bool) -> None:
 def weight_scheme(qweight: QWeight) -> dict[str, Any]:
     """The compressed-tensors ``weights`` arguments of one QWeight's grid."""
     if not qweight.groups_in_order:
-        raise LowbitError("act-order groups (GPTQ act_order without static_groups) are not exported to compressed-tensors "
-                          "yet; quantize with static_groups=True")
+        raise LowbitError("act-order groups with a g_idx (GPTQ act_order with static_groups=False) are not exported to "
+                          "compressed-tensors yet; quantize with static_groups=True (the default)")
     if qweight.scale.shape[0] == 1 and qweight.out_features > 1:
         raise LowbitError("per-tensor weight grids are not exported to compressed-tensors; use per-channel or per-group")
     grouped = qweight.scale.shape[1] > 1

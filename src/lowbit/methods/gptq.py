@@ -23,11 +23,16 @@ class GPTQ(Step):
     stage: ClassVar[int] = ROUND
     weights: WeightQuant = field(default_factory=WeightQuant)
     act_order: bool = False
-    static_groups: bool = False
+    # With act_order: keep groups of consecutive columns, fitted up front from the original weights, while the sweep
+    # visits columns by descending H_jj (llm-compressor's "weight" order, GPTQModel's static_groups). False forms
+    # groups in the visiting order with a g_idx per column (GPTQModel's desc_act), which lost to this on all three
+    # real models measured (docs/actorder.md) and cannot be exported to GGUF or compressed-tensors.
+    static_groups: bool = True
     upfront_groups: bool = False  # fit every group's grid from the original weights before the sweep (not lazily)
     # Shrink H's off-diagonal toward zero by this fraction: where an attention sink's few tokens dominate X^T X, or a
     # Linear is wide for the tokens seen (down_proj), GPTQ otherwise fits correlations that other text does not
-    # have (docs/actorder.md: 0.1 helped act-order on all three real models measured; default off until seeds agree).
+    # have (docs/actorder.md: 0.1 helps act-order on the three real models measured, so the -actorder presets use it;
+    # in column order it was measured on one seed only, where it helped two models and cost Gemma 3 0.3%).
     shrink: float = 0.0
     damp: float = 0.01
     block_size: int = 128
@@ -54,7 +59,8 @@ class GPTQ(Step):
 
     @property
     def label(self) -> str:
-        return f"gptq {self.weights.label}" + (" act-order" if self.act_order else "")
+        return (f"gptq {self.weights.label}" + (" act-order" if self.act_order else "")
+                + (f" shrink {self.shrink:g}" if self.shrink else ""))
 
     def needs(self) -> Needs:
         return Needs(hessian=True, hessian_skip_first=self.skip_first_positions)
@@ -63,7 +69,8 @@ class GPTQ(Step):
         assert stats.hessian is not None
         result = gptq(
             c.weight, stats.hessian, self.weights, keep_mask=c.keep, act_order=self.act_order,
-            static_groups=self.static_groups, upfront_groups=self.upfront_groups,
+            # static groups mean something only under act-order (column order's groups are column groups anyway)
+            static_groups=self.act_order and self.static_groups, upfront_groups=self.upfront_groups,
             shrink=self.shrink, damp=self.damp, block_size=self.block_size,
         )
         c.qweight = result.qweight
@@ -73,5 +80,5 @@ class GPTQ(Step):
         if fmt == "gguf" and self.act_order and not self.static_groups:
             raise LowbitError(
                 "GGUF holds 32-column blocks in column order; this recipe's act-order groups follow another order: "
-                "use static_groups with act_order"
+                "quantize with static_groups=True (the default)"
             )
