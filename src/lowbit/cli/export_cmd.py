@@ -10,15 +10,17 @@ from lowbit.errors import LowbitError
 from lowbit.evaluation.units import mib
 from lowbit.io.atomic import check_output_dir, check_output_file
 
-FORMATS = ("compressed-tensors", "gguf")
+FORMATS = ("compressed-tensors", "gguf", "gptq")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    e = sub.add_parser("export", help="write a lowbit output as compressed-tensors (vLLM) or GGUF (llama.cpp / ollama)")
+    e = sub.add_parser("export", help="write a lowbit output as compressed-tensors (vLLM), GGUF (llama.cpp / ollama) "
+                       "or a GPTQ checkpoint (vLLM, transformers + gptqmodel, ExLlama)")
     e.add_argument("model", help="a lowbit output directory")
     e.add_argument("--format", choices=FORMATS, required=True,
-                   help="compressed-tensors: pack-quantized (weight-only) or int-quantized (W8A8) folder; gguf: Q8_0 / Q4_0 / Q4_1 file from W8 / W4 g32 grids")
-    e.add_argument("--out", required=True, help="the output folder (compressed-tensors) or file (gguf, e.g. model.gguf)")
+                   help="compressed-tensors: pack-quantized (weight-only) or int-quantized (W8A8) folder; gguf: Q8_0 / Q4_0 / Q4_1 file from W8 / W4 g32 grids; "
+                        "gptq: GPTQ checkpoint folder from INT2/3/4/8 weight-only grids")
+    e.add_argument("--out", required=True, help="the output folder (compressed-tensors, gptq) or file (gguf, e.g. model.gguf)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing output")
     e.set_defaults(func=run_export)
 
@@ -27,6 +29,7 @@ def run_export(args: argparse.Namespace) -> int:
     from lowbit.api import load
     from lowbit.export.compressed_tensors import write_compressed_tensors
     from lowbit.export.gguf import write_gguf
+    from lowbit.export.gptq_checkpoint import write_gptq
     from lowbit.models.source import resolve_model
 
     source = resolve_model(args.model)
@@ -40,6 +43,12 @@ def run_export(args: argparse.Namespace) -> int:
             console.print(f"wrote {out}: pruned Linears as dense weights (compressed-tensors has no sparse format since 0.15)")
         else:
             console.print(f"wrote {out}: {len(config['config_groups'])} quantization group(s), format {config['format']}")
+        return 0
+    if args.format == "gptq":
+        check_output_dir(out, args.overwrite, inputs=[source.folder])
+        config = write_gptq(source.folder, load(source.folder), out, args.overwrite)
+        console.print(f"wrote {out}: GPTQ checkpoint, {config['bits']}-bit, group size {config['group_size']}, "
+                      f"format {config['checkpoint_format']}")
         return 0
     check_output_file(out, args.overwrite, inputs=[source.folder])  # before the model is loaded
     types = write_gguf(source.folder, load(source.folder), out, args.overwrite)

@@ -37,9 +37,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--transforms", metavar="DIR",
         help="re-apply the SmoothQuant/AWQ scales and clips saved in an earlier output DIR instead of searching again",
     )
-    q.add_argument("--format", choices=("lowbit", "gguf", "compressed-tensors"), default="lowbit",
-                   help="also write OUT/model.gguf (Q8_0/Q4_0/Q4_1; needs a g32 grid, checked before quantizing) or "
-                        "OUT/compressed-tensors/ (vLLM; weight-only and W8A8 recipes)")
+    q.add_argument("--format", choices=("lowbit", "gguf", "compressed-tensors", "gptq"), default="lowbit",
+                   help="also write OUT/model.gguf (Q8_0/Q4_0/Q4_1; needs a g32 grid, checked before quantizing), "
+                        "OUT/compressed-tensors/ (vLLM; weight-only and W8A8 recipes) or OUT/gptq/ (a GPTQ "
+                        "checkpoint; INT2/3/4/8 weight-only recipes)")
     q.add_argument("--measure", action="store_true",
                    help="run the calibration text through data-free recipes too (RTN, magnitude pruning, LLM.int8(), "
                         "dynamic W8A8), to report per-layer errors; without it they need no forward pass")
@@ -87,6 +88,7 @@ def checked_request(
     output folder only where it is written (rank 0 of a distributed run)."""
     from lowbit.export.compressed_tensors import check_recipe_for_compressed_tensors
     from lowbit.export.gguf import check_recipe_for_gguf
+    from lowbit.export.gptq_checkpoint import check_recipe_for_gptq
     from lowbit.io.atomic import check_output_dir
     from lowbit.models.source import resolve_model
     from lowbit.presets import resolve_recipe
@@ -110,6 +112,8 @@ def checked_request(
         check_recipe_for_gguf(recipe, source.folder)
     if args.format == "compressed-tensors":
         check_recipe_for_compressed_tensors(recipe)
+    if args.format == "gptq":
+        check_recipe_for_gptq(recipe)
     return recipe, source
 
 
@@ -164,11 +168,14 @@ def report_run(args: argparse.Namespace, run: QuantizeRun) -> int:
     from lowbit.api import load
     from lowbit.export.compressed_tensors import CT_DIR, write_compressed_tensors
     from lowbit.export.gguf import GGUF_FILE, write_gguf
+    from lowbit.export.gptq_checkpoint import GPTQ_DIR, write_gptq
 
     if args.format == "gguf":
         write_gguf(run.out, load(run.out), run.out / GGUF_FILE)
     if args.format == "compressed-tensors":
         write_compressed_tensors(run.out, load(run.out), run.out / CT_DIR)
+    if args.format == "gptq":
+        write_gptq(run.out, load(run.out), run.out / GPTQ_DIR)
     if args.json:
         print(json.dumps(run.summary(), indent=2))
         return 0

@@ -63,8 +63,9 @@ class ActQuant(Step):
         return module
 
     def check_export(self, fmt: str) -> None:
-        if fmt == "gguf":
-            raise LowbitError("GGUF cannot express activation quantization (W8A8, LLM.int8()); export a weight-only recipe")
+        if fmt in ("gguf", "gptq"):
+            raise LowbitError(f"{fmt.upper()} cannot express activation quantization (W8A8, LLM.int8()); export a "
+                              "weight-only recipe, or W8A8 as compressed-tensors")
         if fmt == "compressed-tensors" and not self.symmetric:
             raise LowbitError(ASYMMETRIC_INPUTS)
 

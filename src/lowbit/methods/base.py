@@ -183,8 +183,8 @@ class Step:
         return None
 
     def check_export(self, fmt: str) -> None:
-        """Refuse (LowbitError) a format that cannot hold what this step produces; ``fmt`` is "gguf" or
-        "compressed-tensors"."""
+        """Refuse (LowbitError) a format that cannot hold what this step produces; ``fmt`` is "gguf",
+        "compressed-tensors" or "gptq"."""
 
     # ---- JSON
     def to_dict(self) -> dict[str, Any]:

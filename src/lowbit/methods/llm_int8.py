@@ -47,8 +47,9 @@ class LLMInt8(Step):
         return Int8OutlierLinear.from_qweight(c.qweight, bias, threshold=self.threshold)
 
     def check_export(self, fmt: str) -> None:
-        if fmt == "gguf":
-            raise LowbitError("GGUF cannot express activation quantization (W8A8, LLM.int8()); export a weight-only recipe")
+        if fmt in ("gguf", "gptq"):
+            raise LowbitError(f"{fmt.upper()} cannot express activation quantization (W8A8, LLM.int8()); export a "
+                              "weight-only recipe")
         if fmt == "compressed-tensors":
             raise LowbitError("compressed-tensors has no LLM.int8() format (outlier columns in float); export a W8A8 "
                               "recipe such as smoothquant-w8a8 instead, or keep lowbit's own format")
