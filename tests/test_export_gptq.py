@@ -38,11 +38,17 @@ def test_packing_is_the_formats_bit_stream(bits):
         assert (word0 >> 30) | ((word1 & 1) << 2) == value10
 
 
-def decode(tensors: dict, prefix: str, bits: int, v2: bool) -> torch.Tensor:
-    """W [out, in] from one Linear's GPTQ tensors, following the format's definition value by value."""
+def decode(tensors: dict, prefix: str, config: dict) -> torch.Tensor:
+    """W [out, in] from one Linear's GPTQ tensors and the quantize config, following the format's definition value
+    by value; without desc_act a reader takes each column's group from the config's group size, not g_idx."""
+    bits, v2 = config["bits"], config["checkpoint_format"] == "gptq_v2"
     qweight, qzeros = tensors[f"{prefix}.qweight"], tensors[f"{prefix}.qzeros"]
-    scales, g_idx = tensors[f"{prefix}.scales"].float(), tensors[f"{prefix}.g_idx"].long()
-    n_in, n_out = g_idx.numel(), scales.shape[1]
+    scales, n_in = tensors[f"{prefix}.scales"].float(), tensors[f"{prefix}.g_idx"].numel()
+    n_out = scales.shape[1]
+    if config["desc_act"]:
+        g_idx = tensors[f"{prefix}.g_idx"].long()
+    else:
+        g_idx = torch.arange(n_in) // (config["group_size"] if config["group_size"] > 0 else n_in)
 
     def unstream(words: torch.Tensor, n: int) -> torch.Tensor:  # int32 [k] -> n values
         stream = sum((int(w) & 0xFFFFFFFF) << (32 * i) for i, w in enumerate(words.tolist()))
@@ -77,12 +83,14 @@ def test_every_grid_decodes_to_lowbits_weights_exactly(quantized_models, name):
     grid = GRIDS[name][0].weights
     assert config["bits"] == grid.bits and config["sym"] == grid.symmetric and config["quant_method"] == "gptq"
     assert config["group_size"] == (grid.group_size if grid.granularity == "group" else -1)
-    assert config["checkpoint_format"] == ("gptq" if grid.symmetric else "gptq_v2")
+    zero_of_0 = any(bool((m.unpacked().zero == 0).any()) for m in model.modules()
+                    if hasattr(m, "unpacked") and m.unpacked().zero is not None)
+    assert config["checkpoint_format"] == ("gptq_v2" if zero_of_0 else "gptq")  # v1 cannot store a zero of 0
     assert config["desc_act"] == (name == "w4-desc-act")
     for prefix in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
         module = model.get_submodule(prefix)
         expected = module.dequantized_weight()
-        assert torch.equal(decode(state, prefix, grid.bits, v2=not grid.symmetric), expected), prefix
+        assert torch.equal(decode(state, prefix, config), expected), prefix
         assert state[f"{prefix}.bias"].shape == module.bias.shape  # the toy Llama's Linears have biases
         assert f"{prefix}.weight" not in state
     if grid.symmetric and grid.bits == 4:  # v1's symmetric zero, as every GPTQ reader expects it: 7 per nibble
@@ -151,9 +159,48 @@ def test_quantize_with_gptq_format_checks_the_recipe_first_and_writes_the_folder
     assert main(["quantize", "--model", str(model), "--recipe", "gptq-w4g32", "--format", "gptq", "--out", str(out),
                  *small]) == 0
     config = json.loads((out / "gptq" / QUANTIZE_CONFIG).read_text())
-    assert (config["bits"], config["group_size"], config["sym"], config["checkpoint_format"]) == (4, 32, False, "gptq_v2")
+    assert (config["bits"], config["group_size"], config["sym"]) == (4, 32, False)
     from safetensors.torch import load_file
 
     state, loaded = load_file(out / "gptq" / "model.safetensors"), lowbit.load(out)
     prefix = "model.layers.0.mlp.up_proj"
-    assert torch.equal(decode(state, prefix, 4, v2=True), loaded.get_submodule(prefix).dequantized_weight())
+    assert torch.equal(decode(state, prefix, config), loaded.get_submodule(prefix).dequantized_weight())
+
+
+def test_asymmetric_zero_points_go_out_as_v1_unless_one_is_0():
+    """v1 stores zero - 1 (the layout every GPTQ reader knows); a zero of 0 needs v2, which stores it as is."""
+    from lowbit.export.gptq_checkpoint import gptq_module
+    from lowbit.numerics.rtn import rtn
+
+    weight = torch.randn(32, 64, generator=torch.Generator().manual_seed(0))
+    grid = WeightQuant(4, False, "group", 32)
+    qweight = rtn(weight, grid)
+    assert bool((qweight.zero > 0).all())
+    v1 = gptq_module("x", qweight, v2=False)["qzeros"]
+    assert v1[0].tolist() == stream_words((qweight.zero[:, 0] - 1).tolist(), 4)
+    float_model = toy_model("llama")
+    with torch.no_grad():
+        for module in float_model.model.layers.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.abs_()  # every group's minimum >= 0: round-to-nearest gives zero points of 0
+    model = lowbit.quantize(float_model, (RTN(grid),), None)
+    state, config = gptq_state_dict(model)
+    assert config["checkpoint_format"] == "gptq_v2"
+    prefix = "model.layers.0.mlp.up_proj"
+    assert bool((model.get_submodule(prefix).unpacked().zero == 0).any())
+    assert torch.equal(decode(state, prefix, config), model.get_submodule(prefix).dequantized_weight())
+
+
+def test_mixture_of_experts_keeps_routers_float_and_refuses_asymmetric_experts():
+    """Routers stay float Linears (lowbit never quantizes them) and are written as such; an asymmetric grid is
+    refused, since vLLM's GPTQ expert kernels read experts as symmetric whatever the checkpoint says."""
+    symmetric = lowbit.quantize(toy_model("qwen2_moe"), GRIDS["w4-sym-g32"], calibration(n=4, length=32),
+                                batch_size=2)
+    state, config = gptq_state_dict(symmetric)
+    assert config["sym"] and config["checkpoint_format"] == "gptq"
+    assert any(name.endswith("shared_expert_gate.weight") for name in state)  # the float router
+    assert any(".experts." in name and name.endswith(".qweight") for name in state)
+    asymmetric = lowbit.quantize(toy_model("qwen2_moe"), GRIDS["w4-asym-g32"], calibration(n=4, length=32),
+                                 batch_size=2)
+    with pytest.raises(LowbitError, match="mixture-of-experts"):
+        gptq_state_dict(asymmetric)

@@ -38,7 +38,9 @@ from lowbit.numerics.packing import pack_bits
 from lowbit.numerics.qweight import QWeight
 from lowbit.recipe import Recipe
 from lowbit.runtime.act_quant import ActQuantLinear
+from lowbit.models.experts import RoutedExperts, is_router
 from lowbit.runtime.embedding import QuantizedEmbedding
+from lowbit.runtime.fast import KernelModule
 from lowbit.runtime.llm_int8 import Int8OutlierLinear
 from lowbit.runtime.sparse import SparseLinear
 from lowbit.runtime.weight_only import WeightOnlyLinear
@@ -95,7 +97,7 @@ def gptq_module(name: str, qweight: QWeight, v2: bool) -> dict[str, torch.Tensor
         zero = torch.full_like(qweight.scale, symmetric_zero(qweight.bits), dtype=torch.uint8)
     else:
         zero = qweight.zero
-    stored = zero if v2 else zero - 1  # v1: z - 1 (symmetric only, so never below 0)
+    stored = zero if v2 else zero - 1  # v1: z - 1 (written only when no zero is 0)
     return {
         "qweight": pack_int32(qweight.codes, qweight.bits).T.contiguous(),  # [in * bits / 32, out]
         "qzeros": pack_int32(stored.T, qweight.bits),  # [n_groups, out * bits / 32]
@@ -104,10 +106,17 @@ def gptq_module(name: str, qweight: QWeight, v2: bool) -> dict[str, torch.Tensor
     }
 
 
-def _grid_of(qweight: QWeight) -> tuple[int, int, bool]:
-    """(bits, group size or -1 for per channel, symmetric) of one Linear."""
-    grouped = qweight.scale.shape[1] > 1
-    return qweight.bits, qweight.group_size if grouped else -1, qweight.symmetric
+def _one_grid(quantized: dict[str, QWeight]) -> tuple[int, int, bool]:
+    """(bits, group size or -1 for per channel, symmetric) shared by every Linear, or a refusal. A Linear with a
+    single group fits any group size (readers give it ceil(in / group_size) = 1 group)."""
+    kinds = {(q.bits, q.symmetric) for q in quantized.values()}
+    sizes = {q.group_size for q in quantized.values() if q.scale.shape[1] > 1}
+    if len(kinds) > 1 or len(sizes) > 1:
+        raise LowbitError(f"a GPTQ checkpoint has one grid for every Linear; this model mixes (bits, symmetric) "
+                          f"{sorted(kinds)} and group sizes {sorted(sizes)}: quantize with one grid or export "
+                          "compressed-tensors")
+    (bits, symmetric), = kinds
+    return bits, sizes.pop() if sizes else -1, symmetric
 
 
 def gptq_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -116,8 +125,12 @@ def gptq_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str
     from lowbit.models.checkpoint_names import hub_tensor_name
 
     head = model.get_output_embeddings()
+    routers = {id(m) for m in model.modules() if is_router(m)}  # kept in float by design (models/experts.py)
     quantized: dict[str, QWeight] = {}
     for name, module in model.named_modules():
+        if isinstance(module, KernelModule):
+            raise LowbitError("the GPTQ export reads lowbit's stored grids: load the model with the default "
+                              "backend (lowbit.load(folder)), not backend='fast' or 'dequantized'")
         if isinstance(module, QuantizedEmbedding) or (module is head and isinstance(module, WeightOnlyLinear)):
             raise LowbitError("the GPTQ format has no quantized embedding or head: export a recipe without "
                               "'embeddings'/'head' (GGUF holds them)")
@@ -129,18 +142,19 @@ def gptq_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str
                               "export compressed-tensors (dense) or add a weight grid after the pruning")
         if isinstance(module, WeightOnlyLinear):
             quantized[name] = module.unpacked()
-        elif isinstance(module, nn.Linear) and module is not head:
+        elif isinstance(module, nn.Linear) and module is not head and id(module) not in routers:
             raise LowbitError(f"{name} was left in float; a GPTQ checkpoint's readers quantize every Linear of the "
                               "blocks: quantize it too (drop it from the recipe's 'ignore') or keep lowbit's format")
     if not quantized:
         raise LowbitError("no quantized Linear found: export a lowbit output directory made by `lowbit quantize` "
                           "with a weight grid")
-    grids = {_grid_of(q) for q in quantized.values()}
-    if len(grids) > 1:
-        raise LowbitError(f"a GPTQ checkpoint has one grid for every Linear; this model mixes {sorted(grids)} "
-                          "(bits, group size, symmetric): quantize with one grid or export compressed-tensors")
-    (bits, group_size, symmetric), = grids
-    v2 = not symmetric
+    bits, group_size, symmetric = _one_grid(quantized)
+    if not symmetric and any(True for m in model.modules() if isinstance(m, RoutedExperts)):
+        # vLLM's GPTQ MoE path reads experts as symmetric whatever the checkpoint says: a silently wrong model
+        raise LowbitError("an asymmetric GPTQ checkpoint of a mixture-of-experts model would be read as symmetric by "
+                          "vLLM's expert kernels; quantize with a symmetric grid (e.g. weights symmetric: true)")
+    # v1 stores zero - 1, so it cannot hold a zero of 0: v2 only where an asymmetric grid has one
+    v2 = not symmetric and any(bool((q.zero == 0).any()) for q in quantized.values() if q.zero is not None)
     state: dict[str, torch.Tensor] = {}
     for name, qweight in quantized.items():
         state.update({f"{name}.{k}": v for k, v in gptq_module(name, qweight, v2).items()})
