@@ -83,9 +83,7 @@ def test_every_grid_decodes_to_lowbits_weights_exactly(quantized_models, name):
     grid = GRIDS[name][0].weights
     assert config["bits"] == grid.bits and config["sym"] == grid.symmetric and config["quant_method"] == "gptq"
     assert config["group_size"] == (grid.group_size if grid.granularity == "group" else -1)
-    zero_of_0 = any(bool((m.unpacked().zero == 0).any()) for m in model.modules()
-                    if hasattr(m, "unpacked") and m.unpacked().zero is not None)
-    assert config["checkpoint_format"] == ("gptq_v2" if zero_of_0 else "gptq")  # v1 cannot store a zero of 0
+    assert config["checkpoint_format"] == ("gptq" if grid.symmetric else "gptq_v2")
     assert config["desc_act"] == (name == "w4-desc-act")
     for prefix in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
         module = model.get_submodule(prefix)
@@ -167,8 +165,9 @@ def test_quantize_with_gptq_format_checks_the_recipe_first_and_writes_the_folder
     assert torch.equal(decode(state, prefix, config), loaded.get_submodule(prefix).dequantized_weight())
 
 
-def test_asymmetric_zero_points_go_out_as_v1_unless_one_is_0():
-    """v1 stores zero - 1 (the layout every GPTQ reader knows); a zero of 0 needs v2, which stores it as is."""
+def test_v1_stores_zero_minus_1_and_asymmetric_zeros_of_0_go_out_exactly_as_v2():
+    """v1 stores zero - 1 (the layout every GPTQ reader knows) and cannot hold a zero of 0; asymmetric grids, which
+    can have one, go out as v2, which stores zeros as they are."""
     from lowbit.export.gptq_checkpoint import gptq_module
     from lowbit.numerics.rtn import rtn
 

@@ -14,9 +14,10 @@ values fill `bits` words (for 3 bits some values straddle two words, as GPTQ's 3
 lowbit's own byte packing (numerics/packing.py) read as little-endian int32.
 
 Zero points: the original format ("gptq", v1) stores z - 1, and readers add the 1 back per packed value; a zero of 0
-cannot be stored that way, and asymmetric grids have zeros of 0. lowbit therefore writes symmetric grids as v1 (z =
-2**(bits - 1), stored 2**(bits - 1) - 1: every reader knows it) and asymmetric grids as "gptq_v2" (z stored as is),
-which GPTQModel and vLLM (since PR 26092, 2025-10) read; a reader that knows only v1 would be off by one scale step.
+cannot be stored that way, asymmetric grids can have zeros of 0, and GPTQModel 7.6 refuses asymmetric v1 checkpoints
+from other producers. lowbit therefore writes symmetric grids as v1 (z = 2**(bits - 1), stored 2**(bits - 1) - 1:
+every reader knows it) and asymmetric grids as "gptq_v2" (z stored as is), which GPTQModel and vLLM (since PR 26092,
+2025-10) read; a reader that knows only v1 would be off by one scale step.
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ def gptq_module(name: str, qweight: QWeight, v2: bool) -> dict[str, torch.Tensor
         zero = torch.full_like(qweight.scale, symmetric_zero(qweight.bits), dtype=torch.uint8)
     else:
         zero = qweight.zero
-    stored = zero if v2 else zero - 1  # v1: z - 1 (written only when no zero is 0)
+    stored = zero if v2 else zero - 1  # v1: z - 1 (symmetric grids only: never below 0)
     return {
         "qweight": pack_int32(qweight.codes, qweight.bits).T.contiguous(),  # [in * bits / 32, out]
         "qzeros": pack_int32(stored.T, qweight.bits),  # [n_groups, out * bits / 32]
@@ -153,8 +154,9 @@ def gptq_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str
         # vLLM's GPTQ MoE path reads experts as symmetric whatever the checkpoint says: a silently wrong model
         raise LowbitError("an asymmetric GPTQ checkpoint of a mixture-of-experts model would be read as symmetric by "
                           "vLLM's expert kernels; quantize with a symmetric grid (e.g. weights symmetric: true)")
-    # v1 stores zero - 1, so it cannot hold a zero of 0: v2 only where an asymmetric grid has one
-    v2 = not symmetric and any(bool((q.zero == 0).any()) for q in quantized.values() if q.zero is not None)
+    # v1 stores zero - 1, so it cannot hold an asymmetric grid's zero of 0, and GPTQModel refuses asymmetric v1 from
+    # any other producer (AutoGPTQ's was broken): asymmetric grids go out as v2, symmetric ones as v1
+    v2 = not symmetric
     state: dict[str, torch.Tensor] = {}
     for name, qweight in quantized.items():
         state.update({f"{name}.{k}": v for k, v in gptq_module(name, qweight, v2).items()})

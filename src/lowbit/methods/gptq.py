@@ -25,8 +25,8 @@ class GPTQ(Step):
     act_order: bool = False
     # With act_order: keep groups of consecutive columns, fitted up front from the original weights, while the sweep
     # visits columns by descending H_jj (llm-compressor's "weight" order, GPTQModel's static_groups). False forms
-    # groups in the visiting order with a g_idx per column (GPTQModel's desc_act), which lost to this on all three
-    # real models measured (docs/actorder.md) and cannot be exported to GGUF or compressed-tensors.
+    # groups in the visiting order with a g_idx per column (GPTQModel's desc_act), which lost to this on Qwen2.5 and
+    # Gemma 3 and tied on SmolLM2 (docs/actorder.md) and cannot be exported to GGUF or compressed-tensors.
     static_groups: bool = True
     upfront_groups: bool = False  # fit every group's grid from the original weights before the sweep (not lazily)
     # Shrink H's off-diagonal toward zero by this fraction: where an attention sink's few tokens dominate X^T X, or a
