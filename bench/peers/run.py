@@ -197,14 +197,14 @@ def main() -> None:
         for tool in args.tools:
             for method in (grouped(m, group) for m in args.methods):
                 results["rows"].get(tool, {}).pop(method, None)
+    for seed in args.seeds:  # before anything is saved: the report names each seed's calibration
+        check_inputs(results, path, seed, shared_inputs(model, seed))
     if "fp32" not in results:
         results["fp32"] = {**evaluate("fp32", model_folder(model), ids_file(model, args.seeds[0])),
                            "output_bytes": weight_bytes(model_folder(model))}
         save(results, folder)
     # Seed s of every row before seed s + 1 of any, and every seed before any repeat: a run cut short still has
     # every row measured once.
-    for seed in args.seeds:
-        check_inputs(results, path, seed, shared_inputs(model, seed))
     for repeat, seed in ((r, s) for r in range(args.repeats) for s in args.seeds):
         for method in (grouped(m, group) for m in args.methods):
             for tool in args.tools:
