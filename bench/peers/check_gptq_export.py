@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from shared import REPO, WORK, ids_file, model_folder, read_ids
+from shared import REPO, WORK, ids_file, model_folder, read_ids, swap_for_float_linear
 
 FOLDER = WORK / "gptq-check"
 RESULTS = REPO / "bench" / "results" / "peers" / "gptq_export_check.json"
@@ -63,12 +63,7 @@ def write() -> None:
         weights = {n: m.dequantized_weight().half() for n, m in model.named_modules() if isinstance(m, WeightOnlyLinear)}
         save_file(weights, out / "lowbit_weights_fp16.safetensors")
         for module_name, weight in weights.items():  # the same float16-rounded weights in float32 Linears
-            module = model.get_submodule(module_name)
-            linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=module.bias is not None)
-            linear.weight.data = weight.float()
-            if module.bias is not None:
-                linear.bias.data = module.bias.float()
-            model.set_submodule(module_name, linear)
+            swap_for_float_linear(model, module_name, weight)
         for parameter in model.parameters():  # GPTQModel loads every other tensor in float16 too
             parameter.data = parameter.data.half().float()
         with torch.no_grad():
@@ -81,7 +76,7 @@ def read() -> None:
     from gptqmodel import BACKEND, GPTQModel
     from safetensors.torch import load_file
 
-    from evaluate import gptqmodel_weight
+    from evaluate import gptqmodel_to_float
 
     torch.set_num_threads(2)
     results = {}
@@ -90,18 +85,9 @@ def read() -> None:
         config = json.loads((out / "gptq" / "quantize_config.json").read_text())
         theirs = GPTQModel.load(str(out / "gptq"), device="cpu", backend=BACKEND.TORCH, dtype=torch.float16).model
         ours = load_file(out / "lowbit_weights_fp16.safetensors")
-        equal = compared = 0
-        for module_name, module in list(theirs.named_modules()):
-            if not (hasattr(module, "qweight") and hasattr(module, "qzeros")):
-                continue
-            weight = gptqmodel_weight(module)  # float32 of GPTQModel's float16 dequantization
-            compared += 1
-            equal += bool(torch.equal(weight.half(), ours[module_name]))
-            linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=module.bias is not None)
-            linear.weight.data = weight.contiguous()
-            if module.bias is not None:
-                linear.bias.data = module.bias.float()
-            theirs.set_submodule(module_name, linear)
+        weights = gptqmodel_to_float(theirs)  # float32 of GPTQModel's float16 dequantization, by module
+        compared = len(weights)
+        equal = sum(bool(torch.equal(w.half(), ours[n])) for n, w in weights.items())
         with torch.no_grad():
             logits = theirs.float().eval()(sample_ids()).logits
         reference = torch.load(out / "lowbit_logits.pt")

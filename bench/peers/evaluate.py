@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from shared import lowbit_perplexity, read_ids
+from shared import lowbit_perplexity, read_ids, swap_for_float_linear
 
 os.environ.setdefault("LOWBIT_GGUF_DTYPE", "float32")  # the GGUF's exact weights, as published (docs/gguf_import.md)
 
@@ -37,14 +37,7 @@ def open_model(tool: str, path: str) -> torch.nn.Module:
         # row, each quantized Linear becomes an nn.Linear holding its dequantized weight (float16 dequantization:
         # exact for 4-bit codes times float16 scales up to float16 rounding).
         model = GPTQModel.load(path, device="cpu", backend=BACKEND.TORCH, dtype=torch.float16).model
-        for name, module in list(model.named_modules()):
-            if hasattr(module, "qweight") and hasattr(module, "qzeros"):
-                weight = gptqmodel_weight(module)
-                linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=module.bias is not None)
-                linear.weight.data = weight.contiguous()
-                if module.bias is not None:
-                    linear.bias.data = module.bias.float()
-                model.set_submodule(name, linear)
+        gptqmodel_to_float(model)
         return model.float().eval()
     raise SystemExit(f"unknown tool {tool!r}")
 
@@ -58,6 +51,16 @@ def gptqmodel_weight(module: torch.nn.Module) -> torch.Tensor:
 
     return dequantize_gemm(qweight=module.qweight, qzeros=module.qzeros, scales=module.scales, bits=module.bits,
                            group_size=module.group_size).T.float()
+
+
+def gptqmodel_to_float(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every GPTQModel quantized Linear of ``model`` becomes a float32 nn.Linear of its dequantized weight; returns
+    those weights [out, in] by module name."""
+    quantized = [n for n, m in model.named_modules() if hasattr(m, "qweight") and hasattr(m, "qzeros")]
+    weights = {name: gptqmodel_weight(model.get_submodule(name)) for name in quantized}
+    for name, weight in weights.items():
+        swap_for_float_linear(model, name, weight)
+    return weights
 
 
 def block_weight_zero_share(model: torch.nn.Module) -> float:

@@ -77,5 +77,16 @@ def lowbit_perplexity():
     return perplexity
 
 
+def swap_for_float_linear(model: torch.nn.Module, name: str, weight: torch.Tensor) -> None:
+    """Replace module ``name`` (a quantized Linear of any tool) by an nn.Linear holding ``weight`` [out, in] and the
+    module's bias, both in float32."""
+    module = model.get_submodule(name)
+    linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=module.bias is not None)
+    linear.weight.data = weight.float().contiguous()
+    if module.bias is not None:
+        linear.bias.data = module.bias.float()
+    model.set_submodule(name, linear)
+
+
 def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")

@@ -27,7 +27,6 @@ checkpoint with no ``quantization_config``, which vLLM and transformers load as 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +34,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.io.atomic import atomic_directory
-from lowbit.io.writer import TOKENIZER_FILES
+from lowbit.export.hf_folder import write_hf_folder
 from lowbit.models.checkpoint_names import hub_module_name, hub_tensor_name
 from lowbit.models.experts import is_router
 from lowbit.numerics.qweight import QWeight
@@ -187,17 +185,6 @@ def write_compressed_tensors(
 ) -> dict[str, Any] | None:
     """Write the export of ``model`` (loaded from lowbit output ``folder``) to directory ``out``, atomically.
     Returns its quantization_config (None: a pruning-only model, written dense)."""
-    from safetensors.torch import save_file
-
     state, quantization_config = compressed_state_dict(model)
-    config = json.loads((folder / "config.json").read_text())
-    config.pop("quantization_config", None)
-    if quantization_config is not None:
-        config["quantization_config"] = quantization_config
-    with atomic_directory(out, overwrite, inputs=[folder]) as tmp:
-        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        for name in TOKENIZER_FILES:  # the same files lowbit's own output keeps (vocab.json, merges.txt, ...)
-            if (folder / name).exists():
-                shutil.copy(folder / name, tmp / name)
+    write_hf_folder(folder, out, overwrite, state, quantization_config)
     return quantization_config

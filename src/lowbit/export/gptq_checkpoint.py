@@ -22,8 +22,7 @@ every reader knows it) and asymmetric grids as "gptq_v2" (z stored as is), which
 
 from __future__ import annotations
 
-import json
-import shutil
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -32,14 +31,13 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.io.atomic import atomic_directory
-from lowbit.io.writer import TOKENIZER_FILES
+from lowbit.export.hf_folder import write_hf_folder
+from lowbit.models.experts import RoutedExperts, is_router
 from lowbit.numerics.grid import symmetric_zero
 from lowbit.numerics.packing import pack_bits
 from lowbit.numerics.qweight import QWeight
 from lowbit.recipe import Recipe
 from lowbit.runtime.act_quant import ActQuantLinear
-from lowbit.models.experts import RoutedExperts, is_router
 from lowbit.runtime.embedding import QuantizedEmbedding
 from lowbit.runtime.fast import KernelModule
 from lowbit.runtime.llm_int8 import Int8OutlierLinear
@@ -49,6 +47,8 @@ from lowbit.runtime.weight_only import WeightOnlyLinear
 GPTQ_DIR = "gptq"  # where `lowbit quantize --format gptq` puts it, inside the output
 GPTQ_BITS = (2, 3, 4, 8)
 QUANTIZE_CONFIG = "quantize_config.json"
+NO_OUTSIDE_BLOCKS = ("the GPTQ format has no quantized embedding or head: export a recipe without 'embeddings'/'head' "
+                     "(GGUF holds them)")
 
 
 def check_recipe_for_gptq(recipe: Recipe) -> None:
@@ -61,8 +61,7 @@ def check_recipe_for_gptq(recipe: Recipe) -> None:
                           "GPTQ/RTN/AWQ weight grid or export compressed-tensors")
     check_grid(grid.bits, grid.granularity == "tensor")
     if recipe.quantizes_outside_blocks:
-        raise LowbitError("the GPTQ format has no quantized embedding or head: export a recipe without "
-                          "'embeddings'/'head' (GGUF holds them)")
+        raise LowbitError(NO_OUTSIDE_BLOCKS)
 
 
 def check_grid(bits: int, per_tensor: bool) -> None:
@@ -84,7 +83,7 @@ def pack_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def _packable(name: str, what: str, n: int, bits: int) -> None:
     if n * bits % 32:
-        step = 32 // torch.gcd(torch.tensor(bits), torch.tensor(32)).item()
+        step = 32 // math.gcd(bits, 32)
         raise LowbitError(f"{name}: its {what} ({n}) is not a multiple of {step}, which {bits}-bit GPTQ packing into "
                           "32-bit words needs; quantize with another width or keep lowbit's own format")
 
@@ -133,8 +132,7 @@ def gptq_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str
             raise LowbitError("the GPTQ export reads lowbit's stored grids: load the model with the default "
                               "backend (lowbit.load(folder)), not backend='fast' or 'dequantized'")
         if isinstance(module, QuantizedEmbedding) or (module is head and isinstance(module, WeightOnlyLinear)):
-            raise LowbitError("the GPTQ format has no quantized embedding or head: export a recipe without "
-                              "'embeddings'/'head' (GGUF holds them)")
+            raise LowbitError(NO_OUTSIDE_BLOCKS)
         if isinstance(module, (ActQuantLinear, Int8OutlierLinear)):
             raise LowbitError(f"{name} quantizes its inputs (W8A8 / LLM.int8()), which the GPTQ format cannot hold; "
                               "export compressed-tensors")
@@ -150,7 +148,7 @@ def gptq_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str
         raise LowbitError("no quantized Linear found: export a lowbit output directory made by `lowbit quantize` "
                           "with a weight grid")
     bits, group_size, symmetric = _one_grid(quantized)
-    if not symmetric and any(True for m in model.modules() if isinstance(m, RoutedExperts)):
+    if not symmetric and any(isinstance(m, RoutedExperts) for m in model.modules()):
         # vLLM's GPTQ MoE path reads experts as symmetric whatever the checkpoint says: a silently wrong model
         raise LowbitError("an asymmetric GPTQ checkpoint of a mixture-of-experts model would be read as symmetric by "
                           "vLLM's expert kernels; quantize with a symmetric grid (e.g. weights symmetric: true)")
@@ -182,16 +180,6 @@ def write_gptq(folder: Path, model: nn.Module, out: Path, overwrite: bool = Fals
     """Write the GPTQ export of ``model`` (loaded from lowbit output ``folder``) to directory ``out``, atomically:
     model.safetensors, config.json with ``quantization_config``, quantize_config.json, the tokenizer files.
     Returns the quantize config."""
-    from safetensors.torch import save_file
-
     state, quantize_config = gptq_state_dict(model)
-    config = json.loads((folder / "config.json").read_text())
-    config["quantization_config"] = quantize_config
-    with atomic_directory(out, overwrite, inputs=[folder]) as tmp:
-        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        (tmp / QUANTIZE_CONFIG).write_text(json.dumps(quantize_config, indent=2))
-        for name in TOKENIZER_FILES:
-            if (folder / name).exists():
-                shutil.copy(folder / name, tmp / name)
+    write_hf_folder(folder, out, overwrite, state, quantize_config, {QUANTIZE_CONFIG: quantize_config})
     return quantize_config
