@@ -10,6 +10,7 @@ from lowbit import RTN, GPTQ, WeightQuant
 from lowbit.errors import LowbitError
 from lowbit.export.gguf import permute_rows, write_gguf
 from lowbit.api import open_model
+from lowbit.presets import resolve_recipe
 from toy import byte_tokenizer, calibration, toy_model
 
 
@@ -153,8 +154,9 @@ def test_compressed_tensors_export_loads_in_transformers_with_identical_logits(t
 
 
 def test_compressed_tensors_asymmetric_weights_decompress_exactly(tmp_path):
-    """transformers 5.23 + compressed-tensors 0.20 size the zero point unpacked at load but unpack it when
-    decompressing, so asymmetric checkpoints are checked with compressed-tensors' own decompressor."""
+    """lowbit's asymmetric codes re-expressed for compressed-tensors decompress, with its own decompressor, to
+    lowbit's weights exactly (what vLLM would read); the export itself refuses them while transformers cannot load
+    them (the next test)."""
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
     from compressed_tensors.quantization import QuantizationScheme
 
@@ -167,6 +169,34 @@ def test_compressed_tensors_asymmetric_weights_decompress_exactly(tmp_path):
     local = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     weight = PackedQuantizationCompressor.decompress(local, scheme)["weight"]
     assert torch.equal(weight.float(), model.model.layers[1].mlp.down_proj.dequantized_weight())
+
+
+def test_asymmetric_compressed_tensors_is_refused_while_transformers_cannot_load_it(tmp_path, capsys, toy_folder):
+    """The refusal's premise, checked on the installed versions: transformers + compressed-tensors reject an
+    asymmetric pack-quantized checkpoint (the packed zero point as a size mismatch). When an upgrade loads it, this
+    test fails: lift the refusal (export/compressed_tensors.py) and test bit-identical logits instead."""
+    from transformers import AutoModelForCausalLM
+
+    from lowbit.cli.main import main
+    from lowbit.export.compressed_tensors import compressed_state_dict, write_compressed_tensors
+    from lowbit.export.hf_folder import write_hf_folder
+
+    folder = quantized_folder(tmp_path, [RTN(WeightQuant(bits=4, symmetric=False, group_size=32))])
+    model = lowbit.load(folder)
+    state, config = compressed_state_dict(model)
+    write_hf_folder(folder, tmp_path / "raw", False, state, config)
+    with pytest.raises(RuntimeError, match="mismatch"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "raw", dtype=torch.float32)
+    with pytest.raises(LowbitError, match="symmetric grid for this format"):
+        write_compressed_tensors(folder, model, tmp_path / "ct")
+    assert not (tmp_path / "ct").exists()
+    # quantize --format compressed-tensors refuses before any work, naming the symmetric grid point
+    capsys.readouterr()
+    code = main(["--quiet", "quantize", "--model", str(toy_folder()), "--recipe", "gptq-w4g64",
+                 "--format", "compressed-tensors", "--out", str(tmp_path / "q2")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--recipe gptq-w4g64-sym" in err and len(err.strip().splitlines()) == 1
+    assert resolve_recipe("gptq-w4g64-sym").weight_step.grid.symmetric
 
 
 @pytest.mark.parametrize("act", ["token", "tensor-static"])
@@ -215,6 +245,12 @@ def test_compressed_tensors_export_refuses_what_it_cannot_express(tmp_path):
 
     folder = quantized_folder(tmp_path, [LLMInt8()])
     with pytest.raises(LowbitError, match="LLM.int8"):
+        write_compressed_tensors(folder, lowbit.load(folder), tmp_path / "ct")
+    assert not (tmp_path / "ct").exists()
+    # desc_act groups (a g_idx): compressed-tensors' decompressor would ignore the g_idx
+    folder = quantized_folder(tmp_path, [GPTQ(WeightQuant(bits=4, symmetric=True, group_size=32), act_order=True,
+                                              static_groups=False)], name="desc")
+    with pytest.raises(LowbitError, match="ignores weight_g_idx"):
         write_compressed_tensors(folder, lowbit.load(folder), tmp_path / "ct")
     assert not (tmp_path / "ct").exists()
     w8 = RTN(WeightQuant(bits=8, symmetric=True, granularity="channel"))

@@ -9,13 +9,20 @@ from collections.abc import Callable
 from pathlib import Path
 
 PEERS = ("llmcompressor", "gptqmodel")
+# a perplexity this many times the float model's is a broken output, not a quality level: it is shown as broken and
+# left out of the "best peer" (llm-compressor's SmoothQuant on Gemma 3 gave 1.6e11 against float 15.8)
+BROKEN = 100
 NAMES = {"lowbit": "lowbit", "lowbit-bf16": "lowbit, bf16 forwards", "llmcompressor": "llm-compressor",
          "gptqmodel": "GPTQModel"}
 
 
+def _broken(results: dict, row: dict) -> bool:
+    return row.get("perplexity", 0) > BROKEN * results.get("fp32", {}).get("perplexity", float("inf"))
+
+
 def _value(results: dict, tool: str, method: str, key: str) -> float | None:
     row = results["rows"].get(tool, {}).get(method)
-    if row is None or "error" in row:
+    if row is None or "error" in row or (key == "perplexity" and _broken(results, row)):
         return None
     return row.get(key)
 
@@ -26,6 +33,8 @@ def _cell(results: dict, tool: str, method: str, key: str, fmt: str) -> str:
         return "not run"
     if "error" in row:
         return "failed (see JSON)"
+    if key == "perplexity" and _broken(results, row):
+        return f"broken ({row[key]:.3g})"
     value = row.get(key)
     return "" if value is None else format(value, fmt)
 

@@ -43,17 +43,19 @@ PRESETS: dict[str, str] = {
 }
 
 # any weight-only grid point is a recipe name too: "gptq-w4g64", "w3pc", "awq-gptq-w4g32", "gptq-w4g128-actorder",
-# and with "-eN" its embedding and head on INT N g128 too ("awq-w4g128-e8"); `lowbit compare --methods M... --bits
+# with "-sym" on a symmetric grid ("gptq-w4g128-sym": what compressed-tensors readers load), and with "-eN" its
+# embedding and head on INT N g128 too ("awq-w4g128-e8"); `lowbit compare --methods M... --bits
 # B... --group-sizes G...` sweeps SWEEP_METHODS
 SWEEP_NAME = re.compile(
     r"(?:(?P<method>gptq|awq|awq-gptq)-)?w(?P<bits>[2-8])(?:g(?P<group>[1-9][0-9]*)|pc)(?P<actorder>-actorder)?"
-    r"(?:-e(?P<outside>[2-8]))?"
+    r"(?P<sym>-sym)?(?:-e(?P<outside>[2-8]))?"
 )
 SWEEP_METHODS = ("rtn", "gptq", "gptq-actorder", "awq", "awq-gptq")
 
 
-def parse_recipe_name(name_or_path: str) -> tuple[str, tuple[str, int, int, int] | None]:
-    """("preset" | "file" | "sweep", (method, bits, group size or 0, embedding/head bits or 0) for a grid point) of
+def parse_recipe_name(name_or_path: str) -> tuple[str, tuple[str, int, int, int, bool] | None]:
+    """("preset" | "file" | "sweep", (method, bits, group size or 0, embedding/head bits or 0, symmetric) for a grid
+    point) of
     a name lowbit takes for a recipe (whether a file holds a valid recipe is checked when it is read); else the
     one-line unknown-recipe error."""
     if name_or_path in PRESETS:
@@ -64,10 +66,11 @@ def parse_recipe_name(name_or_path: str) -> tuple[str, tuple[str, int, int, int]
     if sweep is not None:
         method = (sweep["method"] or "rtn") + ("-actorder" if sweep["actorder"] else "")
         if method in SWEEP_METHODS:
-            return "sweep", (method, int(sweep["bits"]), int(sweep["group"] or 0), int(sweep["outside"] or 0))
+            return "sweep", (method, int(sweep["bits"]), int(sweep["group"] or 0), int(sweep["outside"] or 0),
+                             bool(sweep["sym"]))
     raise LowbitError(
         f"unknown recipe {name_or_path!r}: pass a preset ({', '.join(PRESETS)}), a weight-only grid point named like "
-        "the presets (e.g. gptq-w4g64, awq-w3pc, w2g32, gptq-w4g64-actorder, awq-w4g128-e8) or the path of a JSON recipe file"
+        "the presets (e.g. gptq-w4g64, awq-w3pc, w2g32, gptq-w4g64-actorder, gptq-w4g128-sym, awq-w4g128-e8) or the path of a JSON recipe file"
     )
 
 

@@ -88,15 +88,16 @@ def outside_grid(bits: int) -> WeightQuant:
     return WeightQuant(bits=bits, symmetric=False, granularity="group", group_size=128)
 
 
-def sweep_recipe(method: str, bits: int, group_size: int, outside_bits: int = 0) -> Recipe:
-    """One point of a quant-curve sweep: ``method`` at ``bits`` with an asymmetric grid of ``group_size`` columns
-    (0 = per output channel), with the embedding and head on ``outside_grid(outside_bits)`` unless 0 (float). Named
-    like the presets (``gptq-w4g128``, ``w4g128-e6``), so a sweep point equal to a preset is it."""
+def sweep_recipe(method: str, bits: int, group_size: int, outside_bits: int = 0, symmetric: bool = False) -> Recipe:
+    """One point of a quant-curve sweep: ``method`` at ``bits`` with an asymmetric (``symmetric``: symmetric) grid of
+    ``group_size`` columns (0 = per output channel), with the embedding and head on ``outside_grid(outside_bits)``
+    unless 0 (float). Named like the presets (``gptq-w4g128``, ``gptq-w4g128-sym``, ``w4g128-e6``), so a sweep point
+    equal to a preset is it."""
     if method not in SWEEP_METHODS:
         raise LowbitError(f"unknown sweep method {method!r}; pick from {', '.join(SWEEP_METHODS)}")
     if group_size < 0:
         raise LowbitError(f"group size {group_size} is negative; use 0 for per-channel or e.g. 128")
-    grid = WeightQuant(bits=bits, symmetric=False, granularity="group" if group_size else "channel",
+    grid = WeightQuant(bits=bits, symmetric=symmetric, granularity="group" if group_size else "channel",
                        group_size=group_size or 128)
     steps: dict[str, tuple] = {
         "rtn": (RTN(grid),),
@@ -106,7 +107,8 @@ def sweep_recipe(method: str, bits: int, group_size: int, outside_bits: int = 0)
         "awq-gptq": (AWQ(grid), GPTQ(grid)),
     }
     head = {"rtn": "", "gptq-actorder": "gptq-"}.get(method, f"{method}-")
-    tail = ("-actorder" if method == "gptq-actorder" else "") + (f"-e{outside_bits}" if outside_bits else "")
+    tail = ("-actorder" if method == "gptq-actorder" else "") + ("-sym" if symmetric else "") + \
+        (f"-e{outside_bits}" if outside_bits else "")
     outside = outside_grid(outside_bits) if outside_bits else None
     return Recipe(steps=steps[method], name=f"{head}w{bits}{f'g{group_size}' if group_size else 'pc'}{tail}",
                   embeddings=outside, head=outside)

@@ -19,6 +19,8 @@ from lowbit.schema import Range
 if TYPE_CHECKING:
     import torch
 
+    from lowbit.evaluation.tasks import TaskOptions
+
 # Registering the options (`lowbit --help`, an argument error) imports no torch, transformers or numpy: what needs
 # them is imported by the function that uses it (tests/test_cli_startup.py).
 
@@ -69,6 +71,30 @@ def add_eval_options(parser: argparse.ArgumentParser) -> None:
     add_number(parser, "--window", int, Range(2), default=2048, help="perplexity window length in tokens (default 2048)")
     add_number(parser, "--max-windows", int, Range(0), default=16,
                help="evaluate at most this many windows; 0 = all (default 16)")
+
+
+def add_task_options(parser: argparse.ArgumentParser) -> None:
+    """lm-evaluation-harness task accuracy beside perplexity (lowbit[eval])."""
+    parser.add_argument("--tasks", help="lm-eval tasks, comma-separated (e.g. hellaswag,arc_easy): their accuracy "
+                        "beside perplexity; needs pip install 'lowbit[eval]'")
+    parser.add_argument("--tasks-dir", help="folder of task YAMLs searched before lm-eval's own (local tasks)")
+    add_number(parser, "--limit", int, Range(1), help="at most this many examples per task (default: all)")
+    add_number(parser, "--num-fewshot", int, Range(0), help="few-shot examples per prompt (default: each task's own)")
+    add_number(parser, "--task-batch-size", int, Range(1), default=8, help="sequences per forward in tasks (default 8)")
+
+
+def task_options(args: argparse.Namespace) -> TaskOptions | None:
+    """The TaskOptions of --tasks and its companions; None without --tasks (companions alone are refused)."""
+    from lowbit.evaluation.tasks import TaskOptions, parse_task_names
+
+    if args.tasks is None:
+        given = [o for o, v in (("--tasks-dir", args.tasks_dir), ("--limit", args.limit),
+                                ("--num-fewshot", args.num_fewshot)) if v is not None]
+        if given:
+            raise LowbitError(f"{given[0]} applies to task accuracy only; add --tasks NAME[,NAME...]")
+        return None
+    return TaskOptions(parse_task_names(args.tasks), Path(args.tasks_dir) if args.tasks_dir else None, args.limit,
+                       args.num_fewshot, args.task_batch_size)
 
 
 def torch_dtype(name: str) -> torch.dtype:

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any, TypedDict
 from rich.table import Table
 
 from lowbit.cli.common import (
-    add_calibration_options, add_eval_options, add_model_options, add_number, calibration_from_args,
-    child_command, console, default_model, parse_device, run_child, torch_dtype,
+    add_calibration_options, add_eval_options, add_model_options, add_number, add_task_options,
+    calibration_from_args, child_command, console, default_model, parse_device, run_child, task_options, torch_dtype,
 )
 from lowbit.cli.inspect_cmd import INSPECT_JSON
 from lowbit.cli.quantize_cmd import add_nproc_option
@@ -56,6 +56,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--no-inspect", action="store_true", help="skip the outlier diagnosis behind the recommendation")
     add_nproc_option(c)
     _add_shared(c)
+    add_task_options(c)
     c.set_defaults(func=run_compare)
 
     d = sub.add_parser("demo", help="the embedded default model: full precision vs W8 per-channel vs W4 g128 RTN")
@@ -67,7 +68,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     # of 2048 tokens (8,192 tokens) separate the rows clearly and keep the whole demo within a few minutes on 2 cores
     # (--max-windows 16 for the results table's figures)
     d.set_defaults(func=run_compare, model=default_model(), model_arg=None, nsamples=16, max_windows=4, methods=[],
-                   bits=[4], group_sizes=[128], no_reuse_transforms=False, no_inspect=True)
+                   bits=[4], group_sizes=[128], no_reuse_transforms=False, no_inspect=True, tasks=None,
+                   tasks_dir=None, limit=None, num_fewshot=None, task_batch_size=8)
 
 
 def _add_shared(parser: argparse.ArgumentParser) -> None:
@@ -184,6 +186,11 @@ def run_compare(args: argparse.Namespace) -> int:
         refuse_non_directory(folder, option)
         refuse_unsafe_target(folder, [Path(args.model)], option)
     recipes = planned_recipes(args, out)
+    args.task_options = task_options(args)
+    if args.task_options:  # unknown tasks and unreachable task data before any row is quantized
+        from lowbit.evaluation.tasks import load_task_data, task_manager
+
+        load_task_data(args.task_options, task_manager(args.task_options))
     # the calibration text is checked against the model here, not by the first child after the baseline is measured
     calibration_from_args(args, resolve_model(args.model).folder)
     with ExitStack() as held:
@@ -215,11 +222,15 @@ def compare(
         "dtype": args.dtype,
         "machine": machine_description(device),
     }
+    tasks = args.task_options
+    if tasks:  # only then: earlier results without tasks keep their settings, and so stay resumable
+        settings["tasks"] = {"names": list(tasks.names), "dir": str(tasks.tasks_dir) if tasks.tasks_dir else None,
+                             "limit": tasks.limit, "num_fewshot": tasks.num_fewshot}
     earlier = reusable_rows(results_dir, settings, args.model) if args.resume else {}
     results: dict[str, Any] = {"model": args.model, "settings": settings, "rows": []}
 
     def measure(spec: str) -> dict[str, Any]:
-        return evaluate(spec, args.data, args.window, max_windows, dtype, device, progress=True).summary()
+        return evaluate(spec, args.data, args.window, max_windows, dtype, device, progress=True, tasks=tasks).summary()
 
     base = earlier.get(args.dtype)
     results["rows"].append(base or {"recipe": args.dtype, "description": "unquantized", "config": None, **measure(args.model)})

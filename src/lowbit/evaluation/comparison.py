@@ -13,6 +13,7 @@ from typing import Any, TypedDict
 from lowbit.evaluation.compare_plots import write_plots
 from lowbit.evaluation.recommend import recommendations
 from lowbit.evaluation.speed import machine_line
+from lowbit.evaluation.tasks import headline_metric
 from lowbit.evaluation.units import mib
 from lowbit.io.atomic import write_json_atomic, write_text_atomic
 from lowbit.schema import check_record, read_json
@@ -31,6 +32,25 @@ def md_escape(text: str) -> str:
     return text.replace("|", "\\|")
 
 
+def task_cells(row: dict[str, Any], base: dict[str, Any]) -> dict[str, str]:
+    """One column per lm-eval task of the comparison (the unquantized row's): its headline metric in percent."""
+    cells = {}
+    for task, metrics in (base.get("tasks") or {}).items():
+        name = headline_metric(metrics)
+        value = (row.get("tasks") or {}).get(task, {}).get(name)
+        cells[f"{task} {name}"] = "" if value is None else f"{value * 100:.1f}"
+    return cells
+
+
+def task_line(tasks: dict[str, Any], base: dict[str, Any]) -> str:
+    """How the task columns were measured (settings["tasks"] of a comparison run with --tasks)."""
+    examples = ", ".join(f"{task} {n}" for task, n in (base.get("task_examples") or {}).items())
+    shots = "each task's own few-shot setting" if tasks["num_fewshot"] is None else f"{tasks['num_fewshot']}-shot"
+    limit = "" if tasks["limit"] is None else f", at most {tasks['limit']} per task"
+    return (f"Task accuracy: lm-evaluation-harness, {shots}, in percent (examples: {examples or 'as the task has'}"
+            f"{limit}).")
+
+
 def comparison_cells(row: dict[str, Any], base: dict[str, Any]) -> dict[str, str]:
     """One comparison row formatted for display, deltas relative to ``base`` (the unquantized row)."""
     return {
@@ -41,6 +61,7 @@ def comparison_cells(row: dict[str, Any], base: dict[str, Any]) -> dict[str, str
         "quantize time": _seconds(row.get("quantize_seconds")),
         "quantize peak RSS": mib(row.get("peak_rss_bytes")),
         "eval tokens/s": f"{row['eval_tokens_per_second']:,.0f}",
+        **task_cells(row, base),
     }
 
 
@@ -57,9 +78,10 @@ def markdown_table(results: dict[str, Any]) -> str:
         f"{cal['seed']}). Evaluation: perplexity on the held-out part of `{ev['text']}`, GPTQ protocol (documents "
         f"joined with blank lines, {base['windows']} non-overlapping windows of {base['window']} tokens, "
         f"{base['tokens']:,} predicted tokens).",
+        *([task_line(settings["tasks"], base)] if settings.get("tasks") else []),
         "",
-        "| recipe | what it does | perplexity | vs fp | size on disk | smaller by | quantize time | quantize peak RSS | eval tokens/s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| recipe | what it does | " + " | ".join(comparison_cells(base, base)) + " |",
+        "|---|---|" + "---:|" * len(comparison_cells(base, base)),
     ]
     for r in rows:
         lines.append("| " + " | ".join([r["recipe"], md_escape(r["description"]), *comparison_cells(r, base).values()]) + " |")

@@ -9,6 +9,7 @@ import torch
 from lowbit.data.calibration import check_ids_in_vocabulary
 from lowbit.data.text import documents
 from lowbit.evaluation.perplexity import Perplexity, evaluation_ids, perplexity
+from lowbit.evaluation.tasks import TaskOptions, TaskScores, load_task_data, task_manager, task_scores
 from lowbit.api import open_model
 from lowbit.runtime.fast import exact_modules
 
@@ -20,6 +21,7 @@ class Evaluation:
     disk_bytes: int
     memory_bytes: int  # parameters and buffers as stored and loaded (packed), before evaluation's float weights
     load_seconds: float
+    tasks: TaskScores | None = None  # lm-eval task accuracy, where tasks were asked for
 
     def summary(self) -> dict:
         """The flat record that `lowbit eval --json` prints and comparison rows hold."""
@@ -34,6 +36,7 @@ class Evaluation:
             "load_seconds": round(self.load_seconds, 3),
             "eval_seconds": round(p.seconds, 2),
             "eval_tokens_per_second": round(p.tokens / p.seconds, 1) if p.seconds > 0 else 0.0,
+            **(self.tasks.summary() if self.tasks else {}),
         }
 
 
@@ -55,15 +58,22 @@ def evaluate(
     device: torch.device | str = "cpu",
     progress: bool = False,
     backend: str = "dequantized",
+    tasks: TaskOptions | None = None,
 ) -> Evaluation:
-    """Perplexity of any model lowbit opens. A lowbit output is evaluated on the dequantized backend by default:
-    the exact backend's logits, bit for bit, at float speed (each weight dequantized once, not in every forward)."""
+    """Perplexity of any model lowbit opens, and its lm-eval task accuracy where ``tasks`` asks (the tasks and
+    their data are checked before the model is loaded). A lowbit output is evaluated on the dequantized backend by
+    default: the exact backend's logits, bit for bit, at float speed (each weight dequantized once, not in every
+    forward)."""
+    manager = task_manager(tasks) if tasks else None
+    if tasks:
+        load_task_data(tasks, manager)
     opened = open_model(spec, dtype, device, backend)
     limit = getattr(opened.model.config, "max_position_embeddings", None) or getattr(opened.model.config, "n_positions", window)
     seq_len = min(window, int(limit))
     ids = evaluation_ids(opened.tokenizer, documents(data, "evaluation"))
     check_ids_in_vocabulary(ids, opened.model.config)
     result = perplexity(opened.model, ids, seq_len, max_windows, device, progress)
+    scores = task_scores(opened.model, opened.tokenizer, tasks, manager) if tasks else None
     with exact_modules(opened.model):
         memory = tensor_bytes(opened.model)
-    return Evaluation(spec, result, opened.disk_bytes, memory, opened.load_seconds)
+    return Evaluation(spec, result, opened.disk_bytes, memory, opened.load_seconds, scores)

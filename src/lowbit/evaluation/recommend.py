@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
+from lowbit.evaluation.tasks import headline_metric
 from lowbit.evaluation.units import mib
 from lowbit.recipe import Recipe
 
@@ -121,4 +122,27 @@ def recommendations(results: dict[str, Any], diagnosis: dict[str, Any] | None = 
             lines.append(f"No recipe stays within {100 * budget:g}% of {base['recipe']} perplexity.")
     front = [r["recipe"] for r in pareto_front(rows)]
     lines.append(f"Size/perplexity Pareto front, smallest first: {', '.join(front)}.")
+    return lines + task_sentences(base, quantized)
+
+
+def task_sentences(base: dict[str, Any], quantized: list[dict[str, Any]]) -> list[str]:
+    """Per lm-eval task (compare --tasks): which recipe keeps the most and which loses the most of the unquantized
+    row's accuracy, in points, and whether the best by perplexity is also the best by accuracy (it often is not)."""
+    lines = []
+    for task, metrics in (base.get("tasks") or {}).items():
+        name = headline_metric(metrics)
+        scored = [(r, r["tasks"][task][name]) for r in quantized if task in (r.get("tasks") or {})]
+        if not scored:
+            continue
+        scored.sort(key=lambda pair: -pair[1])
+        (best, top), (worst, bottom) = scored[0], scored[-1]
+        sentence = (f"On {task} ({name}, {base['recipe']} {100 * metrics[name]:.1f}): {best['recipe']} keeps the most "
+                    f"({100 * (top - metrics[name]):+.1f} points)")
+        if worst is not best:
+            sentence += f", {worst['recipe']} loses the most ({100 * (bottom - metrics[name]):+.1f} points)"
+        by_perplexity = min(quantized, key=lambda r: r["perplexity"])
+        if by_perplexity is not best and task in (by_perplexity.get("tasks") or {}) \
+                and by_perplexity["tasks"][task][name] < top:
+            sentence += f"; the best by perplexity, {by_perplexity['recipe']}, is not the best here"
+        lines.append(sentence + ".")
     return lines

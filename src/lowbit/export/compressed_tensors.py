@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
+from lowbit.preset_names import SWEEP_NAME
 from lowbit.export.hf_folder import write_hf_folder
 from lowbit.models.checkpoint_names import hub_module_name, hub_tensor_name
 from lowbit.models.experts import is_router
@@ -58,9 +59,28 @@ def _pack_to_int32():
     return pack_to_int32
 
 
+def asymmetric_weights_refusal(recipe_name: str | None = None) -> LowbitError:
+    """Asymmetric pack-quantized checkpoints decompress exactly with compressed-tensors' own decompressor, but
+    transformers cannot load them (checked with transformers 5.23 and compressed-tensors 0.20: it builds the zero
+    point [out, groups] unpacked and refuses the packed [out * bits / 32, groups] tensor as a size mismatch).
+    Written anyway they would be a checkpoint its main reader rejects, so they are refused with the way out."""
+    sym = f"{recipe_name}-sym" if recipe_name and SWEEP_NAME.fullmatch(f"{recipe_name}-sym") else "gptq-w4g128-sym"
+    return LowbitError(
+        "asymmetric weight grids in compressed-tensors do not load in transformers (checked: transformers 5.23 with "
+        "compressed-tensors 0.20 rejects the packed zero point as a size mismatch); quantize on a symmetric grid for "
+        f"this format (e.g. --recipe {sym}, or \"symmetric\": true in a recipe file), or export --format gptq, which "
+        "holds asymmetric grids"
+    )
+
+
 def check_recipe_for_compressed_tensors(recipe: Recipe) -> None:
-    """Refuse, before any quantization work, a recipe whose output this exporter cannot write."""
+    """Refuse, before any quantization work, a recipe whose output this exporter cannot write (or its readers
+    cannot load)."""
     recipe.check_export("compressed-tensors")
+    step = recipe.weight_step
+    grid = getattr(step, "grid", None)
+    if grid is not None and not grid.symmetric and not recipe.quantizes_inputs:
+        raise asymmetric_weights_refusal(recipe.name)
 
 
 def _check_activations(symmetric: bool) -> None:
@@ -71,8 +91,11 @@ def _check_activations(symmetric: bool) -> None:
 def weight_scheme(qweight: QWeight) -> dict[str, Any]:
     """The compressed-tensors ``weights`` arguments of one QWeight's grid."""
     if not qweight.groups_in_order:
+        # compressed-tensors names the tensor (weight_g_idx, actorder "group"), but 0.20's decompressor, the one
+        # transformers loads with, never reads it: such a checkpoint would load with scrambled groups
         raise LowbitError("act-order groups with a g_idx (GPTQ act_order with static_groups=False) are not exported to "
-                          "compressed-tensors yet; quantize with static_groups=True (the default)")
+                          "compressed-tensors: its decompressor (0.20) ignores weight_g_idx; quantize with "
+                          "static_groups=True (the -actorder presets' default), or export --format gptq")
     if qweight.scale.shape[0] == 1 and qweight.out_features > 1:
         raise LowbitError("per-tensor weight grids are not exported to compressed-tensors; use per-channel or per-group")
     grouped = qweight.scale.shape[1] > 1
@@ -186,5 +209,8 @@ def write_compressed_tensors(
     """Write the export of ``model`` (loaded from lowbit output ``folder``) to directory ``out``, atomically.
     Returns its quantization_config (None: a pruning-only model, written dense)."""
     state, quantization_config = compressed_state_dict(model)
+    groups = (quantization_config or {}).get("config_groups", {}).values()
+    if any(g["format"] == CT_FORMAT and not g["weights"]["symmetric"] for g in groups):
+        raise asymmetric_weights_refusal()
     write_hf_folder(folder, out, overwrite, state, quantization_config)
     return quantization_config
