@@ -128,6 +128,7 @@ def test_unreadable_task_data_is_refused_before_the_model_loads(quantized, tasks
     monkeypatch.setattr("lowbit.evaluation.evaluate.open_model", lambda *a, **k: pytest.fail("model loaded"))
     code, _, err = run(capsys, "eval", quantized, "--tasks", "gone", "--tasks-dir", tasks_dir)
     assert code == 2 and "cannot read the data of task(s) gone" in err and "--tasks-dir" in err
+    assert "HF_HUB_OFFLINE=0" not in err  # a missing local file is not the Hub being off
 
 
 def test_without_lm_eval_the_fix_is_named(quantized, tasks_dir, capsys, monkeypatch):
@@ -146,3 +147,13 @@ def test_recommendation_names_the_accuracy_keeper_and_loser():
         "On arc (acc_norm, float32 60.0): b keeps the most (-2.0 points), a loses the most (-5.0 points); the best by "
         "perplexity, a, is not the best here."]
     assert task_sentences({**base, "tasks": None}, [a, b]) == []
+
+
+def test_a_stock_task_without_the_hub_says_how_to_allow_it(quantized, tasks_dir, capsys, monkeypatch):
+    """lowbit keeps the Hub off (HF_HUB_OFFLINE=1 unless set): a stock task's dataset is then unreachable, and the
+    one line says which variable lets lm-eval download it."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("lowbit.evaluation.evaluate.open_model", lambda *a, **k: pytest.fail("model loaded"))
+    code, _, err = run(capsys, "eval", quantized, "--tasks", "arc_easy", "--tasks-dir", tasks_dir)
+    assert code == 2 and "cannot read the data of task(s) arc_easy" in err and "HF_HUB_OFFLINE=0" in err
+    assert len(err.strip().splitlines()) == 1

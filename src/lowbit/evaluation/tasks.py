@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import functools
 import logging
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -91,9 +92,12 @@ def load_task_data(options: TaskOptions, manager: Any) -> None:
     try:
         manager.load(list(options.names))
     except (OSError, ConnectionError, ValueError) as exc:  # FileNotFoundError, datasets' DatasetNotFoundError, offline
+        # the CLI keeps the Hub off unless told otherwise (cli/main.py): say how to let lm-eval download
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1" and "offline" in str(exc).lower()
+        hub = "set HF_HUB_OFFLINE=0 to let lm-eval download them (lowbit keeps the Hub off by default), or " if offline else ""
         raise LowbitError(
             f"cannot read the data of task(s) {', '.join(options.names)}: {str(exc).splitlines()[0][:200]}; stock "
-            "tasks read their dataset from the Hugging Face Hub (or its local cache); without the Hub, run a local task "
+            f"tasks read their dataset from the Hugging Face Hub (or its local cache): {hub}run a local task "
             "(--tasks-dir DIR, a YAML with dataset_path: json and local data_files; docs/tasks.md)"
         ) from None
 
