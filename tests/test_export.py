@@ -191,8 +191,9 @@ def test_asymmetric_compressed_tensors_is_refused_while_transformers_cannot_load
         write_compressed_tensors(folder, model, tmp_path / "ct")
     assert not (tmp_path / "ct").exists()
     # quantize --format compressed-tensors refuses before any work, naming the symmetric grid point
+    source = toy_folder()  # built first: saving it prints progress bars
     capsys.readouterr()
-    code = main(["--quiet", "quantize", "--model", str(toy_folder()), "--recipe", "gptq-w4g64",
+    code = main(["--quiet", "quantize", "--model", str(source), "--recipe", "gptq-w4g64",
                  "--format", "compressed-tensors", "--out", str(tmp_path / "q2")])
     err = capsys.readouterr().err
     assert code == 2 and "--recipe gptq-w4g64-sym" in err and len(err.strip().splitlines()) == 1

@@ -129,6 +129,7 @@ def task_sentences(base: dict[str, Any], quantized: list[dict[str, Any]]) -> lis
     """Per lm-eval task (compare --tasks): which recipe keeps the most and which loses the most of the unquantized
     row's accuracy, in points, and whether the best by perplexity is also the best by accuracy (it often is not)."""
     lines = []
+    by_perplexity = min(quantized, key=lambda r: r["perplexity"]) if quantized else None
     for task, metrics in (base.get("tasks") or {}).items():
         name = headline_metric(metrics)
         scored = [(r, r["tasks"][task][name]) for r in quantized if task in (r.get("tasks") or {})]
@@ -140,7 +141,6 @@ def task_sentences(base: dict[str, Any], quantized: list[dict[str, Any]]) -> lis
                     f"({100 * (top - metrics[name]):+.1f} points)")
         if worst is not best:
             sentence += f", {worst['recipe']} loses the most ({100 * (bottom - metrics[name]):+.1f} points)"
-        by_perplexity = min(quantized, key=lambda r: r["perplexity"])
         if by_perplexity is not best and task in (by_perplexity.get("tasks") or {}) \
                 and by_perplexity["tasks"][task][name] < top:
             sentence += f"; the best by perplexity, {by_perplexity['recipe']}, is not the best here"

@@ -208,9 +208,11 @@ def write_compressed_tensors(
 ) -> dict[str, Any] | None:
     """Write the export of ``model`` (loaded from lowbit output ``folder``) to directory ``out``, atomically.
     Returns its quantization_config (None: a pruning-only model, written dense)."""
-    state, quantization_config = compressed_state_dict(model)
-    groups = (quantization_config or {}).get("config_groups", {}).values()
-    if any(g["format"] == CT_FORMAT and not g["weights"]["symmetric"] for g in groups):
+    # refused before any packing: weight-only Linears (pack-quantized) on an asymmetric grid
+    packed = (m for m in model.modules()
+              if isinstance(m, WeightOnlyLinear) and not isinstance(m, (ActQuantLinear, Int8OutlierLinear)))
+    if any(not m.symmetric for m in packed):
         raise asymmetric_weights_refusal()
+    state, quantization_config = compressed_state_dict(model)
     write_hf_folder(folder, out, overwrite, state, quantization_config)
     return quantization_config
