@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 from lowbit.errors import LowbitError
+from lowbit.numerics.kquant_mix import K_MIXES
 
 # name -> one-line description; lowbit/presets.py gives each its steps
 PRESETS: dict[str, str] = {
@@ -51,17 +52,26 @@ SWEEP_NAME = re.compile(
     r"(?P<sym>-sym)?(?:-e(?P<outside>[2-8]))?"
 )
 SWEEP_METHODS = ("rtn", "gptq", "gptq-actorder", "awq", "awq-gptq")
+# a llama.cpp K-quant grid or mix is a recipe name too: "q4_k" (RTN, every Linear Q4_K), "gptq-q4_k", "awq-q6_k",
+# "gptq-q4_k_m" (llama-quantize's Q4_K_M mix of types, embedding and head Q8_0), "gptq-q3_k_m-actorder"
+# (numerics/kquant.py, numerics/kquant_mix.py; widths that are not multiples of 256 get the type's fallback grid)
+K_NAME = re.compile(r"(?:(?P<method>gptq|awq|awq-gptq)-)?(?P<ktype>q[2-6]_k(?:_[sml])?)(?P<actorder>-actorder)?")
 
 
 def parse_recipe_name(name_or_path: str) -> tuple[str, tuple[str, int, int, int, bool] | None]:
-    """("preset" | "file" | "sweep", (method, bits, group size or 0, embedding/head bits or 0, symmetric) for a grid
-    point) of
+    """("preset" | "file" | "sweep" | "ggml", (method, bits, group size or 0, embedding/head bits or 0, symmetric) for a
+    grid point, (method, K type) for a K-quant one) of
     a name lowbit takes for a recipe (whether a file holds a valid recipe is checked when it is read); else the
     one-line unknown-recipe error."""
     if name_or_path in PRESETS:
         return "preset", None
     if Path(name_or_path).suffix == ".json" or Path(name_or_path).exists():
         return "file", None
+    k_point = K_NAME.fullmatch(name_or_path.lower())
+    if k_point is not None and (k_point["ktype"].count("_") == 1 or k_point["ktype"].upper() in K_MIXES):
+        method = (k_point["method"] or "rtn") + ("-actorder" if k_point["actorder"] else "")
+        if method in SWEEP_METHODS:
+            return "ggml", (method, k_point["ktype"].upper())  # type: ignore[return-value]
     sweep = SWEEP_NAME.fullmatch(name_or_path)
     if sweep is not None:
         method = (sweep["method"] or "rtn") + ("-actorder" if sweep["actorder"] else "")
@@ -70,7 +80,8 @@ def parse_recipe_name(name_or_path: str) -> tuple[str, tuple[str, int, int, int,
                              bool(sweep["sym"]))
     raise LowbitError(
         f"unknown recipe {name_or_path!r}: pass a preset ({', '.join(PRESETS)}), a weight-only grid point named like "
-        "the presets (e.g. gptq-w4g64, awq-w3pc, w2g32, gptq-w4g64-actorder, gptq-w4g128-sym, awq-w4g128-e8) or the path of a JSON recipe file"
+        "the presets (e.g. gptq-w4g64, awq-w3pc, w2g32, gptq-w4g64-actorder, gptq-w4g128-sym, awq-w4g128-e8), a llama.cpp "
+        "K-quant grid or mix (q4_k, gptq-q4_k_m, awq-q6_k, gptq-q3_k_m-actorder) or the path of a JSON recipe file"
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from lowbit.errors import LowbitError
+from lowbit.numerics.kquant_mix import K_MIXES
 from lowbit.preset_names import PRESETS, SWEEP_METHODS, parse_recipe_name
 from lowbit.recipe import (
     AWQ,
@@ -23,6 +24,7 @@ W4_G128 = WeightQuant(bits=4, symmetric=False, granularity="group", group_size=1
 W3_G128 = WeightQuant(bits=3, symmetric=False, granularity="group", group_size=128)
 E8_G128 = WeightQuant(bits=8, symmetric=False, granularity="group", group_size=128)
 E6_G128 = WeightQuant(bits=6, symmetric=False, granularity="group", group_size=128)
+Q8_0 = WeightQuant(bits=8, symmetric=True, granularity="group", group_size=32)  # GGML's Q8_0 blocks exactly
 PER_TOKEN = ActQuant(bits=8, granularity="token", dynamic=True)
 # The -actorder presets: act-order visiting with groups kept in column order (GPTQ's default static_groups) and H's
 # off-diagonal shrunk by 10%, the best act-order variant on the three real models measured, over three calibration
@@ -80,7 +82,32 @@ def resolve_recipe(name_or_path: str) -> Recipe:
         return Recipe(steps=_steps()[name_or_path], name=name_or_path, embeddings=grid, head=grid)
     if kind == "file":
         return Recipe.from_file(name_or_path)
+    if kind == "ggml":
+        return k_recipe(*point)  # type: ignore[misc]
     return sweep_recipe(*point)
+
+
+def k_recipe(method: str, ktype: str) -> Recipe:
+    """``method`` (a SWEEP_METHODS name) on llama.cpp's K-quant grid ``ktype`` ("Q4_K": every Linear) or mix
+    ("Q4_K_M": each Linear's type as llama-quantize chooses it, the embedding and head on Q8_0), named like
+    ``gptq-q4_k`` / ``gptq-q4_k_m``."""
+    grid = WeightQuant.k_grid(ktype)
+    steps = _method_steps(grid)[method]
+    head = {"rtn": "", "gptq-actorder": "gptq-"}.get(method, f"{method}-")
+    tail = "-actorder" if method == "gptq-actorder" else ""
+    outside = Q8_0 if grid.ggml in K_MIXES else None
+    return Recipe(steps=steps, name=f"{head}{ktype.lower()}{tail}", embeddings=outside, head=outside)
+
+
+def _method_steps(grid: WeightQuant) -> dict[str, tuple]:
+    """Each sweep method's steps on ``grid``."""
+    return {
+        "rtn": (RTN(grid),),
+        "gptq": (GPTQ(grid),),
+        "gptq-actorder": (GPTQ(grid, **ACT_ORDER),),
+        "awq": (AWQ(grid),),
+        "awq-gptq": (AWQ(grid), GPTQ(grid)),
+    }
 
 
 def outside_grid(bits: int) -> WeightQuant:
@@ -99,13 +126,7 @@ def sweep_recipe(method: str, bits: int, group_size: int, outside_bits: int = 0,
         raise LowbitError(f"group size {group_size} is negative; use 0 for per-channel or e.g. 128")
     grid = WeightQuant(bits=bits, symmetric=symmetric, granularity="group" if group_size else "channel",
                        group_size=group_size or 128)
-    steps: dict[str, tuple] = {
-        "rtn": (RTN(grid),),
-        "gptq": (GPTQ(grid),),
-        "gptq-actorder": (GPTQ(grid, **ACT_ORDER),),
-        "awq": (AWQ(grid),),
-        "awq-gptq": (AWQ(grid), GPTQ(grid)),
-    }
+    steps = _method_steps(grid)
     head = {"rtn": "", "gptq-actorder": "gptq-"}.get(method, f"{method}-")
     tail = ("-actorder" if method == "gptq-actorder" else "") + ("-sym" if symmetric else "") + \
         (f"-e{outside_bits}" if outside_bits else "")

@@ -96,9 +96,32 @@ class Recipe:
             len(transforms) <= 1,
             f"use one equivalence transform per recipe, got {[s.kind for s in transforms]}",
         )
+        self._check_k_grids()
         if not self.stored:
             for step in self.steps:
                 step.check_recipe(self)
+
+    def _check_k_grids(self) -> None:
+        """K-quant grids (llama.cpp's Q2_K .. Q6_K) on the blocks' Linears only, and never on pruned weights: their
+        offset dmin * m cannot hold an exact zero, so a pruned weight would come back non-zero."""
+        k_grids = [s.grid.ggml for s in self.steps if s.grid is not None and s.grid.ggml]
+        if not k_grids:
+            for key in ("embeddings", "head"):
+                grid = getattr(self, key)
+                _check(grid is None or not grid.ggml, f"the {key} grid is {grid.ggml if grid else ''}: K-quant "
+                       "grids are for the blocks' Linears", "give it an integer grid (e.g. bits 8 symmetric g32)")
+            return
+        _check(len(set(k_grids)) == 1, f"the steps' grids must agree, got {sorted(set(k_grids))}")
+        _check(not self.prunes, f"{k_grids[0]} cannot hold pruned weights exactly (its offsets are not multiples of "
+               "its steps)", "round pruned weights on an integer grid (e.g. bits 4 symmetric g32: Q4_0)")
+        _check(not self.quantizes_inputs, f"{k_grids[0]} is a weight-only grid (llama.cpp computes activations in "
+               "float)", "drop the activation quantization step")
+        plain = [s.grid.label for s in self.steps if s.grid is not None and not s.grid.ggml]
+        _check(not plain, f"every step searches or rounds on the same grid; got {k_grids[0]} and {plain}")
+        for key in ("embeddings", "head"):
+            grid = getattr(self, key)
+            _check(grid is None or not grid.ggml, f"the {key} grid is {grid.ggml if grid else ''}: K-quant grids are "
+                   "for the blocks' Linears", "give it an integer grid (e.g. bits 8 symmetric g32: Q8_0) or none")
 
     @property
     def transform(self) -> Step | None:
@@ -150,6 +173,12 @@ class Recipe:
         """Refuse, before any work, a recipe whose output the exporter ``fmt`` cannot hold."""
         for step in self.effective_steps:
             step.check_export(fmt)
+        k_grid = next((s.grid.ggml for s in self.steps if s.grid is not None and s.grid.ggml), "")
+        if k_grid and fmt != "gguf":
+            raise LowbitError(
+                f"{k_grid} is llama.cpp's grid, which only GGUF holds: export --format gguf, or quantize on an integer "
+                f"grid for {fmt} (e.g. gptq-w4g128-sym)"
+            )
         if self.quantizes_outside_blocks and fmt == "compressed-tensors":
             raise LowbitError(
                 "compressed-tensors has no quantized embedding, and vLLM reads its head in float: export a recipe "

@@ -44,6 +44,7 @@ from lowbit.recipe import Recipe
 from lowbit.runtime.act_quant import ActQuantLinear
 from lowbit.runtime.llm_int8 import Int8OutlierLinear
 from lowbit.runtime.sparse import SparseLinear
+from lowbit.runtime.kquant_linear import KQuantLinear, k_grid_refusal
 from lowbit.runtime.weight_only import WeightOnlyLinear
 
 CT_FORMAT = "pack-quantized"  # weight-only Linears
@@ -208,7 +209,10 @@ def write_compressed_tensors(
 ) -> dict[str, Any] | None:
     """Write the export of ``model`` (loaded from lowbit output ``folder``) to directory ``out``, atomically.
     Returns its quantization_config (None: a pruning-only model, written dense)."""
-    # refused before any packing: weight-only Linears (pack-quantized) on an asymmetric grid
+    # refused before any packing: llama.cpp's grids, and weight-only Linears (pack-quantized) on an asymmetric grid
+    k_grids = [(n, m) for n, m in model.named_modules() if isinstance(m, KQuantLinear)]
+    if k_grids:
+        raise LowbitError(k_grid_refusal(k_grids[0][0], k_grids[0][1].ggml, "compressed-tensors"))
     packed = (m for m in model.modules()
               if isinstance(m, WeightOnlyLinear) and not isinstance(m, (ActQuantLinear, Int8OutlierLinear)))
     if any(not m.symmetric for m in packed):

@@ -1,6 +1,7 @@
 """Export a lowbit checkpoint of a Llama-architecture model to GGUF (llama.cpp, ollama), keeping lowbit's own
-GPTQ/AWQ-optimised integer weights: quantized Linears, a quantized embedding (``token_embd``) and head (``output``)
-become Q8_0 / Q4_0 / Q4_1 blocks (export/ggml_blocks.py), everything else float32.
+GPTQ/AWQ-optimised integer weights: quantized Linears become K-quant (Q2_K .. Q6_K) or Q8_0 / Q5_0 / Q5_1 / Q4_0 /
+Q4_1 blocks, a quantized embedding (``token_embd``) and head (``output``) 32-column blocks (export/ggml_blocks.py),
+everything else float32.
 
 GGUF follows llama.cpp's converter: tensor names ``blk.N.attn_q.weight`` ..., q/k rows permuted into llama.cpp's
 rotary layout (transformers undoes this on load), and the config and byte-level BPE tokenizer as metadata
@@ -21,9 +22,12 @@ from lowbit.errors import LowbitError
 from lowbit.export.ggml_blocks import GGML_HOLDS, ggml_blocks, ggml_kind, ggml_type_for
 from lowbit.export.gguf_tokenizer import tokenizer_metadata
 from lowbit.io.atomic import atomic_file
+from lowbit.numerics.kquant import KParams, KQWeight
+from lowbit.numerics.qweight import QWeight
 from lowbit.recipe import Recipe
 from lowbit.runtime.embedding import QuantizedEmbedding
 from lowbit.runtime.sparse import SparseLinear
+from lowbit.runtime.kquant_linear import KQuantLinear
 from lowbit.runtime.weight_only import WeightOnlyLinear
 
 GGUF_FILE = "model.gguf"  # where `lowbit quantize --format gguf` puts it, inside the output directory
@@ -41,6 +45,17 @@ def permute_rows(t: torch.Tensor, n_head: int) -> torch.Tensor:
     """llama.cpp's q/k row order: per head, the two rotary halves interleaved. t [out, ...] (codes or scales)."""
     dim = t.shape[0] // n_head // 2
     return t.reshape(n_head, 2, dim, *t.shape[1:]).transpose(1, 2).reshape(t.shape)
+
+
+def permuted(qweight: QWeight | KQWeight, n_head: int) -> QWeight | KQWeight:
+    """``qweight`` with its rows in llama.cpp's q/k order (``permute_rows``)."""
+    if isinstance(qweight, KQWeight):
+        p = qweight.params
+        rows = [None if t is None else permute_rows(t, n_head) for t in (p.d, p.sc, p.dmin, p.m)]
+        return KQWeight(permute_rows(qweight.codes, n_head), KParams(*rows), qweight.kind)
+    zero = permute_rows(qweight.zero, n_head) if qweight.zero is not None else None
+    return QWeight(permute_rows(qweight.codes, n_head), permute_rows(qweight.scale, n_head), zero, qweight.bits,
+                   qweight.group_size, qweight.g_idx)
 
 
 def gguf_tensor_names(config: Any) -> dict[str, str]:
@@ -70,7 +85,7 @@ def check_recipe_for_gguf(recipe: Recipe, source: Path) -> None:
         )
     outside = {"embeddings": recipe.embeddings, "head": recipe.head}
     for what, grid in [("weights", grids[-1]), *((k, g) for k, g in outside.items() if g is not None)]:
-        if ggml_kind(grid.bits, grid.symmetric, grid.group_size if grid.granularity == "group" else None) is None:
+        if not grid.ggml and ggml_kind(grid.bits, grid.symmetric, grid.group_size if grid.granularity == "group" else None) is None:
             raise LowbitError(f"{GGML_HOLDS}; this recipe's {what} are {grid.label}: use group_size 32")
     tokenizer_metadata(source)
 
@@ -91,7 +106,7 @@ def check_exportable(model: nn.Module) -> dict[str, str]:
             except LowbitError as exc:
                 raise LowbitError(f"{name}: {exc}") from None
         if isinstance(module, WeightOnlyLinear):
-            if type(module) is not WeightOnlyLinear:
+            if type(module) not in (WeightOnlyLinear, KQuantLinear):
                 raise LowbitError(
                     f"{name} is {type(module).__name__} (activations quantized at run time), which GGUF cannot express; "
                     "export a weight-only recipe"
@@ -174,10 +189,8 @@ def add_tensors(writer: Any, model: nn.Module, types: dict[str, str]) -> None:
         n_head = heads.get(gguf_name.rsplit(".", 1)[-1])
         if name in types:  # a quantized Linear, embedding or untied head (a tied one is token_embd: llama.cpp's rule)
             qweight = module.unpacked()  # type: ignore[operator]
-            if n_head is not None:  # permute whole rows: codes, scales and zeros alike, so nothing is re-rounded
-                qweight.codes, qweight.scale = permute_rows(qweight.codes, n_head), permute_rows(qweight.scale, n_head)
-                if qweight.zero is not None:
-                    qweight.zero = permute_rows(qweight.zero, n_head)
+            if n_head is not None:  # permute whole rows: codes and every per-row grid tensor, so nothing is re-rounded
+                qweight = permuted(qweight, n_head)
             kind, blocks = ggml_blocks(qweight)
             writer.add_tensor(f"{gguf_name}.weight", blocks, raw_dtype=getattr(gguf.GGMLQuantizationType, kind))
             continue

@@ -42,6 +42,7 @@ from lowbit.runtime.embedding import QuantizedEmbedding
 from lowbit.runtime.fast import KernelModule
 from lowbit.runtime.llm_int8 import Int8OutlierLinear
 from lowbit.runtime.sparse import SparseLinear
+from lowbit.runtime.kquant_linear import KQuantLinear, k_grid_refusal
 from lowbit.runtime.weight_only import WeightOnlyLinear
 
 GPTQ_DIR = "gptq"  # where `lowbit quantize --format gptq` puts it, inside the output
@@ -139,6 +140,8 @@ def gptq_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str
         if isinstance(module, SparseLinear):
             raise LowbitError(f"{name} is pruned, not quantized; the GPTQ format holds quantized Linears only: "
                               "export compressed-tensors (dense) or add a weight grid after the pruning")
+        if isinstance(module, KQuantLinear):
+            raise LowbitError(k_grid_refusal(name, module.ggml, "the GPTQ format"))
         if isinstance(module, WeightOnlyLinear):
             quantized[name] = module.unpacked()
         elif isinstance(module, nn.Linear) and module is not head and id(module) not in routers:

@@ -90,20 +90,22 @@ class AWQ(Step):
 
 @torch.no_grad()
 def search_awq_scale(
-    linears: list[torch.nn.Linear], x_mean: torch.Tensor, spec: WeightQuant, n_grid: int,
+    linears: list[torch.nn.Linear], x_mean: torch.Tensor, spec: WeightQuant | list[WeightQuant], n_grid: int,
     run: Callable[[], list[torch.Tensor]], ranks: Ranks = SINGLE,
 ) -> torch.Tensor:
     """AWQ grid search: the s = mean|x|^a (normalised) for which quantizing the Linears as Q(W s) / s changes the
-    outputs of ``run`` (the inspected module replayed on recorded inputs) least. The weights are restored. On
-    several ranks each replays its own recorded calls and the losses are summed over ranks."""
+    outputs of ``run`` (the inspected module replayed on recorded inputs) least. ``spec``: one grid for all, or each
+    Linear's own (a llama.cpp mix gives v_proj more bits than q_proj). The weights are restored. On several ranks each
+    replays its own recorded calls and the losses are summed over ranks."""
+    grids = spec if isinstance(spec, list) else [spec] * len(linears)
     reference = run()
     originals = [lin.weight.detach().clone() for lin in linears]
     best_loss, best_s = math.inf, torch.ones_like(x_mean)
     try:
         for ratio in awq_ratios(n_grid):
             s = awq_scales(x_mean, ratio).to(originals[0].device)
-            for lin, W in zip(linears, originals):
-                lin.weight.copy_((rtn(W * s, spec).dequantize() / s).to(W.dtype))
+            for lin, W, grid in zip(linears, originals, grids):
+                lin.weight.copy_((rtn(W * s, grid).dequantize() / s).to(W.dtype))
             local = sum(float((o - r).float().pow(2).sum()) for o, r in zip(run(), reference))
             loss = ranks.sum_floats([local])[0]  # one process: the local loss itself
             if loss < best_loss:
@@ -143,7 +145,8 @@ def awq_block(ctx: BlockContext, step: AWQ, batch_size: int, saved: dict[str, to
                 x_mean = next(o for o in taps[g.spec.linears[0]] if isinstance(o, MeanAbsObserver)).mean
                 module, calls = ctx.block.get_submodule(g.inspect_path), recorders[g.inspect_path].calls
                 s = agreed_scales(ctx, search_awq_scale(
-                    g.linears, x_mean, step.weights, step.n_grid, lambda: replay(module, calls), ctx.ranks
+                    g.linears, x_mean, [ctx.linear_grid(p, step.weights) for p in g.spec.linears], step.n_grid,
+                    lambda: replay(module, calls), ctx.ranks,
                 ))
             ctx.artifact[name] = s.cpu()
         if fold_proven(ctx, probe, g, s, "awq"):
@@ -155,7 +158,8 @@ def awq_block(ctx: BlockContext, step: AWQ, batch_size: int, saved: dict[str, to
     def search_clip(path: str) -> torch.Tensor | None:
         rows = samples[path].rows
         assert rows is not None
-        return awq_clip(ctx.targets[path].weight.detach(), rows, step.weights, step.n_grid, step.max_shrink)
+        grid = ctx.linear_grid(path, step.weights)  # a llama.cpp mix's type for this Linear
+        return awq_clip(ctx.targets[path].weight.detach(), rows, grid, step.n_grid, step.max_shrink)
 
     if saved is None:  # each rank searches its share of the Linears (distributed/divide.py)
         clips = divide_work(ctx.ranks, clip_paths, lambda p: ctx.targets[p].weight.numel(), search_clip)
@@ -163,7 +167,8 @@ def awq_block(ctx: BlockContext, step: AWQ, batch_size: int, saved: dict[str, to
         name = ctx.full_name(f"{path}.{AWQ_CLIP_KEY}")
         if saved is not None:
             weight = ctx.targets[path].weight
-            n_groups = group_count(weight.shape[1], group_size_for(step.weights, weight.shape[1]))
+            grid = ctx.linear_grid(path, step.weights).for_width(weight.shape[1])
+            n_groups = group_count(weight.shape[1], group_size_for(grid, weight.shape[1]))
             # per-tensor grids have no clip, so the artifact may rightly lack this tensor
             max_val = saved_tensor(saved, name, (weight.shape[0], n_groups)) if name in saved else None
         else:

@@ -21,6 +21,8 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
+from lowbit.numerics.kquant import FALLBACK_GROUP, K_TYPES, SUPER_BLOCK, k_type
+from lowbit.numerics.kquant_mix import K_MIXES, LinearPlace, mix_type
 from lowbit.schema import check_fields
 
 if TYPE_CHECKING:
@@ -47,12 +49,17 @@ class WeightQuant:
 
     ``granularity``: "tensor" (one scale), "channel" (one per output row) or "group" (one per
     ``group_size`` consecutive input columns of each row).
+    ``ggml``: a llama.cpp K-quant type ("Q4_K", ...; numerics/kquant.py): the groups' scales (and mins) are
+    themselves stored as small integers per 256 columns, as GGUF holds them. Its bits, symmetry and group size are
+    the type's, stated in full so the recipe reads the same as any other grid (``WeightQuant.k_grid`` builds it).
+    A Linear whose width is not a multiple of 256 gets the type's 32-column fallback grid, as in llama-quantize.
     """
 
     bits: int = 4
     symmetric: bool = False
     granularity: str = "group"
     group_size: int = 128
+    ggml: str = ""
 
     def __post_init__(self) -> None:
         check_fields(self, "weights", RECIPE_FIX)
@@ -62,9 +69,47 @@ class WeightQuant:
             f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}",
         )
         check(self.group_size >= 1, f"group_size must be >= 1, got {self.group_size}")
+        if self.ggml:
+            kt = K_TYPES.get(K_MIXES.get(self.ggml, self.ggml))
+            check(kt is not None, f"weights ggml must be a K type ({', '.join(K_TYPES)}) or a llama.cpp mix "
+                  f"({', '.join(K_MIXES)}), got {self.ggml!r}")
+            assert kt is not None
+            check(
+                (self.bits, self.symmetric, self.granularity, self.group_size)
+                == (kt.bits, not kt.asymmetric, "group", kt.sub),
+                f"{self.ggml} is bits={kt.bits}, symmetric={str(not kt.asymmetric).lower()}, granularity=\"group\", "
+                f"group_size={kt.sub}; this grid says bits={self.bits}, symmetric={str(self.symmetric).lower()}, "
+                f"granularity={self.granularity!r}, group_size={self.group_size}",
+                "state the type's own values (`lowbit recipes gptq-q4_k` prints a valid grid)",
+            )
+
+    @staticmethod
+    def k_grid(name: str) -> WeightQuant:
+        """The grid of K-quant type ``name`` ("Q4_K"), or of llama.cpp mix ``name`` ("Q4_K_M": its base type's
+        grid, each Linear's own type chosen by ``for_linear``)."""
+        mix = K_MIXES.get(name.upper())
+        kt = k_type(mix or name)
+        return WeightQuant(bits=kt.bits, symmetric=not kt.asymmetric, granularity="group", group_size=kt.sub,
+                           ggml=name.upper() if mix else kt.name)
+
+    def for_linear(self, place: LinearPlace) -> WeightQuant:
+        """The grid of the Linear at ``place``: a llama.cpp mix's choice for it, else this grid."""
+        if self.ggml in K_MIXES:
+            return WeightQuant.k_grid(mix_type(self.ggml, place))
+        return self
+
+    def for_width(self, in_features: int) -> WeightQuant:
+        """The grid a Linear of ``in_features`` columns gets: a K type's 32-column fallback where the width is not
+        a multiple of 256 (llama-quantize's rule), else this grid."""
+        if not self.ggml or in_features % SUPER_BLOCK == 0:
+            return self
+        bits, symmetric = K_TYPES[K_MIXES.get(self.ggml, self.ggml)].fallback
+        return WeightQuant(bits=bits, symmetric=symmetric, granularity="group", group_size=FALLBACK_GROUP)
 
     @property
     def label(self) -> str:
+        if self.ggml:
+            return self.ggml
         grid = {"tensor": "per-tensor", "channel": "per-channel"}.get(self.granularity, f"g{self.group_size}")
         return f"W{self.bits} {'sym' if self.symmetric else 'asym'} {grid}"
 

@@ -33,6 +33,7 @@ def awq_clip(
     difference of its partial outputs X_g W_g^T before and after clip + quantization. Per-tensor grids have no
     per-group range to clip: None.
     """
+    spec = spec.for_width(W.shape[1])  # a K-quant grid: searched on its sub-blocks' ranges (before sc is rounded)
     if spec.granularity == "tensor":
         return None
     gs = group_size_for(spec, W.shape[1])
@@ -57,6 +58,6 @@ def awq_clip(
 
 def apply_clip(W: torch.Tensor, max_val: torch.Tensor, spec: WeightQuant) -> torch.Tensor:
     """Clamp W [out, in] to [-max_val, max_val] of each group (max_val [out, n_groups])."""
-    gs = group_size_for(spec, W.shape[1])
+    gs = group_size_for(spec.for_width(W.shape[1]), W.shape[1])
     bound = max_val.repeat_interleave(gs, dim=1)[:, : W.shape[1]]  # [out, in]
     return torch.clamp(W, -bound, bound)

@@ -15,6 +15,7 @@ import torch
 from lowbit.errors import LowbitError
 from lowbit.numerics.grid import fit_scale_zero, group_count, round_to_grid
 from lowbit.numerics.hessian import inverse_hessian, prepare_hessian
+from lowbit.numerics.kquant import SUPER_BLOCK, KParams, KQWeight, fit_kparams, k_type, k_values, round_k
 from lowbit.numerics.qweight import QWeight
 from lowbit.numerics.rtn import group_size_for, weight_ranges
 from lowbit.methods.base import WeightQuant
@@ -23,7 +24,7 @@ from lowbit.methods.base import WeightQuant
 @dataclass
 class ObsResult:
     weight: torch.Tensor  # W_hat [out, in] float32: dequantized and/or pruned
-    qweight: QWeight | None  # set when a grid was given
+    qweight: QWeight | KQWeight | None  # set when a grid was given
     pruned: torch.Tensor  # bool [out, in], True where the weight was removed
     damp: float
     retries: int
@@ -86,6 +87,61 @@ class _Grid:
         return torch.stack(self.scale, dim=-1), torch.stack(self.zero, dim=-1)  # type: ignore[arg-type]
 
 
+class _KGrid:
+    """A K-quant grid (numerics/kquant.py) for the sweep: the params of a whole super-block of 256 columns are fitted
+    at once, lazily when the sweep enters it (from the error-updated weights, as ``_Grid`` fits a group), or up
+    front from the original weights under act-order (its blocks stay in column order, like static groups)."""
+
+    def __init__(self, spec: WeightQuant, W: torch.Tensor, perm: torch.Tensor | None, upfront: bool) -> None:
+        self.spec = spec
+        self.kt = k_type(spec.ggml)
+        self.gs = SUPER_BLOCK  # columns fitted at once
+        out, n = W.shape
+        self.perm = perm
+        self.fitted: list[KParams | None] = [None] * (n // SUPER_BLOCK)
+        # per ORIGINAL column, rows contiguous: step and offset [n, out]
+        self.step_t = torch.zeros(n, out, device=W.device)
+        self.offset_t = torch.zeros(n, out, device=W.device) if self.kt.asymmetric else None
+        if perm is not None or upfront:
+            for start in range(0, n, SUPER_BLOCK):
+                self._set(start, W[:, start : start + SUPER_BLOCK])
+
+    def _set(self, start: int, columns: torch.Tensor) -> None:
+        """Fit the super-block of original columns start .. start + 255 from ``columns`` [out, 256]."""
+        params = fit_kparams(columns, self.kt)
+        self.fitted[start // SUPER_BLOCK] = params
+        self.step_t[start : start + SUPER_BLOCK] = params.step(self.kt).repeat_interleave(self.kt.sub, dim=1).T
+        offset = params.offset(self.kt)
+        if self.offset_t is not None and offset is not None:
+            self.offset_t[start : start + SUPER_BLOCK] = offset.repeat_interleave(self.kt.sub, dim=1).T
+
+    def _original(self, col: int) -> int:
+        return int(self.perm[col]) if self.perm is not None else col
+
+    def needs_fit(self, col: int) -> bool:
+        return self.fitted[self._original(col) // SUPER_BLOCK] is None
+
+    def fit(self, col: int, upcoming: torch.Tensor) -> None:
+        """Fit the super-block the (column-order) sweep enters at ``col`` from its current values ``upcoming``."""
+        self._set(col, upcoming[:, :SUPER_BLOCK])
+
+    def quantize(self, w: torch.Tensor, col: int, value_out: torch.Tensor) -> torch.Tensor:
+        """Float codes of sweep column ``col`` (w [out]); writes their grid values into ``value_out`` [out]."""
+        j = self._original(col)
+        step = self.step_t[j]
+        offset = self.offset_t[j] if self.offset_t is not None else None
+        code = round_k(w, step, offset, self.kt)
+        value_out.copy_(k_values(code, step, offset, self.kt))
+        return code
+
+    def qweight(self, codes: torch.Tensor) -> KQWeight:
+        params = self.fitted
+        assert all(p is not None for p in params)
+        cat = [torch.cat([getattr(p, f) for p in params], dim=1) if getattr(params[0], f) is not None else None
+               for f in ("d", "sc", "dmin", "m")]
+        return KQWeight(codes, KParams(*cat), self.kt.name)
+
+
 def obs_compress(
     W: torch.Tensor,
     H: torch.Tensor,
@@ -117,7 +173,16 @@ def obs_compress(
     if act_order:
         perm = torch.argsort(torch.diag(H), descending=True)
         invperm = torch.argsort(perm)
-    grid = _Grid(spec, W, perm, static_groups, upfront_groups) if spec is not None else None
+    spec = spec.for_width(n) if spec is not None else None
+    grid: _Grid | _KGrid | None = None
+    if spec is not None and spec.ggml:
+        if keep_mask is not None or sparsity > 0 or nm is not None:
+            raise LowbitError(f"{spec.ggml} cannot hold pruned weights exactly; round them on an integer grid")
+        if act_order and not static_groups:
+            raise LowbitError(f"{spec.ggml} blocks are in column order; use act-order with static groups (the default)")
+        grid = _KGrid(spec, W, perm, upfront_groups)
+    elif spec is not None:
+        grid = _Grid(spec, W, perm, static_groups, upfront_groups)
     if perm is not None:
         W, H = W[:, perm], H[perm][:, perm]
         keep_mask = keep_mask[:, perm] if keep_mask is not None else None
@@ -155,7 +220,12 @@ def obs_compress(
             # the column loop is op-bound (one rank-1 update of [out, count - i] per column), so plain rounding
             # skips the masking ops that only pruning needs, and results go straight into their block columns
             q = w.masked_fill(mask1[:, i], 0.0) if prunes else w
-            if grid is not None:
+            if isinstance(grid, _KGrid):
+                if grid.needs_fit(col):
+                    grid.fit(col, W[:, col : col + grid.gs])
+                codes1[:, i] = grid.quantize(q, col, Q1[:, i])
+                q = Q1[:, i]
+            elif grid is not None:
                 if grid.needs_fit(col):
                     grid.fit(col, W[:, col : col + grid.gs])
                 scale, zero = grid.params(col)
@@ -176,8 +246,10 @@ def obs_compress(
     if invperm is not None:
         W, codes, pruned = W[:, invperm], codes[:, invperm], pruned[:, invperm]
     W[:, dead] = 0.0
-    qweight = None
-    if grid is not None:
+    qweight: QWeight | KQWeight | None = None
+    if isinstance(grid, _KGrid):
+        qweight = grid.qweight(codes)
+    elif grid is not None:
         scale, zero = grid.stacked()
         qweight = QWeight(
             codes=codes,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from lowbit.numerics.grid import fit_scale_zero, group_count, round_to_grid
+from lowbit.numerics.kquant import KQWeight, k_rtn, k_type
 from lowbit.numerics.qweight import QWeight
 from lowbit.methods.base import WeightQuant
 
@@ -43,8 +44,11 @@ def quantize_with_grid(
     )
 
 
-def rtn(W: torch.Tensor, spec: WeightQuant) -> QWeight:
-    """Round W [out, in] to the nearest point of its min-max grid."""
+def rtn(W: torch.Tensor, spec: WeightQuant) -> QWeight | KQWeight:
+    """Round W [out, in] to the nearest point of its min-max grid (a K-quant grid's: numerics/kquant.py)."""
+    spec = spec.for_width(W.shape[1])
+    if spec.ggml:
+        return k_rtn(W, k_type(spec.ggml))
     W = W.float()
     wmin, wmax = weight_ranges(W, spec)
     scale, zero = fit_scale_zero(wmin, wmax, spec.bits, spec.symmetric)

@@ -7,6 +7,7 @@ it will really see. A recipe that needs no statistics compresses everything with
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -15,15 +16,15 @@ import torch
 from torch import nn
 
 from lowbit.distributed.divide import divide_work
-from lowbit.methods.base import Compression, LinearStats
+from lowbit.methods.base import Compression, LinearStats, Step
 from lowbit.pipeline.context import BlockContext, shared_inputs
 from lowbit.pipeline.measure import ErrorMeter
 from lowbit.pipeline.observers import AbsMaxObserver, HessianObserver, InputNormObserver
 from lowbit.pipeline.pass_cache import PassCache
 from lowbit.pipeline.taps import run_with_taps
 from lowbit.recipe import Recipe
+from lowbit.runtime.kquant_linear import weight_only_linear
 from lowbit.runtime.sparse import SparseLinear
-from lowbit.runtime.weight_only import WeightOnlyLinear
 
 
 @dataclass
@@ -136,7 +137,7 @@ def _compress_linear(ctx: BlockContext, path: str, recipe: Recipe, stats: _Stats
     """Every step's hooks on one Linear, in recipe order: adjust the float weight, prune and/or round it, then the
     runtime module the last deciding step builds (weight-only packed, or sparse when nothing was rounded)."""
     linear = ctx.targets[path]
-    steps = recipe.effective_steps
+    steps = tuple(placed(step, ctx, path) for step in recipe.effective_steps)
     weight = linear.weight.detach().float()
     for step in steps:
         weight = step.adjust_weight(ctx, path, weight)
@@ -152,5 +153,14 @@ def _compress_linear(ctx: BlockContext, path: str, recipe: Recipe, stats: _Stats
         if c.qweight is None:  # pruning only: the kept weights and a bitmap
             module = SparseLinear.from_dense(c.weight.to(linear.weight.dtype), bias)
         else:
-            module = WeightOnlyLinear.from_qweight(c.qweight, bias)
+            module = weight_only_linear(c.qweight, bias)
     return module, ", ".join(n for n in c.notes if n)
+
+
+def placed(step: Step, ctx: BlockContext, path: str) -> Step:
+    """``step`` on the grid of the Linear at ``path``: its own, or the type a llama.cpp mix gives that Linear."""
+    grid = step.grid
+    if grid is None:
+        return step
+    own = ctx.linear_grid(path, grid)
+    return step if own == grid else dataclasses.replace(step, weights=own)  # type: ignore[type-var]

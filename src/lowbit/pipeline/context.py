@@ -10,9 +10,11 @@ from torch import nn
 
 from lowbit.distributed.ranks import SINGLE, Ranks
 from lowbit.errors import LowbitError
+from lowbit.methods.base import WeightQuant
 from lowbit.models.arch import Arch, ScaleGroup, block_linears, get_submodule
 from lowbit.pipeline.fold import fold_blocker
 from lowbit.pipeline.report import FoldRecord
+from lowbit.numerics.kquant_mix import LinearPlace
 from lowbit.pipeline.taps import BlockData
 
 
@@ -29,9 +31,15 @@ class BlockContext:
     error_batches: int = 4  # batches whose full-precision outputs are kept to measure the block's error
     folds: list[FoldRecord] = field(default_factory=list)  # every scale fold tried on this block, kept or refused
     ranks: Ranks = SINGLE  # the run's processes (per-Linear work is divided among them)
+    layer: int = 0  # this block's index among the model's n_layers blocks (llama.cpp's mixes choose by it)
+    n_layers: int = 1
 
     def full_name(self, path: str) -> str:
         return f"{self.prefix}.{path}"
+
+    def linear_grid(self, path: str, grid: WeightQuant) -> WeightQuant:
+        """The grid the Linear at ``path`` is rounded on: ``grid``, or a llama.cpp mix's type for it."""
+        return grid.for_linear(LinearPlace(path, self.layer, self.n_layers))
 
 
 @dataclass(frozen=True)

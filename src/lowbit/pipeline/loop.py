@@ -306,6 +306,8 @@ def _run(
             seed=seed + i,
             error_batches=math.ceil(ERROR_SEQUENCES / batch_size),
             ranks=ranks,
+            layer=i,
+            n_layers=len(store.blocks),
         )
         if data is None:
             return compress_without_data(ctx, recipe, i)

@@ -16,15 +16,18 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
+from lowbit.numerics.kquant import K_TYPES, SUPER_BLOCK
 from lowbit.runtime.act_quant import ActQuantLinear
 from lowbit.runtime.embedding import QuantizedEmbedding
+from lowbit.runtime.kquant_linear import KQuantLinear
 from lowbit.runtime.llm_int8 import Int8OutlierLinear
 from lowbit.runtime.sparse import SparseLinear
 from lowbit.runtime.weight_only import WeightOnlyLinear
 from lowbit.schema import Range, check_range, check_value
 
 RUNTIME_MODULES: dict[str, type[nn.Module]] = {
-    cls.__name__: cls for cls in (WeightOnlyLinear, ActQuantLinear, Int8OutlierLinear, SparseLinear, QuantizedEmbedding)
+    cls.__name__: cls
+    for cls in (WeightOnlyLinear, KQuantLinear, ActQuantLinear, Int8OutlierLinear, SparseLinear, QuantizedEmbedding)
 }
 CONFIG_FIX = "the checkpoint's lowbit_config.json is damaged: re-run lowbit quantize"
 # constructor arguments that say where a module is built, not what it stores
@@ -48,16 +51,20 @@ def module_config(module: nn.Module) -> dict[str, Any]:
 @functools.cache
 def config_fields(cls: type[nn.Module]) -> dict[str, tuple[Any, bool]]:
     """Argument name -> (annotated type, required) of every constructor argument a config stores, collected over
-    the lowbit classes the module is built from (a subclass passes its base's arguments on through ``**kwargs``)."""
+    the lowbit classes the module is built from: a subclass that passes its base's arguments on through ``**kwargs``
+    takes the base's too; one without ``**kwargs`` (KQuantLinear) takes only its own."""
     fields: dict[str, tuple[Any, bool]] = {}
-    for klass in reversed(cls.__mro__):
+    for klass in cls.__mro__:
         init = klass.__dict__.get("__init__")
         if init is None or not klass.__module__.startswith("lowbit."):
             continue
         hints = typing.get_type_hints(init)
-        for p in inspect.signature(init).parameters.values():
+        parameters = inspect.signature(init).parameters.values()
+        for p in parameters:
             if p.name not in _PLACEMENT and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
-                fields[p.name] = (hints[p.name], p.default is p.empty)
+                fields.setdefault(p.name, (hints[p.name], p.default is p.empty))
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+            break
     return fields
 
 
@@ -85,6 +92,10 @@ def check_module_config(name: str, config: Any) -> type[nn.Module]:
         check_value(value, fields[key][0], where, CONFIG_FIX, key)
         if key in _RANGES and value is not None:  # an optional argument (embed_scale) may be null
             check_range(value, _RANGES[key], f"{where}: {key}", CONFIG_FIX)
+    if "ggml" in arguments and arguments["ggml"] not in K_TYPES:
+        raise LowbitError(f"{where}: ggml {arguments['ggml']!r} is not a K-quant type ({', '.join(K_TYPES)}); {CONFIG_FIX}")
+    if "ggml" in arguments and arguments["in_features"] % SUPER_BLOCK:
+        raise LowbitError(f"{where}: in_features of a {arguments['ggml']} weight must be a multiple of {SUPER_BLOCK}; {CONFIG_FIX}")
     if "nnz" in arguments and arguments["nnz"] > arguments["in_features"] * arguments["out_features"]:
         raise LowbitError(f"{where}: nnz {arguments['nnz']} exceeds in_features x out_features; {CONFIG_FIX}")
     return cls

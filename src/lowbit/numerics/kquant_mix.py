@@ -1,0 +1,79 @@
+"""llama.cpp's K-quant mixes (Q4_K_M, Q5_K_S, ...): which K type each Linear of a dense decoder gets, by its role and
+layer, as llama-quantize chooses them (llama.cpp's src/llama-quant.cpp, llama_tensor_get_type_impl; the rules for
+Falcon, mixture-of-experts, 70B-class and IQ types are not carried over). A width that is not a multiple of 256 then
+falls back as every K type does (numerics/kquant.py).
+
+    mix      base   attn_v                                ffn_down                                attn_output
+    Q3_K_S   Q3_K   base                                  base                                    base
+    Q3_K_M   Q3_K   Q5_K in layers 0-1, else Q4_K         Q5_K in the first 1/16, else Q4_K       Q4_K
+    Q3_K_L   Q3_K   Q5_K                                  Q5_K                                    Q5_K
+    Q4_K_S   Q4_K   Q5_K in layers 0-3                    Q5_K in the first 1/8                   base
+    Q4_K_M   Q4_K   Q6_K where more bits help (below)     Q6_K where more bits help               base
+    Q5_K_S   Q5_K   base                                  base                                    base
+    Q5_K_M   Q5_K   Q6_K where more bits help             Q6_K where more bits help               base
+"Where more bits help": the first and last eighth of the layers, and every third layer between them.
+Every other Linear gets the base type. The output head (and a tied embedding) is Q6_K in llama-quantize, Q8_0 where its
+width is not a multiple of 256; lowbit's mix recipes put the embedding and head on Q8_0 (lowbit's W8 symmetric g32).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+K_MIXES: dict[str, str] = {
+    "Q3_K_S": "Q3_K", "Q3_K_M": "Q3_K", "Q3_K_L": "Q3_K", "Q4_K_S": "Q4_K", "Q4_K_M": "Q4_K", "Q5_K_S": "Q5_K",
+    "Q5_K_M": "Q5_K",
+}
+# a Linear's role in llama.cpp's terms, from the last part of its path (the Llama family's module names)
+ROLES = {
+    "q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+    "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down",
+}
+
+
+@dataclass(frozen=True)
+class LinearPlace:
+    """Where a Linear sits: its ``path`` inside its block, the block's ``layer`` index of ``n_layers``."""
+
+    path: str
+    layer: int
+    n_layers: int
+
+    @property
+    def role(self) -> str:
+        return ROLES.get(self.path.rsplit(".", 1)[-1], "")
+
+
+def more_bits(layer: int, n_layers: int) -> bool:
+    """llama.cpp's use_more_bits: the first and last eighth of the layers and every third one between them."""
+    return layer < n_layers // 8 or layer >= 7 * n_layers // 8 or (layer - n_layers // 8) % 3 == 2
+
+
+def mix_type(mix: str, place: LinearPlace) -> str:
+    """The K type the Linear at ``place`` gets in ``mix``."""
+    base = K_MIXES[mix]
+    role, i, n = place.role, place.layer, place.n_layers
+    if role == "attn_v":
+        if mix == "Q3_K_M":
+            return "Q5_K" if i < 2 else "Q4_K"
+        if mix == "Q3_K_L":
+            return "Q5_K"
+        if mix in ("Q4_K_M", "Q5_K_M") and more_bits(i, n):
+            return "Q6_K"
+        if mix == "Q4_K_S" and i < 4:
+            return "Q5_K"
+    elif role == "ffn_down":
+        if mix == "Q3_K_M":
+            return "Q5_K" if i < n // 16 else "Q4_K"
+        if mix == "Q3_K_L":
+            return "Q5_K"
+        if mix in ("Q4_K_M", "Q5_K_M") and more_bits(i, n):
+            return "Q6_K"
+        if mix == "Q4_K_S" and i < n // 8:
+            return "Q5_K"
+    elif role == "attn_output":
+        if mix == "Q3_K_M":
+            return "Q4_K"
+        if mix == "Q3_K_L":
+            return "Q5_K"
+    return base

@@ -1,0 +1,90 @@
+"""KQuantLinear: a Linear whose weight lives on a llama.cpp K-quant grid (numerics/kquant.py), stored as lowbit
+checkpoints store every grid (bit-packed codes) plus the grid's two levels, so the GGUF export copies it exactly.
+
+It is a WeightOnlyLinear to everything that asks (the pipeline, the exporters' type checks, the dequantized
+backend); it has no per-group ``scales``/``qzeros`` and no int4/int8 kernel (``weight_kernel`` is None: the fast
+backend computes with the dequantized weight, as it does for any grid without a kernel).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowbit.numerics.kquant import K_TYPES, SUPER_BLOCK, KQWeight
+from lowbit.numerics.packing import packed_length
+from lowbit.numerics.qweight import QWeight
+from lowbit.runtime.weight_only import WeightOnlyLinear
+
+
+class KQuantLinear(WeightOnlyLinear):
+    """Buffers: qweight uint8 [out, packed], kd float16 [out, in / 256], ksc int8 [out, in / sub], kdmin float16
+    and km int8 likewise (asymmetric types only), bias [out] (if any)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        ggml: str,
+        has_bias: bool = False,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "meta",
+    ) -> None:
+        nn.Module.__init__(self)  # WeightOnlyLinear's buffers (scales, qzeros) are not this grid's
+        kt = K_TYPES[ggml]
+        self.in_features, self.out_features, self.ggml = in_features, out_features, ggml
+        self.bits, self.group_size, self.symmetric = kt.bits, kt.sub, not kt.asymmetric
+        self.per_tensor, self.has_g_idx = False, False
+        n_super, n_sub = in_features // SUPER_BLOCK, in_features // kt.sub
+        self.register_buffer("qweight", torch.empty(out_features, packed_length(in_features, kt.bits), dtype=torch.uint8, device=device))
+        self.register_buffer("kd", torch.empty(out_features, n_super, dtype=torch.float16, device=device))
+        self.register_buffer("ksc", torch.empty(out_features, n_sub, dtype=torch.int8, device=device))
+        self.kdmin: torch.Tensor | None
+        self.km: torch.Tensor | None
+        asym = kt.asymmetric
+        self.register_buffer("kdmin", torch.empty(out_features, n_super, dtype=torch.float16, device=device) if asym else None)
+        self.register_buffer("km", torch.empty(out_features, n_sub, dtype=torch.int8, device=device) if asym else None)
+        self.g_idx = None
+        self.bias: torch.Tensor | None
+        self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if has_bias else None)
+
+    @classmethod
+    def from_qweight(cls, qweight: QWeight | KQWeight, bias: torch.Tensor | None, **extra: Any) -> KQuantLinear:
+        assert isinstance(qweight, KQWeight)
+        module = cls(qweight.in_features, qweight.out_features, qweight.kind, has_bias=bias is not None,
+                     dtype=bias.dtype if bias is not None else torch.float32, device=qweight.codes.device)
+        for name, tensor in qweight.pack().items():
+            setattr(module, name, tensor)
+        if bias is not None:
+            module.bias = bias.detach().clone()
+        return module
+
+    def config(self) -> dict[str, Any]:
+        return {"in_features": self.in_features, "out_features": self.out_features, "ggml": self.ggml,
+                "has_bias": self.bias is not None}
+
+    def unpacked(self) -> KQWeight:  # type: ignore[override]
+        tensors = {"qweight": self.qweight, "kd": self.kd, "ksc": self.ksc}
+        if self.kdmin is not None and self.km is not None:
+            tensors.update(kdmin=self.kdmin, km=self.km)
+        return KQWeight.unpack(tensors, self.ggml, self.in_features)
+
+    def weight_kernel(self) -> nn.Module | None:
+        return None
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, {self.ggml}"
+
+
+def weight_only_linear(qweight: QWeight | KQWeight, bias: torch.Tensor | None) -> WeightOnlyLinear:
+    """The runtime module holding a rounded Linear: KQuantLinear for a K grid, else WeightOnlyLinear."""
+    if isinstance(qweight, KQWeight):
+        return KQuantLinear.from_qweight(qweight, bias)
+    return WeightOnlyLinear.from_qweight(qweight, bias)
+
+
+def k_grid_refusal(name: str, ggml: str, fmt: str) -> str:
+    return (f"{name} is on llama.cpp's {ggml} grid, which {fmt} cannot hold: export --format gguf, or quantize on an "
+            "integer grid (e.g. gptq-w4g128-sym)")
