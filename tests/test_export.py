@@ -77,7 +77,7 @@ def test_gguf_export_refuses_grids_it_cannot_hold(tmp_path, capsys):
         write_gguf(pruned, lowbit.load(pruned), tmp_path / "p.gguf")
     assert not list(tmp_path.glob("*p.gguf*"))
     biased = quantized_folder(tmp_path, [RTN(WeightQuant(bits=4, group_size=32))], "b")
-    with pytest.raises(LowbitError, match="have biases"):  # the reader would drop them: a different model
+    with pytest.raises(LowbitError, match="Linear biases"):  # the reader would drop them: a different model
         write_gguf(biased, lowbit.load(biased), tmp_path / "b.gguf")
 
 
@@ -340,3 +340,35 @@ def test_compressed_tensors_export_keeps_every_tokenizer_file(tmp_path):
     present = {name for name in TOKENIZER_FILES if (folder / name).exists()}
     assert {"vocab.json", "merges.txt", "tokenizer.model", "tokenizer.json"} <= present
     assert all((tmp_path / "ct" / name).read_bytes() == (folder / name).read_bytes() for name in present)
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3"])
+def test_gguf_holds_qwen_architectures(tmp_path, monkeypatch, model_type):
+    """Qwen2 (q/k/v biases) and Qwen3 (q/k norms, head_dim given): llama.cpp's qwen2 / qwen3 tensors, rows as stored
+    (NEOX rope: no permutation), read back by transformers with lowbit's logits."""
+    monkeypatch.setenv("LOWBIT_GGUF_DTYPE", "float32")
+    import gguf
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    from toy import _COMMON
+
+    torch.manual_seed(0)
+    source = toy_model("qwen2") if model_type == "qwen2" else \
+        AutoModelForCausalLM.from_config(Qwen3Config(**_COMMON)).eval()  # transformers' GGUF reader ignores
+    # key_length and builds Qwen3's default head_dim (128), so the toy has it too; llama.cpp reads key_length
+    model = lowbit.quantize(source, [GPTQ(WeightQuant(bits=4, symmetric=True, group_size=32))],
+                            calibration(n=4, length=32), batch_size=2)
+    lowbit.save(model, tmp_path / "q", tokenizer=byte_tokenizer())
+    loaded = lowbit.load(tmp_path / "q")
+    write_gguf(tmp_path / "q", loaded, tmp_path / "m.gguf")
+    reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    arch = reader.fields["general.architecture"]
+    assert bytes(arch.parts[arch.data[0]]).decode() == model_type
+    names = {t.name for t in reader.tensors}
+    extra = {"blk.0.attn_q.bias", "blk.0.attn_v.bias"} if model_type == "qwen2" else {"blk.0.attn_q_norm.weight"}
+    assert extra <= names
+    ids = calibration(n=2, length=24, seed=5)
+    with torch.no_grad():
+        ours = loaded(ids).logits
+        theirs = open_model(str(tmp_path / "m.gguf")).model(ids).logits
+    assert (theirs - ours).abs().max() < 1e-4 * ours.abs().max()

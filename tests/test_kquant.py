@@ -2,6 +2,8 @@
 lowbit computed (checked against the gguf package's own dequantization), transformers loads the GGUF with lowbit's
 logits, widths that are not multiples of 256 fall back as in llama-quantize, and what cannot hold a K grid refuses."""
 
+import json
+
 import gguf
 import pytest
 import torch
@@ -125,6 +127,12 @@ def test_k_quant_model_saves_loads_and_exports_to_gguf_with_the_same_logits(tmp_
     with torch.no_grad():
         theirs = open_model(str(tmp_path / "m.gguf")).model(ids).logits
     assert (theirs - ours).abs().max() < 1e-4 * ours.abs().max()
+
+
+def test_k_recipes_round_trip_through_json():
+    for name in ("gptq-q4_k_m", "awq-q6_k", "q3_k_s", "gptq-q5_k-actorder"):
+        recipe = resolve_recipe(name)
+        assert Recipe.from_dict(json.loads(recipe.to_json())) == recipe
 
 
 def test_k_grid_refusals(tmp_path, capsys):

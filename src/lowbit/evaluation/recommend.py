@@ -36,6 +36,8 @@ def weight_grid(row: dict[str, Any]) -> tuple[int, str] | None:
         return None
     grid = recipe.weight_step.grid
     assert grid is not None
+    if grid.ggml:  # a llama.cpp K type or mix is its own grid, not the integer grid of its sub-blocks
+        return grid.bits, grid.ggml
     return grid.bits, {"tensor": "per-tensor", "channel": "per-channel"}.get(grid.granularity, f"g{grid.group_size}")
 
 

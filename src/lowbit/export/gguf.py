@@ -11,6 +11,7 @@ rotary layout (transformers undoes this on load), and the config and byte-level 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,14 +32,49 @@ from lowbit.runtime.kquant_linear import KQuantLinear
 from lowbit.runtime.weight_only import WeightOnlyLinear
 
 GGUF_FILE = "model.gguf"  # where `lowbit quantize --format gguf` puts it, inside the output directory
-GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "llama"}
+
+
+@dataclass(frozen=True)
+class GGUFArch:
+    """How llama.cpp holds one model family: its architecture name, whether q/k rows are permuted into its rotary
+    layout (the Llama family's interleaved rope; Qwen's NEOX rope reads them as stored), which Linears may carry
+    biases, and whether the attention has q/k norms."""
+
+    name: str
+    permute_qk: bool
+    biases: tuple[str, ...] = ()
+    qk_norm: bool = False
+
+
+GGUF_ARCHITECTURES = {
+    "llama": GGUFArch("llama", True),
+    "mistral": GGUFArch("llama", True),
+    "qwen2": GGUFArch("qwen2", False, ("attn_q", "attn_k", "attn_v")),
+    "qwen3": GGUFArch("qwen3", False, qk_norm=True),
+}
 _LINEAR_NAMES = {
     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
     "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
 }
 _NORM_NAMES = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
-# transformers' GGUF reader builds a Llama without biases, so written biases would be dropped on load
-NO_BIASES = "this model's Linears have biases (attention_bias / mlp_bias), which lowbit's GGUF llama export cannot hold; export compressed-tensors"
+_QK_NORM_NAMES = {"self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
+ARCHITECTURES_HELD = "GGUF export supports the Llama, Mistral, Qwen2 and Qwen3 architectures"
+
+
+def no_biases(model_type: str) -> str:
+    """The refusal of Linear biases llama.cpp's graph for ``model_type`` has no place for (transformers' reader would
+    drop them too)."""
+    held = GGUF_ARCHITECTURES[model_type].biases
+    where = f"only {', '.join(held)} biases" if held else "no Linear biases"
+    return (f"this {model_type} model has Linear biases its llama.cpp architecture cannot hold ({where}); "
+            "export compressed-tensors")
+
+
+def gguf_arch(model_type: str) -> GGUFArch:
+    if model_type not in GGUF_ARCHITECTURES:
+        raise LowbitError(f"{ARCHITECTURES_HELD} ({', '.join(GGUF_ARCHITECTURES)}); this is {model_type!r}. "
+                          "Use lowbit's own output folder or compressed-tensors for it")
+    return GGUF_ARCHITECTURES[model_type]
 
 
 def permute_rows(t: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -61,10 +97,20 @@ def permuted(qweight: QWeight | KQWeight, n_head: int) -> QWeight | KQWeight:
 def gguf_tensor_names(config: Any) -> dict[str, str]:
     """HF module/parameter name -> GGUF tensor name."""
     names = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+    per_block = {**_LINEAR_NAMES, **_NORM_NAMES}
+    if gguf_arch(config.model_type).qk_norm:
+        per_block.update(_QK_NORM_NAMES)
     for i in range(config.num_hidden_layers):
-        for hf, gg in {**_LINEAR_NAMES, **_NORM_NAMES}.items():
+        for hf, gg in per_block.items():
             names[f"model.layers.{i}.{hf}"] = f"blk.{i}.{gg}"
     return names
+
+
+def _has_unheld_biases(config: dict[str, Any]) -> bool:
+    """Whether a config.json's flags give Linears biases its GGUF architecture has no place for (Qwen2's q/k/v biases
+    are built in and held; an ``attention_bias`` flag elsewhere means o_proj's too)."""
+    arch = GGUF_ARCHITECTURES[config.get("model_type", "")]
+    return bool(config.get("mlp_bias")) or (bool(config.get("attention_bias")) and not arch.biases)
 
 
 def check_recipe_for_gguf(recipe: Recipe, source: Path) -> None:
@@ -72,10 +118,9 @@ def check_recipe_for_gguf(recipe: Recipe, source: Path) -> None:
     whose architecture or tokenizer it cannot."""
     config = json.loads((source / "config.json").read_text())
     model_type = config.get("model_type", "")
-    if model_type not in GGUF_ARCHITECTURES:
-        raise LowbitError(f"GGUF export supports Llama-architecture models ({', '.join(GGUF_ARCHITECTURES)}); this is {model_type!r}")
-    if config.get("attention_bias") or config.get("mlp_bias"):
-        raise LowbitError(NO_BIASES)
+    gguf_arch(model_type)
+    if _has_unheld_biases(config):
+        raise LowbitError(no_biases(model_type))
     recipe.check_export("gguf")
     grids = [s.grid for s in recipe.steps if s.grid is not None]
     if not grids:
@@ -93,11 +138,7 @@ def check_recipe_for_gguf(recipe: Recipe, source: Path) -> None:
 def check_exportable(model: nn.Module) -> dict[str, str]:
     """GGML type of every quantized Linear, checked before anything is written."""
     model_type = model.config.model_type
-    if model_type not in GGUF_ARCHITECTURES:
-        raise LowbitError(
-            f"GGUF export supports Llama-architecture models ({', '.join(GGUF_ARCHITECTURES)}); this is {model_type!r}. "
-            "Use lowbit's own output folder for it"
-        )
+    arch = gguf_arch(model_type)
     types: dict[str, str] = {}
     for name, module in model.named_modules():
         if isinstance(module, QuantizedEmbedding):  # token_embd: llama.cpp looks rows up in these blocks too
@@ -116,8 +157,10 @@ def check_exportable(model: nn.Module) -> dict[str, str]:
             except LowbitError as exc:
                 raise LowbitError(f"{name}: {exc}") from None
     names = gguf_tensor_names(model.config)
-    if any(getattr(m, "bias", None) is not None for n, m in model.named_modules() if n in names):
-        raise LowbitError(NO_BIASES)
+    biased = [names[n].rsplit(".", 1)[-1] for n, m in model.named_modules()
+              if n in names and isinstance(getattr(m, "bias", None), torch.Tensor)]
+    if any(role not in arch.biases for role in biased):
+        raise LowbitError(no_biases(model_type))
     if not any(isinstance(m, WeightOnlyLinear) for m in model.modules()):
         pruned = any(isinstance(m, SparseLinear) for m in model.modules())
         raise LowbitError(
@@ -136,7 +179,7 @@ def write_gguf(folder: Path, model: nn.Module, out: Path, overwrite: bool = Fals
     types = check_exportable(model)
     tokenizer = tokenizer_metadata(folder)
     with atomic_file(out, overwrite, inputs=[folder]) as tmp:
-        writer = gguf.GGUFWriter(str(tmp), "llama")
+        writer = gguf.GGUFWriter(str(tmp), gguf_arch(model.config.model_type).name)
         try:
             add_metadata(writer, folder.name, model.config, tokenizer)
             add_tensors(writer, model, types)
@@ -159,6 +202,8 @@ def add_metadata(writer: Any, name: str, config: Any, tokenizer: dict[str, Any])
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads)
     writer.add_rope_dimension_count(head_dim)
+    writer.add_key_length(head_dim)  # read by llama.cpp where head_dim is not hidden_size / heads (Qwen3)
+    writer.add_value_length(head_dim)
     writer.add_rope_freq_base(float(getattr(config, "rope_theta", None) or config.rope_parameters["rope_theta"]))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
@@ -180,7 +225,8 @@ def add_tensors(writer: Any, model: nn.Module, types: dict[str, str]) -> None:
 
     config = model.config
     names = gguf_tensor_names(config)
-    heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
+    permute = gguf_arch(config.model_type).permute_qk
+    heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads} if permute else {}
     tied = getattr(config, "tie_word_embeddings", False)
     for name, module in model.named_modules():
         gguf_name = names.get(name)
@@ -193,8 +239,11 @@ def add_tensors(writer: Any, model: nn.Module, types: dict[str, str]) -> None:
                 qweight = permuted(qweight, n_head)
             kind, blocks = ggml_blocks(qweight)
             writer.add_tensor(f"{gguf_name}.weight", blocks, raw_dtype=getattr(gguf.GGMLQuantizationType, kind))
-            continue
-        weight = module.weight.detach().float()
-        if n_head is not None:
-            weight = permute_rows(weight, n_head)
-        writer.add_tensor(f"{gguf_name}.weight", np.ascontiguousarray(weight.cpu().numpy()))
+        else:
+            weight = module.weight.detach().float()
+            if n_head is not None:
+                weight = permute_rows(weight, n_head)
+            writer.add_tensor(f"{gguf_name}.weight", np.ascontiguousarray(weight.cpu().numpy()))
+        bias = getattr(module, "bias", None)
+        if isinstance(bias, torch.Tensor):  # Qwen2's q/k/v biases (check_exportable refused any other)
+            writer.add_tensor(f"{gguf_name}.bias", np.ascontiguousarray(bias.detach().float().cpu().numpy()))
