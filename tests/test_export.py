@@ -98,6 +98,19 @@ def test_gguf_names_the_pre_tokenizer_llama_cpp_must_apply():
         gguf_pre_tokenizer({"type": "Sequence", "pretokenizers": [{**split, "pattern": {"Regex": "x"}}, byte_level]})
 
 
+def test_gguf_says_whether_the_tokenizer_adds_bos(tmp_path):
+    """llama.cpp's default depends on the pre-tokenizer's name, so the flag is written as the HF tokenizer has it."""
+    from lowbit.export.gguf_tokenizer import adds_bos
+
+    template = {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}},
+                                                         {"Sequence": {"id": "A", "type_id": 0}}]}
+    assert adds_bos(tmp_path, {"post_processor": template})
+    assert adds_bos(tmp_path, {"post_processor": {"type": "Sequence", "processors": [{"type": "ByteLevel"}, template]}})
+    assert not adds_bos(tmp_path, {"post_processor": {"type": "ByteLevel"}})
+    (tmp_path / "tokenizer_config.json").write_text('{"add_bos_token": false}')
+    assert not adds_bos(tmp_path, {"post_processor": template})  # the config's flag decides where it is set
+
+
 def test_permutation_matches_transformers_inverse():
     from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 

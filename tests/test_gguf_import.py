@@ -83,6 +83,11 @@ def test_the_cache_is_bfloat16_unless_float32_is_asked_for(toy_gguf, monkeypatch
 
     monkeypatch.delenv("LOWBIT_GGUF_DTYPE", raising=False)
     narrow = import_gguf(toy_gguf)
+    config = json.loads((narrow / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"]  # as a Hub folder names it (llama.cpp's converter reads it)
+    del config["architectures"]  # an entry written before lowbit named the class is converted again
+    (narrow / "config.json").write_text(json.dumps(config))
+    assert import_gguf(toy_gguf) == narrow and "architectures" in json.loads((narrow / "config.json").read_text())
     monkeypatch.setenv("LOWBIT_GGUF_DTYPE", "float32")
     wide = import_gguf(toy_gguf)
     assert narrow != wide  # one cache entry per dtype, each validated against its own record

@@ -215,6 +215,7 @@ def add_metadata(writer: Any, name: str, config: Any, tokenizer: dict[str, Any])
         writer.add_token_merges(tokenizer["merges"])
     else:  # a byte vocabulary without merges (GGUF readers then expect scores to derive them from)
         writer.add_token_scores([0.0] * len(tokenizer["tokens"]))
+    writer.add_add_bos_token(tokenizer["add_bos"])
     for key, value in (("bos", config.bos_token_id), ("eos", config.eos_token_id), ("pad", config.pad_token_id)):
         if isinstance(value, int):
             getattr(writer, f"add_{key}_token_id")(value)

@@ -69,4 +69,23 @@ def tokenizer_metadata(folder: Path) -> dict[str, Any]:
     types = [3 if t in special else (5 if t.startswith("[PAD") and t not in vocab else 1) for t in tokens]
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     pre = gguf_pre_tokenizer(data.get("pre_tokenizer"))
-    return {"tokens": tokens, "token_types": types, "merges": merges, "pre": pre}
+    return {"tokens": tokens, "token_types": types, "merges": merges, "pre": pre, "add_bos": adds_bos(folder, data)}
+
+
+def adds_bos(folder: Path, data: dict[str, Any]) -> bool:
+    """Whether the Hugging Face tokenizer starts every text with its BOS token: tokenizer_config.json's add_bos_token
+    where set, else whether tokenizer.json's post-processor template begins with a special token. Written into the
+    GGUF, since llama.cpp's default depends on the pre-tokenizer's name (true for Llama 3's, false for SmolLM's)."""
+    try:
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        config = {}
+    if isinstance(config, dict) and isinstance(config.get("add_bos_token"), bool):
+        return config["add_bos_token"]
+    post = data.get("post_processor") or {}
+    processors = post.get("processors", [post]) if post.get("type") == "Sequence" else [post]
+    for processor in processors:
+        if processor.get("type") == "TemplateProcessing":
+            single = processor.get("single") or []
+            return bool(single) and "SpecialToken" in single[0]
+    return False

@@ -65,17 +65,19 @@ def import_gguf(path: Path, sha256: str | None = None, dtype: torch.dtype | None
 
 
 def cache_entry_is_valid(folder: Path, digest: str, dtype_name: str) -> bool:
-    """The entry was converted from this very file to this dtype, and its weight files hold exactly the tensors
-    written (names from the shards' headers, which a truncated shard fails to give)."""
+    """The entry was converted from this very file to this dtype, its weight files hold exactly the tensors written
+    (names from the shards' headers, which a truncated shard fails to give), and its config names the model class
+    (entries of lowbit before that did not)."""
     from lowbit.models.checkpoint import CheckpointReader
 
     try:
         record = json.loads((folder / IMPORT_RECORD).read_text())
+        config = json.loads((folder / "config.json").read_text())
         names = sorted(CheckpointReader(folder).keys())
     except (OSError, ValueError, SafetensorError, LowbitError):
         return False
     return (isinstance(record, dict) and record.get("gguf_sha256") == digest and record.get("dtype") == dtype_name
-            and record.get("tensors") == names)
+            and record.get("tensors") == names and isinstance(config, dict) and bool(config.get("architectures")))
 
 
 SHARD_BYTES = 2 << 30  # shards are written tensor by tensor, so their size costs disk files, not memory
@@ -221,6 +223,7 @@ def _convert(path: Path, out: Path, dtype: torch.dtype = torch.float32) -> list[
             "(renamed, missing or of the wrong shape); the file is corrupt or was written for another architecture"
         )
     config.dtype = dtype  # what the shards hold (transformers' own GGUF loading would say float32)
+    config.architectures = [type(skeleton).__name__]  # as every Hub folder names it (llama.cpp's converter needs it)
     config.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return sorted(written)
