@@ -147,6 +147,8 @@ def test_k_grid_refusals(tmp_path, capsys):
         Recipe((AWQ(WeightQuant(bits=4, group_size=32)), GPTQ(q4k)))
     with pytest.raises(LowbitError, match="blocks' Linears"):
         Recipe((RTN(q4k),), embeddings=q4k)
+    with pytest.raises(LowbitError, match="static groups"):
+        Recipe((GPTQ(q4k, act_order=True, static_groups=False),))
     with pytest.raises(LowbitError, match="only GGUF holds"):
         resolve_recipe("gptq-q4_k").check_export("compressed-tensors")
     # a K-quant output exported to a format that cannot hold it: one line, exit 2, nothing written

@@ -116,6 +116,9 @@ class Recipe:
                "its steps)", "round pruned weights on an integer grid (e.g. bits 4 symmetric g32: Q4_0)")
         _check(not self.quantizes_inputs, f"{k_grids[0]} is a weight-only grid (llama.cpp computes activations in "
                "float)", "drop the activation quantization step")
+        _check(not any(getattr(s, "act_order", False) and not getattr(s, "static_groups", True) for s in self.steps),
+               f"{k_grids[0]} blocks are in column order, which act-order groups with a g_idx (static_groups=false) "
+               "break", "use act-order's default static groups")
         plain = [s.grid.label for s in self.steps if s.grid is not None and not s.grid.ggml]
         _check(not plain, f"every step searches or rounds on the same grid; got {k_grids[0]} and {plain}")
         for key in ("embeddings", "head"):

@@ -124,7 +124,8 @@ def fit_kparams(W: torch.Tensor, kt: KType) -> KParams:
     Asymmetric: each sub-block's [min(w, 0), max(w, 0)] spread over all codes, its step and -min each quantized to
     a sub_bits integer times the super-block's largest over (2**sub_bits - 1). A step that rounds to 0 is given
     sc = 1, so the sub-block still has a grid. Symmetric: the step maps the sub-block's largest-magnitude weight to
-    the code -2**(bits-1) (llama.cpp's choice: both ends of the codes are used), step = -w_max / 2**(bits-1), signed."""
+    the code -2**(bits-1) (llama.cpp's choice: both ends of the codes are used), step = -w_max / 2**(bits-1), signed;
+    a non-zero step that rounds to sc = 0 gets sc = +-1."""
     Wg = _sub_block_view(W, kt)
     if kt.asymmetric:
         lo = Wg.amin(dim=-1).clamp(max=0.0)
@@ -138,6 +139,7 @@ def fit_kparams(W: torch.Tensor, kt: KType) -> KParams:
     signed_max = Wg.gather(-1, index).squeeze(-1)  # [out, n_sub]
     step = -signed_max / symmetric_zero(kt.bits)
     d, sc = _super_scale(step, kt, kt.max_sc)
+    sc = torch.where((sc == 0) & (step != 0), torch.sign(step).to(sc.dtype), sc)  # as the asymmetric types: a grid
     return KParams(d, sc, None, None)
 
 
