@@ -30,6 +30,7 @@ import torch
 from lowbit.errors import LowbitError
 from lowbit.numerics.grid import SCALE_DTYPE, max_code, symmetric_zero
 from lowbit.numerics.packing import pack_bits, unpack_bits
+from lowbit.numerics.qweight import CodesShape
 
 SUPER_BLOCK = 256
 
@@ -164,7 +165,7 @@ def k_values(code: torch.Tensor, step: torch.Tensor, offset: torch.Tensor | None
 
 
 @dataclass
-class KQWeight:
+class KQWeight(CodesShape):
     """A weight on a K-quant grid: codes uint8 [out, in] plus its KParams; the counterpart of QWeight (same
     ``dequantize`` / ``pack`` / ``unpack`` role) for the two-level grid. It has no per-group ``scale``/``zero``:
     code that needs those (compressed-tensors, the GPTQ format, PyTorch's int4 kernel) refuses K grids first."""
@@ -194,14 +195,6 @@ class KQWeight:
     @property
     def groups_in_order(self) -> bool:
         return True
-
-    @property
-    def out_features(self) -> int:
-        return self.codes.shape[0]
-
-    @property
-    def in_features(self) -> int:
-        return self.codes.shape[1]
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         kt = self.ktype

@@ -11,8 +11,22 @@ from lowbit.numerics.grid import SCALE_DTYPE, symmetric_zero
 from lowbit.numerics.packing import pack_bits, unpack_bits
 
 
+class CodesShape:
+    """The Linear shape of a weight held as integer ``codes`` [out, in] (QWeight, KQWeight)."""
+
+    codes: torch.Tensor
+
+    @property
+    def out_features(self) -> int:
+        return self.codes.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.codes.shape[1]
+
+
 @dataclass
-class QWeight:
+class QWeight(CodesShape):
     """Integer codes plus the grid that maps them back: ``W_hat[o, j] = (codes[o, j] - zero[o, g]) * scale[o, g]``
     with ``g = g_idx[j]`` (``j // group_size`` when ``g_idx`` is None).
 
@@ -28,14 +42,6 @@ class QWeight:
     bits: int
     group_size: int
     g_idx: torch.Tensor | None = None
-
-    @property
-    def out_features(self) -> int:
-        return self.codes.shape[0]
-
-    @property
-    def in_features(self) -> int:
-        return self.codes.shape[1]
 
     @property
     def symmetric(self) -> bool:

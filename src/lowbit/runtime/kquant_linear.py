@@ -16,7 +16,7 @@ from torch import nn
 from lowbit.numerics.kquant import K_TYPES, SUPER_BLOCK, KQWeight
 from lowbit.numerics.packing import packed_length
 from lowbit.numerics.qweight import QWeight
-from lowbit.runtime.weight_only import WeightOnlyLinear
+from lowbit.runtime.weight_only import WeightOnlyLinear, filled
 
 
 class KQuantLinear(WeightOnlyLinear):
@@ -55,11 +55,7 @@ class KQuantLinear(WeightOnlyLinear):
         assert isinstance(qweight, KQWeight)
         module = cls(qweight.in_features, qweight.out_features, qweight.kind, has_bias=bias is not None,
                      dtype=bias.dtype if bias is not None else torch.float32, device=qweight.codes.device)
-        for name, tensor in qweight.pack().items():
-            setattr(module, name, tensor)
-        if bias is not None:
-            module.bias = bias.detach().clone()
-        return module
+        return filled(module, qweight.pack(), bias)
 
     def config(self) -> dict[str, Any]:
         return {"in_features": self.in_features, "out_features": self.out_features, "ggml": self.ggml,

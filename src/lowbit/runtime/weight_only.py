@@ -64,11 +64,7 @@ class WeightOnlyLinear(nn.Module):
             device=qweight.codes.device,
             **extra,
         )
-        for name, tensor in qweight.pack().items():
-            setattr(module, name, tensor)
-        if bias is not None:
-            module.bias = bias.detach().clone()
-        return module
+        return filled(module, qweight.pack(), bias)
 
     def config(self) -> dict[str, Any]:
         """Constructor arguments, stored per module in lowbit_config.json."""
@@ -123,6 +119,15 @@ class WeightOnlyLinear(nn.Module):
     def extra_repr(self) -> str:
         grid = "per-tensor" if self.per_tensor else f"group_size={self.group_size}"
         return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, {grid}, sym={self.symmetric}"
+
+
+def filled(module: nn.Module, packed: dict[str, torch.Tensor], bias: torch.Tensor | None) -> Any:
+    """``module`` (built empty) holding the packed tensors of its weight and a copy of ``bias``."""
+    for name, tensor in packed.items():
+        setattr(module, name, tensor)
+    if bias is not None:
+        module.bias = bias.detach().clone()
+    return module
 
 
 def weight_kernel(exact: nn.Module, qweight: QWeight) -> nn.Module | None:
