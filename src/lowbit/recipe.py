@@ -104,12 +104,12 @@ class Recipe:
     def _check_k_grids(self) -> None:
         """K-quant grids (llama.cpp's Q2_K .. Q6_K) on the blocks' Linears only, and never on pruned weights: their
         offset dmin * m cannot hold an exact zero, so a pruned weight would come back non-zero."""
+        for key in ("embeddings", "head"):
+            grid = getattr(self, key)
+            _check(grid is None or not grid.ggml, f"the {key} grid is {grid.ggml if grid else ''}: K-quant grids are "
+                   "for the blocks' Linears", "give it an integer grid (e.g. bits 8 symmetric g32: Q8_0) or none")
         k_grids = [s.grid.ggml for s in self.steps if s.grid is not None and s.grid.ggml]
         if not k_grids:
-            for key in ("embeddings", "head"):
-                grid = getattr(self, key)
-                _check(grid is None or not grid.ggml, f"the {key} grid is {grid.ggml if grid else ''}: K-quant "
-                       "grids are for the blocks' Linears", "give it an integer grid (e.g. bits 8 symmetric g32)")
             return
         _check(len(set(k_grids)) == 1, f"the steps' grids must agree, got {sorted(set(k_grids))}")
         _check(not self.prunes, f"{k_grids[0]} cannot hold pruned weights exactly (its offsets are not multiples of "
@@ -121,10 +121,6 @@ class Recipe:
                "break", "use act-order's default static groups")
         plain = [s.grid.label for s in self.steps if s.grid is not None and not s.grid.ggml]
         _check(not plain, f"every step searches or rounds on the same grid; got {k_grids[0]} and {plain}")
-        for key in ("embeddings", "head"):
-            grid = getattr(self, key)
-            _check(grid is None or not grid.ggml, f"the {key} grid is {grid.ggml if grid else ''}: K-quant grids are "
-                   "for the blocks' Linears", "give it an integer grid (e.g. bits 8 symmetric g32: Q8_0) or none")
 
     @property
     def transform(self) -> Step | None:

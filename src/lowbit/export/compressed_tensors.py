@@ -42,9 +42,9 @@ from lowbit.numerics.qweight import QWeight
 from lowbit.methods.act_quant import ASYMMETRIC_INPUTS
 from lowbit.recipe import Recipe
 from lowbit.runtime.act_quant import ActQuantLinear
+from lowbit.runtime.kquant_linear import KQuantLinear, k_grid_refusal
 from lowbit.runtime.llm_int8 import Int8OutlierLinear
 from lowbit.runtime.sparse import SparseLinear
-from lowbit.runtime.kquant_linear import KQuantLinear, k_grid_refusal
 from lowbit.runtime.weight_only import WeightOnlyLinear
 
 CT_FORMAT = "pack-quantized"  # weight-only Linears

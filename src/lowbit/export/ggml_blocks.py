@@ -17,7 +17,6 @@ from __future__ import annotations
 import numpy as np
 
 from lowbit.errors import LowbitError
-from lowbit.export.ggml_kblocks import k_blocks
 from lowbit.numerics.kquant import KQWeight
 from lowbit.numerics.qweight import QWeight
 
@@ -60,8 +59,8 @@ def _nibbles(q: np.ndarray) -> np.ndarray:
     return (q[..., :16] | (q[..., 16:] << 4)).astype(np.uint8)
 
 
-def _f16_bytes(x: np.ndarray) -> np.ndarray:
-    """float [rows, blocks] -> [rows, blocks, 2] little-endian float16 bytes."""
+def f16_bytes(x: np.ndarray) -> np.ndarray:
+    """float [...] -> [..., 2] little-endian float16 bytes (the d / m / dmin fields of GGML blocks)."""
     return np.ascontiguousarray(x.astype("<f2")).view(np.uint8).reshape(*x.shape, 2)
 
 
@@ -75,19 +74,21 @@ def ggml_blocks(qweight: QWeight | KQWeight) -> tuple[str, np.ndarray]:
     """(type name, uint8 [out, n_blocks * block_bytes]) for a weight of a grid ``ggml_type_for`` accepts."""
     kind = ggml_type_for(qweight)
     if isinstance(qweight, KQWeight):
+        from lowbit.export.ggml_kblocks import k_blocks  # which reads this module's float16 helper
+
         return kind, k_blocks(qweight)
     out, n = qweight.codes.shape
     codes = qweight.codes.cpu().numpy().reshape(out, n // GGML_BLOCK, GGML_BLOCK)  # [out, blocks, 32]
     scale = qweight.scale.cpu().numpy().astype(np.float16)  # [out, blocks]
     if kind == "Q8_0":
         q = (codes.astype(np.int16) - 128).astype(np.int8).view(np.uint8)
-        parts = [_f16_bytes(scale), q]
+        parts = [f16_bytes(scale), q]
     elif kind in ("Q4_0", "Q5_0"):
         high = [_high_bits(codes)] if kind == "Q5_0" else []
-        parts = [_f16_bytes(scale), *high, _nibbles(codes & 15)]
+        parts = [f16_bytes(scale), *high, _nibbles(codes & 15)]
     else:
         assert qweight.zero is not None
         m = -qweight.zero.cpu().numpy().astype(np.float32) * scale.astype(np.float32)
         high = [_high_bits(codes)] if kind == "Q5_1" else []
-        parts = [_f16_bytes(scale), _f16_bytes(m), *high, _nibbles(codes & 15)]
+        parts = [f16_bytes(scale), f16_bytes(m), *high, _nibbles(codes & 15)]
     return kind, np.concatenate(parts, axis=-1).reshape(out, -1)

@@ -18,12 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from lowbit.export.ggml_blocks import f16_bytes
 from lowbit.numerics.kquant import SUPER_BLOCK, KQWeight
-
-
-def _f16(x: np.ndarray) -> np.ndarray:
-    """float16 [blocks] -> [blocks, 2] bytes."""
-    return np.ascontiguousarray(x.astype("<f2")).view(np.uint8).reshape(-1, 2)
 
 
 def _bit_planes(q: np.ndarray, parts: int, width: int, shift: int) -> np.ndarray:
@@ -64,11 +60,11 @@ def k_blocks(qweight: KQWeight) -> np.ndarray:
     blocks = out * (n // SUPER_BLOCK)
     q = qweight.codes.cpu().numpy().reshape(blocks, SUPER_BLOCK)
     p = qweight.params
-    d = _f16(p.d.cpu().numpy().reshape(blocks))
+    d = f16_bytes(p.d.cpu().numpy().reshape(blocks))
     sc = p.sc.cpu().numpy().reshape(blocks, -1)
     if kind in ("Q2_K", "Q4_K", "Q5_K"):
         assert p.dmin is not None and p.m is not None
-        dmin = _f16(p.dmin.cpu().numpy().reshape(blocks))
+        dmin = f16_bytes(p.dmin.cpu().numpy().reshape(blocks))
         m = p.m.cpu().numpy().reshape(blocks, -1)
     if kind == "Q2_K":
         scales = (sc.astype(np.uint8) & 15) | (m.astype(np.uint8) << 4)

@@ -27,8 +27,8 @@ from lowbit.numerics.kquant import KParams, KQWeight
 from lowbit.numerics.qweight import QWeight
 from lowbit.recipe import Recipe
 from lowbit.runtime.embedding import QuantizedEmbedding
-from lowbit.runtime.sparse import SparseLinear
 from lowbit.runtime.kquant_linear import KQuantLinear
+from lowbit.runtime.sparse import SparseLinear
 from lowbit.runtime.weight_only import WeightOnlyLinear
 
 GGUF_FILE = "model.gguf"  # where `lowbit quantize --format gguf` puts it, inside the output directory

@@ -40,9 +40,9 @@ from lowbit.recipe import Recipe
 from lowbit.runtime.act_quant import ActQuantLinear
 from lowbit.runtime.embedding import QuantizedEmbedding
 from lowbit.runtime.fast import KernelModule
+from lowbit.runtime.kquant_linear import KQuantLinear, k_grid_refusal
 from lowbit.runtime.llm_int8 import Int8OutlierLinear
 from lowbit.runtime.sparse import SparseLinear
-from lowbit.runtime.kquant_linear import KQuantLinear, k_grid_refusal
 from lowbit.runtime.weight_only import WeightOnlyLinear
 
 GPTQ_DIR = "gptq"  # where `lowbit quantize --format gptq` puts it, inside the output

@@ -95,9 +95,11 @@ class KParams:
             return None
         return self.dmin.float().repeat_interleave(kt.sub_blocks, dim=1) * self.m.float()
 
-    def select(self, columns: slice) -> KParams:
-        """The params of whole super-blocks ``columns`` (a slice of super-block indices)."""
-        return KParams(*(None if t is None else t[:, columns] for t in (self.d, self.sc, self.dmin, self.m)))
+    def per_column(self, kt: KType) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Each column's step and offset (None: symmetric), float32 [out, n]."""
+        offset = self.offset(kt)
+        return (self.step(kt).repeat_interleave(kt.sub, dim=1),
+                offset.repeat_interleave(kt.sub, dim=1) if offset is not None else None)
 
 
 def _sub_block_view(W: torch.Tensor, kt: KType) -> torch.Tensor:
@@ -197,11 +199,8 @@ class KQWeight(CodesShape):
         return True
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        kt = self.ktype
-        step = self.params.step(kt).repeat_interleave(kt.sub, dim=1)  # [out, in]
-        offset = self.params.offset(kt)
-        offset = offset.repeat_interleave(kt.sub, dim=1) if offset is not None else None
-        return k_values(self.codes.float(), step, offset, kt).to(dtype)
+        step, offset = self.params.per_column(self.ktype)  # [out, in]
+        return k_values(self.codes.float(), step, offset, self.ktype).to(dtype)
 
     def pack(self) -> dict[str, torch.Tensor]:
         out = {"qweight": pack_bits(self.codes, self.bits), "kd": self.params.d, "ksc": self.params.sc}
@@ -225,8 +224,6 @@ class KQWeight(CodesShape):
 def k_rtn(W: torch.Tensor, kt: KType) -> KQWeight:
     """Round W [out, in] to the nearest point of its K grid."""
     params = fit_kparams(W, kt)
-    step = params.step(kt).repeat_interleave(kt.sub, dim=1)
-    offset = params.offset(kt)
-    offset = offset.repeat_interleave(kt.sub, dim=1) if offset is not None else None
+    step, offset = params.per_column(kt)
     codes = round_k(W.float(), step, offset, kt).to(torch.uint8)
     return KQWeight(codes, params, kt.name)

@@ -110,10 +110,10 @@ class _KGrid:
         """Fit the super-block of original columns start .. start + 255 from ``columns`` [out, 256]."""
         params = fit_kparams(columns, self.kt)
         self.fitted[start // SUPER_BLOCK] = params
-        self.step_t[start : start + SUPER_BLOCK] = params.step(self.kt).repeat_interleave(self.kt.sub, dim=1).T
-        offset = params.offset(self.kt)
+        step, offset = params.per_column(self.kt)
+        self.step_t[start : start + SUPER_BLOCK] = step.T
         if self.offset_t is not None and offset is not None:
-            self.offset_t[start : start + SUPER_BLOCK] = offset.repeat_interleave(self.kt.sub, dim=1).T
+            self.offset_t[start : start + SUPER_BLOCK] = offset.T
 
     def _original(self, col: int) -> int:
         return int(self.perm[col]) if self.perm is not None else col
@@ -220,14 +220,12 @@ def obs_compress(
             # the column loop is op-bound (one rank-1 update of [out, count - i] per column), so plain rounding
             # skips the masking ops that only pruning needs, and results go straight into their block columns
             q = w.masked_fill(mask1[:, i], 0.0) if prunes else w
+            if grid is not None and grid.needs_fit(col):
+                grid.fit(col, W[:, col : col + grid.gs])
             if isinstance(grid, _KGrid):
-                if grid.needs_fit(col):
-                    grid.fit(col, W[:, col : col + grid.gs])
                 codes1[:, i] = grid.quantize(q, col, Q1[:, i])
                 q = Q1[:, i]
             elif grid is not None:
-                if grid.needs_fit(col):
-                    grid.fit(col, W[:, col : col + grid.gs])
                 scale, zero = grid.params(col)
                 code = round_to_grid(q, scale, zero, grid.spec.bits)
                 if prunes:

@@ -12,9 +12,9 @@ from lowbit.distributed.ranks import SINGLE, Ranks
 from lowbit.errors import LowbitError
 from lowbit.methods.base import WeightQuant
 from lowbit.models.arch import Arch, ScaleGroup, block_linears, get_submodule
+from lowbit.numerics.kquant_mix import LinearPlace
 from lowbit.pipeline.fold import fold_blocker
 from lowbit.pipeline.report import FoldRecord
-from lowbit.numerics.kquant_mix import LinearPlace
 from lowbit.pipeline.taps import BlockData
 
 
