@@ -106,7 +106,7 @@ def k_llama(layers: int = 2) -> torch.nn.Module:
     return AutoModelForCausalLM.from_config(config).eval()
 
 
-@pytest.mark.parametrize("recipe", ["gptq-q4_k", "q6_k", "gptq-q3_k-actorder"])
+@pytest.mark.parametrize("recipe", ["gptq-q4_k", "imatrix-q6_k", "gptq-q3_k-actorder"])
 def test_k_quant_model_saves_loads_and_exports_to_gguf_with_the_same_logits(tmp_path, monkeypatch, recipe):
     monkeypatch.setenv("LOWBIT_GGUF_DTYPE", "float32")  # transformers dequantizes the GGUF to these exact values
     model = lowbit.quantize(k_llama(), resolve_recipe(recipe), calibration(n=4, length=32), batch_size=2)
@@ -130,7 +130,7 @@ def test_k_quant_model_saves_loads_and_exports_to_gguf_with_the_same_logits(tmp_
 
 
 def test_k_recipes_round_trip_through_json():
-    for name in ("gptq-q4_k_m", "awq-q6_k", "q3_k_s", "gptq-q5_k-actorder"):
+    for name in ("gptq-q4_k_m", "awq-q6_k", "q3_k_s", "gptq-q5_k-actorder", "imatrix-q4_k_m"):
         recipe = resolve_recipe(name)
         assert Recipe.from_dict(json.loads(recipe.to_json())) == recipe
 

@@ -13,10 +13,10 @@ mix rules of numerics/kquant_mix.py against llama.cpp's own choice on this model
 
     bench/llamacpp/tools.sh     (once: builds llama-quantize, llama-imatrix, llama-perplexity)
     .venv/bin/python bench/llamacpp/kquants.py [--model smollm2-135m|FILE.gguf|DIR] [--mix Q4_K_M]
-        [--methods rtn gptq awq] [--nsamples 16] [--seq-len 512] [--ctx 512] [--chunks 40] [--seed 0] [--fresh]
+        [--methods rtn imatrix gptq awq] [--nsamples 16] [--seq-len 512] [--ctx 512] [--chunks 40] [--seed 0] [--fresh]
 
 Writes bench/results/llamacpp/kquants-<model>-<mix>.json and prints a Markdown table. Work files (GGUFs, logs) go to
-out/llamacpp/kquants/<model>/ and are reused unless --fresh.
+out/llamacpp/kquants/<model>/ and are reused unless --fresh, perplexity logs too while newer than their file.
 """
 
 from __future__ import annotations
@@ -69,11 +69,20 @@ def texts(nsamples: int, seq_len: int, seed: int) -> tuple[str, str]:
     return "".join(chosen), "\n\n".join(documents(DEFAULT_TEXT, "evaluation"))
 
 
-def perplexity(model: Path, text: Path, ctx: int, chunks: int, log: Path) -> tuple[float, float, float]:
-    """llama-perplexity's final estimate: (perplexity, its +/- error, seconds)."""
+FINAL = re.compile(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)")
+
+
+def perplexity(model: Path, text: Path, ctx: int, chunks: int, log: Path, reuse: bool) -> tuple[float, float, float | None]:
+    """llama-perplexity's final estimate: (perplexity, its +/- error, seconds). With ``reuse``, a finished log
+    written after the model file (by the same command: its name holds ctx and chunks) is read instead (seconds:
+    None)."""
+    if reuse and log.exists() and log.stat().st_mtime > model.stat().st_mtime:
+        done = FINAL.search(log.read_text(errors="replace"))
+        if done is not None:
+            return float(done[1]), float(done[2]), None
     seconds = run([str(BIN / "llama-perplexity"), "-m", str(model), "-f", str(text), "-c", str(ctx), "--chunks",
                    str(chunks), "-t", str(os.cpu_count() or 1)], log)
-    found = re.search(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)", log.read_text(errors="replace"))
+    found = FINAL.search(log.read_text(errors="replace"))
     if found is None:
         sys.exit(f"no final perplexity in {log}")
     return float(found[1]), float(found[2]), seconds
@@ -101,7 +110,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m", help="the embedded default, a .gguf or a folder")
     parser.add_argument("--mix", default="Q4_K_M", help="a llama.cpp mix lowbit has (numerics/kquant_mix.py)")
-    parser.add_argument("--methods", nargs="+", default=["rtn", "gptq", "awq"], choices=["rtn", "gptq", "awq"])
+    parser.add_argument("--methods", nargs="+", default=["rtn", "gptq", "awq"], choices=["rtn", "imatrix", "gptq", "awq"])
     parser.add_argument("--nsamples", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--ctx", type=int, default=512, help="llama-perplexity's context")
@@ -162,7 +171,7 @@ def main() -> None:
     reference = tensor_types(files[f"llama-quantize {mix}"])
     for label, path in files.items():
         log = work / f"ppl-{path.parent.name if path.name == 'model.gguf' else path.stem}-c{args.ctx}x{args.chunks}.log"
-        ppl, err, ppl_seconds = perplexity(path, work / "evaluation.txt", args.ctx, args.chunks, log)
+        ppl, err, ppl_seconds = perplexity(path, work / "evaluation.txt", args.ctx, args.chunks, log, not fresh)
         types = tensor_types(path)
         differ = sorted(n for n in reference if label.startswith("lowbit") and types.get(n) != reference[n])
         rows.append({"file": label, "ppl": ppl, "ppl_err": err, "mib": path.stat().st_size / 2**20,

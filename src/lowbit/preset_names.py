@@ -55,7 +55,9 @@ SWEEP_METHODS = ("rtn", "gptq", "gptq-actorder", "awq", "awq-gptq")
 # a llama.cpp K-quant grid or mix is a recipe name too: "q4_k" (RTN, every Linear Q4_K), "gptq-q4_k", "awq-q6_k",
 # "gptq-q4_k_m" (llama-quantize's Q4_K_M mix of types, embedding and head Q8_0), "gptq-q3_k_m-actorder"
 # (numerics/kquant.py, numerics/kquant_mix.py; widths that are not multiples of 256 get the type's fallback grid)
-K_NAME = re.compile(r"(?:(?P<method>gptq|awq|awq-gptq)-)?(?P<ktype>q[2-6]_k(?:_[sml])?)(?P<actorder>-actorder)?")
+# "imatrix-q4_k_m": RTN whose fit is weighed by the calibration inputs (llama-quantize --imatrix)
+K_NAME = re.compile(r"(?:(?P<method>gptq|awq|awq-gptq|imatrix)-)?(?P<ktype>q[2-6]_k(?:_[sml])?)(?P<actorder>-actorder)?")
+K_METHODS = (*SWEEP_METHODS, "imatrix")
 
 
 def parse_recipe_name(name_or_path: str) -> tuple[str, tuple[str, int, int, int, bool] | None]:
@@ -70,7 +72,7 @@ def parse_recipe_name(name_or_path: str) -> tuple[str, tuple[str, int, int, int,
     k_point = K_NAME.fullmatch(name_or_path.lower())
     if k_point is not None and (k_point["ktype"].count("_") == 1 or k_point["ktype"].upper() in K_MIXES):
         method = (k_point["method"] or "rtn") + ("-actorder" if k_point["actorder"] else "")
-        if method in SWEEP_METHODS:
+        if method in K_METHODS:
             return "ggml", (method, k_point["ktype"].upper())  # type: ignore[return-value]
     sweep = SWEEP_NAME.fullmatch(name_or_path)
     if sweep is not None:
@@ -81,7 +83,7 @@ def parse_recipe_name(name_or_path: str) -> tuple[str, tuple[str, int, int, int,
     raise LowbitError(
         f"unknown recipe {name_or_path!r}: pass a preset ({', '.join(PRESETS)}), a weight-only grid point named like "
         "the presets (e.g. gptq-w4g64, awq-w3pc, w2g32, gptq-w4g64-actorder, gptq-w4g128-sym, awq-w4g128-e8), a llama.cpp "
-        "K-quant grid or mix (q4_k, gptq-q4_k_m, awq-q6_k, gptq-q3_k_m-actorder) or the path of a JSON recipe file"
+        "K-quant grid or mix (q4_k, imatrix-q4_k_m, gptq-q4_k_m, awq-q6_k, gptq-q3_k_m-actorder) or the path of a JSON recipe file"
     )
 
 

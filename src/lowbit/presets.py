@@ -88,11 +88,11 @@ def resolve_recipe(name_or_path: str) -> Recipe:
 
 
 def k_recipe(method: str, ktype: str) -> Recipe:
-    """``method`` (a SWEEP_METHODS name) on llama.cpp's K-quant grid ``ktype`` ("Q4_K": every Linear) or mix
-    ("Q4_K_M": each Linear's type as llama-quantize chooses it, the embedding and head on Q8_0), named like
-    ``gptq-q4_k`` / ``gptq-q4_k_m``."""
+    """``method`` (a K_METHODS name; "imatrix": RTN fitted under the inputs' importance) on llama.cpp's K-quant grid
+    ``ktype`` ("Q4_K": every Linear) or mix ("Q4_K_M": each Linear's type as llama-quantize chooses it, the
+    embedding and head on Q8_0), named like ``gptq-q4_k`` / ``imatrix-q4_k_m``."""
     grid = WeightQuant.k_grid(ktype)
-    steps = _method_steps(grid)[method]
+    steps = (RTN(grid, importance=True),) if method == "imatrix" else _method_steps(grid)[method]
     head = {"rtn": "", "gptq-actorder": "gptq-"}.get(method, f"{method}-")
     tail = "-actorder" if method == "gptq-actorder" else ""
     outside = Q8_0 if grid.ggml in K_MIXES else None

@@ -1,5 +1,6 @@
 """AWQ (Lin et al. 2023): activation-aware per-channel scale search, folded where proven exact, then a per-Linear
-clip search; the rounding itself is the recipe's rounding step (RTN on AWQ's grid when the recipe has none)."""
+clip search; the rounding itself is the recipe's rounding step (RTN on AWQ's grid when the recipe has none, under
+the inputs' importance where the grid searches its fit: K-quant grids)."""
 
 from __future__ import annotations
 
@@ -75,7 +76,9 @@ class AWQ(Step):
         return True
 
     def implied_rounding(self) -> RTN:
-        return RTN(self.weights)
+        # a grid that searches its fit (K types, "llama") does so under the inputs' importance, as llama-quantize
+        # --imatrix does: AWQ calibrates anyway, and it lowers llama.cpp's perplexity of the file (docs/kquants.md)
+        return RTN(self.weights, importance=self.weights.fit == "llama")
 
     def transform_block(
         self, ctx: BlockContext, batch_size: int, saved: dict[str, torch.Tensor] | None

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from lowbit.recipe import Recipe
 
 GRANULARITIES = ("tensor", "channel", "group")
+FITS = ("range", "llama")
 RECIPE_FIX = "fix the recipe (`lowbit recipes gptq-w4g128` prints a valid one)"
 
 # the order of a recipe: equivalence transforms, then pruning, then rounding, then activation quantization
@@ -53,6 +54,11 @@ class WeightQuant:
     themselves stored as small integers per 256 columns, as GGUF holds them. Its bits, symmetry and group size are
     the type's, stated in full so the recipe reads the same as any other grid (``WeightQuant.k_grid`` builds it).
     A Linear whose width is not a multiple of 256 gets the type's 32-column fallback grid, as in llama-quantize.
+    ``fit``: "range" fits each group's scale (and zero) from its min and max (absmax for symmetric grids);
+    "llama" as llama-quantize fits its 32-column types (numerics/ggml_fit.py): a symmetric group's largest-magnitude
+    weight goes to the code -2**(bits-1) (signed scale), and where calibration gives each column an importance
+    (GPTQ's Hessian diagonal) every group's scale and zero come from a weighted least-squares search. The fallback
+    grids of the K types fit "llama"; the K types themselves always do (a grid with ``ggml`` reads fit "llama").
     """
 
     bits: int = 4
@@ -60,6 +66,7 @@ class WeightQuant:
     granularity: str = "group"
     group_size: int = 128
     ggml: str = ""
+    fit: str = "range"
 
     def __post_init__(self) -> None:
         check_fields(self, "weights", RECIPE_FIX)
@@ -69,6 +76,11 @@ class WeightQuant:
             f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}",
         )
         check(self.group_size >= 1, f"group_size must be >= 1, got {self.group_size}")
+        check(self.fit in FITS, f"weights fit must be one of {FITS}, got {self.fit!r}")
+        if self.ggml:  # a K type has llama.cpp's fit only: the recipe says so (older recipes did not state it)
+            object.__setattr__(self, "fit", "llama")
+        check(self.fit == "range" or self.granularity == "group",
+              f"the {self.fit!r} fit searches per group; this grid is per-{self.granularity}", "use granularity \"group\"")
         if self.ggml:
             kt = K_TYPES.get(K_MIXES.get(self.ggml, self.ggml))
             check(kt is not None, f"weights ggml must be a K type ({', '.join(K_TYPES)}) or a llama.cpp mix "
@@ -104,7 +116,7 @@ class WeightQuant:
         if not self.ggml or in_features % SUPER_BLOCK == 0:
             return self
         bits, symmetric = K_TYPES[K_MIXES.get(self.ggml, self.ggml)].fallback
-        return WeightQuant(bits=bits, symmetric=symmetric, granularity="group", group_size=FALLBACK_GROUP)
+        return WeightQuant(bits=bits, symmetric=symmetric, granularity="group", group_size=FALLBACK_GROUP, fit="llama")
 
     @property
     def label(self) -> str:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from lowbit.errors import LowbitError
+from lowbit.numerics.ggml_fit import affine_search, k_search, k_weights, symmetric_search
 from lowbit.numerics.grid import SCALE_DTYPE, max_code, symmetric_zero
 from lowbit.numerics.packing import pack_bits, unpack_bits
 from lowbit.numerics.qweight import CodesShape
@@ -121,26 +122,24 @@ def _super_scale(per_sub: torch.Tensor, kt: KType, limit: int) -> tuple[torch.Te
     return d, integer.reshape(out, n_sub).to(torch.int8)
 
 
-def fit_kparams(W: torch.Tensor, kt: KType) -> KParams:
-    """The K grid of W [out, n] (n divisible by 256) from each sub-block's range, as llama.cpp lays it out.
+def fit_kparams(W: torch.Tensor, kt: KType, importance: torch.Tensor | None = None) -> KParams:
+    """The K grid of W [out, n] (n divisible by 256), fitted as llama-quantize fits it (numerics/ggml_fit.py):
+    each sub-block's step (and minimum) by a weighted least-squares search, data-free or under the columns'
+    ``importance`` [n] (an importance matrix: calibration mean x_j^2, or a Hessian's diagonal).
 
-    Asymmetric: each sub-block's [min(w, 0), max(w, 0)] spread over all codes, its step and -min each quantized to
-    a sub_bits integer times the super-block's largest over (2**sub_bits - 1). A step that rounds to 0 is given
-    sc = 1, so the sub-block still has a grid. Symmetric: the step maps the sub-block's largest-magnitude weight to
-    the code -2**(bits-1) (llama.cpp's choice: both ends of the codes are used), step = -w_max / 2**(bits-1), signed;
-    a non-zero step that rounds to sc = 0 gets sc = +-1."""
-    Wg = _sub_block_view(W, kt)
+    The steps (and -minimums) are then stored as sub_bits integers sc (m) times the super-block's float16 d (dmin),
+    its largest over 2**sub_bits - 1 (symmetric: 2**(sub_bits-1) - 1, signed). A non-zero step that rounds to
+    sc = 0 is given sc = +-1, so the sub-block still has a grid. Symmetric types map the sub-block's
+    largest-magnitude weight toward the code -2**(bits-1), as llama.cpp does (both ends of the codes used)."""
+    Wg = _sub_block_view(W, kt)  # [out, n_sub, sub]
+    weights = k_weights(Wg, kt.name, importance)
     if kt.asymmetric:
-        lo = Wg.amin(dim=-1).clamp(max=0.0)
-        hi = Wg.amax(dim=-1).clamp(min=0.0)
-        step = (hi - lo) / max_code(kt.bits)  # [out, n_sub]
-        d, sc = _super_scale(step, kt, kt.max_sc)
-        sc = torch.where((sc == 0) & (step > 0), torch.ones_like(sc), sc)
-        dmin, m = _super_scale(-lo, kt, kt.max_sc)
+        fit = affine_search(Wg, weights, max_code(kt.bits), k_search(kt.name, importance))
+        d, sc = _super_scale(fit.step, kt, kt.max_sc)
+        sc = torch.where((sc == 0) & (fit.step > 0), torch.ones_like(sc), sc)
+        dmin, m = _super_scale(-fit.minimum, kt, kt.max_sc)
         return KParams(d, sc, dmin, m)
-    index = Wg.abs().argmax(dim=-1, keepdim=True)
-    signed_max = Wg.gather(-1, index).squeeze(-1)  # [out, n_sub]
-    step = -signed_max / symmetric_zero(kt.bits)
+    step = symmetric_search(Wg, weights, kt.bits)  # [out, n_sub], signed
     d, sc = _super_scale(step, kt, kt.max_sc)
     sc = torch.where((sc == 0) & (step != 0), torch.sign(step).to(sc.dtype), sc)  # as the asymmetric types: a grid
     return KParams(d, sc, None, None)
@@ -221,9 +220,9 @@ class KQWeight(CodesShape):
         return cls(codes, params, kind)
 
 
-def k_rtn(W: torch.Tensor, kt: KType) -> KQWeight:
-    """Round W [out, in] to the nearest point of its K grid."""
-    params = fit_kparams(W, kt)
+def k_rtn(W: torch.Tensor, kt: KType, importance: torch.Tensor | None = None) -> KQWeight:
+    """Round W [out, in] to the nearest point of its K grid (fitted under the columns' ``importance`` [in])."""
+    params = fit_kparams(W, kt, importance)
     step, offset = params.per_column(kt)
     codes = round_k(W.float(), step, offset, kt).to(torch.uint8)
     return KQWeight(codes, params, kt.name)

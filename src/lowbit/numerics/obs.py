@@ -13,11 +13,11 @@ from dataclasses import dataclass
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.numerics.grid import fit_scale_zero, group_count, round_to_grid
+from lowbit.numerics.grid import group_count, round_to_grid
 from lowbit.numerics.hessian import inverse_hessian, prepare_hessian
 from lowbit.numerics.kquant import SUPER_BLOCK, KParams, KQWeight, fit_kparams, k_type, k_values, round_k
 from lowbit.numerics.qweight import QWeight
-from lowbit.numerics.rtn import group_size_for, weight_ranges
+from lowbit.numerics.rtn import fit_grid, group_size_for
 from lowbit.methods.base import WeightQuant
 
 
@@ -35,7 +35,13 @@ class _Grid:
     front from the original weights (``upfront``; always so for static groups, which stay in column order)."""
 
     def __init__(
-        self, spec: WeightQuant, W: torch.Tensor, perm: torch.Tensor | None, static_groups: bool, upfront: bool
+        self,
+        spec: WeightQuant,
+        W: torch.Tensor,
+        perm: torch.Tensor | None,
+        static_groups: bool,
+        upfront: bool,
+        importance: torch.Tensor,
     ) -> None:
         self.spec = spec
         self.n = W.shape[1]
@@ -46,11 +52,15 @@ class _Grid:
         self.n_groups = group_count(self.n, self.gs) if self.grouped else 1
         self.scale: list[torch.Tensor | None] = [None] * self.n_groups
         self.zero: list[torch.Tensor | None] = [None] * self.n_groups
+        # a "llama" fit weighs each column by its importance (the Hessian's diagonal, in the groups' column order)
+        # and each row by its mean w^2, taken once from the original weights
+        sweep_order = perm is not None and self.grouped and not self.static
+        self.importance = importance[perm] if sweep_order else importance
+        self.sigma2 = W.pow(2).mean(dim=1)  # [out]
         if not self.grouped or self.static or upfront:
             # groups in sweep order unless static: [out or 1, n_groups]
-            ordered = W[:, perm] if perm is not None and self.grouped and not self.static else W
-            wmin, wmax = weight_ranges(ordered, spec)
-            scale, zero = fit_scale_zero(wmin, wmax, spec.bits, spec.symmetric)
+            ordered = W[:, perm] if sweep_order else W
+            scale, zero = fit_grid(ordered, spec, self.importance, self.sigma2)
             for g in range(self.n_groups):
                 self.scale[g], self.zero[g] = scale[:, g], zero[:, g]
 
@@ -69,8 +79,8 @@ class _Grid:
         """Fit the group the sweep enters at ``col`` from ``upcoming`` [out, >=1]: the current (error-updated)
         values of the group's columns."""
         g = self.group_of(col)
-        wmin, wmax = upcoming[:, : self.gs].amin(dim=1), upcoming[:, : self.gs].amax(dim=1)
-        self.scale[g], self.zero[g] = fit_scale_zero(wmin, wmax, self.spec.bits, self.spec.symmetric)
+        scale, zero = fit_grid(upcoming[:, : self.gs], self.spec, self.importance[col : col + self.gs], self.sigma2)
+        self.scale[g], self.zero[g] = scale[:, 0], zero[:, 0]
 
     def params(self, col: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Scale/zero [out or 1] for sweep column ``col``."""
@@ -92,9 +102,12 @@ class _KGrid:
     at once, lazily when the sweep enters it (from the error-updated weights, as ``_Grid`` fits a group), or up
     front from the original weights under act-order (its blocks stay in column order, like static groups)."""
 
-    def __init__(self, spec: WeightQuant, W: torch.Tensor, perm: torch.Tensor | None, upfront: bool) -> None:
+    def __init__(
+        self, spec: WeightQuant, W: torch.Tensor, perm: torch.Tensor | None, upfront: bool, importance: torch.Tensor
+    ) -> None:
         self.spec = spec
         self.kt = k_type(spec.ggml)
+        self.importance = importance  # per original column
         self.gs = SUPER_BLOCK  # columns fitted at once
         out, n = W.shape
         self.perm = perm
@@ -108,7 +121,7 @@ class _KGrid:
 
     def _set(self, start: int, columns: torch.Tensor) -> None:
         """Fit the super-block of original columns start .. start + 255 from ``columns`` [out, 256]."""
-        params = fit_kparams(columns, self.kt)
+        params = fit_kparams(columns, self.kt, self.importance[start : start + SUPER_BLOCK])
         self.fitted[start // SUPER_BLOCK] = params
         step, offset = params.per_column(self.kt)
         self.step_t[start : start + SUPER_BLOCK] = step.T
@@ -174,15 +187,17 @@ def obs_compress(
         perm = torch.argsort(torch.diag(H), descending=True)
         invperm = torch.argsort(perm)
     spec = spec.for_width(n) if spec is not None else None
+    # each input column's importance for the grids that weigh their fit (llama.cpp's importance matrix: mean x_j^2)
+    importance = torch.diagonal(H).clone()
     grid: _Grid | _KGrid | None = None
     if spec is not None and spec.ggml:
         if keep_mask is not None or sparsity > 0 or nm is not None:
             raise LowbitError(f"{spec.ggml} cannot hold pruned weights exactly; round them on an integer grid")
         if act_order and not static_groups:
             raise LowbitError(f"{spec.ggml} blocks are in column order; use act-order with static groups (the default)")
-        grid = _KGrid(spec, W, perm, upfront_groups)
+        grid = _KGrid(spec, W, perm, upfront_groups, importance)
     elif spec is not None:
-        grid = _Grid(spec, W, perm, static_groups, upfront_groups)
+        grid = _Grid(spec, W, perm, static_groups, upfront_groups, importance)
     if perm is not None:
         W, H = W[:, perm], H[perm][:, perm]
         keep_mask = keep_mask[:, perm] if keep_mask is not None else None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from lowbit.numerics.ggml_fit import fit_blocks, storable
 from lowbit.numerics.grid import fit_scale_zero, group_count, round_to_grid
 from lowbit.numerics.kquant import KQWeight, k_rtn, k_type
 from lowbit.numerics.qweight import QWeight
@@ -27,6 +28,26 @@ def weight_ranges(W: torch.Tensor, spec: WeightQuant) -> tuple[torch.Tensor, tor
     return Wg.amin(dim=-1), Wg.amax(dim=-1)
 
 
+def fit_grid(
+    W: torch.Tensor, spec: WeightQuant, importance: torch.Tensor | None = None, sigma2: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero [out or 1, n_groups] of W [out, in] (float32) on ``spec``'s grid: from each group's range, or
+    by llama.cpp's fit (``spec.fit == "llama"``) under the columns' ``importance`` [in] when given, with each row's
+    mean x^2 ``sigma2`` [out] (default: W's own)."""
+    if spec.fit != "llama":
+        wmin, wmax = weight_ranges(W, spec)
+        return fit_scale_zero(wmin, wmax, spec.bits, spec.symmetric)
+    out, n = W.shape
+    gs = group_size_for(spec, n)
+    n_groups = group_count(n, gs)
+    pad = n_groups * gs - n  # zero weights of zero importance: they change no fit
+    Wg = torch.nn.functional.pad(W, (0, pad)).view(out, n_groups, gs)
+    imp = torch.nn.functional.pad(importance.float(), (0, pad)).view(n_groups, gs) if importance is not None else None
+    row_sigma2 = (W.pow(2).mean(dim=1) if sigma2 is None else sigma2).view(out, 1, 1)
+    step, minimum = fit_blocks(Wg, spec.bits, spec.symmetric, imp, row_sigma2)
+    return storable(step, minimum, spec.bits, spec.symmetric)
+
+
 def quantize_with_grid(
     W: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: WeightQuant, g_idx: torch.Tensor | None = None
 ) -> QWeight:
@@ -44,12 +65,12 @@ def quantize_with_grid(
     )
 
 
-def rtn(W: torch.Tensor, spec: WeightQuant) -> QWeight | KQWeight:
-    """Round W [out, in] to the nearest point of its min-max grid (a K-quant grid's: numerics/kquant.py)."""
+def rtn(W: torch.Tensor, spec: WeightQuant, importance: torch.Tensor | None = None) -> QWeight | KQWeight:
+    """Round W [out, in] to the nearest point of its grid (a K-quant grid's: numerics/kquant.py), fitted under the
+    columns' ``importance`` [in] where the grid's fit uses one."""
     spec = spec.for_width(W.shape[1])
     if spec.ggml:
-        return k_rtn(W, k_type(spec.ggml))
+        return k_rtn(W, k_type(spec.ggml), importance)
     W = W.float()
-    wmin, wmax = weight_ranges(W, spec)
-    scale, zero = fit_scale_zero(wmin, wmax, spec.bits, spec.symmetric)
+    scale, zero = fit_grid(W, spec, importance)
     return quantize_with_grid(W, scale, zero, spec)
