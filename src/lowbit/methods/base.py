@@ -57,8 +57,9 @@ class WeightQuant:
     ``fit``: "range" fits each group's scale (and zero) from its min and max (absmax for symmetric grids);
     "llama" as llama-quantize fits its 32-column types (numerics/ggml_fit.py): a symmetric group's largest-magnitude
     weight goes to the code -2**(bits-1) (signed scale), and where calibration gives each column an importance
-    (GPTQ's Hessian diagonal) every group's scale and zero come from a weighted least-squares search. The fallback
-    grids of the K types fit "llama"; the K types themselves always do (a grid with ``ggml`` reads fit "llama").
+    (GPTQ's Hessian diagonal, RTN's ``importance``) its scale comes from a weighted least-squares search; asymmetric
+    groups keep their range (their zero point is an integer code). The fallback grids of the K types fit "llama";
+    the K types themselves always do, each sub-block searched (a grid with ``ggml`` reads fit "llama").
     """
 
     bits: int = 4
