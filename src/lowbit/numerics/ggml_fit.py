@@ -10,6 +10,7 @@ the candidate whose fitted grid has the smallest weighted error wins. This is wh
     with an importance c_j      w = c_j * sqrt(sigma^2 + x^2), sigma^2 the mean x^2 of the row (or 2x that of the
                                 256-column super-block, K types)
 
+(llama.cpp's Q6_K weighs by c_j alone and its Q2_K takes sigma^2 without the factor 2; lowbit has the one rule.)
 llama.cpp's importance matrix is each input column's mean x_j^2 over calibration tokens; lowbit passes the
 diagonal of its calibration Hessian (sum over tokens of x_j^2: the same up to a constant, which no fit sees).
 
