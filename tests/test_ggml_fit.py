@@ -114,3 +114,14 @@ def test_the_importance_reaches_the_fits_that_search_and_only_those():
     assert WeightQuant.k_grid("Q5_K").fit == "llama" and WeightQuant(bits=4, ggml="Q4_K", group_size=32).fit == "llama"
     with pytest.raises(LowbitError, match="fitted from its range"):
         RTN(WeightQuant(bits=4), importance=True)
+
+
+def test_awq_searches_on_the_grid_it_rounds_on_fit_and_k_type_included():
+    from lowbit.recipe import GPTQ, Recipe
+
+    g32 = WeightQuant(bits=5, symmetric=True, group_size=32)
+    with pytest.raises(LowbitError, match="one grid per recipe"):
+        Recipe((AWQ(g32), GPTQ(WeightQuant(bits=5, symmetric=True, group_size=32, fit="llama"))))
+    with pytest.raises(LowbitError, match="grids must agree"):  # the K-grid check of the recipe says it first
+        Recipe((AWQ(WeightQuant.k_grid("Q4_K")), GPTQ(WeightQuant.k_grid("Q4_K_M"))))
+    Recipe((AWQ(WeightQuant.k_grid("Q4_K_M")), GPTQ(WeightQuant.k_grid("Q4_K_M"))))  # the awq-gptq-q4_k_m recipe

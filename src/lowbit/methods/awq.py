@@ -29,7 +29,8 @@ from lowbit.pipeline.transforms import AWQ_CLIP_KEY, AWQ_SCALE_KEY, agreed_scale
 def same_grid(a: WeightQuant, b: WeightQuant) -> bool:
     """Whether two grids round alike (a group size is irrelevant unless the granularity is per-group)."""
     def key(w: WeightQuant) -> tuple:
-        return w.bits, w.symmetric, w.granularity, w.group_size if w.granularity == "group" else None
+        return (w.bits, w.symmetric, w.granularity, w.group_size if w.granularity == "group" else None, w.ggml,
+                w.fit)
 
     return key(a) == key(b)
 
