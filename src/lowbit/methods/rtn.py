@@ -22,7 +22,7 @@ class RTN(Step):
     importance: bool = False
 
     def check(self) -> None:
-        check(not self.importance or bool(self.weights.ggml) or self.weights.fit == "llama",
+        check(not self.importance or self.weights.fit == "llama",  # K grids always read fit "llama"
               f"rtn importance weighs a searched fit, but {self.weights.label} is fitted from its range",
               "use a K-quant grid or \"fit\": \"llama\", or drop \"importance\"")
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.numerics.grid import symmetric_zero
+from lowbit.numerics.grid import MIN_SCALE, SCALE_DTYPE, symmetric_zero
 
 # (rmin, rdelta, nstep) of make_qkx2/3_quants: candidate inverse steps (nmax + rmin + rdelta * i) / (max - min)
 DATA_FREE_SEARCH = {"Q2_K": (-0.5, 0.1, 15), "Q4_K": (-1.0, 0.1, 20), "Q5_K": (-0.5, 0.1, 15)}
@@ -70,9 +70,8 @@ def symmetric_search(x: torch.Tensor, w: torch.Tensor, bits: int) -> torch.Tenso
         better = score > best_score
         best_score = torch.where(better, score, best_score)
         best_step = torch.where(better, sum_lx / safe_l2, best_step)
-    # a block whose importances are all zero: the plain signed-max step (any step is as good)
-    plain = peak / -nmax
-    return torch.where(nonzero & (best_score > 0), best_step, torch.where(nonzero, plain, best_step))
+    # no candidate explained anything (an all-zero block, or all-zero importances): the plain signed-max step
+    return torch.where(best_score > 0, best_step, peak / -nmax)
 
 
 def affine_search(x: torch.Tensor, w: torch.Tensor, nmax: int, search: tuple[float, float, int]) -> Affine:
@@ -82,8 +81,7 @@ def affine_search(x: torch.Tensor, w: torch.Tensor, nmax: int, search: tuple[flo
     rmin, rdelta, nstep = search
     lo = x.amin(dim=-1).clamp(max=0.0)
     span = x.amax(dim=-1) - lo  # [...]
-    live = span > 0
-    safe_span = torch.where(live, span, torch.ones_like(span))
+    safe_span = torch.where(span > 0, span, torch.ones_like(span))
     lo_, span_ = lo.unsqueeze(-1), safe_span.unsqueeze(-1)
 
     def error(step: torch.Tensor, minimum: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
@@ -112,7 +110,7 @@ def affine_search(x: torch.Tensor, w: torch.Tensor, nmax: int, search: tuple[flo
         best_err = torch.where(better, err, best_err)
         best_step = torch.where(better, step, best_step)
         best_min = torch.where(better, minimum, best_min)
-    return Affine(torch.where(live, best_step, torch.zeros_like(best_step)), best_min)
+    return Affine(best_step, best_min)  # a zero span keeps step 0: no candidate is solvable there
 
 
 def k_weights(Wg: torch.Tensor, name: str, importance: torch.Tensor | None) -> torch.Tensor:
@@ -134,31 +132,19 @@ def k_search(name: str, importance: torch.Tensor | None) -> tuple[float, float, 
     return IMPORTANCE_SEARCH if importance is not None else DATA_FREE_SEARCH[name]
 
 
-def fit_blocks(
-    Wg: torch.Tensor, bits: int, symmetric: bool, importance: torch.Tensor | None, sigma2: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """llama.cpp's fit of 32-column-type blocks Wg [out, G, g] -> (step, minimum) float32 [out, G], unrounded.
-
-    Symmetric: without importance the signed-max step (Q4_0/Q5_0's reference rounding), with column importances
-    [G, g] the weighted search (``sigma2`` [out, 1, 1]: the row's mean x^2); minimum 0. Asymmetric: the range.
-    llama.cpp searches Q4_1/Q5_1's float minimum too, but lowbit's zero point is an integer code, and a searched
-    minimum rounded onto one is no longer a least-squares fit: the range it is."""
-    if symmetric:
-        if importance is None:
-            step = signed_max(Wg) / -symmetric_zero(bits)
-        else:
-            step = symmetric_search(Wg, weighted_importance(Wg, importance, sigma2), bits)
-        return step, torch.zeros_like(step)
-    lo = Wg.amin(dim=-1).clamp(max=0.0)
-    return (Wg.amax(dim=-1).clamp(min=0.0) - lo) / ((1 << bits) - 1), lo
+def symmetric_steps(Wg: torch.Tensor, bits: int, importance: torch.Tensor | None, sigma2: torch.Tensor) -> torch.Tensor:
+    """llama.cpp's fit of symmetric 32-column-type blocks Wg [out, G, g] -> signed step float32 [out, G], unrounded:
+    without importance the signed-max step (Q4_0/Q5_0's reference rounding), with column importances [G, g] the
+    weighted search (``sigma2`` [out, 1, 1]: the row's mean x^2). Asymmetric blocks are not fitted here: llama.cpp
+    searches Q4_1/Q5_1's float minimum too, but lowbit's zero point is an integer code, and a searched minimum
+    rounded onto one is no longer a least-squares fit, so they keep their range (numerics/rtn.py fit_grid)."""
+    if importance is None:
+        return signed_max(Wg) / -symmetric_zero(bits)
+    return symmetric_search(Wg, weighted_importance(Wg, importance, sigma2), bits)
 
 
-def storable(step: torch.Tensor, minimum: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """A fitted (step, minimum) [...] as lowbit's stored grid: scale rounded to float16 (sign kept, magnitude at
-    least float16's smallest; a zero step: 1, any scale holds an all-zero group) and an integer zero point (the
-    symmetric codes' middle, or -minimum / scale rounded into the codes)."""
-    magnitude = step.abs().clamp(min=2.0**-24)
-    scale = torch.where(step != 0, torch.copysign(magnitude, step), torch.ones_like(step)).half().float()
-    if symmetric:
-        return scale, torch.full_like(scale, float(symmetric_zero(bits)))
-    return scale, torch.clamp(torch.round(-minimum / scale), 0, (1 << bits) - 1)
+def storable_steps(step: torch.Tensor) -> torch.Tensor:
+    """Signed steps [...] as lowbit stores scales: rounded to float16, the sign kept, the magnitude at least
+    float16's smallest; a zero step (an all-zero group, which any scale holds): 1."""
+    magnitude = step.abs().clamp(min=MIN_SCALE)
+    return torch.where(step != 0, torch.copysign(magnitude, step), torch.ones_like(step)).to(SCALE_DTYPE).float()

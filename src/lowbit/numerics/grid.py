@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 SCALE_DTYPE = torch.float16
-_MIN_SCALE = 2.0**-24  # the smallest positive float16
+MIN_SCALE = 2.0**-24  # the smallest positive float16
 
 
 
@@ -45,7 +45,7 @@ def fit_scale_zero(
         scale = (torch.clamp(wmax, min=0.0) - lo) / max_code(bits)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero range: any scale works
     if storable:
-        scale = scale.clamp(min=_MIN_SCALE).to(SCALE_DTYPE).float()
+        scale = scale.clamp(min=MIN_SCALE).to(SCALE_DTYPE).float()
     if symmetric:
         zero = torch.full_like(scale, float(symmetric_zero(bits)))
     else:

@@ -56,7 +56,7 @@ class _Grid:
         # and each row by its mean w^2, taken once from the original weights
         sweep_order = perm is not None and self.grouped and not self.static
         self.importance = importance[perm] if sweep_order else importance
-        self.sigma2 = W.pow(2).mean(dim=1)  # [out]
+        self.sigma2 = W.pow(2).mean(dim=1) if spec.fit == "llama" else None  # [out]
         if not self.grouped or self.static or upfront:
             # groups in sweep order unless static: [out or 1, n_groups]
             ordered = W[:, perm] if sweep_order else W

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.numerics.ggml_fit import fit_blocks, storable
-from lowbit.numerics.grid import fit_scale_zero, group_count, round_to_grid
+from lowbit.numerics.ggml_fit import storable_steps, symmetric_steps
+from lowbit.numerics.grid import fit_scale_zero, group_count, round_to_grid, symmetric_zero
 from lowbit.numerics.kquant import KQWeight, k_rtn, k_type
 from lowbit.numerics.qweight import QWeight
 from lowbit.methods.base import WeightQuant
@@ -32,9 +32,10 @@ def fit_grid(
     W: torch.Tensor, spec: WeightQuant, importance: torch.Tensor | None = None, sigma2: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero [out or 1, n_groups] of W [out, in] (float32) on ``spec``'s grid: from each group's range, or
-    by llama.cpp's fit (``spec.fit == "llama"``) under the columns' ``importance`` [in] when given, with each row's
-    mean x^2 ``sigma2`` [out] (default: W's own)."""
-    if spec.fit != "llama":
+    for a symmetric grid of llama.cpp's fit (``spec.fit == "llama"``) its signed step, searched under the columns'
+    ``importance`` [in] when given, with each row's mean x^2 ``sigma2`` [out] (default: W's own). Asymmetric groups
+    keep their range under either fit (numerics/ggml_fit.py says why)."""
+    if spec.fit != "llama" or not spec.symmetric:
         wmin, wmax = weight_ranges(W, spec)
         return fit_scale_zero(wmin, wmax, spec.bits, spec.symmetric)
     out, n = W.shape
@@ -44,8 +45,8 @@ def fit_grid(
     Wg = torch.nn.functional.pad(W, (0, pad)).view(out, n_groups, gs)
     imp = torch.nn.functional.pad(importance.float(), (0, pad)).view(n_groups, gs) if importance is not None else None
     row_sigma2 = (W.pow(2).mean(dim=1) if sigma2 is None else sigma2).view(out, 1, 1)
-    step, minimum = fit_blocks(Wg, spec.bits, spec.symmetric, imp, row_sigma2)
-    return storable(step, minimum, spec.bits, spec.symmetric)
+    scale = storable_steps(symmetric_steps(Wg, spec.bits, imp, row_sigma2))
+    return scale, torch.full_like(scale, float(symmetric_zero(spec.bits)))
 
 
 def quantize_with_grid(
