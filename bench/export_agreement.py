@@ -1,13 +1,15 @@
 """Logits agreement of an export (a GGUF file, a compressed-tensors folder) with lowbit's own loader, on held-out text.
 
     .venv/bin/python bench/export_agreement.py LOWBIT_DIR EXPORTED [--reader transformers|llama.cpp] [--results FILE.json]
+        [--dtype float32|bfloat16]
 
 Both are evaluated on the same windows of the embedded evaluation text; prints (and writes) the largest absolute
 logit difference relative to the largest logit (and the window position where it occurs), the share of positions
 whose top-1 token agrees, and both perplexities. The reader is transformers (compressed-tensors folders, or GGUF
 through ``gguf_file=``) or, for a GGUF file, llama.cpp itself (bench/llamacpp/setup.sh builds it in its own
 environment; bench/llamacpp/logits.py runs there), which also tokenizes the evaluation text with the tokenizer
-lowbit wrote into the file, compared token for token with the Hugging Face tokenizer.
+lowbit wrote into the file, compared token for token with the Hugging Face tokenizer. ``--dtype bfloat16`` opens both
+sides in bfloat16: transformers + compressed-tensors 0.20 decompress NVFP4 and MXFP4 in bfloat16 only.
 """
 
 from __future__ import annotations
@@ -31,13 +33,13 @@ from lowbit.api import open_model
 os.environ.setdefault("LOWBIT_GGUF_DTYPE", "float32")  # the GGUF's exact weights, as published (docs/gguf_import.md)
 
 
-def _open_export(path: Path) -> torch.nn.Module:
+def _open_export(path: Path, dtype: torch.dtype) -> torch.nn.Module:
     """A compressed-tensors folder as transformers loads it (compressed-tensors decompresses it); a GGUF file as
     lowbit opens it (transformers' gguf_file= reader)."""
     if path.is_dir():
         from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
     return open_model(str(path)).model
 
 
@@ -79,12 +81,14 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--reader", choices=("transformers", "llama.cpp"), default="transformers")
     parser.add_argument("--results", help="JSON file to write")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     args = parser.parse_args()
     if not Path(args.exported).exists():
         raise SystemExit(f"{args.exported} does not exist; export it first (`lowbit export`)")
     if args.reader == "llama.cpp" and not Path(args.exported).is_file():
         raise SystemExit(f"{args.exported} is not a GGUF file; llama.cpp reads GGUF exports only")
-    ours = open_model(args.lowbit_dir)
+    dtype = getattr(torch, args.dtype)
+    ours = open_model(args.lowbit_dir, dtype=dtype)
     texts = documents(DEFAULT_TEXT, "evaluation")
     ids = evaluation_ids(ours.tokenizer, texts)[0, : args.windows * args.window]
     windows = ids.reshape(args.windows, args.window)  # [windows, window]
@@ -92,7 +96,7 @@ def main() -> None:
     if args.reader == "llama.cpp":
         reader, extra = _llamacpp_reader(Path(args.exported), windows, "\n\n".join(texts[:20]), ours.tokenizer)
     else:
-        exported = _open_export(Path(args.exported))
+        exported = _open_export(Path(args.exported), dtype)
         reader = lambda i: exported(windows[i][None]).logits[0]  # noqa: E731
     worst, scale, nll = 0.0, 0.0, {"lowbit": 0.0, "exported": 0.0}
     worst_position, same_top1 = 0, 0
@@ -109,7 +113,8 @@ def main() -> None:
                 nll[name] += float(torch.nn.functional.cross_entropy(logits[:-1], w[1:], reduction="sum"))
     tokens = args.windows * (args.window - 1)
     result = {
-        "lowbit_dir": args.lowbit_dir, "exported": args.exported, "reader": args.reader, "tokens": tokens,
+        "lowbit_dir": args.lowbit_dir, "exported": args.exported, "reader": args.reader, "dtype": args.dtype,
+        "tokens": tokens,
         "max_abs_logit_diff": worst, "max_abs_logit": scale, "relative": worst / scale,
         "worst_position_in_window": worst_position, "top1_agreement": same_top1 / windows.numel(),
         "perplexity_lowbit": float(torch.exp(torch.tensor(nll["lowbit"] / tokens))),

@@ -17,6 +17,7 @@ _EXPORTS = {
     "quantize": "lowbit.api",
     "save": "lowbit.api",
     "AWQ": "lowbit.recipe",
+    "AutoRound": "lowbit.recipe",
     "GPTQ": "lowbit.recipe",
     "RTN": "lowbit.recipe",
     "ActQuant": "lowbit.recipe",
@@ -35,6 +36,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
     from lowbit.recipe import (
         AWQ,
         GPTQ,
+        AutoRound,
         RTN,
         ActQuant,
         LLMInt8,

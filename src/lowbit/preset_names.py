@@ -12,6 +12,16 @@ from pathlib import Path
 from lowbit.errors import LowbitError
 from lowbit.numerics.kquant_mix import K_MIXES
 
+# the float schemes (llm-compressor's names, lower case), rounded to nearest; "gptq-nvfp4a16", "awq-mxfp4",
+# "gptq-fp8-dynamic-actorder" put another method on the same grid (FLOAT_NAME)
+FLOAT_SCHEMES: dict[str, str] = {
+    "fp8": "FP8 E4M3 per-tensor weights, static per-tensor FP8 inputs (W8A8)",
+    "fp8-dynamic": "FP8 E4M3 per-channel weights, dynamic per-token FP8 inputs (W8A8)",
+    "nvfp4a16": "NVFP4 weights: E2M1, an E4M3 scale per 16 columns and a float32 one per tensor",
+    "nvfp4": "NVFP4 weights and inputs (W4A4; inputs scaled per 16 features of each token)",
+    "mxfp4a16": "MXFP4 weights: E2M1, a power-of-two scale per 32 columns",
+    "mxfp4": "MXFP4 weights and inputs (W4A4; inputs scaled per 32 features of each token)",
+}
 # name -> one-line description; lowbit/presets.py gives each its steps
 PRESETS: dict[str, str] = {
     "w8": "RTN INT8 symmetric per-channel weights",
@@ -41,32 +51,40 @@ PRESETS: dict[str, str] = {
     "w4g128-e8": "RTN INT4 g128 weights, embedding and head INT8 g128 (the whole model quantized)",
     "w4g128-e6": "RTN INT4 g128 weights, embedding and head INT6 g128 (a llama.cpp Q4_K_M-class size)",
     "gptq-w4g128-e6": "GPTQ INT4 g128, embedding and head INT6 g128 (RTN)",
+    **FLOAT_SCHEMES,
 }
 
 # any weight-only grid point is a recipe name too: "gptq-w4g64", "w3pc", "awq-gptq-w4g32", "gptq-w4g128-actorder",
+# "autoround-w3g128" (AutoRound's published defaults: 200 steps),
 # with "-sym" on a symmetric grid ("gptq-w4g128-sym": what compressed-tensors readers load), and with "-eN" its
 # embedding and head on INT N g128 too ("awq-w4g128-e8"); `lowbit compare --methods M... --bits
 # B... --group-sizes G...` sweeps SWEEP_METHODS
 SWEEP_NAME = re.compile(
-    r"(?:(?P<method>gptq|awq|awq-gptq)-)?w(?P<bits>[2-8])(?:g(?P<group>[1-9][0-9]*)|pc)(?P<actorder>-actorder)?"
+    r"(?:(?P<method>gptq|awq|awq-gptq|autoround|awq-autoround)-)?w(?P<bits>[2-8])(?:g(?P<group>[1-9][0-9]*)|pc)(?P<actorder>-actorder)?"
     r"(?P<sym>-sym)?(?:-e(?P<outside>[2-8]))?"
 )
-SWEEP_METHODS = ("rtn", "gptq", "gptq-actorder", "awq", "awq-gptq")
+SWEEP_METHODS = ("rtn", "gptq", "gptq-actorder", "awq", "awq-gptq", "autoround", "awq-autoround")
 # a llama.cpp K-quant grid or mix is a recipe name too: "q4_k" (RTN, every Linear Q4_K), "gptq-q4_k", "awq-q6_k",
 # "gptq-q4_k_m" (llama-quantize's Q4_K_M mix of types, embedding and head Q8_0), "gptq-q3_k_m-actorder"
 # (numerics/kquant.py, numerics/kquant_mix.py; widths that are not multiples of 256 get the type's fallback grid)
 # "imatrix-q4_k_m": RTN whose fit is weighed by the calibration inputs (llama-quantize --imatrix)
 K_NAME = re.compile(r"(?:(?P<method>gptq|awq|awq-gptq|imatrix)-)?(?P<ktype>q[2-6]_k(?:_[sml])?)(?P<actorder>-actorder)?")
 K_METHODS = (*SWEEP_METHODS, "imatrix")
+FLOAT_NAME = re.compile(r"(?P<method>gptq|awq|awq-gptq)-(?P<scheme>fp8-dynamic|fp8|nvfp4a16|nvfp4|mxfp4a16|mxfp4)"
+                        r"(?P<actorder>-actorder)?")
 
 
 def parse_recipe_name(name_or_path: str) -> tuple[str, tuple[str, int, int, int, bool] | None]:
-    """("preset" | "file" | "sweep" | "ggml", (method, bits, group size or 0, embedding/head bits or 0, symmetric) for a
-    grid point, (method, K type) for a K-quant one) of
+    """("preset" | "file" | "sweep" | "ggml" | "float", (method, bits, group size or 0, embedding/head bits or 0,
+    symmetric) for a grid point, (method, K type) for a K-quant one, (method, scheme) for a float one) of
     a name lowbit takes for a recipe (whether a file holds a valid recipe is checked when it is read); else the
     one-line unknown-recipe error."""
     if name_or_path in PRESETS:
         return "preset", None
+    float_point = FLOAT_NAME.fullmatch(name_or_path.lower())
+    if float_point is not None and (float_point["method"] == "gptq" or not float_point["actorder"]):
+        method = float_point["method"] + ("-actorder" if float_point["actorder"] else "")
+        return "float", (method, float_point["scheme"])  # type: ignore[return-value]
     if Path(name_or_path).suffix == ".json" or Path(name_or_path).exists():
         return "file", None
     k_point = K_NAME.fullmatch(name_or_path.lower())
@@ -83,7 +101,8 @@ def parse_recipe_name(name_or_path: str) -> tuple[str, tuple[str, int, int, int,
     raise LowbitError(
         f"unknown recipe {name_or_path!r}: pass a preset ({', '.join(PRESETS)}), a weight-only grid point named like "
         "the presets (e.g. gptq-w4g64, awq-w3pc, w2g32, gptq-w4g64-actorder, gptq-w4g128-sym, awq-w4g128-e8), a llama.cpp "
-        "K-quant grid or mix (q4_k, imatrix-q4_k_m, gptq-q4_k_m, awq-q6_k, gptq-q3_k_m-actorder) or the path of a JSON recipe file"
+        "K-quant grid or mix (q4_k, imatrix-q4_k_m, gptq-q4_k_m, awq-q6_k, gptq-q3_k_m-actorder), a float scheme with a "
+        "method (gptq-nvfp4a16, awq-mxfp4a16, gptq-fp8-dynamic) or the path of a JSON recipe file"
     )
 
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from lowbit.errors import LowbitError
 from lowbit.numerics.kquant_mix import K_MIXES
-from lowbit.preset_names import PRESETS, SWEEP_METHODS, parse_recipe_name
+from lowbit.preset_names import FLOAT_SCHEMES, PRESETS, SWEEP_METHODS, parse_recipe_name
 from lowbit.recipe import (
     AWQ,
+    AutoRound,
     GPTQ,
     RTN,
     ActQuant,
@@ -60,6 +61,7 @@ def _steps() -> dict[str, tuple]:
         "w4g128-e8": (RTN(W4_G128),),
         "w4g128-e6": (RTN(W4_G128),),
         "gptq-w4g128-e6": (GPTQ(W4_G128),),
+        **{name: float_steps("rtn", name) for name in FLOAT_SCHEMES},
     }
     assert list(steps) == list(PRESETS), "every preset has a name, a description (preset_names.py) and steps (here)"
     return steps
@@ -84,6 +86,9 @@ def resolve_recipe(name_or_path: str) -> Recipe:
         return Recipe.from_file(name_or_path)
     if kind == "ggml":
         return k_recipe(*point)  # type: ignore[misc]
+    if kind == "float":
+        method, scheme = point  # type: ignore[misc]
+        return Recipe(steps=float_steps(method, scheme), name=name_or_path.lower())
     return sweep_recipe(*point)
 
 
@@ -92,22 +97,39 @@ def k_recipe(method: str, ktype: str) -> Recipe:
     ``ktype`` ("Q4_K": every Linear) or mix ("Q4_K_M": each Linear's type as llama-quantize chooses it, the
     embedding and head on Q8_0), named like ``gptq-q4_k`` / ``imatrix-q4_k_m``."""
     grid = WeightQuant.k_grid(ktype)
-    steps = (RTN(grid, importance=True),) if method == "imatrix" else _method_steps(grid)[method]
+    steps = (RTN(grid, importance=True),) if method == "imatrix" else _method_steps(grid, method)
     head = {"rtn": "", "gptq-actorder": "gptq-"}.get(method, f"{method}-")
     tail = "-actorder" if method == "gptq-actorder" else ""
     outside = Q8_0 if grid.ggml in K_MIXES else None
     return Recipe(steps=steps, name=f"{head}{ktype.lower()}{tail}", embeddings=outside, head=outside)
 
 
-def _method_steps(grid: WeightQuant) -> dict[str, tuple]:
-    """Each sweep method's steps on ``grid``."""
+def float_steps(method: str, scheme: str) -> tuple:
+    """The steps of float scheme ``scheme`` (preset_names.FLOAT_SCHEMES) with ``method`` rounding its weights:
+    "fp8" per-tensor FP8 weights and static FP8 inputs, "fp8-dynamic" per-channel weights and per-token inputs,
+    "nvfp4a16" / "mxfp4a16" weights only, "nvfp4" / "mxfp4" their inputs too."""
+    kind = scheme.removesuffix("-dynamic").removesuffix("a16").upper()
+    static_fp8 = scheme == "fp8"
+    grid = WeightQuant.float_grid(kind, "tensor" if static_fp8 else "channel")
+    weights = _method_steps(grid, method)
+    if scheme.endswith("a16"):
+        return weights
+    inputs = ActQuant(bits=grid.bits, granularity="tensor" if static_fp8 else "token", dynamic=not static_fp8,
+                      float_type=kind)
+    return (*weights, inputs)
+
+
+def _method_steps(grid: WeightQuant, method: str) -> tuple:
+    """The steps of sweep method ``method`` on ``grid`` (each built on demand: a step checks its grid)."""
     return {
-        "rtn": (RTN(grid),),
-        "gptq": (GPTQ(grid),),
-        "gptq-actorder": (GPTQ(grid, **ACT_ORDER),),
-        "awq": (AWQ(grid),),
-        "awq-gptq": (AWQ(grid), GPTQ(grid)),
-    }
+        "rtn": lambda: (RTN(grid),),
+        "gptq": lambda: (GPTQ(grid),),
+        "gptq-actorder": lambda: (GPTQ(grid, **ACT_ORDER),),
+        "awq": lambda: (AWQ(grid),),
+        "awq-gptq": lambda: (AWQ(grid), GPTQ(grid)),
+        "autoround": lambda: (AutoRound(grid),),
+        "awq-autoround": lambda: (AWQ(grid), AutoRound(grid)),
+    }[method]()
 
 
 def outside_grid(bits: int) -> WeightQuant:
@@ -126,10 +148,9 @@ def sweep_recipe(method: str, bits: int, group_size: int, outside_bits: int = 0,
         raise LowbitError(f"group size {group_size} is negative; use 0 for per-channel or e.g. 128")
     grid = WeightQuant(bits=bits, symmetric=symmetric, granularity="group" if group_size else "channel",
                        group_size=group_size or 128)
-    steps = _method_steps(grid)
     head = {"rtn": "", "gptq-actorder": "gptq-"}.get(method, f"{method}-")
     tail = ("-actorder" if method == "gptq-actorder" else "") + ("-sym" if symmetric else "") + \
         (f"-e{outside_bits}" if outside_bits else "")
     outside = outside_grid(outside_bits) if outside_bits else None
-    return Recipe(steps=steps[method], name=f"{head}w{bits}{f'g{group_size}' if group_size else 'pc'}{tail}",
+    return Recipe(steps=_method_steps(grid, method), name=f"{head}w{bits}{f'g{group_size}' if group_size else 'pc'}{tail}",
                   embeddings=outside, head=outside)

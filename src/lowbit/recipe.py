@@ -16,6 +16,7 @@ from typing import Any
 
 from lowbit.errors import LowbitError
 from lowbit.methods.act_quant import ActQuant
+from lowbit.methods.autoround import AutoRound
 from lowbit.methods.awq import AWQ
 from lowbit.methods.base import GRANULARITIES, RECIPE_FIX, STAGE_NAMES, TRANSFORM, Needs, Step, WeightQuant, check
 from lowbit.methods.gptq import GPTQ
@@ -28,7 +29,7 @@ from lowbit.methods.sparsegpt import SparseGPT
 from lowbit.schema import check_fields, check_record, check_value, read_json
 
 __all__ = [
-    "GRANULARITIES", "RECIPE_FIX", "STEP_TYPES", "AWQ", "GPTQ", "RTN", "ActQuant", "LLMInt8", "Prune", "Recipe",
+    "GRANULARITIES", "RECIPE_FIX", "STEP_TYPES", "AWQ", "AutoRound", "GPTQ", "RTN", "ActQuant", "LLMInt8", "Prune", "Recipe",
     "SmoothQuant", "SparseGPT", "Step", "WeightQuant", "parse_pattern", "step_from_dict",
 ]
 _WEIGHT_FIELDS = {f.name for f in dataclasses.fields(WeightQuant)}
@@ -97,6 +98,7 @@ class Recipe:
             f"use one equivalence transform per recipe, got {[s.kind for s in transforms]}",
         )
         self._check_k_grids()
+        self._check_float_grids()
         if not self.stored:
             for step in self.steps:
                 step.check_recipe(self)
@@ -121,6 +123,20 @@ class Recipe:
                "break", "use act-order's default static groups")
         plain = [s.grid.label for s in self.steps if s.grid is not None and not s.grid.ggml]
         _check(not plain, f"every step searches or rounds on the same grid; got {k_grids[0]} and {plain}")
+
+    def _check_float_grids(self) -> None:
+        """Float grids (FP8, MXFP4, NVFP4) on the blocks' Linears, one type per recipe, in column-order groups."""
+        for key in ("embeddings", "head"):
+            grid = getattr(self, key)
+            _check(grid is None or not grid.float_type, f"the {key} grid is {grid.label if grid else ''}: float grids "
+                   "are for the blocks' Linears", "give it an integer grid (e.g. bits 8 symmetric g32) or none")
+        types = {s.grid.float_type for s in self.steps if s.grid is not None}
+        if types == {""} or not types:
+            return
+        _check(len(types) == 1, f"every step searches or rounds on the same grid; got {sorted(types)}")
+        _check(not any(getattr(s, "act_order", False) and not getattr(s, "static_groups", True) for s in self.steps),
+               f"{types.pop()} blocks are in column order, which act-order groups with a g_idx (static_groups=false) "
+               "break", "use act-order's default static groups")
 
     @property
     def transform(self) -> Step | None:
@@ -172,6 +188,10 @@ class Recipe:
         """Refuse, before any work, a recipe whose output the exporter ``fmt`` cannot hold."""
         for step in self.effective_steps:
             step.check_export(fmt)
+        float_grid = next((s.grid.float_type for s in self.steps if s.grid is not None and s.grid.float_type), "")
+        if float_grid and fmt in ("gguf", "gptq"):
+            raise LowbitError(f"{float_grid} is a float grid, which {fmt.upper()} cannot hold: export --format "
+                              "compressed-tensors (vLLM reads FP8, NVFP4 and MXFP4 from it)")
         k_grid = next((s.grid.ggml for s in self.steps if s.grid is not None and s.grid.ggml), "")
         if k_grid and fmt != "gguf":
             raise LowbitError(

@@ -10,6 +10,7 @@ from typing import Any
 
 from rich.table import Table
 
+from lowbit.numerics.grid_usage import GridUsage
 from lowbit.pipeline.inspect import ChannelStats, Inspection
 
 
@@ -111,7 +112,23 @@ def findings(inspection: Inspection) -> list[str]:
     grids = list(weights[0])
     shares = ", ".join(f"{g.replace('_', '-')} {100 * statistics.median(w[g].zero_share for w in weights):.1f}%" for g in grids)
     lines.append(f"Weights at INT4, median share of values rounded to zero: {shares}.")
+    lines.append(_float_finding(inputs))
     return lines
+
+
+def _float_finding(inputs: list[ChannelStats]) -> str:
+    """The float grids' median zero shares, next to the integer grids' above."""
+    def median_share(usages: list[dict[str, GridUsage]], key: str) -> str:
+        shares = [u[key].zero_share for u in usages if key in u]
+        return f"{100 * statistics.median(shares):.1f}%" if shares else "n/a (widths)"
+
+    acts = [r.activations.get("float", {}) for r in inputs]
+    weights = [w.get("float", {}) for r in inputs for w in r.weights.values()]
+    return ("Float grids, median share of values rounded to zero: inputs FP8 per-tensor "
+            f"{median_share(acts, 'fp8_per_tensor')}, per-token {median_share(acts, 'fp8_per_token')}, NVFP4 "
+            f"{median_share(acts, 'nvfp4')}, MXFP4 {median_share(acts, 'mxfp4')}; weights FP8 per-channel "
+            f"{median_share(weights, 'fp8_per_channel')}, NVFP4 {median_share(weights, 'nvfp4')}, MXFP4 "
+            f"{median_share(weights, 'mxfp4')}.")
 
 
 def inspection_json(inspection: Inspection) -> dict[str, Any]:

@@ -38,6 +38,8 @@ def weight_grid(row: dict[str, Any]) -> tuple[int, str] | None:
     assert grid is not None
     if grid.ggml:  # a llama.cpp K type or mix is its own grid, not the integer grid of its sub-blocks
         return grid.bits, grid.ggml
+    if grid.float_type:  # NVFP4 is not INT4 g16
+        return grid.bits, grid.label
     return grid.bits, {"tensor": "per-tensor", "channel": "per-channel"}.get(grid.granularity, f"g{grid.group_size}")
 
 

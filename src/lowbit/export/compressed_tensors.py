@@ -1,7 +1,7 @@
 """Export a lowbit checkpoint as compressed-tensors (the format vLLM and transformers load): weight-only INT2..INT8
 Linears as ``pack-quantized`` with the recipe's group size, W8A8-style Linears (quantized weights and symmetric
-integer inputs, per token or per tensor) as ``int-quantized``, everything else as it is, and
-``quantization_config`` in config.json.
+integer inputs, per token or per tensor) as ``int-quantized``, float grids (FP8, NVFP4, MXFP4) as compressed-tensors'
+float formats (compressed_tensors_float.py), everything else as it is, and ``quantization_config`` in config.json.
 
 Per weight-only Linear (compressed-tensors names, lowbit's integer codes unchanged):
   weight_packed     int32 [out, ceil(in * bits / 32)]   signed codes q = code - 2**(bits-1), packed densely
@@ -35,6 +35,7 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.preset_names import SWEEP_NAME
+from lowbit.export.compressed_tensors_float import float_module_tensors, float_scheme
 from lowbit.export.hf_folder import write_hf_folder
 from lowbit.models.checkpoint_names import hub_module_name, hub_tensor_name
 from lowbit.models.experts import is_router
@@ -42,6 +43,7 @@ from lowbit.numerics.qweight import QWeight
 from lowbit.methods.act_quant import ASYMMETRIC_INPUTS
 from lowbit.recipe import Recipe
 from lowbit.runtime.act_quant import ActQuantLinear
+from lowbit.runtime.float_linear import FloatQuantLinear
 from lowbit.runtime.kquant_linear import KQuantLinear, k_grid_refusal
 from lowbit.runtime.llm_int8 import Int8OutlierLinear
 from lowbit.runtime.sparse import SparseLinear
@@ -146,6 +148,16 @@ def compressed_module(qweight: QWeight, dtype: torch.dtype) -> dict[str, torch.T
     return tensors
 
 
+def _integer_group(module: WeightOnlyLinear, dtype: torch.dtype) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(config group, tensors) of an integer Linear: pack-quantized, or int-quantized where it quantizes its inputs."""
+    qweight = module.unpacked()
+    acts = activation_scheme(module) if isinstance(module, ActQuantLinear) else None
+    group = {"targets": [], "weights": weight_scheme(qweight), "input_activations": acts,
+             "output_activations": None, "format": CT_FORMAT if acts is None else CT_ACT_FORMAT}
+    tensors = compressed_module(qweight, dtype) if acts is None else int_quantized_module(module, dtype)
+    return group, tensors
+
+
 def compressed_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
     """(state dict, quantization_config) of a lowbit-loaded model; a pure function of the model. The config is None
     when no Linear is quantized (a pruning-only recipe: dense weights, see the module docstring)."""
@@ -159,13 +171,12 @@ def compressed_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], di
         elif isinstance(module, WeightOnlyLinear):
             if isinstance(module, Int8OutlierLinear):
                 raise LowbitError(f"{name} is LLM.int8() (outlier columns in float), which compressed-tensors cannot hold")
-            qweight = module.unpacked()
-            acts = activation_scheme(module) if isinstance(module, ActQuantLinear) else None
-            group = {"targets": [], "weights": weight_scheme(qweight), "input_activations": acts,
-                     "output_activations": None, "format": CT_FORMAT if acts is None else CT_ACT_FORMAT}
+            if isinstance(module, FloatQuantLinear):  # FP8, NVFP4, MXFP4: compressed_tensors_float.py
+                group, tensors = {"targets": [], **float_scheme(module)}, float_module_tensors(module)
+            else:
+                group, tensors = _integer_group(module, dtype)
             key = json.dumps({k: v for k, v in group.items() if k != "targets"}, sort_keys=True)
             groups.setdefault(key, group)["targets"].append(name)
-            tensors = compressed_module(qweight, dtype) if acts is None else int_quantized_module(module, dtype)
             state.update({f"{name}.{k}": v for k, v in tensors.items()})
         else:
             continue

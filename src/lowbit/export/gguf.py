@@ -27,6 +27,7 @@ from lowbit.numerics.kquant import KParams, KQWeight
 from lowbit.numerics.qweight import QWeight
 from lowbit.recipe import Recipe
 from lowbit.runtime.embedding import QuantizedEmbedding
+from lowbit.runtime.float_linear import FloatQuantLinear
 from lowbit.runtime.kquant_linear import KQuantLinear
 from lowbit.runtime.sparse import SparseLinear
 from lowbit.runtime.weight_only import WeightOnlyLinear
@@ -147,6 +148,9 @@ def check_exportable(model: nn.Module) -> dict[str, str]:
             except LowbitError as exc:
                 raise LowbitError(f"{name}: {exc}") from None
         if isinstance(module, WeightOnlyLinear):
+            if isinstance(module, FloatQuantLinear):
+                raise LowbitError(f"{name} is on the {module.float_type} float grid, which lowbit's GGUF export does "
+                                  "not write: export compressed-tensors, or quantize on a K-quant grid (e.g. gptq-q4_k_m)")
             if type(module) not in (WeightOnlyLinear, KQuantLinear):
                 raise LowbitError(
                     f"{name} is {type(module).__name__} (activations quantized at run time), which GGUF cannot express; "

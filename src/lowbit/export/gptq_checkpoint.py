@@ -38,6 +38,7 @@ from lowbit.numerics.packing import pack_bits
 from lowbit.numerics.qweight import QWeight
 from lowbit.recipe import Recipe
 from lowbit.runtime.act_quant import ActQuantLinear
+from lowbit.runtime.float_linear import FloatQuantLinear
 from lowbit.runtime.embedding import QuantizedEmbedding
 from lowbit.runtime.fast import KernelModule
 from lowbit.runtime.kquant_linear import KQuantLinear, k_grid_refusal
@@ -142,6 +143,9 @@ def gptq_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str
                               "export compressed-tensors (dense) or add a weight grid after the pruning")
         if isinstance(module, KQuantLinear):
             raise LowbitError(k_grid_refusal(name, module.ggml, "the GPTQ format"))
+        if isinstance(module, FloatQuantLinear):
+            raise LowbitError(f"{name} is on the {module.float_type} float grid, which the GPTQ format (integer codes) "
+                              "cannot hold: export compressed-tensors")
         if isinstance(module, WeightOnlyLinear):
             quantized[name] = module.unpacked()
         elif isinstance(module, nn.Linear) and module is not head and id(module) not in routers:

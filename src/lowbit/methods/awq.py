@@ -30,7 +30,7 @@ def same_grid(a: WeightQuant, b: WeightQuant) -> bool:
     """Whether two grids round alike (a group size is irrelevant unless the granularity is per-group)."""
     def key(w: WeightQuant) -> tuple:
         return (w.bits, w.symmetric, w.granularity, w.group_size if w.granularity == "group" else None, w.ggml,
-                w.fit)
+                w.fit, w.float_type)
 
     return key(a) == key(b)
 

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
+from lowbit.numerics.float_formats import FLOAT_TYPES
 from lowbit.numerics.kquant import FALLBACK_GROUP, K_TYPES, SUPER_BLOCK, k_type
 from lowbit.numerics.kquant_mix import K_MIXES, LinearPlace, mix_type
 from lowbit.schema import check_fields
@@ -60,6 +62,10 @@ class WeightQuant:
     (GPTQ's Hessian diagonal, RTN's ``importance``) its scale comes from a weighted least-squares search; asymmetric
     groups keep their range (their zero point is an integer code). The fallback grids of the K types fit "llama";
     the K types themselves always do, each sub-block searched (a grid with ``ggml`` reads fit "llama").
+    ``float_type``: a float grid (numerics/float_formats.py): "FP8" (E4M3 elements, one float32 scale per tensor,
+    channel or group), "MXFP4" (E2M1, a power-of-two scale per 32 columns) or "NVFP4" (E2M1, an E4M3 scale per 16
+    and a float32 one per tensor). Its bits, symmetry and (FP4) group size are the type's, stated in full
+    (``WeightQuant.float_grid`` builds it); its fit is the range.
     """
 
     bits: int = 4
@@ -68,6 +74,7 @@ class WeightQuant:
     group_size: int = 128
     ggml: str = ""
     fit: str = "range"
+    float_type: str = ""
 
     def __post_init__(self) -> None:
         check_fields(self, "weights", RECIPE_FIX)
@@ -82,6 +89,8 @@ class WeightQuant:
             object.__setattr__(self, "fit", "llama")
         check(self.fit == "range" or self.granularity == "group",
               f"the {self.fit!r} fit searches per group; this grid is per-{self.granularity}", "use granularity \"group\"")
+        if self.float_type:
+            self._check_float_type()
         if self.ggml:
             kt = K_TYPES.get(K_MIXES.get(self.ggml, self.ggml))
             check(kt is not None, f"weights ggml must be a K type ({', '.join(K_TYPES)}) or a llama.cpp mix "
@@ -95,6 +104,31 @@ class WeightQuant:
                 f"granularity={self.granularity!r}, group_size={self.group_size}",
                 "state the type's own values (`lowbit recipes gptq-q4_k` prints a valid grid)",
             )
+
+    def _check_float_type(self) -> None:
+        ft = FLOAT_TYPES.get(self.float_type)
+        check(ft is not None, f"weights float_type must be one of {', '.join(FLOAT_TYPES)}, got {self.float_type!r}")
+        assert ft is not None
+        check(not self.ggml, f"a grid is either llama.cpp's ({self.ggml}) or a float one ({self.float_type})")
+        check(self.fit == "range", f"{ft.name} grids are fitted from their range, got fit {self.fit!r}")
+        own = (ft.bits, True) + (("group", ft.block) if ft.block else (self.granularity, self.group_size))
+        check(
+            (self.bits, self.symmetric, self.granularity, self.group_size) == own,
+            f"{ft.name} is bits={ft.bits}, symmetric=true" + (f", granularity=\"group\", group_size={ft.block}"
+                                                              if ft.block else "")
+            + f"; this grid says bits={self.bits}, symmetric={str(self.symmetric).lower()}, granularity="
+            f"{self.granularity!r}, group_size={self.group_size}",
+            "state the type's own values (`lowbit recipes nvfp4a16` prints a valid grid)",
+        )
+
+    @staticmethod
+    def float_grid(name: str, granularity: str = "channel") -> WeightQuant:
+        """The grid of float type ``name`` ("FP8", "MXFP4", "NVFP4"); ``granularity`` is FP8's (the FP4 types'
+        is their block)."""
+        ft = FLOAT_TYPES[name]
+        if ft.block:
+            return WeightQuant(bits=ft.bits, symmetric=True, granularity="group", group_size=ft.block, float_type=name)
+        return WeightQuant(bits=ft.bits, symmetric=True, granularity=granularity, float_type=name)
 
     @staticmethod
     def k_grid(name: str) -> WeightQuant:
@@ -124,6 +158,8 @@ class WeightQuant:
         if self.ggml:
             return self.ggml
         grid = {"tensor": "per-tensor", "channel": "per-channel"}.get(self.granularity, f"g{self.group_size}")
+        if self.float_type:
+            return self.float_type if FLOAT_TYPES[self.float_type].block else f"{self.float_type} {grid}"
         return f"W{self.bits} {'sym' if self.symmetric else 'asym'} {grid}"
 
 
@@ -135,11 +171,15 @@ class Needs:
     hessian_skip_first: int = 0  # sequence positions left out of the Hessian
     input_norm: bool = False  # per input channel ||X_j||_2 (Wanda)
     input_absmax: bool = False  # per input channel max |X_j| (static activation scales)
+    # the float model's own outputs of each block, from a second stream of float inputs carried along the quantized
+    # one (AutoRound's targets: each block is tuned toward what the unquantized model computes there)
+    float_targets: bool = False
 
     def __or__(self, other: Needs) -> Needs:
         return Needs(
             self.hessian or other.hessian, max(self.hessian_skip_first, other.hessian_skip_first),
             self.input_norm or other.input_norm, self.input_absmax or other.input_absmax,
+            self.float_targets or other.float_targets,
         )
 
 
@@ -150,6 +190,10 @@ class LinearStats:
     hessian: torch.Tensor | None = None  # [in, in]
     input_norm: torch.Tensor | None = None  # [in]
     input_absmax: torch.Tensor | None = None  # [in]
+    tuned: Any = None  # what a block-level step learned for this Linear (``tune_block``: AutoRound's rounding)
+    # the largest |w| over the Linears that share this one's input (q/k/v, gate/up), on grids with a tensor scale
+    # (NVFP4): servers fuse those Linears and multiply them with one tensor scale (vLLM takes the largest)
+    tensor_absmax: torch.Tensor | None = None
 
 
 @dataclass
@@ -227,6 +271,15 @@ class Step:
         """An output-preserving transform of the whole block before compression; returns the block's
         full-precision outputs (or None when this step has no such transform)."""
         return None
+
+    def tune_block(
+        self, ctx: BlockContext, targets: list[torch.Tensor], weight_of: Callable[[str], torch.Tensor]
+    ) -> dict[str, Any]:
+        """Learn something for each Linear from the whole block before it is compressed (AutoRound's rounding):
+        ``targets`` are the float model's outputs of this block per calibration batch (``Needs.float_targets``),
+        ``weight_of(path)`` the float weight [out, in] the Linear will be compressed from (after
+        ``adjust_weight``). Returns, per Linear path, what its ``compress`` reads as ``stats.tuned``."""
+        return {}
 
     def adjust_weight(self, ctx: BlockContext, path: str, weight: torch.Tensor) -> torch.Tensor:
         """The float weight [out, in] before compression (AWQ's clip); unchanged by default."""

@@ -71,7 +71,7 @@ class GPTQ(Step):
             c.weight, stats.hessian, self.weights, keep_mask=c.keep, act_order=self.act_order,
             # static groups mean something only under act-order (column order's groups are column groups anyway)
             static_groups=self.act_order and self.static_groups, upfront_groups=self.upfront_groups,
-            shrink=self.shrink, damp=self.damp, block_size=self.block_size,
+            shrink=self.shrink, damp=self.damp, block_size=self.block_size, tensor_absmax=stats.tensor_absmax,
         )
         c.qweight = result.qweight
         c.notes.append(damp_note(result.damp, result.retries))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from lowbit.errors import LowbitError
 from lowbit.methods.act_quant import ActQuant
+from lowbit.methods.autoround import AutoRound
 from lowbit.methods.awq import AWQ
 from lowbit.methods.base import Step
 from lowbit.methods.gptq import GPTQ
@@ -24,5 +25,5 @@ def register(cls: type[Step]) -> type[Step]:
     return cls
 
 
-for _cls in (RTN, GPTQ, AWQ, SmoothQuant, ActQuant, LLMInt8, Prune, SparseGPT):
+for _cls in (RTN, GPTQ, AutoRound, AWQ, SmoothQuant, ActQuant, LLMInt8, Prune, SparseGPT):
     register(_cls)

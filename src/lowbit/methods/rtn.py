@@ -42,4 +42,4 @@ class RTN(Step):
         if self.importance:
             assert stats.input_norm is not None
             importance = stats.input_norm.float() ** 2  # [in]: sum over tokens of x_j^2
-        c.qweight = rtn(c.weight, self.weights, importance)
+        c.qweight = rtn(c.weight, self.weights, importance, stats.tensor_absmax)

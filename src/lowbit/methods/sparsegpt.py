@@ -43,7 +43,7 @@ class SparseGPT(Step):
         assert stats.hessian is not None
         result = sparsegpt(
             c.weight, stats.hessian, self.sparsity or 0.0, parse_pattern(self.pattern), self.weights, self.damp,
-            self.block_size,
+            self.block_size, stats.tensor_absmax,
         )
         c.weight, c.qweight, c.keep = result.weight, result.qweight, ~result.pruned
         c.notes.append(damp_note(result.damp, result.retries))

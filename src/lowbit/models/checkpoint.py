@@ -125,7 +125,9 @@ def all_finite(tensor: torch.Tensor) -> bool:
     """No NaN or inf in ``tensor``, checked in slices (on Gemma 3's 671 MB float32 embedding the one-shot check
     raised the process's peak by 1.1 GB)."""
     flat = tensor.reshape(-1)
-    return all(bool(torch.isfinite(flat[i : i + FINITE_CHUNK]).all()) for i in range(0, flat.numel(), FINITE_CHUNK))
+    widen = flat.element_size() == 1  # float8 (NVFP4's block scales): isfinite has no kernel for it; NaN survives .float()
+    return all(bool(torch.isfinite(flat[i : i + FINITE_CHUNK].float() if widen else flat[i : i + FINITE_CHUNK]).all())
+               for i in range(0, flat.numel(), FINITE_CHUNK))
 
 
 COPY_CHUNK = 64 << 20  # bytes copied out of the memory map at a time

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from lowbit.numerics.float_formats import FLOAT_TYPES, fake_quantize_blocks
+from lowbit.numerics.float_quant import tensor_global_scale
 from lowbit.numerics.grid import fake_quantize, fit_scale_zero, group_count
 from lowbit.numerics.rtn import group_size_for
 from lowbit.methods.base import WeightQuant
@@ -19,7 +21,10 @@ def _grouped(W: torch.Tensor, X: torch.Tensor, gs: int) -> tuple[torch.Tensor, t
     return Wg, Xg
 
 
-def _quantize_groups(Wg: torch.Tensor, spec: WeightQuant) -> torch.Tensor:
+def _quantize_groups(Wg: torch.Tensor, spec: WeightQuant, global_: torch.Tensor | None) -> torch.Tensor:
+    """Wg [rows, g, gs] fake-quantized per group (a float grid's: NVFP4 relative to the tensor's ``global_``)."""
+    if spec.float_type:
+        return fake_quantize_blocks(Wg, Wg.abs().amax(dim=-1), FLOAT_TYPES[spec.float_type], global_)
     scale, zero = fit_scale_zero(Wg.amin(dim=-1), Wg.amax(dim=-1), spec.bits, spec.symmetric)
     return fake_quantize(Wg, scale.unsqueeze(-1), zero.unsqueeze(-1), spec.bits)
 
@@ -37,6 +42,8 @@ def awq_clip(
     if spec.granularity == "tensor":
         return None
     gs = group_size_for(spec, W.shape[1])
+    # NVFP4's tensor scale, from the unclipped weight (clipping moves it only where the largest group is clipped)
+    global_ = tensor_global_scale(W.float(), FLOAT_TYPES[spec.float_type]) if spec.float_type else None
     best_rows = []
     for r0 in range(0, W.shape[0], row_batch):
         Wg, Xg = _grouped(W[r0 : r0 + row_batch].float(), X.float(), gs)  # [rows, g, gs], [t, g, gs]
@@ -47,7 +54,7 @@ def awq_clip(
         for i in range(int(max_shrink * n_grid)):
             max_val = org_max * (1 - i / n_grid)
             clipped = torch.clamp(Wg, -max_val.unsqueeze(-1), max_val.unsqueeze(-1))
-            out = torch.einsum("tgk,ogk->ogt", Xg, _quantize_groups(clipped, spec))
+            out = torch.einsum("tgk,ogk->ogt", Xg, _quantize_groups(clipped, spec, global_))
             err = (out - reference).pow(2).mean(dim=-1)  # [rows, g]
             better = err < best_err
             best_err = torch.where(better, err, best_err)

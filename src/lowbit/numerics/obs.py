@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from lowbit.errors import LowbitError
+from lowbit.numerics.float_formats import FLOAT_TYPES, block_scales, element_codes, element_values
+from lowbit.numerics.float_quant import FloatQWeight, check_width, group_absmax, tensor_global_scale
 from lowbit.numerics.grid import group_count, round_to_grid
 from lowbit.numerics.hessian import inverse_hessian, prepare_hessian
 from lowbit.numerics.kquant import SUPER_BLOCK, KParams, KQWeight, fit_kparams, k_type, k_values, round_k
@@ -24,7 +26,7 @@ from lowbit.methods.base import WeightQuant
 @dataclass
 class ObsResult:
     weight: torch.Tensor  # W_hat [out, in] float32: dequantized and/or pruned
-    qweight: QWeight | KQWeight | None  # set when a grid was given
+    qweight: QWeight | KQWeight | FloatQWeight | None  # set when a grid was given
     pruned: torch.Tensor  # bool [out, in], True where the weight was removed
     damp: float
     retries: int
@@ -155,6 +157,63 @@ class _KGrid:
         return KQWeight(codes, KParams(*cat), self.kt.name)
 
 
+class _FloatGrid:
+    """A float grid (FP8, MXFP4, NVFP4; numerics/float_quant.py) for the sweep: each group's scale from its absmax,
+    fitted lazily as the sweep enters the group (from the error-updated weights, as ``_Grid`` fits one), or up front
+    from the original weights (per-tensor and per-channel grids, act-order, whose groups stay in column order, and
+    ``upfront``). NVFP4's tensor scale always comes from the original weights."""
+
+    def __init__(
+        self, spec: WeightQuant, W: torch.Tensor, perm: torch.Tensor | None, upfront: bool,
+        tensor_absmax: torch.Tensor | None,
+    ) -> None:
+        self.ft = FLOAT_TYPES[spec.float_type]
+        out, n = W.shape
+        check_width(self.ft, n)
+        self.per_tensor = spec.granularity == "tensor"
+        self.gs = group_size_for(spec, n)
+        self.perm = perm
+        self.global_ = tensor_global_scale(W, self.ft, tensor_absmax)
+        rows, n_groups = (1 if self.per_tensor else out), group_count(n, self.gs)
+        self.fitted = [False] * n_groups
+        self.stored: torch.Tensor | None = None  # [rows, n_groups] in the format's storage dtype
+        self.step_t = torch.zeros(n, rows, device=W.device)  # each ORIGINAL column's step, rows contiguous
+        if perm is not None or upfront or self.per_tensor or self.gs == n:
+            for start in range(0, n, self.gs):
+                self._set(start, W[:, start : start + self.gs])
+
+    def _set(self, start: int, columns: torch.Tensor) -> None:
+        """Fit the group of original columns start .. start + gs - 1 from ``columns`` [out, gs]."""
+        stored, step = block_scales(group_absmax(columns, self.gs, self.per_tensor), self.ft, self.global_)  # [rows, 1]
+        if self.stored is None:
+            self.stored = torch.empty(stored.shape[0], len(self.fitted), dtype=stored.dtype, device=stored.device)
+        g = start // self.gs
+        self.stored[:, g : g + 1] = stored
+        self.step_t[start : start + self.gs] = step.T
+        self.fitted[g] = True
+
+    def _original(self, col: int) -> int:
+        return int(self.perm[col]) if self.perm is not None else col
+
+    def needs_fit(self, col: int) -> bool:
+        return not self.fitted[self._original(col) // self.gs]
+
+    def fit(self, col: int, upcoming: torch.Tensor) -> None:
+        """Fit the group the (column-order) sweep enters at ``col`` from its current values ``upcoming``."""
+        self._set(col, upcoming[:, : self.gs])
+
+    def quantize(self, w: torch.Tensor, col: int, value_out: torch.Tensor) -> torch.Tensor:
+        """Element codes of sweep column ``col`` (w [out]); writes their grid values into ``value_out`` [out]."""
+        step = self.step_t[self._original(col)]  # [rows]
+        code = element_codes(w / step, self.ft)
+        torch.mul(element_values(code, self.ft), step, out=value_out)
+        return code
+
+    def qweight(self, codes: torch.Tensor) -> FloatQWeight:
+        assert self.stored is not None and all(self.fitted)
+        return FloatQWeight(codes, self.stored, self.global_, self.ft.name, self.gs)
+
+
 def obs_compress(
     W: torch.Tensor,
     H: torch.Tensor,
@@ -169,12 +228,14 @@ def obs_compress(
     shrink: float = 0.0,
     damp: float = 0.01,
     block_size: int = 128,
+    tensor_absmax: torch.Tensor | None = None,
 ) -> ObsResult:
     """Round (``spec``) and/or prune (``sparsity`` unstructured per block, or ``nm`` = (kept, M)) W [out, in]
     using the Hessian H [in, in]. ``keep_mask`` (bool [out, in], False = already pruned) pins earlier pruning:
     those weights stay exactly zero and their removal error is compensated like any other. ``shrink`` pulls H's
     off-diagonal toward zero, H <- (1 - shrink) H + shrink diag(H): less compensation through correlations that
-    the calibration tokens estimate poorly (docs/actorder.md)."""
+    the calibration tokens estimate poorly (docs/actorder.md). ``tensor_absmax``: NVFP4's tensor scale from this absmax
+    (shared by the Linears a server fuses) instead of W's own."""
     out_features, n = W.shape
     if nm is not None and n % nm[1] != 0:
         raise LowbitError(f"N:M pruning needs in_features divisible by M={nm[1]}, got {n}")
@@ -189,8 +250,12 @@ def obs_compress(
     spec = spec.for_width(n) if spec is not None else None
     # each input column's importance for the grids that weigh their fit (llama.cpp's importance matrix: mean x_j^2)
     importance = torch.diagonal(H).clone()
-    grid: _Grid | _KGrid | None = None
-    if spec is not None and spec.ggml:
+    grid: _Grid | _KGrid | _FloatGrid | None = None
+    if spec is not None and spec.float_type:
+        if act_order and not static_groups:
+            raise LowbitError(f"{spec.float_type} blocks are in column order; use act-order with static groups (the default)")
+        grid = _FloatGrid(spec, W, perm, upfront_groups, tensor_absmax)
+    elif spec is not None and spec.ggml:
         if keep_mask is not None or sparsity > 0 or nm is not None:
             raise LowbitError(f"{spec.ggml} cannot hold pruned weights exactly; round them on an integer grid")
         if act_order and not static_groups:
@@ -237,7 +302,7 @@ def obs_compress(
             q = w.masked_fill(mask1[:, i], 0.0) if prunes else w
             if grid is not None and grid.needs_fit(col):
                 grid.fit(col, W[:, col : col + grid.gs])
-            if isinstance(grid, _KGrid):
+            if isinstance(grid, (_KGrid, _FloatGrid)):  # K grids refuse pruning above; 0.0 is a float grid's code
                 codes1[:, i] = grid.quantize(q, col, Q1[:, i])
                 q = Q1[:, i]
             elif grid is not None:
@@ -259,8 +324,8 @@ def obs_compress(
     if invperm is not None:
         W, codes, pruned = W[:, invperm], codes[:, invperm], pruned[:, invperm]
     W[:, dead] = 0.0
-    qweight: QWeight | KQWeight | None = None
-    if isinstance(grid, _KGrid):
+    qweight: QWeight | KQWeight | FloatQWeight | None = None
+    if isinstance(grid, (_KGrid, _FloatGrid)):
         qweight = grid.qweight(codes)
     elif grid is not None:
         scale, zero = grid.stacked()
@@ -288,6 +353,8 @@ def sparsegpt(
     spec: WeightQuant | None = None,
     damp: float = 0.01,
     block_size: int = 128,
+    tensor_absmax: torch.Tensor | None = None,
 ) -> ObsResult:
     """SparseGPT pruning (unstructured ``sparsity`` or N:M ``nm``), optionally rounding jointly to ``spec``."""
-    return obs_compress(W, H, spec, sparsity=0.0 if nm else sparsity, nm=nm, damp=damp, block_size=block_size)
+    return obs_compress(W, H, spec, sparsity=0.0 if nm else sparsity, nm=nm, damp=damp, block_size=block_size,
+                        tensor_absmax=tensor_absmax)

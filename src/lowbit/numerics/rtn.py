@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from lowbit.numerics.float_quant import FloatQWeight, float_rtn
 from lowbit.numerics.ggml_fit import storable_steps, symmetric_steps
 from lowbit.numerics.grid import fit_scale_zero, group_count, round_to_grid, symmetric_zero
 from lowbit.numerics.kquant import KQWeight, k_rtn, k_type
@@ -66,10 +67,17 @@ def quantize_with_grid(
     )
 
 
-def rtn(W: torch.Tensor, spec: WeightQuant, importance: torch.Tensor | None = None) -> QWeight | KQWeight:
-    """Round W [out, in] to the nearest point of its grid (a K-quant grid's: numerics/kquant.py), fitted under the
-    columns' ``importance`` [in] where the grid's fit uses one."""
+def rtn(
+    W: torch.Tensor, spec: WeightQuant, importance: torch.Tensor | None = None,
+    tensor_absmax: torch.Tensor | None = None,
+) -> QWeight | KQWeight | FloatQWeight:
+    """Round W [out, in] to the nearest point of its grid (a K-quant grid's: numerics/kquant.py; a float one's:
+    numerics/float_quant.py), fitted under the columns' ``importance`` [in] where the grid's fit uses one; NVFP4's
+    tensor scale from ``tensor_absmax`` where given (shared by the Linears a server fuses)."""
     spec = spec.for_width(W.shape[1])
+    if spec.float_type:
+        return float_rtn(W, spec.float_type, group_size_for(spec, W.shape[1]), spec.granularity == "tensor",
+                         tensor_absmax)
     if spec.ggml:
         return k_rtn(W, k_type(spec.ggml), importance)
     W = W.float()

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import torch
 
-from lowbit.pipeline.compress import compress_block, finish_block
+from lowbit.pipeline.compress import adjusted_weight, compress_block, finish_block
+from lowbit.pipeline.float_stream import float_targets
 from lowbit.pipeline.context import BlockContext
 from lowbit.pipeline.measure import ErrorMeter, measure_block
 from lowbit.pipeline.pass_cache import PassCache, budget_from_env
@@ -37,9 +39,10 @@ def process_block(
         for path, lin in ctx.targets.items()
     }
     meter = ErrorMeter(references, ctx.error_batches, len(fp_outputs))
+    tuned = tune_block(ctx, recipe, phases)
     # from here on the block's modules are only swapped, never edited in place: the passes can share outputs
     cache = PassCache(ctx.block, budget_from_env())
-    compressed = compress_block(ctx, recipe, cache, meter, phases)
+    compressed = compress_block(ctx, recipe, cache, meter, phases, tuned)
     mark = time.perf_counter()
     measured = measure_block(ctx.block, ctx.data, meter, fp_outputs, cache)
     phases["final pass"] = time.perf_counter() - mark
@@ -53,6 +56,22 @@ def process_block(
             note += f"outlier columns {measured.outlier_share[path]:.2%}"
         linears.append(LinearRecord(ctx.full_name(path), c.method, measured.linear_error[path], c.seconds, note))
     return BlockRecord(index, time.perf_counter() - start, measured.block_error, linears, phases=phases)
+
+
+def tune_block(ctx: BlockContext, recipe: Recipe, phases: dict[str, float]) -> dict[str, Any]:
+    """What the recipe's rounding step learns from the whole block before compressing it (AutoRound), toward the
+    float model's outputs where it asks for them; empty for every other step."""
+    step = recipe.weight_step
+    if step is None or not recipe.needs().float_targets:
+        return {}
+    assert ctx.data is not None
+    mark = time.perf_counter()
+    targets = float_targets(ctx.block, ctx.data)
+    phases["float targets"] = time.perf_counter() - mark
+    mark = time.perf_counter()
+    tuned = step.tune_block(ctx, targets, lambda path: adjusted_weight(ctx, recipe, path))
+    phases["tune"] = time.perf_counter() - mark
+    return tuned
 
 
 def compress_without_data(ctx: BlockContext, recipe: Recipe, index: int) -> BlockRecord:

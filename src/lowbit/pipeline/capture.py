@@ -36,6 +36,9 @@ class BlockCalls:
 
     hidden: list[torch.Tensor]  # block-0 inputs, one [batch, seq, hidden] tensor per calibration batch
     calls: list[list[tuple[tuple, dict]]] = field(default_factory=list)  # [block][batch]
+    # the float model's own inputs to the current block, per batch, where a step asks for them (Needs.float_targets;
+    # pipeline/float_stream.py); empty until then: up to the first block that asks, the two streams are one
+    float_hidden: list[torch.Tensor] = field(default_factory=list)
 
 
 class _Recorder(nn.Module):

@@ -11,12 +11,14 @@ import dataclasses
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from lowbit.distributed.divide import divide_work
 from lowbit.methods.base import Compression, LinearStats, Step
+from lowbit.numerics.float_formats import FLOAT_TYPES
 from lowbit.pipeline.context import BlockContext, shared_inputs
 from lowbit.pipeline.measure import ErrorMeter
 from lowbit.pipeline.observers import AbsMaxObserver, HessianObserver, InputNormObserver
@@ -40,6 +42,7 @@ class _Stats:
     hessian: HessianObserver | None = None
     norm: InputNormObserver | None = None
     absmax: AbsMaxObserver | None = None
+    tensor_absmax: torch.Tensor | None = None  # largest |w| of the Linears sharing the input (NVFP4's tensor scale)
 
     def observers(self) -> list:
         return [o for o in (self.hessian, self.norm, self.absmax) if o is not None]
@@ -49,6 +52,7 @@ class _Stats:
             self.hessian.H if self.hessian is not None else None,
             self.norm.norm if self.norm is not None else None,
             self.absmax.absmax if self.absmax is not None else None,
+            tensor_absmax=self.tensor_absmax,
         )
 
 
@@ -65,11 +69,14 @@ def compress_block(
     cache: PassCache | None = None,
     meter: ErrorMeter | None = None,
     phases: dict[str, float] | None = None,
+    tuned: dict[str, Any] | None = None,
 ) -> dict[str, Compressed]:
     """Compress every target of ``ctx.block``, stage by stage. Each stage's statistics pass takes unchanged
     submodule outputs from ``cache`` and measures the previous stages' Linears with ``meter``; the seconds spent
-    in passes and in fitting are added to ``phases``."""
+    in passes and in fitting are added to ``phases``. ``tuned``: per Linear, what a block-level step learned for it
+    (``Step.tune_block``)."""
     phases = {} if phases is None else phases
+    tuned = {} if tuned is None else tuned
     needs = recipe.needs()
     label = recipe.method_label
     done: dict[str, Compressed] = {}
@@ -84,6 +91,9 @@ def compress_block(
                 AbsMaxObserver() if needs.input_absmax else None,
             )
             stats.update(dict.fromkeys(paths, shared))
+            if shares_tensor_scale(recipe):
+                shared.tensor_absmax = torch.stack(
+                    [adjusted_weight(ctx, recipe, p).abs().amax() for p in paths]).amax()
             if shared.observers():
                 taps[paths[0]] = shared.observers()
         if taps:
@@ -95,7 +105,7 @@ def compress_block(
 
         def compress(path: str) -> Compressed:
             start = time.perf_counter()
-            module, note = _compress_linear(ctx, path, recipe, stats[path])
+            module, note = _compress_linear(ctx, path, recipe, stats[path], tuned.get(path))
             return Compressed(module, label, time.perf_counter() - start, note)
 
         # on several ranks each compresses its share of the stage's Linears and receives the others'
@@ -110,6 +120,12 @@ def compress_block(
         if meter is not None:
             meter.add({path: done[path].module for path in stage})
     return done
+
+
+def shares_tensor_scale(recipe: Recipe) -> bool:
+    """Whether the recipe rounds onto a grid with one scale per tensor that servers share across fused Linears."""
+    grid = recipe.weight_step.grid if recipe.weight_step is not None else None
+    return grid is not None and bool(grid.float_type) and FLOAT_TYPES[grid.float_type].has_global_scale
 
 
 def linear_cost(linear: nn.Linear) -> float:
@@ -133,16 +149,24 @@ def finish_block(ctx: BlockContext, compressed: dict[str, Compressed]) -> None:
         ctx.block.set_submodule(path, c.module)
 
 
-def _compress_linear(ctx: BlockContext, path: str, recipe: Recipe, stats: _Stats) -> tuple[nn.Module, str]:
+def adjusted_weight(ctx: BlockContext, recipe: Recipe, path: str) -> torch.Tensor:
+    """The float weight [out, in] of the Linear at ``path`` after every step's ``adjust_weight`` (AWQ's clip)."""
+    weight = ctx.targets[path].weight.detach().float()
+    for step in recipe.effective_steps:
+        weight = placed(step, ctx, path).adjust_weight(ctx, path, weight)
+    return weight
+
+
+def _compress_linear(
+    ctx: BlockContext, path: str, recipe: Recipe, stats: _Stats, tuned: Any
+) -> tuple[nn.Module, str]:
     """Every step's hooks on one Linear, in recipe order: adjust the float weight, prune and/or round it, then the
     runtime module the last deciding step builds (weight-only packed, or sparse when nothing was rounded)."""
     linear = ctx.targets[path]
     steps = tuple(placed(step, ctx, path) for step in recipe.effective_steps)
-    weight = linear.weight.detach().float()
-    for step in steps:
-        weight = step.adjust_weight(ctx, path, weight)
-    c = Compression(weight)
+    c = Compression(adjusted_weight(ctx, recipe, path))
     collected = stats.collected()
+    collected.tuned = tuned
     for step in steps:
         step.compress(c, collected)
     if c.keep is not None:

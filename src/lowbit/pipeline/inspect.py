@@ -16,7 +16,13 @@ from typing import Any
 import torch
 
 from lowbit.models.arch import block_linears
-from lowbit.numerics.grid_usage import GridUsage, activation_usage, weight_usage
+from lowbit.numerics.grid_usage import (
+    GridUsage,
+    activation_usage,
+    float_activation_usage,
+    float_weight_usage,
+    weight_usage,
+)
 from lowbit.numerics.salient import kept_column_errors
 from lowbit.numerics.scales import smoothquant_scales
 from lowbit.models.experts import all_tokens_to_all_experts
@@ -52,9 +58,9 @@ class ChannelStats:
     outliers_by_threshold: list[int]
     outliers_by_ratio: list[int]
     token_share: dict[int, float]  # outlier channel -> share of sampled tokens in which it is an outlier
-    activations: dict[str, dict[str, GridUsage]] = field(default_factory=dict)  # "int8" -> scheme -> usage
+    activations: dict[str, dict[str, GridUsage]] = field(default_factory=dict)  # "int8"/"float" -> scheme -> usage
     shared_with: list[str] = field(default_factory=list)  # other Linears of the block reading the same input
-    weights: dict[str, dict[str, dict[str, GridUsage]]] = field(default_factory=dict)  # linear -> "int4" -> grid
+    weights: dict[str, dict[str, dict[str, GridUsage]]] = field(default_factory=dict)  # linear -> "int4"/"float" -> grid
     salient: dict[str, dict[str, float]] = field(default_factory=dict)  # linear -> kept_column_errors
 
     @property
@@ -107,6 +113,7 @@ def channel_stats(
         outliers_by_ratio=by_ratio, token_share={c: float(share[c]) for c in channels},
     )
     stats.activations = {f"int{bits}": activation_usage(sample, bits, absmax.max()) for bits in (8, 4)}
+    stats.activations["float"] = float_activation_usage(sample, absmax.max())
     return stats
 
 
@@ -120,6 +127,7 @@ def add_linear_stats(
     for path, linear in linears.items():
         W = linear.weight.detach().float()
         stats.weights[path] = {f"int{bits}": weight_usage(W, bits, settings.group_size) for bits in (8, 4)}
+        stats.weights[path]["float"] = float_weight_usage(W)
         stats.salient[path] = kept_column_errors(W, sample, mean_abs, spec, settings.salient_share)
     weight_absmax = torch.stack([m.weight.detach().float().abs().amax(dim=0).cpu() for m in linears.values()]).amax(dim=0)
     s = smoothquant_scales(absmax.float().cpu(), weight_absmax, settings.smooth_alpha)  # [in]

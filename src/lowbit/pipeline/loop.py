@@ -193,6 +193,9 @@ def run_blocks(
         raise LowbitError(f"recipe {recipe.name!r} needs calibration data: pass token ids [n_sequences, seq_len]")
     ids = None if ids is None else check_calibration(ids, store.model.config)
     check_ranks_agree(ranks, store, recipe, ids, batch_size, seed)
+    if ranks.distributed and recipe.needs().float_targets:
+        raise LowbitError(f"recipe {recipe.name!r} tunes each block by gradient descent (AutoRound), which runs on one "
+                          "process: each rank's steps would differ; quantize without --nproc")
     budget_from_env()  # a malformed LOWBIT_PASS_CACHE_MIB ends the run here, before any work
     start = time.perf_counter()
     shape = {"n_sequences": 0, "seq_len": 0} if ids is None else {"n_sequences": ids.shape[0], "seq_len": ids.shape[1]}
@@ -254,7 +257,7 @@ def walk_blocks(
             if ranks.distributed:
                 ranks.check_same("model weights", {f"{store.arch.blocks}.{i}": weights_fingerprint(block)})
             data = None if calls is None else BlockData(
-                calls.hidden, calls.calls[i], index, tokens, ranks, compute_dtype
+                calls.hidden, calls.calls[i], index, tokens, ranks, compute_dtype, calls.float_hidden
             )
             reset_peak_memory(device)
             with peak_during(peaks, "blocks"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -36,6 +36,8 @@ class BlockData:
     # the dtype the block's matmuls run in during calibration passes (None: the weights' own); statistics and
     # error sums stay float32 (compute.py)
     compute_dtype: torch.dtype | None = None
+    # the float model's own inputs to this block (BlockCalls.float_hidden, shared: a block leaves its float outputs)
+    float_hidden: list[torch.Tensor] = field(default_factory=list)
 
     def computing(self) -> AbstractContextManager:
         """The context every calibration forward of this block runs in."""

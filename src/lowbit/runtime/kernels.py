@@ -39,6 +39,8 @@ def int4pack_weights(qweight: QWeight) -> tuple[torch.Tensor, torch.Tensor, int]
     weights' device, or None when the grid does not fit it. The kernel computes w = (q - 8) * scale + zero, so
     lowbit's (q - z) * s maps to zero = (8 - z) * s. in_features is padded to whole groups; inputs are padded with
     zeros to match."""
+    if not isinstance(qweight, QWeight):  # K and float grids: their codes are not integer grid points
+        return None
     if qweight.bits != 4 or qweight.group_size not in INT4_GROUP_SIZES or not qweight.groups_in_order:
         return None
     device = qweight.codes.device.type
@@ -80,6 +82,8 @@ def int4pack_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: tor
 
 def int8pack_weights(qweight: QWeight) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(int8 weight [out, in], float scales [out]) for W8 symmetric per-channel grids, or None."""
+    if not isinstance(qweight, QWeight):  # FP8's bytes are E4M3 codes, not integers
+        return None
     if qweight.bits != 8 or not qweight.symmetric or qweight.scale.shape != (qweight.out_features, 1):
         return None
     return (qweight.codes.to(torch.int16) - 128).to(torch.int8), qweight.scale.float().flatten()

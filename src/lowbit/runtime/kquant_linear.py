@@ -13,9 +13,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowbit.numerics.float_quant import FloatQWeight
 from lowbit.numerics.kquant import K_TYPES, SUPER_BLOCK, KQWeight
 from lowbit.numerics.packing import packed_length
 from lowbit.numerics.qweight import QWeight
+from lowbit.runtime.float_linear import FloatQuantLinear
 from lowbit.runtime.weight_only import WeightOnlyLinear, filled
 
 
@@ -74,8 +76,11 @@ class KQuantLinear(WeightOnlyLinear):
         return f"in={self.in_features}, out={self.out_features}, {self.ggml}"
 
 
-def weight_only_linear(qweight: QWeight | KQWeight, bias: torch.Tensor | None) -> WeightOnlyLinear:
-    """The runtime module holding a rounded Linear: KQuantLinear for a K grid, else WeightOnlyLinear."""
+def weight_only_linear(qweight: QWeight | KQWeight | FloatQWeight, bias: torch.Tensor | None) -> WeightOnlyLinear:
+    """The runtime module holding a rounded Linear: KQuantLinear for a K grid, FloatQuantLinear for a float one,
+    else WeightOnlyLinear."""
+    if isinstance(qweight, FloatQWeight):
+        return FloatQuantLinear.from_qweight(qweight, bias)
     if isinstance(qweight, KQWeight):
         return KQuantLinear.from_qweight(qweight, bias)
     return WeightOnlyLinear.from_qweight(qweight, bias)

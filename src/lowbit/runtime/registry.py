@@ -16,9 +16,11 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
+from lowbit.numerics.float_formats import FLOAT_TYPES
 from lowbit.numerics.kquant import K_TYPES, SUPER_BLOCK
 from lowbit.runtime.act_quant import ActQuantLinear
 from lowbit.runtime.embedding import QuantizedEmbedding
+from lowbit.runtime.float_linear import FloatQuantLinear
 from lowbit.runtime.kquant_linear import KQuantLinear
 from lowbit.runtime.llm_int8 import Int8OutlierLinear
 from lowbit.runtime.sparse import SparseLinear
@@ -27,7 +29,7 @@ from lowbit.schema import Range, check_range, check_value
 
 RUNTIME_MODULES: dict[str, type[nn.Module]] = {
     cls.__name__: cls
-    for cls in (WeightOnlyLinear, KQuantLinear, ActQuantLinear, Int8OutlierLinear, SparseLinear, QuantizedEmbedding)
+    for cls in (WeightOnlyLinear, KQuantLinear, FloatQuantLinear, ActQuantLinear, Int8OutlierLinear, SparseLinear, QuantizedEmbedding)
 }
 CONFIG_FIX = "the checkpoint's lowbit_config.json is damaged: re-run lowbit quantize"
 # constructor arguments that say where a module is built, not what it stores
@@ -96,9 +98,24 @@ def check_module_config(name: str, config: Any) -> type[nn.Module]:
         raise LowbitError(f"{where}: ggml {arguments['ggml']!r} is not a K-quant type ({', '.join(K_TYPES)}); {CONFIG_FIX}")
     if "ggml" in arguments and arguments["in_features"] % SUPER_BLOCK:
         raise LowbitError(f"{where}: in_features of a {arguments['ggml']} weight must be a multiple of {SUPER_BLOCK}; {CONFIG_FIX}")
+    _check_float_types(where, arguments)
     if "nnz" in arguments and arguments["nnz"] > arguments["in_features"] * arguments["out_features"]:
         raise LowbitError(f"{where}: nnz {arguments['nnz']} exceeds in_features x out_features; {CONFIG_FIX}")
     return cls
+
+
+def _check_float_types(where: str, arguments: dict[str, Any]) -> None:
+    """A float weight's type and block, and its inputs' type, as FloatQuantLinear can hold them."""
+    if "float_type" not in arguments:
+        return
+    ft = FLOAT_TYPES.get(arguments["float_type"])
+    if ft is None:
+        raise LowbitError(f"{where}: float_type {arguments['float_type']!r} is not one of {', '.join(FLOAT_TYPES)}; {CONFIG_FIX}")
+    if ft.block and (arguments["group_size"] != ft.block or arguments["in_features"] % ft.block):
+        raise LowbitError(f"{where}: a {ft.name} weight has groups of {ft.block} columns and a width divisible by "
+                          f"them; {CONFIG_FIX}")
+    if arguments.get("input_type", "") not in ("", *FLOAT_TYPES):
+        raise LowbitError(f"{where}: input_type {arguments['input_type']!r} is not one of {', '.join(FLOAT_TYPES)}; {CONFIG_FIX}")
 
 
 def build_empty(config: dict[str, Any], dtype: torch.dtype) -> nn.Module:
