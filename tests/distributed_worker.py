@@ -64,10 +64,10 @@ def run(rank: int, world: int, rendezvous: str, scenario: str, folder: str, payl
 
                 real = compress._compress_linear
 
-                def failing(ctx, path, recipe, stats):  # noqa: ANN001, ANN202
+                def failing(ctx, path, *rest):  # noqa: ANN001, ANN002, ANN202
                     if ctx.prefix.endswith(".1"):
                         raise LowbitError("injected failure on rank 1; nothing to fix")
-                    return real(ctx, path, recipe, stats)
+                    return real(ctx, path, *rest)
 
                 compress._compress_linear = failing
             quantize_checkpoint(Path(payload["source"]), resolve_recipe("gptq-w4g128"), calibration(8, 24),

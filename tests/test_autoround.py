@@ -46,9 +46,9 @@ def test_autoround_beats_gptq_and_rtn_at_two_bits():
     grid = WeightQuant(bits=2, group_size=32)
     rtn_error = _logit_error([RTN(grid)], cal, ids, reference)
     gptq_error = _logit_error([GPTQ(grid)], cal, ids, reference)
-    autoround_error = _logit_error([AutoRound(grid, iters=100)], cal, ids, reference)
+    autoround_error = _logit_error([AutoRound(grid, iters=50)], cal, ids, reference)
     assert autoround_error < 0.6 * gptq_error and gptq_error < rtn_error
-    assert _logit_error([AWQ(grid), AutoRound(grid, iters=100)], cal, ids, reference) < 0.6 * gptq_error
+    assert _logit_error([AWQ(grid), AutoRound(grid, iters=50)], cal, ids, reference) < 0.6 * gptq_error
 
 
 def test_each_block_is_tuned_toward_the_float_models_own_outputs(monkeypatch):
