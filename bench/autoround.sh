@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
 # AutoRound on the embedded SmolLM2-135M with the method comparison's protocol (bench/methods.sh: 64 x 512
 # calibration tokens, 16 x 2048 held-out evaluation tokens), so its rows sit beside that table's GPTQ and AWQ rows
-# (bench/results/methods). On two CPU cores a training step of a SmolLM2 block (8 x 512 tokens, forward and
-# backward in bfloat16 autocast) takes about a second, so the published 200 steps per block cost ~100 minutes per
-# recipe here; the rows below use auto-round's own light setting (50 steps, lr 5e-3). Writes
+# (bench/results/methods). The light W3 g128 row (auto-round's own light setting: 50 steps, lr 5e-3) took 875 s
+# on two CPU cores; the published 200 steps would take about four times its tuning (an estimate). Writes
 # bench/results/autoround/; --resume keeps rows already measured. Extra options go to `lowbit compare`.
 #   usage: bench/autoround.sh [RECIPE ...]  (default: the light W3 g128 row)
 set -euo pipefail
