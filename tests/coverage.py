@@ -30,6 +30,7 @@ TINY = dict(
     vocab_size=320, max_position_embeddings=256, head_dim=16, n_embd=64, n_layer=2, n_head=4, d_model=64,
     num_layers=2, ffn_dim=128, moe_intermediate_size=32, num_experts=4, num_local_experts=4, n_routed_experts=4,
     num_experts_per_tok=2, shared_expert_intermediate_size=64, n_positions=256,
+    dim_ff=128, dff=128, dim_head=16,  # cpmant's and ctrl's names (their defaults, 10240 / 8192 wide, cost a minute)
 )
 TINY_PARAMETERS = 5_000_000  # a class whose defaults ignore the settings above is not a tiny model: not tested
 W4 = WeightQuant(4, False, "group", 32)

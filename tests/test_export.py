@@ -26,6 +26,7 @@ def quantized_folder(tmp_path, recipe, name="q", biases=True):
     "grid, kind, act_order",
     [(WeightQuant(bits=8, symmetric=True, group_size=32), "Q8_0", False),
      (WeightQuant(bits=4, symmetric=True, group_size=32), "Q4_0", False),
+     (WeightQuant(bits=4, symmetric=True, group_size=32, fit="mse"), "Q4_0", False),  # a searched range: same blocks
      (WeightQuant(bits=4, symmetric=False, group_size=32), "Q4_1", False),
      # act-order's default groups stay in column order (static groups): plain GGUF blocks, no g_idx
      (WeightQuant(bits=4, symmetric=False, group_size=32), "Q4_1", True)],
@@ -148,6 +149,7 @@ def test_quantize_with_gguf_format_checks_the_recipe_first_and_writes_the_file(t
 
 
 @pytest.mark.parametrize("grid, act_order", [(WeightQuant(bits=4, symmetric=True, group_size=32), False),
+                                             (WeightQuant(bits=4, symmetric=True, group_size=32, fit="imatrix-mse"), False),
                                              (WeightQuant(bits=8, symmetric=True, granularity="channel"), False),
                                              (WeightQuant(bits=4, symmetric=True, group_size=32), True)])
 def test_compressed_tensors_export_loads_in_transformers_with_identical_logits(tmp_path, grid, act_order):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from lowbit.errors import LowbitError
 from lowbit.numerics.kquant_mix import K_MIXES
-from lowbit.preset_names import FLOAT_SCHEMES, PRESETS, SWEEP_METHODS, parse_recipe_name
+from lowbit.preset_names import FIT_SUFFIXES, FLOAT_SCHEMES, PRESETS, SWEEP_METHODS, parse_recipe_name
 from lowbit.recipe import (
     AWQ,
     AutoRound,
@@ -137,19 +137,22 @@ def outside_grid(bits: int) -> WeightQuant:
     return WeightQuant(bits=bits, symmetric=False, granularity="group", group_size=128)
 
 
-def sweep_recipe(method: str, bits: int, group_size: int, outside_bits: int = 0, symmetric: bool = False) -> Recipe:
+def sweep_recipe(
+    method: str, bits: int, group_size: int, outside_bits: int = 0, symmetric: bool = False, fit: str = "range"
+) -> Recipe:
     """One point of a quant-curve sweep: ``method`` at ``bits`` with an asymmetric (``symmetric``: symmetric) grid of
-    ``group_size`` columns (0 = per output channel), with the embedding and head on ``outside_grid(outside_bits)``
-    unless 0 (float). Named like the presets (``gptq-w4g128``, ``gptq-w4g128-sym``, ``w4g128-e6``), so a sweep point
-    equal to a preset is it."""
+    ``group_size`` columns (0 = per output channel) fitted by ``fit`` (a WeightQuant fit), with the embedding and
+    head on ``outside_grid(outside_bits)`` unless 0 (float). Named like the presets (``gptq-w4g128``,
+    ``gptq-w4g128-sym``, ``gptq-w3g128-mse``, ``w4g128-e6``), so a sweep point equal to a preset is it."""
     if method not in SWEEP_METHODS:
         raise LowbitError(f"unknown sweep method {method!r}; pick from {', '.join(SWEEP_METHODS)}")
     if group_size < 0:
         raise LowbitError(f"group size {group_size} is negative; use 0 for per-channel or e.g. 128")
     grid = WeightQuant(bits=bits, symmetric=symmetric, granularity="group" if group_size else "channel",
-                       group_size=group_size or 128)
+                       group_size=group_size or 128, fit=fit)
     head = {"rtn": "", "gptq-actorder": "gptq-"}.get(method, f"{method}-")
-    tail = ("-actorder" if method == "gptq-actorder" else "") + ("-sym" if symmetric else "") + \
+    fit_suffix = {v: k for k, v in FIT_SUFFIXES.items()}[fit]
+    tail = ("-actorder" if method == "gptq-actorder" else "") + ("-sym" if symmetric else "") + fit_suffix + \
         (f"-e{outside_bits}" if outside_bits else "")
     outside = outside_grid(outside_bits) if outside_bits else None
     return Recipe(steps=_method_steps(grid, method), name=f"{head}w{bits}{f'g{group_size}' if group_size else 'pc'}{tail}",

@@ -99,6 +99,11 @@ class Recipe:
         )
         self._check_k_grids()
         self._check_float_grids()
+        for key in ("embeddings", "head"):  # rounded without calibration inputs: nothing weighs their search
+            grid = getattr(self, key)
+            _check(grid is None or grid.fit != "imatrix-mse", f"the {key} grid's imatrix-mse fit weighs columns by "
+                   "their calibration inputs, which the embedding and head are rounded without",
+                   'use "fit": "mse" there')
         if not self.stored:
             for step in self.steps:
                 step.check_recipe(self)

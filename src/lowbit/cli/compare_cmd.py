@@ -29,7 +29,7 @@ from lowbit.cli.quantize_cmd import add_nproc_option
 from lowbit.errors import LowbitError
 from lowbit.io.atomic import refuse_non_directory, refuse_unsafe_target, report_folder, write_text_atomic
 from lowbit.pipeline.report import QuantizeReport
-from lowbit.preset_names import PRESETS, SWEEP_METHODS, check_recipe_name
+from lowbit.preset_names import FIT_SUFFIXES, PRESETS, SWEEP_METHODS, check_recipe_name
 from lowbit.schema import Range, check_record, read_json
 
 if TYPE_CHECKING:
@@ -51,6 +51,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_number(c, "--bits", int, Range(2, 8), nargs="+", default=[4], help="bit widths of the sweep (default 4)")
     add_number(c, "--group-sizes", int, Range(0), nargs="+", default=[128],
                help="group sizes of the sweep, 0 = per-channel (default 128)")
+    c.add_argument("--fits", nargs="+", default=["range"], choices=list(FIT_SUFFIXES.values()),
+                   help="grid fits of the sweep: min-max range, or a searched range (default range)")
     c.add_argument("--out", required=True, help="folder for the quantized models (one sub-folder per recipe)")
     c.add_argument("--no-reuse-transforms", action="store_true", help="search SmoothQuant/AWQ scales in every row")
     c.add_argument("--no-inspect", action="store_true", help="skip the outlier diagnosis behind the recommendation")
@@ -68,7 +70,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     # of 2048 tokens (8,192 tokens) separate the rows clearly and keep the whole demo within a few minutes on 2 cores
     # (--max-windows 16 for the results table's figures)
     d.set_defaults(func=run_compare, model=default_model(), model_arg=None, nsamples=16, max_windows=4, methods=[],
-                   bits=[4], group_sizes=[128], no_reuse_transforms=False, no_inspect=True, tasks=None,
+                   bits=[4], group_sizes=[128], fits=["range"], no_reuse_transforms=False, no_inspect=True, tasks=None,
                    tasks_dir=None, limit=None, num_fewshot=None, task_batch_size=8)
 
 
@@ -104,7 +106,8 @@ def planned_recipes(args: argparse.Namespace, out: Path) -> dict[str, tuple[str,
     from lowbit.presets import resolve_recipe, sweep_recipe
 
     recipes = {row_name(r): (r, resolve_recipe(r)) for r in args.recipes}
-    sweep = [sweep_recipe(m, b, g) for m in args.methods for b in args.bits for g in args.group_sizes]
+    sweep = [sweep_recipe(m, b, g, fit=f) for m in args.methods for b in args.bits for g in args.group_sizes
+             for f in args.fits]
     if not recipes and not sweep:
         raise LowbitError("nothing to compare: pass --recipes NAME... and/or --methods METHOD... [--bits] [--group-sizes]")
     for recipe in sweep:

@@ -44,10 +44,12 @@ def weight_grid(row: dict[str, Any]) -> tuple[int, str] | None:
 
 
 def is_rtn(row: dict[str, Any]) -> bool:
-    """The round-to-nearest baseline the other rows are measured against: one data-free weight rounding step."""
+    """The round-to-nearest baseline the other rows are measured against: one data-free weight rounding step on a
+    grid fitted without a search of its range (an "mse" fit is itself a method the baseline measures)."""
     recipe = _recipe(row)
     return recipe is not None and len(recipe.steps) == 1 and recipe.steps[0].rounds \
-        and not recipe.needs_calibration and not recipe.quantizes_inputs
+        and not recipe.needs_calibration and not recipe.quantizes_inputs \
+        and (recipe.steps[0].grid is None or recipe.steps[0].grid.fit != "mse")
 
 
 def delta(row: dict[str, Any], base: dict[str, Any]) -> float:

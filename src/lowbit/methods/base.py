@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from lowbit.recipe import Recipe
 
 GRANULARITIES = ("tensor", "channel", "group")
-FITS = ("range", "llama")
+FITS = ("range", "llama", "mse", "imatrix-mse")
 RECIPE_FIX = "fix the recipe (`lowbit recipes gptq-w4g128` prints a valid one)"
 
 # the order of a recipe: equivalence transforms, then pruning, then rounding, then activation quantization
@@ -62,6 +62,10 @@ class WeightQuant:
     (GPTQ's Hessian diagonal, RTN's ``importance``) its scale comes from a weighted least-squares search; asymmetric
     groups keep their range (their zero point is an integer code). The fallback grids of the K types fit "llama";
     the K types themselves always do, each sub-block searched (a grid with ``ggml`` reads fit "llama").
+    "mse" and "imatrix-mse" search each group's (row's, tensor's) range for the shrunk one whose grid rounds it with
+    the least error, the latter weighing each column by its calibration inputs' mean square (llm-compressor's "mse"
+    and "imatrix_mse" observers; numerics/range_search.py); the result is an ordinary grid (scale and zero per group)
+    that every format holds.
     ``float_type``: a float grid (numerics/float_formats.py): "FP8" (E4M3 elements, one float32 scale per tensor,
     channel or group), "MXFP4" (E2M1, a power-of-two scale per 32 columns) or "NVFP4" (E2M1, an E4M3 scale per 16
     and a float32 one per tensor). Its bits, symmetry and (FP4) group size are the type's, stated in full
@@ -86,8 +90,10 @@ class WeightQuant:
         check(self.group_size >= 1, f"group_size must be >= 1, got {self.group_size}")
         check(self.fit in FITS, f"weights fit must be one of {FITS}, got {self.fit!r}")
         if self.ggml:  # a K type has llama.cpp's fit only: the recipe says so (older recipes did not state it)
+            check(self.fit in ("range", "llama"), f"{self.ggml} grids are fitted as llama.cpp fits them, got fit "
+                  f"{self.fit!r}", "drop \"fit\" (or use \"imatrix-\" recipes: the K fit weighed by the inputs)")
             object.__setattr__(self, "fit", "llama")
-        check(self.fit == "range" or self.granularity == "group",
+        check(self.fit != "llama" or self.granularity == "group",
               f"the {self.fit!r} fit searches per group; this grid is per-{self.granularity}", "use granularity \"group\"")
         if self.float_type:
             self._check_float_type()
@@ -160,7 +166,8 @@ class WeightQuant:
         grid = {"tensor": "per-tensor", "channel": "per-channel"}.get(self.granularity, f"g{self.group_size}")
         if self.float_type:
             return self.float_type if FLOAT_TYPES[self.float_type].block else f"{self.float_type} {grid}"
-        return f"W{self.bits} {'sym' if self.symmetric else 'asym'} {grid}"
+        searched = f" {self.fit}" if self.fit in ("mse", "imatrix-mse") else ""
+        return f"W{self.bits} {'sym' if self.symmetric else 'asym'} {grid}{searched}"
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ class RTN(Step):
     """Round-to-nearest on the weight grid; needs no calibration statistics, unless ``importance``: then each
     input column's calibration mean square (llama.cpp's importance matrix, from ||X_j||^2) weighs the fit of the
     grids that search their scales (K-quant grids and "llama" fits, numerics/ggml_fit.py): llama-quantize with
-    --imatrix."""
+    --imatrix. An "imatrix-mse" fit always reads it (its range search is weighted by it)."""
 
     kind: ClassVar[str] = "rtn"
     stage: ClassVar[int] = ROUND
@@ -22,12 +22,18 @@ class RTN(Step):
     importance: bool = False
 
     def check(self) -> None:
-        check(not self.importance or self.weights.fit == "llama",  # K grids always read fit "llama"
-              f"rtn importance weighs a searched fit, but {self.weights.label} is fitted from its range",
-              "use a K-quant grid or \"fit\": \"llama\", or drop \"importance\"")
+        check(not self.importance or self.weights.fit in ("llama", "imatrix-mse"),  # K grids always read "llama"
+              f"rtn importance weighs a searched fit, but {self.weights.label} is fitted "
+              + ("by an unweighted search" if self.weights.fit == "mse" else "from its range"),
+              "use a K-quant grid or \"fit\": \"llama\" or \"imatrix-mse\", or drop \"importance\"")
+
+    @property
+    def weighs(self) -> bool:
+        """Whether the fit reads each input column's calibration importance."""
+        return self.importance or self.weights.fit == "imatrix-mse"
 
     def needs(self) -> Needs:
-        return Needs(input_norm=self.importance)
+        return Needs(input_norm=self.weighs)
 
     @property
     def rounds(self) -> bool:
@@ -35,11 +41,11 @@ class RTN(Step):
 
     @property
     def label(self) -> str:
-        return f"rtn {self.weights.label}{' imatrix' if self.importance else ''}"
+        return f"rtn {self.weights.label}{' imatrix' if self.importance and self.weights.fit == 'llama' else ''}"
 
     def compress(self, c: Compression, stats: LinearStats) -> None:
         importance = None
-        if self.importance:
+        if self.weighs:
             assert stats.input_norm is not None
             importance = stats.input_norm.float() ** 2  # [in]: sum over tokens of x_j^2
         c.qweight = rtn(c.weight, self.weights, importance, stats.tensor_absmax)

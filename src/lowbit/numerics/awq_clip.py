@@ -6,19 +6,14 @@ import torch
 
 from lowbit.numerics.float_formats import FLOAT_TYPES, fake_quantize_blocks
 from lowbit.numerics.float_quant import tensor_global_scale
-from lowbit.numerics.grid import fake_quantize, fit_scale_zero, group_count
+from lowbit.numerics.grid import fake_quantize, fit_scale_zero, grouped
 from lowbit.numerics.rtn import group_size_for
 from lowbit.methods.base import WeightQuant
 
 
 def _grouped(W: torch.Tensor, X: torch.Tensor, gs: int) -> tuple[torch.Tensor, torch.Tensor]:
     """W [out, in] -> [out, n_groups, gs]; X [t, in] -> [t, n_groups, gs] (zero-padded to whole groups)."""
-    n = W.shape[1]
-    n_groups = group_count(n, gs)
-    pad = n_groups * gs - n
-    Wg = torch.nn.functional.pad(W, (0, pad)).view(W.shape[0], n_groups, gs)
-    Xg = torch.nn.functional.pad(X, (0, pad)).view(X.shape[0], n_groups, gs)
-    return Wg, Xg
+    return grouped(W, gs), grouped(X, gs)
 
 
 def _quantize_groups(Wg: torch.Tensor, spec: WeightQuant, global_: torch.Tensor | None) -> torch.Tensor:

@@ -18,7 +18,7 @@ from lowbit.numerics.float_formats import (
     global_scale,
     stored_steps,
 )
-from lowbit.numerics.grid import group_count
+from lowbit.numerics.grid import grouped
 from lowbit.numerics.packing import pack_bits, unpack_bits
 from lowbit.numerics.qweight import CodesShape
 
@@ -92,10 +92,7 @@ def group_absmax(W: torch.Tensor, group_size: int, per_tensor: bool = False) -> 
     """absmax of W [out, in] per group of ``group_size`` columns: [out, n_groups] ([1, 1] per tensor)."""
     if per_tensor:
         return W.abs().amax().reshape(1, 1)
-    out, n = W.shape
-    n_groups = group_count(n, group_size)
-    Wg = torch.nn.functional.pad(W.abs(), (0, n_groups * group_size - n)).view(out, n_groups, group_size)
-    return Wg.amax(dim=-1)
+    return grouped(W.abs(), group_size).amax(dim=-1)
 
 
 def tensor_global_scale(W: torch.Tensor, ft: FloatType, absmax: torch.Tensor | None = None) -> torch.Tensor | None:

@@ -16,10 +16,17 @@ SCALE_DTYPE = torch.float16
 MIN_SCALE = 2.0**-24  # the smallest positive float16
 
 
-
 def group_count(columns: int, group_size: int) -> int:
     """Groups of ``group_size`` consecutive columns covering ``columns`` (a last partial group counts)."""
     return -(-columns // group_size)
+
+def grouped(M: torch.Tensor, group_size: int) -> torch.Tensor:
+    """M [rows, n] -> [rows, n_groups, group_size], a last partial group zero-padded: zeros change no absmax, no
+    range that includes 0 (every asymmetric one does) and no error weighted by them."""
+    rows, n = M.shape
+    n_groups = group_count(n, group_size)
+    return torch.nn.functional.pad(M, (0, n_groups * group_size - n)).view(rows, n_groups, group_size)
+
 
 def max_code(bits: int) -> int:
     return (1 << bits) - 1

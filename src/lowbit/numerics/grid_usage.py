@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from lowbit.numerics.float_formats import FLOAT_TYPES, block_scales, element_codes, global_scale
-from lowbit.numerics.grid import group_count
+from lowbit.numerics.grid import grouped
 
 
 
@@ -53,10 +53,8 @@ def weight_usage(W: torch.Tensor, bits: int, group_size: int = 128) -> dict[str,
     """W [out, in] under one per-tensor range, one range per output channel, and one per ``group_size`` columns."""
     out, n = W.shape
     gs = min(group_size, n)
-    n_groups = group_count(n, gs)
-    # zero padding changes no absmax; each column then reads its group's range: [out, n_groups] -> [out, in]
-    Wg = torch.nn.functional.pad(W.float().abs(), (0, n_groups * gs - n)).view(out, n_groups, gs)
-    group_absmax = Wg.amax(dim=-1)[:, torch.arange(n, device=W.device) // gs]
+    # each column reads its group's range: [out, n_groups] -> [out, in]
+    group_absmax = grouped(W.float().abs(), gs).amax(dim=-1)[:, torch.arange(n, device=W.device) // gs]
     return {
         "per_tensor": grid_usage(W, W.abs().amax(), bits),
         "per_channel": grid_usage(W, W.abs().amax(dim=1, keepdim=True), bits),

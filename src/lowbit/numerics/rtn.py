@@ -6,9 +6,10 @@ import torch
 
 from lowbit.numerics.float_quant import FloatQWeight, float_rtn
 from lowbit.numerics.ggml_fit import storable_steps, symmetric_steps
-from lowbit.numerics.grid import fit_scale_zero, group_count, round_to_grid, symmetric_zero
+from lowbit.numerics.grid import fit_scale_zero, grouped, round_to_grid, symmetric_zero
 from lowbit.numerics.kquant import KQWeight, k_rtn, k_type
 from lowbit.numerics.qweight import QWeight
+from lowbit.numerics.range_search import SEARCHES, searched_scale_zero
 from lowbit.methods.base import WeightQuant
 
 
@@ -21,12 +22,20 @@ def weight_ranges(W: torch.Tensor, spec: WeightQuant) -> tuple[torch.Tensor, tor
     """Per-group (min, max) of W [out, in] -> two [out or 1, n_groups] tensors. A last partial group is allowed."""
     if spec.granularity == "tensor":
         return W.min().reshape(1, 1), W.max().reshape(1, 1)
-    out, n = W.shape
-    gs = group_size_for(spec, n)
-    n_groups = group_count(n, gs)
-    # zero padding changes no range: asymmetric ranges always include 0, absmax ignores it
-    Wg = torch.nn.functional.pad(W, (0, n_groups * gs - n)).view(out, n_groups, gs)  # [out, n_groups, gs]
+    Wg = grouped(W, group_size_for(spec, W.shape[1]))  # [out, n_groups, gs]
     return Wg.amin(dim=-1), Wg.amax(dim=-1)
+
+
+def _searched_grid(W: torch.Tensor, spec: WeightQuant, importance: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero [out or 1, n_groups] of W [out, in] from ``spec.fit``'s range search (numerics/range_search.py),
+    each column weighted by ``importance`` [in] where that search weighs."""
+    search = SEARCHES[spec.fit]
+    if spec.granularity == "tensor":  # one group holding every weight, each weighted by its column's importance
+        imp = importance.float().repeat(W.shape[0]).view(1, -1) if importance is not None else None
+        return searched_scale_zero(W.reshape(1, 1, -1), spec.bits, spec.symmetric, search, imp)
+    gs = group_size_for(spec, W.shape[1])
+    imp = grouped(importance.float().view(1, -1), gs)[0] if importance is not None else None  # [n_groups, gs]
+    return searched_scale_zero(grouped(W, gs), spec.bits, spec.symmetric, search, imp)
 
 
 def fit_grid(
@@ -35,16 +44,17 @@ def fit_grid(
     """Scale and zero [out or 1, n_groups] of W [out, in] (float32) on ``spec``'s grid: from each group's range, or
     for a symmetric grid of llama.cpp's fit (``spec.fit == "llama"``) its signed step, searched under the columns'
     ``importance`` [in] when given, with each row's mean x^2 ``sigma2`` [out] (default: W's own). Asymmetric groups
-    keep their range under either fit (numerics/ggml_fit.py says why)."""
+    keep their range under either fit (numerics/ggml_fit.py says why). The "mse" and "imatrix-mse" fits search a
+    shrunk range per group (numerics/range_search.py), the latter under ``importance``."""
+    if spec.fit in SEARCHES:
+        return _searched_grid(W, spec, importance)
     if spec.fit != "llama" or not spec.symmetric:
         wmin, wmax = weight_ranges(W, spec)
         return fit_scale_zero(wmin, wmax, spec.bits, spec.symmetric)
     out, n = W.shape
     gs = group_size_for(spec, n)
-    n_groups = group_count(n, gs)
-    pad = n_groups * gs - n  # zero weights of zero importance: they change no fit
-    Wg = torch.nn.functional.pad(W, (0, pad)).view(out, n_groups, gs)
-    imp = torch.nn.functional.pad(importance.float(), (0, pad)).view(n_groups, gs) if importance is not None else None
+    Wg = grouped(W, gs)  # padded with zero weights of zero importance: they change no fit
+    imp = grouped(importance.float().view(1, -1), gs)[0] if importance is not None else None  # [n_groups, gs]
     row_sigma2 = (W.pow(2).mean(dim=1) if sigma2 is None else sigma2).view(out, 1, 1)
     scale = storable_steps(symmetric_steps(Wg, spec.bits, imp, row_sigma2))
     return scale, torch.full_like(scale, float(symmetric_zero(spec.bits)))

@@ -1,0 +1,126 @@
+"""Range search ("mse" / "imatrix-mse" fits): each group's searched grid rounds it no worse than its min-max grid,
+much better on heavy-tailed weights, weighted by the inputs where asked; the result is an ordinary grid."""
+
+import pytest
+import torch
+
+import lowbit
+from lowbit import GPTQ, RTN, WeightQuant
+from lowbit.errors import LowbitError
+from lowbit.numerics.grid import fake_quantize, grouped
+from lowbit.numerics.range_search import SEARCHES
+from lowbit.numerics.rtn import fit_grid, group_size_for, rtn
+from lowbit.presets import resolve_recipe
+from lowbit.recipe import Recipe
+from toy import calibration, outlier_inputs, toy_model
+
+
+def heavy_tailed(out: int = 96, n: int = 320, seed: int = 3) -> torch.Tensor:
+    """Student-t weights (3 degrees of freedom): a few large values per group, as trained LLM weights have."""
+    g = torch.Generator().manual_seed(seed)
+    normal = torch.randn(out, n, generator=g)
+    chi2 = torch.randn(3, out, n, generator=g).pow(2).sum(0) / 3
+    return normal / chi2.sqrt() / n**0.5
+
+
+def group_errors(W: torch.Tensor, spec: WeightQuant, scale, zero, norm: float, importance=None) -> torch.Tensor:
+    """sum_k c_k |q(w_k) - w_k|^norm per group [rows, n_groups] (per tensor: [1, 1])."""
+    if spec.granularity == "tensor":
+        err = (fake_quantize(W, scale, zero, spec.bits) - W).abs().pow(norm)
+        return (err * (importance if importance is not None else 1)).sum().reshape(1, 1)
+    gs = group_size_for(spec, W.shape[1])
+    idx = torch.arange(W.shape[1]) // gs
+    err = (fake_quantize(W, scale[:, idx], zero[:, idx], spec.bits) - W).abs().pow(norm)
+    if importance is not None:
+        err = err * importance
+    return grouped(err, gs).sum(-1)
+
+
+@pytest.mark.parametrize("granularity", ["group", "channel", "tensor"])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("fit", ["mse", "imatrix-mse"])
+def test_the_searched_grid_rounds_each_group_no_worse_and_the_whole_much_better(granularity, symmetric, fit):
+    W = heavy_tailed()  # 320 columns: g128 leaves a partial last group
+    importance = outlier_inputs(tokens=64, features=320, scale=8.0).pow(2).mean(0)
+    plain = WeightQuant(bits=3, symmetric=symmetric, granularity=granularity, group_size=128)
+    searched = WeightQuant(bits=3, symmetric=symmetric, granularity=granularity, group_size=128, fit=fit)
+    search = SEARCHES[fit]
+    weight = importance if search.weighted else None
+    base = group_errors(W, plain, *fit_grid(W, plain), search.norm, weight)
+    scale, zero = fit_grid(W, searched, importance)
+    ours = group_errors(W, searched, scale, zero, search.norm, weight)
+    assert ours.shape == base.shape
+    assert bool((ours <= base * (1 + 1e-6)).all())  # the full range is a candidate
+    assert ours.sum() < 0.9 * base.sum()
+    assert scale.dtype == torch.float32 and torch.equal(scale, scale.half().float())  # stored as float16, as searched
+    assert torch.equal(zero, zero.round())
+
+
+def test_imatrix_mse_weighs_the_columns_by_their_inputs():
+    W = heavy_tailed()
+    spec = WeightQuant(bits=3, group_size=64, fit="imatrix-mse")
+    # uniform importance is the unweighted search with the same candidates
+    ones = fit_grid(W, spec, torch.ones(W.shape[1]))
+    assert all(torch.equal(a, b) for a, b in zip(ones, fit_grid(W, spec, None)))
+    # columns whose inputs are large move the search: the weighted error it minimises is lower than the uniform pick's
+    importance = outlier_inputs(tokens=64, features=320, scale=20.0).pow(2).mean(0)
+    weighted = fit_grid(W, spec, importance)
+    assert not torch.equal(weighted[0], ones[0])
+    norm = SEARCHES["imatrix-mse"].norm
+    assert group_errors(W, spec, *weighted, norm, importance).sum() < group_errors(W, spec, *ones, norm, importance).sum()
+
+
+def test_range_search_lowers_the_output_error_at_3_bits_and_quantizes_exactly():
+    W = heavy_tailed(128, 256)
+    X = outlier_inputs(tokens=256, features=256, scale=1.0)
+    errors = {}
+    for fit in ("range", "mse", "imatrix-mse"):
+        spec = WeightQuant(bits=3, group_size=128, fit=fit)
+        q = rtn(W, spec, X.pow(2).sum(0))
+        scale, zero = fit_grid(W, spec, X.pow(2).sum(0))
+        assert torch.equal(q.scale.float(), scale)  # an ordinary grid: codes, float16 scale, zero
+        idx = torch.arange(256) // 128
+        assert torch.equal(q.dequantize().float(), fake_quantize(W, scale[:, idx], zero[:, idx], 3))
+        errors[fit] = (X @ (q.dequantize().float() - W).T).pow(2).mean().item()
+    assert errors["mse"] < 0.9 * errors["range"] and errors["imatrix-mse"] < 0.9 * errors["range"]
+
+
+def test_gptq_and_rtn_quantize_a_model_with_searched_grids():
+    ids = calibration(n=4, length=32)
+    for name in ("gptq-w3g32-mse", "w3g32-imse"):
+        recipe = resolve_recipe(name)
+        assert recipe.needs_calibration
+        model = lowbit.quantize(toy_model("llama"), recipe, ids, batch_size=2)
+        with torch.no_grad():
+            assert torch.isfinite(model(ids).logits).all()
+    assert resolve_recipe("gptq-w3g128-mse").steps[0].weights.fit == "mse"
+    assert resolve_recipe("w3g128-imse").steps[0].label == "rtn W3 asym g128 imatrix-mse"
+    assert not resolve_recipe("w3g128-mse").needs_calibration  # the unweighted search reads the weights alone
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: WeightQuant(ggml="Q4_K", bits=4, symmetric=False, group_size=32, fit="mse"), "llama.cpp fits them"),
+    (lambda: WeightQuant.float_grid("NVFP4").__class__(bits=4, symmetric=True, group_size=16, float_type="NVFP4",
+                                                     fit="mse"), "fitted from their range"),
+    (lambda: RTN(WeightQuant(fit="mse"), importance=True), "unweighted search"),
+    (lambda: resolve_recipe("autoround-w3g128-mse"), "autoround"),
+    (lambda: Recipe(steps=(GPTQ(),), embeddings=WeightQuant(bits=8, fit="imatrix-mse")), "calibration inputs"),
+])
+def test_searched_fits_are_refused_where_they_mean_nothing(build, message):
+    with pytest.raises(LowbitError, match=message):
+        build()
+
+
+def test_the_recommendation_measures_a_searched_grid_against_min_max_rounding():
+    from lowbit.evaluation.recommend import recommendations
+
+    def row(name: str, perplexity: float) -> dict:
+        config = resolve_recipe(name).to_dict() if name != "fp" else None
+        return {"recipe": name, "perplexity": perplexity, "disk_bytes": 100 if config else 400, "config": config,
+                "description": name}
+
+    # the searched RTN row comes first: still, round-to-nearest is the min-max row
+    rows = [row("fp", 10.0), row("w3g128-mse", 14.0), row("w3g128", 20.0), row("gptq-w3g128", 25.0)]
+    sentence = next(s for s in recommendations({"rows": rows}) if s.startswith("For W3 g128"))
+    assert sentence.startswith("For W3 g128, use w3g128-mse: perplexity 14.000")
+    assert "round-to-nearest (w3g128) gives +100.0%" in sentence and "gptq-w3g128 did not beat it" in sentence
