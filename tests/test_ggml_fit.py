@@ -99,7 +99,7 @@ def test_signed_scales_are_exported_to_gguf_exactly(bits, kind):
 
 def test_the_fit_is_checked():
     with pytest.raises(LowbitError, match="fit must be one of"):
-        WeightQuant(fit="mse")
+        WeightQuant(fit="minmax")
     with pytest.raises(LowbitError, match="searches per group"):
         WeightQuant(granularity="channel", fit="llama")
 

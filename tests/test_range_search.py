@@ -59,9 +59,9 @@ def test_the_searched_grid_rounds_each_group_no_worse_and_the_whole_much_better(
 def test_imatrix_mse_weighs_the_columns_by_their_inputs():
     W = heavy_tailed()
     spec = WeightQuant(bits=3, group_size=64, fit="imatrix-mse")
-    # uniform importance is the unweighted search with the same candidates
+    # only the columns' relative importance counts
     ones = fit_grid(W, spec, torch.ones(W.shape[1]))
-    assert all(torch.equal(a, b) for a, b in zip(ones, fit_grid(W, spec, None)))
+    assert all(torch.equal(a, b) for a, b in zip(ones, fit_grid(W, spec, torch.full((W.shape[1],), 4.0))))
     # columns whose inputs are large move the search: the weighted error it minimises is lower than the uniform pick's
     importance = outlier_inputs(tokens=64, features=320, scale=20.0).pow(2).mean(0)
     weighted = fit_grid(W, spec, importance)
@@ -100,11 +100,14 @@ def test_gptq_and_rtn_quantize_a_model_with_searched_grids():
 
 @pytest.mark.parametrize("build, message", [
     (lambda: WeightQuant(ggml="Q4_K", bits=4, symmetric=False, group_size=32, fit="mse"), "llama.cpp fits them"),
-    (lambda: WeightQuant.float_grid("NVFP4").__class__(bits=4, symmetric=True, group_size=16, float_type="NVFP4",
-                                                     fit="mse"), "fitted from their range"),
+    (lambda: WeightQuant(bits=4, symmetric=True, group_size=16, float_type="NVFP4", fit="mse"), "from their range"),
     (lambda: RTN(WeightQuant(fit="mse"), importance=True), "unweighted search"),
-    (lambda: resolve_recipe("autoround-w3g128-mse"), "autoround"),
+    (lambda: RTN(WeightQuant(fit="imatrix-mse"), importance=True), "always weighs"),
+    (lambda: resolve_recipe("autoround-w3g128-mse"), "autoround learns each group's range"),
+    (lambda: resolve_recipe("awq-w4g128-imse"), "awq searches its scales and clips for min-max"),
     (lambda: Recipe(steps=(GPTQ(),), embeddings=WeightQuant(bits=8, fit="imatrix-mse")), "calibration inputs"),
+    (lambda: Recipe(steps=(GPTQ(),), head=WeightQuant(bits=8, fit="imatrix-mse")), "calibration inputs"),
+    (lambda: __import__("lowbit.presets").presets.sweep_recipe("gptq", 4, 128, fit="llama"), "a sweep's fit"),
 ])
 def test_searched_fits_are_refused_where_they_mean_nothing(build, message):
     with pytest.raises(LowbitError, match=message):
@@ -124,3 +127,44 @@ def test_the_recommendation_measures_a_searched_grid_against_min_max_rounding():
     sentence = next(s for s in recommendations({"rows": rows}) if s.startswith("For W3 g128"))
     assert sentence.startswith("For W3 g128, use w3g128-mse: perplexity 14.000")
     assert "round-to-nearest (w3g128) gives +100.0%" in sentence and "gptq-w3g128 did not beat it" in sentence
+
+
+def test_gptq_fits_each_group_by_the_search_under_the_hessian_diagonal():
+    from lowbit.numerics.hessian import prepare_hessian
+    from lowbit.numerics.obs import gptq
+
+    W = heavy_tailed(64, 200)  # a partial last group of 8 columns at g64
+    X = outlier_inputs(tokens=256, features=200, scale=10.0)
+    H = 2 * X.T @ X / X.shape[0]
+    scales = {}
+    for fit in ("range", "imatrix-mse"):
+        spec = WeightQuant(bits=3, group_size=64, fit=fit)
+        # groups fitted up front (act-order's static groups): exactly fit_grid under H's diagonal
+        upfront = gptq(W.clone(), H.clone(), spec, act_order=True, static_groups=True).qweight
+        Wp, Hp, _ = prepare_hessian(W.clone(), H.clone())
+        assert torch.equal(upfront.scale.float(), fit_grid(Wp, spec, torch.diagonal(Hp))[0])
+        lazy = gptq(W.clone(), H.clone(), spec).qweight  # each group searched on the error-updated weights
+        assert lazy.scale.shape == (64, 4)
+        scales[fit] = lazy.scale
+        errors = (X @ (lazy.dequantize().float() - W).T).pow(2).mean().item()
+        scales[fit + " error"] = errors
+    assert not torch.equal(scales["range"], scales["imatrix-mse"])
+    assert scales["imatrix-mse error"] < scales["range error"]
+
+
+def test_compare_sweeps_the_fits_and_draws_each_fit_as_its_own_curve(tmp_path):
+    import argparse
+
+    from lowbit.cli.compare_cmd import planned_recipes
+    from lowbit.evaluation.compare_plots import quant_curves
+
+    args = argparse.Namespace(recipes=["w3g128"], methods=["rtn", "gptq"], bits=[3], group_sizes=[128],
+                              fits=["range", "mse", "imatrix-mse"])
+    planned = planned_recipes(args, tmp_path)
+    assert list(planned) == ["w3g128", "w3g128-mse", "w3g128-imse", "gptq-w3g128", "gptq-w3g128-mse",
+                             "gptq-w3g128-imse"]
+    assert planned["w3g128"][0] == "w3g128" and planned["gptq-w3g128-imse"][1].steps[0].weights.fit == "imatrix-mse"
+    rows = [{"recipe": "fp", "config": None, "perplexity": 10.0}]
+    rows += [{"recipe": name, "config": recipe.to_dict(), "perplexity": 20.0} for name, (_, recipe) in planned.items()]
+    assert sorted(quant_curves(rows)) == ["gptq g128", "gptq imatrix-mse g128", "gptq mse g128", "rtn g128",
+                                          "rtn imatrix-mse g128", "rtn mse g128"]

@@ -148,6 +148,8 @@ def sweep_recipe(
         raise LowbitError(f"unknown sweep method {method!r}; pick from {', '.join(SWEEP_METHODS)}")
     if group_size < 0:
         raise LowbitError(f"group size {group_size} is negative; use 0 for per-channel or e.g. 128")
+    if fit not in FIT_SUFFIXES.values():
+        raise LowbitError(f"a sweep's fit is one of {', '.join(FIT_SUFFIXES.values())}, got {fit!r}; pick one of them")
     grid = WeightQuant(bits=bits, symmetric=symmetric, granularity="group" if group_size else "channel",
                        group_size=group_size or 128, fit=fit)
     head = {"rtn": "", "gptq-actorder": "gptq-"}.get(method, f"{method}-")

@@ -99,10 +99,10 @@ class Recipe:
         )
         self._check_k_grids()
         self._check_float_grids()
-        for key in ("embeddings", "head"):  # rounded without calibration inputs: nothing weighs their search
+        for key in ("embeddings", "head"):  # fitted without per-column input weights (a tied head is the embedding)
             grid = getattr(self, key)
-            _check(grid is None or grid.fit != "imatrix-mse", f"the {key} grid's imatrix-mse fit weighs columns by "
-                   "their calibration inputs, which the embedding and head are rounded without",
+            _check(grid is None or not grid.weighs_inputs, f"the {key} grid's {grid.fit if grid else ''} fit weighs "
+                   "columns by their calibration inputs, which the embedding and head grids are fitted without",
                    'use "fit": "mse" there')
         if not self.stored:
             for step in self.steps:

@@ -10,6 +10,7 @@ from typing import Any
 from lowbit.evaluation.plotting import pyplot, save_figure
 from lowbit.evaluation.recommend import pareto_front, weight_grid
 from lowbit.evaluation.units import MIB
+from lowbit.numerics.range_search import SEARCHES
 
 PPL_VS_BITS_PNG = "ppl_vs_bits.png"
 PARETO_PNG = "pareto.png"
@@ -22,16 +23,28 @@ def _method(row: dict[str, Any]) -> str:
     return "+".join(s["type"] for s in row["config"]["steps"])
 
 
-def plot_ppl_vs_bits(results: dict[str, Any], path: Path) -> None:
-    """One line per (method, grid) over the weight-only rows: the quant curve."""
-    plt = pyplot()
-    rows = results["rows"]
+def quant_curves(rows: list[dict[str, Any]]) -> dict[str, list[tuple[int, float]]]:
+    """Curve name (method, grid) -> (bits, perplexity) of each weight-only row after the first (the float one)."""
     series: dict[str, list[tuple[int, float]]] = defaultdict(list)
     for r in rows[1:]:
         grid = weight_grid(r)
         if grid is not None:
-            extra = "-actorder" if any(s.get("act_order") for s in r["config"]["steps"]) else ""
+            steps = r["config"]["steps"]
+            extra = "-actorder" if any(s.get("act_order") for s in steps) else ""
+            # a symmetric integer grid and a searched range are curves of their own (older rows lack the keys)
+            grids = [s["weights"] for s in steps if "weights" in s]
+            if any(g.get("symmetric") and not g.get("ggml") and not g.get("float_type") for g in grids):
+                extra += " sym"
+            extra += "".join(sorted({f" {g['fit']}" for g in grids if g.get("fit") in SEARCHES}))
             series[f"{_method(r)}{extra} {grid[1]}"].append((grid[0], r["perplexity"]))
+    return series
+
+
+def plot_ppl_vs_bits(results: dict[str, Any], path: Path) -> None:
+    """One line per (method, grid) over the weight-only rows: the quant curve."""
+    plt = pyplot()
+    rows = results["rows"]
+    series = quant_curves(rows)
     fig, ax = plt.subplots(figsize=(8, 5.5))
     ax.axhline(rows[0]["perplexity"], color="grey", linestyle="--", linewidth=1, label=rows[0]["recipe"])
     for name, points in sorted(series.items()):

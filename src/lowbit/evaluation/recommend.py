@@ -44,12 +44,13 @@ def weight_grid(row: dict[str, Any]) -> tuple[int, str] | None:
 
 
 def is_rtn(row: dict[str, Any]) -> bool:
-    """The round-to-nearest baseline the other rows are measured against: one data-free weight rounding step on a
-    grid fitted without a search of its range (an "mse" fit is itself a method the baseline measures)."""
+    """The round-to-nearest baseline the other rows are measured against: one data-free weight rounding step whose
+    grid takes each group's range as it is (a searched range, "mse", is itself a method the baseline measures;
+    llama.cpp's own fit is its baseline)."""
     recipe = _recipe(row)
     return recipe is not None and len(recipe.steps) == 1 and recipe.steps[0].rounds \
         and not recipe.needs_calibration and not recipe.quantizes_inputs \
-        and (recipe.steps[0].grid is None or recipe.steps[0].grid.fit != "mse")
+        and (recipe.steps[0].grid is None or not recipe.steps[0].grid.searched)
 
 
 def delta(row: dict[str, Any], base: dict[str, Any]) -> float:

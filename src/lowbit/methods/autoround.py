@@ -50,6 +50,8 @@ class AutoRound(Step):
     def check(self) -> None:
         check(self.iters >= 0, f"autoround iters must be >= 0, got {self.iters}", "the published default is 200")
         check(self.lr >= 0 and self.range_lr >= 0, "autoround lr and range_lr must be >= 0 (0: 1 / iters)")
+        check(not self.weights.searched, f"autoround learns each group's range itself, got {self.weights.label}",
+              "drop \"fit\" (the -mse / -imse of a recipe name)")
         check(not self.weights.ggml and not self.weights.float_type and self.weights.fit == "range",
               f"autoround learns the rounding of an integer grid fitted from its range, got {self.weights.label}",
               "use e.g. bits 3, group_size 128")

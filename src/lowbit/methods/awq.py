@@ -55,6 +55,10 @@ class AWQ(Step):
     artifact: str | None = None  # re-apply scales/clips saved by an earlier run instead of searching
 
     def check(self) -> None:
+        # AWQ's scale and clip searches judge min-max rounding of each candidate; a searched range at rounding
+        # would serve weights neither search measured (combining them is not built)
+        check(not self.weights.searched, f"awq searches its scales and clips for min-max rounding, got "
+              f"{self.weights.label}", "drop \"fit\" (the -mse / -imse of a recipe name), or use rtn / gptq with it")
         check(self.n_grid >= 1, f"awq n_grid must be >= 1, got {self.n_grid}")
         check(0.0 <= self.max_shrink < 1.0, f"awq max_shrink must be in [0, 1), got {self.max_shrink}")
         check(self.replay_sequences >= 1, "awq replay_sequences must be >= 1")

@@ -25,6 +25,7 @@ from lowbit.errors import LowbitError
 from lowbit.numerics.float_formats import FLOAT_TYPES
 from lowbit.numerics.kquant import FALLBACK_GROUP, K_TYPES, SUPER_BLOCK, k_type
 from lowbit.numerics.kquant_mix import K_MIXES, LinearPlace, mix_type
+from lowbit.numerics.range_search import SEARCHES
 from lowbit.schema import check_fields
 
 if TYPE_CHECKING:
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
     from lowbit.recipe import Recipe
 
 GRANULARITIES = ("tensor", "channel", "group")
-FITS = ("range", "llama", "mse", "imatrix-mse")
+FITS = ("range", "llama", *SEARCHES)
 RECIPE_FIX = "fix the recipe (`lowbit recipes gptq-w4g128` prints a valid one)"
 
 # the order of a recipe: equivalence transforms, then pruning, then rounding, then activation quantization
@@ -166,8 +167,18 @@ class WeightQuant:
         grid = {"tensor": "per-tensor", "channel": "per-channel"}.get(self.granularity, f"g{self.group_size}")
         if self.float_type:
             return self.float_type if FLOAT_TYPES[self.float_type].block else f"{self.float_type} {grid}"
-        searched = f" {self.fit}" if self.fit in ("mse", "imatrix-mse") else ""
+        searched = f" {self.fit}" if self.searched else ""
         return f"W{self.bits} {'sym' if self.symmetric else 'asym'} {grid}{searched}"
+
+    @property
+    def searched(self) -> bool:
+        """Whether each group's range is searched (numerics/range_search.py) rather than taken or fitted."""
+        return self.fit in SEARCHES
+
+    @property
+    def weighs_inputs(self) -> bool:
+        """Whether the range search weighs each column by its calibration inputs (an "imatrix-mse" fit)."""
+        return self.searched and SEARCHES[self.fit].weighted
 
 
 @dataclass(frozen=True)

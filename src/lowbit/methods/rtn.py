@@ -22,15 +22,19 @@ class RTN(Step):
     importance: bool = False
 
     def check(self) -> None:
-        check(not self.importance or self.weights.fit in ("llama", "imatrix-mse"),  # K grids always read "llama"
+        if self.weights.weighs_inputs:  # one spelling per run: the fit says it
+            check(not self.importance, f"{self.weights.label} always weighs its search by the inputs",
+                  "drop \"importance\"")
+            return
+        check(not self.importance or self.weights.fit == "llama",  # K grids always read fit "llama"
               f"rtn importance weighs a searched fit, but {self.weights.label} is fitted "
-              + ("by an unweighted search" if self.weights.fit == "mse" else "from its range"),
-              "use a K-quant grid or \"fit\": \"llama\" or \"imatrix-mse\", or drop \"importance\"")
+              + ("by an unweighted search" if self.weights.searched else "from its range"),
+              "use a K-quant grid, \"fit\": \"llama\" or \"imatrix-mse\", or drop \"importance\"")
 
     @property
     def weighs(self) -> bool:
         """Whether the fit reads each input column's calibration importance."""
-        return self.importance or self.weights.fit == "imatrix-mse"
+        return self.importance or self.weights.weighs_inputs
 
     def needs(self) -> Needs:
         return Needs(input_norm=self.weighs)
@@ -41,7 +45,7 @@ class RTN(Step):
 
     @property
     def label(self) -> str:
-        return f"rtn {self.weights.label}{' imatrix' if self.importance and self.weights.fit == 'llama' else ''}"
+        return f"rtn {self.weights.label}{' imatrix' if self.importance else ''}"
 
     def compress(self, c: Compression, stats: LinearStats) -> None:
         importance = None

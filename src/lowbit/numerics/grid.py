@@ -20,6 +20,7 @@ def group_count(columns: int, group_size: int) -> int:
     """Groups of ``group_size`` consecutive columns covering ``columns`` (a last partial group counts)."""
     return -(-columns // group_size)
 
+
 def grouped(M: torch.Tensor, group_size: int) -> torch.Tensor:
     """M [rows, n] -> [rows, n_groups, group_size], a last partial group zero-padded: zeros change no absmax, no
     range that includes 0 (every asymmetric one does) and no error weighted by them."""

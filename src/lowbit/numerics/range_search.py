@@ -41,24 +41,25 @@ def searched_scale_zero(
     Wg: torch.Tensor, bits: int, symmetric: bool, search: RangeSearch, importance: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero [rows, n_groups] (float32) of the best shrunk range of each group of Wg [rows, n_groups, gs]
-    (float32), each column's error weighted by ``importance`` [n_groups, gs] (zero on padding) where the search
-    is weighted and one is given (AWQ's scale search rounds without: its candidates count every column alike)."""
+    (float32), each column's error weighted by ``importance`` [n_groups, gs] (zero on padding; [1, rows * gs] for
+    one group per tensor) where the search is weighted."""
+    assert importance is not None or not search.weighted, "a weighted search needs each column's importance"
     weight = importance.float() if search.weighted and importance is not None else None
     scales, zeros = [], []
     for r0 in range(0, Wg.shape[0], ROW_BATCH):
         rows = Wg[r0 : r0 + ROW_BATCH]
         wmin, wmax = rows.amin(dim=-1), rows.amax(dim=-1)  # [rows, n_groups]
-        best_err = torch.full_like(wmin, float("inf"))
-        best_scale = best_zero = None
-        for p in search.shrinks():  # p = 1 first: on a tie the group keeps its full range
-            scale, zero = fit_scale_zero(p * wmin, p * wmax, bits, symmetric)
+
+        def error(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:  # [rows, n_groups]
             err = (fake_quantize(rows, scale.unsqueeze(-1), zero.unsqueeze(-1), bits) - rows).abs_().pow_(search.norm)
-            if weight is not None:
-                err.mul_(weight)
-            err = err.sum(dim=-1)  # [rows, n_groups]
-            if best_scale is None:
-                best_err, best_scale, best_zero = err, scale, zero
-                continue
+            return (err.mul_(weight) if weight is not None else err).sum(dim=-1)
+
+        # the full range first: on a tie a group keeps it
+        best_scale, best_zero = fit_scale_zero(wmin, wmax, bits, symmetric)
+        best_err = error(best_scale, best_zero)
+        for p in search.shrinks()[1:]:
+            scale, zero = fit_scale_zero(p * wmin, p * wmax, bits, symmetric)
+            err = error(scale, zero)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best_scale = torch.where(better, scale, best_scale)
