@@ -43,7 +43,7 @@ METHODS: dict[str, tuple] = {
 # Relative error of the logits, ||q - f|| / ||f||, each method must stay within: the larger of a fixed bound and a
 # multiple of the model's own sensitivity, the error of near-lossless RTN W8 per-channel on it. Most tiny models
 # give W8 errors near 0.005 and W4 g32 ones near 0.1-0.3; a few random ones amplify every perturbation (cpmant:
-# W8 0.08, W6 0.29, W4 0.80, growing 4x per 2 bits as rounding noise does). A fold that changes the function
+# W8 0.05, RTN W4 g32 0.52; bench/results/coverage.json). A fold that changes the function
 # gives errors far above either bound.
 TOLERANCE = {"RTN": 0.5, "GPTQ": 0.5, "AWQ": 0.5, "SmoothQuant W8A8": 0.1}
 SENSITIVITY_FACTOR = {"RTN": 20.0, "GPTQ": 20.0, "AWQ": 20.0, "SmoothQuant W8A8": 4.0}
