@@ -1,22 +1,24 @@
-"""Print docs/range_search.md's table: each method and grid with its min-max fit (bench/results/methods, or
-bench/results/methods-actorder) beside its searched fits (bench/results/range_search, `bench/range_search.sh`).
-Perplexity, then the quantize time in seconds (the `lowbit quantize` child's wall time, calibration included).
+"""Print docs/range_search.md's tables: each method and grid with its min-max fit beside its searched fits, from
+`bench/range_search.sh`'s results (bench/results/range_search, its min-max rows there taking precedence over
+bench/results/methods'; or the folder named, e.g. range_search-qwen2.5-coder-0.5b). Perplexity, then the
+quantize time in seconds (the `lowbit quantize` child's wall time, calibration included).
 
-    .venv/bin/python bench/range_search_table.py
+    .venv/bin/python bench/range_search_table.py [RESULTS_FOLDER]
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FITS = {"": "min-max range", "-mse": "mse", "-imse": "imatrix-mse"}
 
 
-def rows() -> dict[str, dict]:
+def rows(folders: tuple[str, ...]) -> dict[str, dict]:
     found: dict[str, dict] = {}
-    for folder in ("methods", "methods-actorder", "range_search"):
+    for folder in folders:
         path = RESULTS / folder / "results.json"
         if path.exists():
             found.update({r["recipe"]: r for r in json.loads(path.read_text())["rows"][1:]})
@@ -28,7 +30,8 @@ def cell(row: dict | None) -> str:
 
 
 def main() -> None:
-    measured = rows()
+    folders = tuple(sys.argv[1:]) or ("methods", "methods-actorder", "range_search")
+    measured = rows(folders)
     searched = {name.removesuffix(s) for name in measured for s in ("-mse", "-imse") if name.endswith(s)}
     print("| recipe | " + " | ".join(FITS.values()) + " |")
     print("|---|" + "---:|" * len(FITS))
