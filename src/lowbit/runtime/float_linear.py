@@ -16,7 +16,6 @@ from torch import nn
 from lowbit.numerics.float_formats import FLOAT_TYPES
 from lowbit.numerics.float_quant import FloatQWeight, quantize_float_inputs
 from lowbit.numerics.grid import group_count
-from lowbit.numerics.packing import packed_length
 from lowbit.runtime.weight_only import InputQuantizingStandIn, WeightOnlyLinear, filled
 
 _SCALE_DTYPES = {"float32": torch.float32, "e8m0": torch.uint8, "e4m3": torch.float8_e4m3fn}
@@ -43,22 +42,19 @@ class FloatQuantLinear(WeightOnlyLinear):
     ) -> None:
         nn.Module.__init__(self)  # WeightOnlyLinear's integer buffers (scales, qzeros) are not this grid's
         ft = FLOAT_TYPES[float_type]
-        self.in_features, self.out_features, self.float_type = in_features, out_features, float_type
-        self.bits, self.group_size, self.symmetric = ft.bits, group_size, True
-        self.per_tensor, self.has_g_idx, self.g_idx = per_tensor, False, None
+        self._init_codes(in_features, out_features, ft.bits, group_size, True, per_tensor, False, device)
+        self.float_type, self.g_idx = float_type, None
         self.input_type, self.input_per_token, self.input_static = input_type, input_per_token, input_static
         rows, n_groups = (1 if per_tensor else out_features), group_count(in_features, group_size)
-        self.register_buffer("qweight", torch.empty(out_features, packed_length(in_features, ft.bits), dtype=torch.uint8, device=device))
         self.register_buffer("fscale", torch.empty(rows, n_groups, dtype=_SCALE_DTYPES[ft.scale_storage], device=device))
         self.fglobal: torch.Tensor | None
         self.input_scale: torch.Tensor | None
         self.input_global: torch.Tensor | None
-        self.bias: torch.Tensor | None
         self.register_buffer("fglobal", torch.empty(1, device=device) if ft.has_global_scale else None)
         static_fp8 = input_type == "FP8" and input_static
         self.register_buffer("input_scale", torch.ones((), device=device) if static_fp8 else None)
         self.register_buffer("input_global", torch.ones(1, device=device) if input_type == "NVFP4" else None)
-        self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if has_bias else None)
+        self._init_bias(has_bias, dtype, device)
 
     @classmethod
     def from_qweight(cls, qweight: Any, bias: torch.Tensor | None, **extra: Any) -> FloatQuantLinear:

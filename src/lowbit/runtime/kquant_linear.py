@@ -15,7 +15,6 @@ from torch import nn
 
 from lowbit.numerics.float_quant import FloatQWeight
 from lowbit.numerics.kquant import K_TYPES, SUPER_BLOCK, KQWeight
-from lowbit.numerics.packing import packed_length
 from lowbit.numerics.qweight import QWeight
 from lowbit.runtime.float_linear import FloatQuantLinear
 from lowbit.runtime.weight_only import WeightOnlyLinear, filled
@@ -36,11 +35,9 @@ class KQuantLinear(WeightOnlyLinear):
     ) -> None:
         nn.Module.__init__(self)  # WeightOnlyLinear's buffers (scales, qzeros) are not this grid's
         kt = K_TYPES[ggml]
-        self.in_features, self.out_features, self.ggml = in_features, out_features, ggml
-        self.bits, self.group_size, self.symmetric = kt.bits, kt.sub, not kt.asymmetric
-        self.per_tensor, self.has_g_idx = False, False
+        self._init_codes(in_features, out_features, kt.bits, kt.sub, not kt.asymmetric, False, False, device)
+        self.ggml = ggml
         n_super, n_sub = in_features // SUPER_BLOCK, in_features // kt.sub
-        self.register_buffer("qweight", torch.empty(out_features, packed_length(in_features, kt.bits), dtype=torch.uint8, device=device))
         self.register_buffer("kd", torch.empty(out_features, n_super, dtype=torch.float16, device=device))
         self.register_buffer("ksc", torch.empty(out_features, n_sub, dtype=torch.int8, device=device))
         self.kdmin: torch.Tensor | None
@@ -49,8 +46,7 @@ class KQuantLinear(WeightOnlyLinear):
         self.register_buffer("kdmin", torch.empty(out_features, n_super, dtype=torch.float16, device=device) if asym else None)
         self.register_buffer("km", torch.empty(out_features, n_sub, dtype=torch.int8, device=device) if asym else None)
         self.g_idx = None
-        self.bias: torch.Tensor | None
-        self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if has_bias else None)
+        self._init_bias(has_bias, dtype, device)
 
     @classmethod
     def from_qweight(cls, qweight: QWeight | KQWeight, bias: torch.Tensor | None, **extra: Any) -> KQuantLinear:

@@ -35,19 +35,30 @@ class WeightOnlyLinear(nn.Module):
         device: torch.device | str = "meta",
     ) -> None:
         super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
-        self.per_tensor, self.has_g_idx = per_tensor, has_g_idx
+        self._init_codes(in_features, out_features, bits, group_size, symmetric, per_tensor, has_g_idx, device)
         n_groups = group_count(in_features, group_size)
         rows = 1 if per_tensor else out_features
-        self.register_buffer("qweight", torch.empty(out_features, packed_length(in_features, bits), dtype=torch.uint8, device=device))
         self.register_buffer("scales", torch.empty(rows, n_groups, dtype=torch.float16, device=device))
         self.qzeros: torch.Tensor | None
         self.g_idx: torch.Tensor | None
-        self.bias: torch.Tensor | None
         self.register_buffer("qzeros", None if symmetric else torch.empty(rows, packed_length(n_groups, bits), dtype=torch.uint8, device=device))
         self.register_buffer("g_idx", torch.empty(in_features, dtype=torch.int32, device=device) if has_g_idx else None)
-        self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if has_bias else None)
+        self._init_bias(has_bias, dtype, device)
+
+    def _init_codes(
+        self, in_features: int, out_features: int, bits: int, group_size: int, symmetric: bool, per_tensor: bool,
+        has_g_idx: bool, device: torch.device | str,
+    ) -> None:
+        """What every packed grid's module has: its shape and grid attributes and the packed codes, qweight uint8
+        [out, packed] (the K-quant and float modules, whose scales differ, start from here too)."""
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
+        self.per_tensor, self.has_g_idx = per_tensor, has_g_idx
+        self.register_buffer("qweight", torch.empty(out_features, packed_length(in_features, bits), dtype=torch.uint8, device=device))
+
+    def _init_bias(self, has_bias: bool, dtype: torch.dtype, device: torch.device | str) -> None:
+        self.bias: torch.Tensor | None
+        self.register_buffer("bias", torch.empty(self.out_features, dtype=dtype, device=device) if has_bias else None)
 
     @classmethod
     def from_qweight(cls, qweight: QWeight, bias: torch.Tensor | None, **extra: Any) -> WeightOnlyLinear:
