@@ -22,7 +22,7 @@ demo: install
 	$(VENV)/bin/lowbit demo
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 # Measured figures in README.md come from these (long: see each script's header).
 bench: install

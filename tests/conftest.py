@@ -9,7 +9,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# two threads per process; under pytest-xdist (`make test` runs two workers) the cores are shared among the workers
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, torch.get_num_threads()) // WORKERS))
 
 from toy import save_toy, trained_toy, write_corpus  # noqa: E402
 
