@@ -133,6 +133,17 @@ def test_an_expert_the_router_never_picks_is_still_calibrated():
         assert rows["gptq"][name] < 0.9 * rows["rtn"][name], (name, rows["gptq"][name], rows["rtn"][name])
 
 
+def test_a_budget_refuses_an_expert_no_calibration_token_reached():
+    """A budget plans by each Linear's loss gradient; an expert the router never picks has none, and would be
+    planned onto the fewest bits: refused in one line, naming it."""
+    model = toy_model("mixtral")
+    for layer in model.model.layers:
+        layer.mlp.gate.register_forward_hook(_without_expert_3)
+    recipe = Recipe(steps=(RTN(W4),), budget=4.5)
+    with pytest.raises(LowbitError, match="no calibration token's loss reached .* model.layers.0.mlp.experts.3"):
+        lowbit.quantize(model, recipe, calibration(), batch_size=4)
+
+
 @pytest.mark.parametrize("method", ["rtn", "gptq", "awq"])
 @pytest.mark.parametrize("model_type", MOE)
 def test_a_hub_checkpoint_quantizes_block_by_block_and_loads_back_exactly(model_type, method, tmp_path):

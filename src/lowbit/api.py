@@ -33,6 +33,7 @@ from lowbit.pipeline.outside import (
     tied_head_of,
 )
 from lowbit.pipeline.report import QuantizeReport
+from lowbit.pipeline.sensitivity import PLAN_PHASE, check_plan_meets_budget, needs_plan, plan_budget
 from lowbit.recipe import Recipe, Step
 from lowbit.runtime.registry import build_empty
 from lowbit.runtime.backends import BACKENDS
@@ -103,6 +104,12 @@ def quantize(
     outside = plan_outside(model, recipe)  # checked before any work
     dtype = next(model.parameters()).dtype
     store = InMemoryStore(model)
+    plan_seconds = 0.0
+    if needs_plan(recipe):  # a budget: each Linear's grid chosen from the float model's sensitivities first
+        mark = time.perf_counter()
+        recipe = plan_budget(model, store.arch.blocks, recipe, calibration)
+        plan_seconds = time.perf_counter() - mark
+    check_plan_meets_budget(model, store.arch.blocks, recipe)
     ranks = ranks or SINGLE
     head_hessian: list[torch.Tensor] = []
     report, artifact = run_blocks(
@@ -110,6 +117,7 @@ def quantize(
         saved=saved_artifact(recipe), progress=progress, ranks=ranks,
         after_blocks=head_inputs(store, outside, ranks, head_hessian), compute_dtype=compute_dtype,
     )
+    report.add_outside_phase(PLAN_PHASE, plan_seconds)
     quantize_outside_in_memory(model, outside, dtype, head_hessian[0] if head_hessian else None)
     model.lowbit_info = LowbitInfo(recipe, report, artifact)
     return model
@@ -170,11 +178,18 @@ def quantize_checkpoint(
     lazy = LazyModel(source, dtype)
     outside = plan_outside(lazy.model, recipe)  # checked before any work
     saved = saved_artifact(recipe)
+    plan_seconds = 0.0
+    if needs_plan(recipe):  # a budget: each Linear's grid chosen from the float model's sensitivities first
+        mark = time.perf_counter()
+        recipe = planned_from_checkpoint(source, recipe, calibration, device)
+        plan_seconds = time.perf_counter() - mark
+    check_plan_meets_budget(lazy.model, lazy.arch.blocks, recipe)
     if not ranks.writes:
         store = LazyStore(lazy, lambda prefix, block: None)
         report, _ = run_blocks(store, recipe, calibration, batch_size=batch_size, device=device, seed=seed,
                                saved=saved, progress=False, ranks=ranks,
                                after_blocks=head_inputs(store, outside, ranks, []), compute_dtype=compute_dtype)  # its collectives, too
+        report.add_outside_phase(PLAN_PHASE, plan_seconds)
         ranks.barrier()  # this rank is done: rank 0 may commit the output
         return report
     with atomic_directory(out, overwrite, inputs=[source]) as tmp:
@@ -186,6 +201,7 @@ def quantize_checkpoint(
             progress=progress, ranks=ranks, after_blocks=head_inputs(store, outside, ranks, head_hessian),
             compute_dtype=compute_dtype,
         )
+        report.add_outside_phase(PLAN_PHASE, plan_seconds)
         with peak_during(report.peak_rss, "outside blocks"):
             packed = write_outside_blocks(writer, lazy, dtype, outside, head_hessian[0] if head_hessian else None)
         writer.finish()
@@ -195,6 +211,20 @@ def quantize_checkpoint(
         )
         ranks.barrier()  # commit only once every rank has finished: a rank that failed leaves no output
     return report
+
+
+def planned_from_checkpoint(
+    source: Path, recipe: Recipe, calibration: torch.Tensor | None, device: torch.device | str
+) -> Recipe:
+    """``recipe`` planned to its budget on the whole float32 model read from ``source`` onto ``device`` (freed
+    afterwards: the quantization loop then reads its blocks one at a time)."""
+    whole = LazyModel(source, torch.float32)
+    whole.materialize("", device)
+    try:
+        return plan_budget(whole.model, whole.arch.blocks, recipe, calibration)
+    finally:
+        del whole
+        release_freed_memory()
 
 
 LARGE_TENSOR_BYTES = 16 << 20

@@ -58,12 +58,14 @@ PRESETS: dict[str, str] = {
 # "autoround-w3g128" (AutoRound's published defaults: 200 steps),
 # with "-sym" on a symmetric grid ("gptq-w4g128-sym": what compressed-tensors readers load), "-mse" / "-imse" on a
 # range-searched one ("gptq-w3g128-mse": fit "mse"; "w3g128-imse": fit "imatrix-mse", numerics/range_search.py),
+# "-bB" for mixed precision to a budget of B bits per weight, each Linear's grid chosen around this one by its
+# measured sensitivity ("gptq-w4g128-b3.5"; pipeline/sensitivity.py),
 # and with "-eN" its
 # embedding and head on INT N g128 too ("awq-w4g128-e8"); `lowbit compare --methods M... --bits
 # B... --group-sizes G...` sweeps SWEEP_METHODS
 SWEEP_NAME = re.compile(
     r"(?:(?P<method>gptq|awq|awq-gptq|autoround|awq-autoround)-)?w(?P<bits>[2-8])(?:g(?P<group>[1-9][0-9]*)|pc)(?P<actorder>-actorder)?"
-    r"(?P<sym>-sym)?(?P<fit>-mse|-imse)?(?:-e(?P<outside>[2-8]))?"
+    r"(?P<sym>-sym)?(?P<fit>-mse|-imse)?(?:-b(?P<budget>[0-9]+(?:\.[0-9]+)?))?(?:-e(?P<outside>[2-8]))?"
 )
 FIT_SUFFIXES = {"": "range", "-mse": "mse", "-imse": "imatrix-mse"}
 SWEEP_METHODS = ("rtn", "gptq", "gptq-actorder", "awq", "awq-gptq", "autoround", "awq-autoround")
@@ -77,9 +79,9 @@ FLOAT_NAME = re.compile(r"(?P<method>gptq|awq|awq-gptq)-(?P<scheme>fp8-dynamic|f
                         r"(?P<actorder>-actorder)?")
 
 
-def parse_recipe_name(name_or_path: str) -> tuple[str, tuple[str, int, int, int, bool, str] | None]:
+def parse_recipe_name(name_or_path: str) -> tuple[str, tuple[str, int, int, int, bool, str, float | None] | None]:
     """("preset" | "file" | "sweep" | "ggml" | "float", (method, bits, group size or 0, embedding/head bits or 0,
-    symmetric, fit) for a grid point, (method, K type) for a K-quant one, (method, scheme) for a float one) of
+    symmetric, fit, budget or None) for a grid point, (method, K type) for a K-quant one, (method, scheme) for a float one) of
     a name lowbit takes for a recipe (whether a file holds a valid recipe is checked when it is read); else the
     one-line unknown-recipe error."""
     if name_or_path in PRESETS:
@@ -100,11 +102,12 @@ def parse_recipe_name(name_or_path: str) -> tuple[str, tuple[str, int, int, int,
         method = (sweep["method"] or "rtn") + ("-actorder" if sweep["actorder"] else "")
         if method in SWEEP_METHODS:
             return "sweep", (method, int(sweep["bits"]), int(sweep["group"] or 0), int(sweep["outside"] or 0),
-                             bool(sweep["sym"]), FIT_SUFFIXES[sweep["fit"] or ""])
+                             bool(sweep["sym"]), FIT_SUFFIXES[sweep["fit"] or ""],
+                             float(sweep["budget"]) if sweep["budget"] else None)
     raise LowbitError(
         f"unknown recipe {name_or_path!r}: pass a preset ({', '.join(PRESETS)}), a weight-only grid point named like "
         "the presets (e.g. gptq-w4g64, awq-w3pc, w2g32, gptq-w4g64-actorder, gptq-w4g128-sym, gptq-w3g128-mse, w3g128-imse, "
-        "awq-w4g128-e8), a llama.cpp "
+        "awq-w4g128-e8; gptq-w4g128-b3.5 plans each Linear's grid to 3.5 bits per weight), a llama.cpp "
         "K-quant grid or mix (q4_k, imatrix-q4_k_m, gptq-q4_k_m, awq-q6_k, gptq-q3_k_m-actorder), a float scheme with a "
         "method (gptq-nvfp4a16, awq-mxfp4a16, gptq-fp8-dynamic) or the path of a JSON recipe file"
     )

@@ -138,12 +138,14 @@ def outside_grid(bits: int) -> WeightQuant:
 
 
 def sweep_recipe(
-    method: str, bits: int, group_size: int, outside_bits: int = 0, symmetric: bool = False, fit: str = "range"
+    method: str, bits: int, group_size: int, outside_bits: int = 0, symmetric: bool = False, fit: str = "range",
+    budget: float | None = None,
 ) -> Recipe:
     """One point of a quant-curve sweep: ``method`` at ``bits`` with an asymmetric (``symmetric``: symmetric) grid of
     ``group_size`` columns (0 = per output channel) fitted by ``fit`` (a WeightQuant fit), with the embedding and
-    head on ``outside_grid(outside_bits)`` unless 0 (float). Named like the presets (``gptq-w4g128``,
-    ``gptq-w4g128-sym``, ``gptq-w3g128-mse``, ``w4g128-e6``), so a sweep point equal to a preset is it."""
+    head on ``outside_grid(outside_bits)`` unless 0 (float), each Linear's grid planned to ``budget`` bits per weight
+    around this one unless None. Named like the presets (``gptq-w4g128``, ``gptq-w4g128-sym``, ``gptq-w3g128-mse``,
+    ``w4g128-e6``, ``gptq-w4g128-b3.5``), so a sweep point equal to a preset is it."""
     if method not in SWEEP_METHODS:
         raise LowbitError(f"unknown sweep method {method!r}; pick from {', '.join(SWEEP_METHODS)}")
     if group_size < 0:
@@ -155,7 +157,7 @@ def sweep_recipe(
     head = {"rtn": "", "gptq-actorder": "gptq-"}.get(method, f"{method}-")
     fit_suffix = {v: k for k, v in FIT_SUFFIXES.items()}[fit]
     tail = ("-actorder" if method == "gptq-actorder" else "") + ("-sym" if symmetric else "") + fit_suffix + \
-        (f"-e{outside_bits}" if outside_bits else "")
+        (f"-b{budget:g}" if budget is not None else "") + (f"-e{outside_bits}" if outside_bits else "")
     outside = outside_grid(outside_bits) if outside_bits else None
     return Recipe(steps=_method_steps(grid, method), name=f"{head}w{bits}{f'g{group_size}' if group_size else 'pc'}{tail}",
-                  embeddings=outside, head=outside)
+                  embeddings=outside, head=outside, budget=budget)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,13 @@ class Recipe:
     # head are one tensor: quantized once, on one grid (runtime/embedding.py)
     embeddings: WeightQuant | None = None
     head: WeightQuant | None = None
+    # mixed precision to a budget: the stored bits per weight (scales and zero points included) over the blocks'
+    # Linears that the recipe compresses; each Linear's grid is then chosen from the rounding grid's candidates by
+    # its measured sensitivity (pipeline/sensitivity.py) when the recipe runs, and written into ``plan``
+    budget: float | None = None
+    # a grid per Linear by full name ("model.layers.3.mlp.down_proj"), overriding the steps' grid there: a budget's
+    # choice (or written by hand); Linears it does not name keep the steps' grid
+    plan: dict[str, WeightQuant] = field(default_factory=dict, hash=False)  # recipes stay hashable
     # a recipe read back from an output or a report: it was checked when it was made, by the rules of that time;
     # the steps' composition rules (which later versions may tighten) are not applied to it again
     stored: bool = field(default=False, compare=False, repr=False)
@@ -99,6 +107,7 @@ class Recipe:
         )
         self._check_k_grids()
         self._check_float_grids()
+        self._check_plan()
         for key in ("embeddings", "head"):  # fitted without per-column input weights (a tied head is the embedding)
             grid = getattr(self, key)
             _check(grid is None or not grid.weighs_inputs, f"the {key} grid's {grid.fit if grid else ''} fit weighs "
@@ -142,6 +151,28 @@ class Recipe:
         _check(not any(getattr(s, "act_order", False) and not getattr(s, "static_groups", True) for s in self.steps),
                f"{types.pop()} blocks are in column order, which act-order groups with a g_idx (static_groups=false) "
                "break", "use act-order's default static groups")
+
+    def _check_plan(self) -> None:
+        """A budget or a plan chooses among integer grids for a weight-only recipe's rounding step."""
+        if self.budget is None and not self.plan:
+            return
+        what = f"a budget ({self.budget:g} bits per weight)" if self.budget is not None else "a per-Linear plan"
+        _check(self.budget is None or 1.0 < self.budget <= 16.0,
+               f"budget must be bits per weight in (1, 16], got {self.budget}", 'e.g. "budget": 3.5')
+        step = self.weight_step
+        grid = step.grid if step is not None else None
+        _check(grid is not None and not grid.ggml and not grid.float_type,
+               f"{what} chooses integer grids for the recipe's rounding; this recipe rounds on "
+               f"{grid.label if grid is not None else 'no grid'}",
+               "use an RTN/GPTQ/AWQ/AutoRound step on an integer grid (e.g. gptq-w4g128)")
+        _check(not self.quantizes_inputs, f"{what} is for weight-only recipes; this one quantizes activations too",
+               "drop the activation step")
+        _check(not any(getattr(s, "act_order", False) and not getattr(s, "static_groups", True) for s in self.steps),
+               f"{what} counts each Linear's stored grid, and act-order groups with a g_idx (static_groups=false) "
+               "add an int32 per column", "use act-order's default static groups")
+        for name, linear_grid in self.plan.items():
+            _check(not linear_grid.ggml and not linear_grid.float_type,
+                   f"plan grid for {name} is {linear_grid.label}; a plan holds integer grids")
 
     @property
     def transform(self) -> Step | None:
@@ -193,6 +224,12 @@ class Recipe:
         """Refuse, before any work, a recipe whose output the exporter ``fmt`` cannot hold."""
         for step in self.effective_steps:
             step.check_export(fmt)
+        if (self.budget is not None or self.plan) and fmt in ("gguf", "gptq"):
+            held = {"gguf": "GGUF's integer types are fixed grids (Q4_0, Q4_1, Q8_0 on 32 columns)",
+                    "gptq": "a GPTQ checkpoint has one grid for every Linear"}[fmt]
+            raise LowbitError(f"{held}, and this recipe plans a grid per Linear (bit widths and group sizes): export "
+                              "--format compressed-tensors (symmetric grids), or for llama.cpp use a K-quant mix "
+                              "(gptq-q4_k_m)")
         float_grid = next((s.grid.float_type for s in self.steps if s.grid is not None and s.grid.float_type), "")
         if float_grid and fmt in ("gguf", "gptq"):
             raise LowbitError(f"{float_grid} is a float grid, which {fmt.upper()} cannot hold: export --format "
@@ -213,7 +250,7 @@ class Recipe:
     def needs_calibration(self) -> bool:
         """Whether any step reads calibration inputs (statistics or a SmoothQuant/AWQ search). RTN, magnitude
         pruning, LLM.int8() and dynamic activation quantization are data-free."""
-        return any(s.needs_calibration for s in self.effective_steps)
+        return self.budget is not None or any(s.needs_calibration for s in self.effective_steps)
 
     def reusing_transforms(self, path: str) -> Recipe:
         """This recipe with its SmoothQuant/AWQ step re-applying the scales (and clips) saved in ``path`` (an earlier
@@ -225,6 +262,13 @@ class Recipe:
         steps = tuple(dataclasses.replace(s, artifact=path) if s is step else s for s in self.steps)
         return dataclasses.replace(self, steps=steps)
 
+    def with_budget(self, budget: float) -> Recipe:
+        """This recipe planned anew to ``budget`` bits per weight (any plan it had dropped), named "NAME-bBUDGET"."""
+        name = re.sub(r"-b[0-9.]+(?=(-e[2-8])?$)", "", self.name)
+        outside = re.search(r"-e[2-8]$", name)  # the name grammar's order: ...-b3.5-e6 (preset_names.SWEEP_NAME)
+        at = outside.start() if outside else len(name)
+        return dataclasses.replace(self, budget=budget, plan={}, name=f"{name[:at]}-b{budget:g}{name[at:]}")
+
     @property
     def label(self) -> str:
         """One line naming each step and its weight grid, e.g. 'awq W4 asym g128 + gptq W4 asym g128'."""
@@ -232,7 +276,8 @@ class Recipe:
         for step in self.steps:
             grid = getattr(step, "weights", None)
             parts.append(f"{step.kind} {grid.label}" if grid is not None else step.kind)
-        return " + ".join(parts)
+        budget = "" if self.budget is None else f", each Linear's grid planned to {self.budget:g} bits per weight"
+        return " + ".join(parts) + budget
 
     def find(self, cls: type[Step]) -> Any:
         return next((s for s in self.steps if isinstance(s, cls)), None)
@@ -247,6 +292,10 @@ class Recipe:
             grid = getattr(self, key)
             if grid is not None:
                 out[key] = dataclasses.asdict(grid)
+        if self.budget is not None:
+            out["budget"] = self.budget
+        if self.plan:
+            out["plan"] = {name: dataclasses.asdict(grid) for name, grid in self.plan.items()}
         return out
 
     def to_json(self) -> str:
@@ -271,11 +320,21 @@ class Recipe:
                     grids[key] = WeightQuant(**data[key])
                 except LowbitError as exc:
                     raise LowbitError(f"recipe {key}: {exc}") from None
+        check_value(data.get("budget"), float | None, "recipe", RECIPE_FIX, "budget")
+        check_value(data.get("plan", {}), dict[str, WeightQuant], "recipe", RECIPE_FIX, "plan")
+        plan = {}
+        for name, grid in data.get("plan", {}).items():
+            try:
+                plan[name] = WeightQuant(**grid)
+            except LowbitError as exc:
+                raise LowbitError(f"recipe plan {name}: {exc}") from None
         return cls(
             steps=tuple(step_from_dict(s) for s in data["steps"]),
             ignore=data.get("ignore", ("lm_head",)),
             name=data.get("name", "custom"),
             stored=stored,
+            budget=None if data.get("budget") is None else float(data["budget"]),
+            plan=plan,
             **grids,
         )
 
@@ -290,4 +349,4 @@ class Recipe:
             raise LowbitError(f"recipe file {path}: {exc}") from None
 
 
-_RECIPE_KEYS = ("name", "steps", "ignore", "embeddings", "head")
+_RECIPE_KEYS = ("name", "steps", "ignore", "embeddings", "head", "budget", "plan")

@@ -25,11 +25,11 @@ from lowbit.cli.common import (
     calibration_from_args, child_command, console, default_model, parse_device, run_child, task_options, torch_dtype,
 )
 from lowbit.cli.inspect_cmd import INSPECT_JSON
-from lowbit.cli.quantize_cmd import add_nproc_option
+from lowbit.cli.quantize_cmd import add_nproc_option, stored_linear_bits
 from lowbit.errors import LowbitError
 from lowbit.io.atomic import refuse_non_directory, refuse_unsafe_target, report_folder, write_text_atomic
 from lowbit.pipeline.report import QuantizeReport
-from lowbit.preset_names import FIT_SUFFIXES, PRESETS, SWEEP_METHODS, check_recipe_name
+from lowbit.preset_names import FIT_SUFFIXES, PRESETS, SWEEP_METHODS, check_recipe_name, parse_recipe_name
 from lowbit.schema import Range, check_record, read_json
 
 if TYPE_CHECKING:
@@ -96,8 +96,8 @@ def quantize_in_child(args: argparse.Namespace, recipe: str, out: Path, transfor
 
 
 def row_name(recipe: str) -> str:
-    """Presets by name, recipe files by file stem."""
-    return recipe if recipe in PRESETS else Path(recipe).stem
+    """Recipes by name ("gptq-w4g128-b3.5" keeps its dot), recipe files by file stem."""
+    return Path(recipe).stem if parse_recipe_name(recipe)[0] == "file" else recipe
 
 
 def planned_recipes(args: argparse.Namespace, out: Path) -> dict[str, tuple[str, Recipe]]:
@@ -130,9 +130,11 @@ def write_sweep_recipes(recipes: dict[str, tuple[str, Recipe]], out: Path) -> No
 
 
 def transform_step(recipe: Recipe) -> Step | None:
-    """The search step whose result (scales, clips) a later row with the same step can re-apply."""
+    """The search step whose result (scales, clips) a later row with the same step can re-apply. None where the
+    recipe plans a grid per Linear: its step searched on those grids, not on the step's own."""
     step = recipe.transform
-    return step if step is not None and getattr(step, "artifact", None) is None else None
+    planned = recipe.budget is not None or bool(recipe.plan)
+    return step if step is not None and getattr(step, "artifact", None) is None and not planned else None
 
 
 class _Diagnosis(TypedDict):
@@ -141,19 +143,24 @@ class _Diagnosis(TypedDict):
     findings: list[str]
 
 
-def block_errors(folder: Path) -> list[float]:
-    """Mean relative Linear output error per block, from a quantized folder's report (checked against the report's
-    own dataclasses: a resumed row may point at a folder someone edited)."""
+def output_report(folder: Path) -> QuantizeReport | None:
+    """A quantized folder's report (checked against the report's own dataclasses: a resumed row may point at a
+    folder someone edited); None where it has none."""
     from lowbit.io.writer import REPORT_FILE
 
     path = folder / REPORT_FILE
     if not path.exists():
-        return []
+        return None
     fix = f"delete {folder} and run the comparison again"
     data = read_json(path, "quantize report", fix)
     check_record(data, QuantizeReport, str(path), fix)
-    report = QuantizeReport.from_dict(data)
-    return [sum(r.rel_error for r in b.linears) / max(len(b.linears), 1) for b in report.blocks]
+    return QuantizeReport.from_dict(data)
+
+
+def block_errors(folder: Path) -> list[float]:
+    """Mean relative Linear output error per block, from a quantized folder's report."""
+    report = output_report(folder)
+    return [] if report is None else [sum(r.rel_error for r in b.linears) / max(len(b.linears), 1) for b in report.blocks]
 
 
 def inspect_in_child(args: argparse.Namespace, folder: Path, reuse: bool) -> dict[str, Any]:
@@ -253,10 +260,14 @@ def compare(
                     **measure(str(out / name)),
                     "quantize_seconds": summary["seconds"], "peak_rss_bytes": summary["peak_rss_bytes"],
                     "mean_linear_error": summary["mean_linear_error"], "block_errors": block_errors(out / name),
+                    "linear_bits_per_weight": summary["linear_bits_per_weight"],
                     "transforms_from": source,
                 }
             if not row.get("block_errors"):  # rows measured before per-block errors were recorded
                 row = {**row, "block_errors": block_errors(out / name)}
+            report = None if "linear_bits_per_weight" in row else output_report(out / name)
+            if report is not None:  # ... or sizes per weight
+                row = {**row, "linear_bits_per_weight": stored_linear_bits(out / name, report)}
             if step is not None and step not in searched and not row.get("transforms_from"):
                 if (out / name / ARTIFACT_FILE).exists():
                     searched[step] = name

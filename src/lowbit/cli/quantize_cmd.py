@@ -44,6 +44,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--measure", action="store_true",
                    help="run the calibration text through data-free recipes too (RTN, magnitude pruning, LLM.int8(), "
                         "dynamic W8A8), to report per-layer errors; without it they need no forward pass")
+    add_number(q, "--budget", float, Range(1.0, 16.0, open_low=True), default=None, metavar="BITS",
+               help="mixed precision: choose each Linear's grid (2-8 bits, groups of 32-128, around the recipe's "
+                    "grid) by its measured sensitivity so that the blocks' Linears store BITS bits per weight, scales "
+                    "included (e.g. 3.5); the plan is written into the output's recipe (docs/mixed_precision.md)")
     q.add_argument("--verbose", action="store_true", help="print a row per Linear, not only per block")
     q.add_argument("--json", action="store_true", help="print the run summary as JSON")
     add_nproc_option(q)
@@ -59,6 +63,7 @@ class QuantizeRun:
     source_bytes: int
     out_bytes: int
     peak_rss: int
+    linear_bits: float | None = None  # stored bits per weight of the blocks' Linears (integer grids only)
 
     def summary(self) -> dict:
         return {
@@ -72,6 +77,7 @@ class QuantizeRun:
             "peak_rss_bytes": self.peak_rss,
             "peak_rss_after_phase": self.report.peak_rss,
             "mean_linear_error": self.report.mean_linear_error() if self.report.measured else None,
+            "linear_bits_per_weight": self.linear_bits,
         }
 
 
@@ -101,6 +107,8 @@ def checked_request(
             raise LowbitError(f"--nproc {args.nproc} with --device cuda needs {args.nproc} GPUs, this machine shows "
                               f"{torch.cuda.device_count()}; lower --nproc")
     recipe = resolve_recipe(recipe_name)
+    if getattr(args, "budget", None) is not None:
+        recipe = recipe.with_budget(args.budget)
     if args.transforms:
         recipe = recipe.reusing_transforms(args.transforms)
     if writes:
@@ -139,7 +147,18 @@ def quantize_from_args(
         compute_dtype=compute_dtype(args.compute_dtype),
     )
     out_bytes = CheckpointReader(out).nbytes() if ranks.writes else 0
-    return QuantizeRun(report, out, CheckpointReader(source.folder).nbytes(), out_bytes, peak_rss_bytes())
+    linear_bits = stored_linear_bits(out, report) if ranks.writes else None
+    return QuantizeRun(report, out, CheckpointReader(source.folder).nbytes(), out_bytes, peak_rss_bytes(), linear_bits)
+
+
+def stored_linear_bits(out: Path, report: QuantizeReport) -> float | None:
+    """Stored bits per weight of the Linears the run compressed (its report's rows), from output ``out``'s
+    lowbit_config.json; None where one is not on an integer grid."""
+    from lowbit.api import read_lowbit_config
+    from lowbit.numerics.bit_budget import linear_bits_per_weight
+
+    names = [row.name for block in report.blocks for row in block.linears]
+    return linear_bits_per_weight(read_lowbit_config(out)["modules"], names)
 
 
 def run_quantize(args: argparse.Namespace) -> int:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from lowbit.evaluation.plotting import pyplot, save_figure
-from lowbit.evaluation.recommend import pareto_front, weight_grid
+from lowbit.evaluation.recommend import MIXED, pareto_front, weight_grid
 from lowbit.evaluation.units import MIB
 from lowbit.numerics.range_search import SEARCHES
 
@@ -23,12 +23,15 @@ def _method(row: dict[str, Any]) -> str:
     return "+".join(s["type"] for s in row["config"]["steps"])
 
 
-def quant_curves(rows: list[dict[str, Any]]) -> dict[str, list[tuple[int, float]]]:
-    """Curve name (method, grid) -> (bits, perplexity) of each weight-only row after the first (the float one)."""
-    series: dict[str, list[tuple[int, float]]] = defaultdict(list)
+def quant_curves(rows: list[dict[str, Any]]) -> dict[str, list[tuple[float, float]]]:
+    """Curve name (method, grid) -> (bits, perplexity) of each weight-only row after the first (the float one); a
+    budget's rows (each Linear on its own grid) are a curve of their own at their budget's bits per weight."""
+    series: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for r in rows[1:]:
         grid = weight_grid(r)
-        if grid is not None:
+        if grid is not None and grid[1] == MIXED:  # each Linear on its own grid: at its budget (scales included,
+            series[f"{_method(r)} {MIXED}"].append((grid[0], r["perplexity"]))  # the uniform rows at their nominal bits)
+        elif grid is not None:
             steps = r["config"]["steps"]
             extra = "-actorder" if any(s.get("act_order") for s in steps) else ""
             # a symmetric integer grid and a searched range are curves of their own (older rows lack the keys)

@@ -58,6 +58,8 @@ def comparison_cells(row: dict[str, Any], base: dict[str, Any]) -> dict[str, str
         "vs fp": f"{(row['perplexity'] / base['perplexity'] - 1) * 100:+.1f}%",
         "size on disk": mib(row["disk_bytes"]),
         "smaller by": f"{base['disk_bytes'] / row['disk_bytes']:.2f}x",
+        # the blocks' Linears alone, scales included: what a budget (``-b3.5``) counts
+        "Linear bits/weight": "" if row.get("linear_bits_per_weight") is None else f"{row['linear_bits_per_weight']:.3f}",
         "quantize time": _seconds(row.get("quantize_seconds")),
         "quantize peak RSS": mib(row.get("peak_rss_bytes")),
         "eval tokens/s": f"{row['eval_tokens_per_second']:,.0f}",
@@ -147,6 +149,7 @@ class _Row(_MeasuredRow, total=False):
     mean_linear_error: float | None
     block_errors: list[float]
     transforms_from: str | None
+    linear_bits_per_weight: float | None
 
 
 class _Results(TypedDict):

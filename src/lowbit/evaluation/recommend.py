@@ -11,6 +11,7 @@ from lowbit.evaluation.units import mib
 from lowbit.recipe import Recipe
 
 BUDGETS = (0.01, 0.05, 0.25)  # perplexity increase relative to fp for "smallest model within ..."
+MIXED = "mixed"  # the grid label of a row whose Linears each have a grid planned to a budget
 
 
 def _recipe(row: dict[str, Any]) -> Recipe | None:
@@ -29,11 +30,14 @@ def family(row: dict[str, Any]) -> str:
     return "weight-only"
 
 
-def weight_grid(row: dict[str, Any]) -> tuple[int, str] | None:
-    """(bits, grid label) of a weight-only row's rounding grid, e.g. (4, 'g128')."""
+def weight_grid(row: dict[str, Any]) -> tuple[float, str] | None:
+    """(bits, grid label) of a weight-only row's rounding grid, e.g. (4, 'g128'); a budget's row, whose Linears
+    each have their own grid, is (its bits per weight, 'mixed')."""
     recipe = _recipe(row)
     if recipe is None or family(row) != "weight-only" or recipe.weight_step is None:
         return None
+    if recipe.budget is not None:
+        return recipe.budget, MIXED
     grid = recipe.weight_step.grid
     assert grid is not None
     if grid.ggml:  # a llama.cpp K type or mix is its own grid, not the integer grid of its sub-blocks
@@ -95,12 +99,12 @@ def recommendations(results: dict[str, Any], diagnosis: dict[str, Any] | None = 
             sentence += f"; {worst['recipe']} is worst ({_pct(delta(worst, base))}, {worst['description']})"
         lines.append(sentence + ".")
 
-    by_grid: dict[tuple[int, str], list[dict[str, Any]]] = defaultdict(list)
+    by_grid: dict[tuple[float, str], list[dict[str, Any]]] = defaultdict(list)
     for r in by_family["weight-only"]:
         by_grid[weight_grid(r)].append(r)  # type: ignore[index]
     for (bits, grid), group in sorted(by_grid.items()):
         best = min(group, key=lambda r: r["perplexity"])
-        sentence = f"For W{bits} {grid}, use {best['recipe']}: perplexity {best['perplexity']:.3f} ({_pct(delta(best, base))}), {mib(best['disk_bytes'])}"
+        sentence = f"For W{bits:g} {grid}, use {best['recipe']}: perplexity {best['perplexity']:.3f} ({_pct(delta(best, base))}), {mib(best['disk_bytes'])}"
         rtn = next((r for r in group if is_rtn(r)), None)
         if rtn is not None and rtn is not best:
             sentence += f"; round-to-nearest ({rtn['recipe']}) gives {_pct(delta(rtn, base))}"

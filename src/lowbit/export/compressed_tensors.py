@@ -81,9 +81,12 @@ def check_recipe_for_compressed_tensors(recipe: Recipe) -> None:
     cannot load)."""
     recipe.check_export("compressed-tensors")
     step = recipe.weight_step
-    grid = getattr(step, "grid", None)
-    if grid is not None and not grid.symmetric and not recipe.quantizes_inputs:
+    grids = [getattr(step, "grid", None), *recipe.plan.values()]  # a plan's grids too (written by hand, any symmetry)
+    if any(g is not None and not g.symmetric for g in grids) and not recipe.quantizes_inputs:
         raise asymmetric_weights_refusal(recipe.name)
+    if any(g.granularity == "tensor" for g in recipe.plan.values()):
+        raise LowbitError("per-tensor weight grids are not exported to compressed-tensors; this recipe's plan has "
+                          "one: plan per-channel or per-group grids")
 
 
 def _check_activations(symmetric: bool) -> None:

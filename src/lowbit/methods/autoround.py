@@ -84,8 +84,10 @@ class AutoRound(Step):
             return {}
         assert ctx.data is not None
         weights = {path: weight_of(path) for path in ctx.targets}  # [out, in] each, after AWQ's clip if any
-        roundings = {path: Rounding.initial(W, self.weights) for path, W in weights.items()}
-        first, best, best_at, last = tune(ctx.block, ctx.data, targets, ctx.targets, weights, roundings, self, ctx.seed)
+        grids = {path: ctx.linear_grid(path, self.weights) for path in ctx.targets}  # a budget's plan: one per Linear
+        roundings = {path: Rounding.initial(W, grids[path]) for path, W in weights.items()}
+        first, best, best_at, last = tune(ctx.block, ctx.data, targets, ctx.targets, weights, grids, roundings, self,
+                                          ctx.seed)
         note = f"block loss {first:.3g} -> {best:.3g} (step {best_at} of {self.iters}; last {last:.3g})"
         log.debug("%s: autoround %s", ctx.prefix, note)
         return {path: (r, note) for path, r in roundings.items()}
@@ -113,10 +115,11 @@ class _TunedLinear(nn.Module):
 
 def tune(
     block: nn.Module, data: BlockData, targets: list[torch.Tensor], linears: dict[str, nn.Module],
-    weights: dict[str, torch.Tensor], roundings: dict[str, Rounding], step: AutoRound, seed: int,
+    weights: dict[str, torch.Tensor], grids: dict[str, WeightQuant], roundings: dict[str, Rounding], step: AutoRound,
+    seed: int,
 ) -> tuple[float, float, int, float]:
     """Learn ``roundings`` (in place: the best, or last, ones) of the float ``weights`` [out, in] of ``linears`` of
-    ``block`` on the calibration batches of ``data`` toward ``targets``. Returns (first loss, best loss, its step,
+    ``block`` on their ``grids`` on the calibration batches of ``data`` toward ``targets``. Returns (first loss, best loss, its step,
     last loss)."""
     lr = step.lr or 1.0 / step.iters
     range_lr = (step.range_lr or lr) if step.tune_range else 0.0
@@ -132,7 +135,7 @@ def tune(
             for t in r.tensors() if step.tune_range else [r.offset]:
                 t.requires_grad_(True)
         for path, linear in linears.items():
-            block.set_submodule(path, _TunedLinear(weights[path], linear.bias, step.weights, roundings[path]))
+            block.set_submodule(path, _TunedLinear(weights[path], linear.bias, grids[path], roundings[path]))
         with torch.enable_grad():
             for i, b in enumerate(order):
                 with training_precision(data, step.amp):

@@ -106,7 +106,8 @@ def compress_block(
         def compress(path: str) -> Compressed:
             start = time.perf_counter()
             module, note = _compress_linear(ctx, path, recipe, stats[path], tuned.get(path))
-            return Compressed(module, label, time.perf_counter() - start, note)
+            own = label if not ctx.plan else " + ".join(placed(s, ctx, path).label for s in recipe.effective_steps)
+            return Compressed(module, own, time.perf_counter() - start, note)
 
         # on several ranks each compresses its share of the stage's Linears and receives the others'
         mark = time.perf_counter()
@@ -114,8 +115,8 @@ def compress_block(
         phases["compress"] = phases.get("compress", 0.0) + time.perf_counter() - mark
         for path, c in results.items():
             # a block that runs no further pass (data-free) gets its runtime module directly
-            placed = c.module if ctx.data is None else calibration_stand_in(c.module, ctx.targets[path].weight.dtype)
-            ctx.block.set_submodule(path, placed)
+            computing = c.module if ctx.data is None else calibration_stand_in(c.module, ctx.targets[path].weight.dtype)
+            ctx.block.set_submodule(path, computing)
             done[path] = c
         if meter is not None:
             meter.add({path: done[path].module for path in stage})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -16,6 +17,9 @@ from lowbit.numerics.kquant_mix import LinearPlace
 from lowbit.pipeline.fold import fold_blocker
 from lowbit.pipeline.report import FoldRecord
 from lowbit.pipeline.taps import BlockData
+
+if TYPE_CHECKING:
+    from lowbit.recipe import Recipe
 
 
 @dataclass
@@ -33,12 +37,17 @@ class BlockContext:
     ranks: Ranks = SINGLE  # the run's processes (per-Linear work is divided among them)
     layer: int = 0  # this block's index among the model's n_layers blocks (llama.cpp's mixes choose by it)
     n_layers: int = 1
+    plan: dict[str, WeightQuant] = field(default_factory=dict)  # a grid per Linear by full name (Recipe.plan)
 
     def full_name(self, path: str) -> str:
         return f"{self.prefix}.{path}"
 
     def linear_grid(self, path: str, grid: WeightQuant) -> WeightQuant:
-        """The grid the Linear at ``path`` is rounded on: ``grid``, or a llama.cpp mix's type for it."""
+        """The grid the Linear at ``path`` is rounded on: the recipe plan's for it, a llama.cpp mix's type for it, or
+        ``grid``."""
+        planned = self.plan.get(self.full_name(path))
+        if planned is not None:
+            return planned
         return grid.for_linear(LinearPlace(path, self.layer, self.n_layers))
 
 
@@ -81,6 +90,22 @@ def check_ignore_leaves_work(blocks: nn.ModuleList, blocks_path: str, ignore: tu
         f"{'match' if len(culprits) > 1 else 'matches'} {'' if every else 'together '}all {len(names)} Linears of "
         "the decoder blocks, leaving nothing to quantize; narrow the recipe's 'ignore' list (e.g. [\"lm_head\"])"
     )
+
+
+def check_plan_names(blocks: nn.ModuleList, blocks_path: str, recipe: Recipe) -> None:
+    """Refuse, before any work, a plan naming a Linear the recipe does not compress here (another model's plan, a
+    typo, an ignored Linear): its grid would silently not apply."""
+    if not recipe.plan:
+        return
+    targets = {f"{blocks_path}.{i}.{path}" for i, block in enumerate(blocks)
+               for path in select_targets(block, f"{blocks_path}.{i}", recipe.ignore)}
+    unknown = sorted(set(recipe.plan) - targets)
+    if unknown:
+        raise LowbitError(
+            f"the recipe's plan names {len(unknown)} Linear{'s' if len(unknown) > 1 else ''} this model's blocks do not "
+            f"have or the recipe ignores (first: {unknown[0]!r}); plan this model again (give the recipe a budget "
+            "without a plan)"
+        )
 
 
 def resolve_groups(ctx: BlockContext, norms_only: bool = False) -> list[ResolvedGroup]:

@@ -56,6 +56,12 @@ class QuantizeReport:
     peak_rss: dict[str, int] = field(default_factory=dict)
     outside_seconds: dict[str, float] = field(default_factory=dict)  # capture, head inputs: outside the blocks
 
+    def add_outside_phase(self, phase: str, seconds: float) -> None:
+        """A phase of the run before (or after) the block loop, e.g. a budget's plan; 0 seconds: it did not run."""
+        if seconds:
+            self.outside_seconds[phase] = seconds
+            self.seconds += seconds
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
