@@ -13,9 +13,10 @@ import lowbit
 from lowbit.api import read_lowbit_config
 from lowbit import GPTQ, RTN, WeightQuant
 from lowbit.errors import LowbitError
-from lowbit.numerics.bit_budget import Choice, allocate, candidate_grids, pareto, stored_bits
+from lowbit.numerics.bit_budget import Choice, allocate, candidate_grids, pareto, plan_bits, stored_bits
 from lowbit.numerics.rtn import rtn
-from lowbit.pipeline.sensitivity import fisher_diagonal, linear_choices, plan_bits, plan_budget, planned_linears
+from lowbit.pipeline.context import named_targets
+from lowbit.pipeline.sensitivity import fisher_diagonal, linear_choices, plan_budget
 from lowbit.presets import resolve_recipe
 from lowbit.recipe import Recipe
 from lowbit.runtime.weight_only import WeightOnlyLinear
@@ -102,7 +103,7 @@ def test_the_fisher_is_each_sequences_squared_gradient_averaged():
     model.train()  # dropout is off in the pass (and the mode restored): toy models have none, so only the mode shows
     flags = [p.requires_grad for p in model.parameters()]
     ids = calibration(n=3, length=16)
-    linears = planned_linears(model, "model.layers", Recipe(steps=(RTN(),)))
+    linears = named_targets(model.model.layers, "model.layers", Recipe(steps=(RTN(),)).ignore)
     name = "model.layers.1.mlp.down_proj"
     fisher = fisher_diagonal(model, linears, ids)[name]
     assert [p.requires_grad for p in model.parameters()] == flags and model.training
@@ -136,7 +137,7 @@ def test_a_budget_spends_the_bits_where_the_trained_model_needs_them(trained_fol
     tokens = torch.tensor(byte_tokenizer()(text)["input_ids"])
     ids, held_out = tokens[: 8 * 64].reshape(8, 64), tokens[-8 * 64 :].reshape(8, 64)  # [8, 64] each
     uniform = Recipe(steps=(RTN(WeightQuant(bits=2, group_size=64)),))
-    linears = planned_linears(fresh(), "model.layers", uniform)
+    linears = named_targets(fresh().model.layers, "model.layers", uniform.ignore)
     size = plan_bits(dict.fromkeys(linears, uniform.steps[0].weights), linears)
     planned = plan_budget(fresh(), "model.layers", dataclasses.replace(uniform, budget=size), ids)
     assert set(planned.plan) == set(linears)

@@ -33,7 +33,7 @@ from lowbit.pipeline.outside import (
     tied_head_of,
 )
 from lowbit.pipeline.report import QuantizeReport
-from lowbit.pipeline.sensitivity import PLAN_PHASE, check_plan_meets_budget, needs_plan, plan_budget
+from lowbit.pipeline.sensitivity import PLAN_PHASE, needs_plan, plan_budget
 from lowbit.recipe import Recipe, Step
 from lowbit.runtime.registry import build_empty
 from lowbit.runtime.backends import BACKENDS
@@ -109,7 +109,6 @@ def quantize(
         mark = time.perf_counter()
         recipe = plan_budget(model, store.arch.blocks, recipe, calibration)
         plan_seconds = time.perf_counter() - mark
-    check_plan_meets_budget(model, store.arch.blocks, recipe)
     ranks = ranks or SINGLE
     head_hessian: list[torch.Tensor] = []
     report, artifact = run_blocks(
@@ -183,7 +182,6 @@ def quantize_checkpoint(
         mark = time.perf_counter()
         recipe = planned_from_checkpoint(source, recipe, calibration, device)
         plan_seconds = time.perf_counter() - mark
-    check_plan_meets_budget(lazy.model, lazy.arch.blocks, recipe)
     if not ranks.writes:
         store = LazyStore(lazy, lambda prefix, block: None)
         report, _ = run_blocks(store, recipe, calibration, batch_size=batch_size, device=device, seed=seed,

@@ -119,8 +119,8 @@ def tune(
     seed: int,
 ) -> tuple[float, float, int, float]:
     """Learn ``roundings`` (in place: the best, or last, ones) of the float ``weights`` [out, in] of ``linears`` of
-    ``block`` on their ``grids`` on the calibration batches of ``data`` toward ``targets``. Returns (first loss, best loss, its step,
-    last loss)."""
+    ``block`` on their ``grids`` on the calibration batches of ``data`` toward ``targets``. Returns (first loss, best
+    loss, its step, last loss)."""
     lr = step.lr or 1.0 / step.iters
     range_lr = (step.range_lr or lr) if step.tune_range else 0.0
     order = _batch_order(len(data.hidden), step.iters, seed)

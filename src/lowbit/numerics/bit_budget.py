@@ -5,7 +5,8 @@ A multiple-choice knapsack: each Linear picks one of its ``Choice``s (a grid, th
 costs) so that the bits fit the budget and the summed error is least. HAWQ-V3 states the same problem as an integer
 program; here it is solved exactly by dynamic programming over the budget cut into small units (``allocate``),
 which takes about a second for hundreds of Linears, and by its Lagrangian relaxation for thousands (mixtures of
-experts); both are checked against brute force in tests/test_bit_budget.py.
+experts); tests/test_bit_budget.py checks the first against brute force, the second against the Lagrangian dual
+bound.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
+from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.methods.base import WeightQuant
@@ -38,6 +40,12 @@ def stored_bits(grid: WeightQuant, out_features: int, in_features: int) -> int:
     n_groups, rows = group_count(in_features, group), 1 if per_tensor else out_features
     zeros = 0 if grid.symmetric else rows * packed_length(n_groups, grid.bits) * 8
     return out_features * packed_length(in_features, grid.bits) * 8 + rows * n_groups * FP16_BITS + zeros
+
+
+def plan_bits(plan: dict[str, WeightQuant], linears: dict[str, nn.Linear]) -> float:
+    """Stored bits per weight of ``plan`` (grid by full name) over ``linears`` (by full name)."""
+    total = sum(stored_bits(plan[name], *lin.weight.shape) for name, lin in linears.items())
+    return total / sum(lin.weight.numel() for lin in linears.values())
 
 
 def linear_bits_per_weight(modules: dict[str, dict], linears: Iterable[str]) -> float | None:

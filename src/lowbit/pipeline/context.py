@@ -13,6 +13,7 @@ from lowbit.distributed.ranks import SINGLE, Ranks
 from lowbit.errors import LowbitError
 from lowbit.methods.base import WeightQuant
 from lowbit.models.arch import Arch, ScaleGroup, block_linears, get_submodule
+from lowbit.numerics.bit_budget import plan_bits
 from lowbit.numerics.kquant_mix import LinearPlace
 from lowbit.pipeline.fold import fold_blocker
 from lowbit.pipeline.report import FoldRecord
@@ -92,20 +93,34 @@ def check_ignore_leaves_work(blocks: nn.ModuleList, blocks_path: str, ignore: tu
     )
 
 
-def check_plan_names(blocks: nn.ModuleList, blocks_path: str, recipe: Recipe) -> None:
-    """Refuse, before any work, a plan naming a Linear the recipe does not compress here (another model's plan, a
-    typo, an ignored Linear): its grid would silently not apply."""
+def named_targets(blocks: nn.ModuleList, blocks_path: str, ignore: tuple[str, ...]) -> dict[str, nn.Linear]:
+    """Every block's Linears the recipe compresses (``select_targets``), by full name ("model.layers.3.mlp.up_proj")."""
+    return {f"{blocks_path}.{i}.{path}": linear for i, block in enumerate(blocks)
+            for path, linear in select_targets(block, f"{blocks_path}.{i}", ignore).items()}
+
+
+def check_plan(blocks: nn.ModuleList, blocks_path: str, recipe: Recipe) -> None:
+    """Refuse, before any work, a plan whose grids would not do what the recipe says: one naming a Linear the recipe
+    does not compress here (another model's plan, a typo, an ignored Linear: its grid would silently not apply) or,
+    under a budget, one that leaves a Linear out or stores more than the budget (a stored recipe edited)."""
     if not recipe.plan:
         return
-    targets = {f"{blocks_path}.{i}.{path}" for i, block in enumerate(blocks)
-               for path in select_targets(block, f"{blocks_path}.{i}", recipe.ignore)}
-    unknown = sorted(set(recipe.plan) - targets)
+    targets = named_targets(blocks, blocks_path, recipe.ignore)  # shapes only: a meta-device skeleton will do
+    unknown = sorted(set(recipe.plan) - set(targets))
     if unknown:
         raise LowbitError(
             f"the recipe's plan names {len(unknown)} Linear{'s' if len(unknown) > 1 else ''} this model's blocks do not "
             f"have or the recipe ignores (first: {unknown[0]!r}); plan this model again (give the recipe a budget "
             "without a plan)"
         )
+    if recipe.budget is None:
+        return  # a hand-written plan may name some Linears only: the others keep the steps' grid
+    missing = sorted(set(targets) - set(recipe.plan))
+    bits = plan_bits(recipe.plan, targets) if not missing else 0.0
+    if missing or bits > recipe.budget:
+        what = f"leaves {len(missing)} Linears out (first: {missing[0]})" if missing else (
+            f"stores {bits:.4f} bits per weight, over its budget of {recipe.budget:g}")
+        raise LowbitError(f"recipe {recipe.name!r}: its plan {what}; drop \"plan\" from the recipe to plan again")
 
 
 def resolve_groups(ctx: BlockContext, norms_only: bool = False) -> list[ResolvedGroup]:

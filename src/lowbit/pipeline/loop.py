@@ -24,7 +24,7 @@ from lowbit.models.experts import all_tokens_to_all_experts, unfuse_experts
 from lowbit.models.lazy import LazyModel, conv1d_to_linear
 from lowbit.pipeline.block import compress_without_data, process_block
 from lowbit.pipeline.capture import capture_block_calls
-from lowbit.pipeline.context import BlockContext, check_ignore_leaves_work, check_plan_names, select_targets
+from lowbit.pipeline.context import BlockContext, check_ignore_leaves_work, check_plan, select_targets
 from lowbit.pipeline.memory import (
     block_memory_bytes, long_lived_objects_frozen, release_freed_memory, reset_peak_memory,
 )
@@ -189,7 +189,7 @@ def run_blocks(
     ``compute_dtype`` (None, or torch.bfloat16): the precision of the calibration forwards (pipeline/compute.py).
     """
     check_ignore_leaves_work(store.blocks, store.arch.blocks, recipe.ignore)
-    check_plan_names(store.blocks, store.arch.blocks, recipe)
+    check_plan(store.blocks, store.arch.blocks, recipe)
     if ids is None and recipe.needs_calibration:
         raise LowbitError(f"recipe {recipe.name!r} needs calibration data: pass token ids [n_sequences, seq_len]")
     ids = None if ids is None else check_calibration(ids, store.model.config)

@@ -26,22 +26,12 @@ from lowbit.errors import LowbitError
 from lowbit.methods.base import WeightQuant
 from lowbit.numerics.bit_budget import Choice, allocate, candidate_grids, stored_bits
 from lowbit.numerics.rtn import rtn
-from lowbit.pipeline.context import check_ignore_leaves_work, select_targets
+from lowbit.pipeline.context import check_ignore_leaves_work, named_targets
 from lowbit.pipeline.loop import check_calibration
 from lowbit.recipe import Recipe
 
 log = logging.getLogger(__name__)
 PLAN_PHASE = "budget plan"  # the report's phase name for the sensitivity pass and the allocation
-
-
-def planned_linears(model: nn.Module, blocks_path: str, recipe: Recipe) -> dict[str, nn.Linear]:
-    """The Linears a plan covers, by full name: every block's Linears the recipe does not ignore."""
-    blocks = model.get_submodule(blocks_path)
-    return {
-        f"{blocks_path}.{i}.{path}": linear
-        for i, block in enumerate(blocks)  # type: ignore[arg-type]
-        for path, linear in select_targets(block, f"{blocks_path}.{i}", recipe.ignore).items()
-    }
 
 
 def fisher_diagonal(model: nn.Module, linears: dict[str, nn.Linear], ids: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -101,7 +91,7 @@ def plan_budget(model: nn.Module, blocks_path: str, recipe: Recipe, ids: torch.T
     check_ignore_leaves_work(model.get_submodule(blocks_path), blocks_path, recipe.ignore)  # type: ignore[arg-type]
     ids = check_calibration(ids, model.config)
     start = time.perf_counter()
-    linears = planned_linears(model, blocks_path, recipe)
+    linears = named_targets(model.get_submodule(blocks_path), blocks_path, recipe.ignore)  # type: ignore[arg-type]
     fisher = fisher_diagonal(model, linears, ids)
     unreached = [name for name, f in fisher.items() if not bool(f.any())]
     if unreached:  # a rarely routed expert: zero measured sensitivity would plan it onto the fewest bits
@@ -123,22 +113,3 @@ def plan_budget(model: nn.Module, blocks_path: str, recipe: Recipe, ids: torch.T
              time.perf_counter() - start)
     return dataclasses.replace(recipe, plan={name: c.grid for name, c in chosen.items()})
 
-
-def plan_bits(plan: dict[str, WeightQuant], linears: dict[str, nn.Linear]) -> float:
-    """Stored bits per weight of ``plan`` (grid by full name) over ``linears`` (by full name)."""
-    total = sum(stored_bits(plan[name], *lin.weight.shape) for name, lin in linears.items())
-    return total / sum(lin.weight.numel() for lin in linears.values())
-
-
-def check_plan_meets_budget(model: nn.Module, blocks_path: str, recipe: Recipe) -> None:
-    """Refuse a recipe whose plan does not do what its budget says (a stored recipe edited, a plan from another
-    recipe): every planned Linear on a grid, within the budget. (Plan names the model lacks: check_plan_names.)"""
-    if recipe.budget is None or not recipe.plan:
-        return
-    linears = planned_linears(model, blocks_path, recipe)  # shapes only: a skeleton on the meta device will do
-    missing = sorted(set(linears) - set(recipe.plan))
-    bits = plan_bits(recipe.plan, linears) if not missing else 0.0
-    if missing or bits > recipe.budget:
-        what = f"leaves {len(missing)} Linears out (first: {missing[0]})" if missing else (
-            f"stores {bits:.4f} bits per weight, over its budget of {recipe.budget:g}")
-        raise LowbitError(f"recipe {recipe.name!r}: its plan {what}; drop \"plan\" from the recipe to plan again")
