@@ -33,6 +33,7 @@ from lowbit.pipeline.outside import (
     tied_head_of,
 )
 from lowbit.pipeline.report import QuantizeReport
+from lowbit.pipeline.rotate import OutsideRotation, check_saved_rotation
 from lowbit.pipeline.sensitivity import PLAN_PHASE, needs_plan, plan_budget
 from lowbit.recipe import Recipe, Step
 from lowbit.runtime.registry import build_empty
@@ -71,9 +72,12 @@ def saved_artifact(recipe: Recipe) -> dict[str, torch.Tensor] | None:
     if path.is_dir():
         path = path / ARTIFACT_FILE
     try:
-        return load_file(str(path))
+        saved = load_file(str(path))
     except (OSError, Exception) as exc:  # safetensors raises its own error type for corrupt files
         raise LowbitError(f"cannot read transform artifact {path}: {str(exc)[:160]}") from None
+    rotation = next((s for s in recipe.block_transforms if s is not step), None)
+    check_saved_rotation(saved, None if rotation is None else getattr(rotation, "seed"))
+    return saved
 
 
 def quantize(
@@ -104,6 +108,8 @@ def quantize(
     outside = plan_outside(model, recipe)  # checked before any work
     dtype = next(model.parameters()).dtype
     store = InMemoryStore(model)
+    rotation = recipe.outside(model, store.arch, ties_embeddings(model.config))  # checked before any work
+    store.outside = rotation.apply_in_memory if rotation is not None else None
     plan_seconds = 0.0
     if needs_plan(recipe):  # a budget: each Linear's grid chosen from the float model's sensitivities first
         mark = time.perf_counter()
@@ -176,6 +182,8 @@ def quantize_checkpoint(
         check_output_dir(out, overwrite, inputs=[source])
     lazy = LazyModel(source, dtype)
     outside = plan_outside(lazy.model, recipe)  # checked before any work
+    rotation = recipe.outside(lazy.model, lazy.arch, lazy.tied_embeddings)
+    rotate_loaded = rotation.apply_loaded if rotation is not None else None
     saved = saved_artifact(recipe)
     plan_seconds = 0.0
     if needs_plan(recipe):  # a budget: each Linear's grid chosen from the float model's sensitivities first
@@ -183,7 +191,7 @@ def quantize_checkpoint(
         recipe = planned_from_checkpoint(source, recipe, calibration, device)
         plan_seconds = time.perf_counter() - mark
     if not ranks.writes:
-        store = LazyStore(lazy, lambda prefix, block: None)
+        store = LazyStore(lazy, lambda prefix, block: None, rotate_loaded)
         report, _ = run_blocks(store, recipe, calibration, batch_size=batch_size, device=device, seed=seed,
                                saved=saved, progress=False, ranks=ranks,
                                after_blocks=head_inputs(store, outside, ranks, []), compute_dtype=compute_dtype)  # its collectives, too
@@ -192,7 +200,8 @@ def quantize_checkpoint(
         return report
     with atomic_directory(out, overwrite, inputs=[source]) as tmp:
         writer = ShardWriter(tmp)
-        store = LazyStore(lazy, lambda prefix, block: writer.write_module(block_shard_name(prefix), prefix, block))
+        store = LazyStore(lazy, lambda prefix, block: writer.write_module(block_shard_name(prefix), prefix, block),
+                          rotate_loaded)
         head_hessian: list[torch.Tensor] = []
         report, artifact = run_blocks(
             store, recipe, calibration, batch_size=batch_size, device=device, seed=seed, saved=saved,
@@ -201,8 +210,11 @@ def quantize_checkpoint(
         )
         report.add_outside_phase(PLAN_PHASE, plan_seconds)
         with peak_during(report.peak_rss, "outside blocks"):
-            packed = write_outside_blocks(writer, lazy, dtype, outside, head_hessian[0] if head_hessian else None)
+            packed = write_outside_blocks(writer, lazy, dtype, outside, head_hessian[0] if head_hessian else None,
+                                          rotation)
         writer.finish()
+        if rotation is not None:  # the output's head is a tensor of its own (rotated: no longer the embedding)
+            lazy.config.tie_word_embeddings = False
         write_metadata(
             tmp, lazy.config, {**runtime_module_configs(lazy.model), **packed}, recipe.to_dict(), dtype,
             report.to_dict(), artifact, tokenizer_source=source, tied_head=tied_head_entry(outside),
@@ -244,17 +256,22 @@ def head_inputs(
 
 def write_outside_blocks(
     writer: ShardWriter, lazy: LazyModel, dtype: torch.dtype, outside: OutsidePlan | None = None,
-    head_hessian: torch.Tensor | None = None,
+    head_hessian: torch.Tensor | None = None, rotation: OutsideRotation | None = None,
 ) -> dict[str, dict]:
     """Copy embeddings, final norm and an untied head to the output (packed where ``outside`` quantizes them; their
     module config entries are returned): every large tensor in a shard of its own, written before the next is read,
     the small rest together. Read together, with their memory-mapped pages and safetensors' serialisation copy, a
-    1.1B Llama's embedding and untied head (402 MB each) would cost several times one of its blocks (170 MB)."""
+    1.1B Llama's embedding and untied head (402 MB each) would cost several times one of its blocks (170 MB).
+    A ``rotation`` rotates the embedding and the head and folds the final norm into the head (the head of a tied
+    checkpoint is written as a tensor of its own)."""
     small: dict[str, torch.Tensor] = {}
     modules: dict[str, dict] = {}
     head = lazy.model.get_output_embeddings()
     head_has_bias = getattr(head, "bias", None) is not None
-    for i, (name, tensor) in enumerate(lazy.tensors_outside_blocks(dtype)):
+    items = lazy.tensors_outside_blocks(dtype)
+    if rotation is not None:
+        items = rotation.written(items, lambda name: lazy.read([name])[name])
+    for i, (name, tensor) in enumerate(items):
         packed = packed_outside(name, tensor, outside, dtype, head_has_bias, head_hessian)
         tensors, entries = packed if packed is not None else ({name: tensor}, {})
         modules.update(entries)

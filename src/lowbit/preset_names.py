@@ -51,6 +51,13 @@ PRESETS: dict[str, str] = {
     "w4g128-e8": "RTN INT4 g128 weights, embedding and head INT8 g128 (the whole model quantized)",
     "w4g128-e6": "RTN INT4 g128 weights, embedding and head INT6 g128 (a llama.cpp Q4_K_M-class size)",
     "gptq-w4g128-e6": "GPTQ INT4 g128, embedding and head INT6 g128 (RTN)",
+    "w4a8": "RTN INT4 symmetric g128 weights, per-token dynamic INT8 inputs",
+    "gptq-w4a8": "GPTQ INT4 symmetric g128 weights, per-token dynamic INT8 inputs (rotate-gptq-w4a8: QuaRot's)",
+    "gptq-w4a8-actorder": "GPTQ act-order INT4 symmetric g128 weights, per-token dynamic INT8 inputs",
+    "gptq-w4a4": "GPTQ INT4 symmetric g128 weights, per-token dynamic INT4 inputs (rotate-gptq-w4a4: QuaRot's)",
+    "smoothquant-gptq-w4a8": (
+        "SmoothQuant a=0.5 on norm and Linear->Linear inputs, GPTQ INT4 symmetric g128, per-token dynamic INT8 inputs"
+    ),
     **FLOAT_SCHEMES,
 }
 
@@ -79,6 +86,9 @@ FLOAT_NAME = re.compile(r"(?P<method>gptq|awq|awq-gptq)-(?P<scheme>fp8-dynamic|f
                         r"(?P<actorder>-actorder)?")
 
 
+ROTATE_PREFIX = "rotate-"  # any recipe name after it, with the residual stream rotated first (methods/rotate.py)
+
+
 def parse_recipe_name(name_or_path: str) -> tuple[str, tuple[str, int, int, int, bool, str, float | None] | None]:
     """("preset" | "file" | "sweep" | "ggml" | "float", (method, bits, group size or 0, embedding/head bits or 0,
     symmetric, fit, budget or None) for a grid point, (method, K type) for a K-quant one, (method, scheme) for a float one) of
@@ -86,6 +96,12 @@ def parse_recipe_name(name_or_path: str) -> tuple[str, tuple[str, int, int, int,
     one-line unknown-recipe error."""
     if name_or_path in PRESETS:
         return "preset", None
+    if name_or_path.startswith(ROTATE_PREFIX) and not Path(name_or_path).exists():
+        rest = name_or_path.removeprefix(ROTATE_PREFIX)
+        if parse_recipe_name(rest)[0] == "file":
+            raise LowbitError(f"unknown recipe {name_or_path!r}: \"rotate-\" goes before a recipe name (rotate-gptq-w4a8), "
+                              "not a file; put {\"type\": \"rotate\"} first in the file's steps instead")
+        return "rotated", None
     float_point = FLOAT_NAME.fullmatch(name_or_path.lower())
     if float_point is not None and (float_point["method"] == "gptq" or not float_point["actorder"]):
         method = float_point["method"] + ("-actorder" if float_point["actorder"] else "")
@@ -107,7 +123,8 @@ def parse_recipe_name(name_or_path: str) -> tuple[str, tuple[str, int, int, int,
     raise LowbitError(
         f"unknown recipe {name_or_path!r}: pass a preset ({', '.join(PRESETS)}), a weight-only grid point named like "
         "the presets (e.g. gptq-w4g64, awq-w3pc, w2g32, gptq-w4g64-actorder, gptq-w4g128-sym, gptq-w3g128-mse, w3g128-imse, "
-        "awq-w4g128-e8; gptq-w4g128-b3.5 plans each Linear's grid to 3.5 bits per weight), a llama.cpp "
+        "awq-w4g128-e8; gptq-w4g128-b3.5 plans each Linear's grid to 3.5 bits per weight; rotate-NAME rotates the residual "
+        "stream first, e.g. rotate-gptq-w4a8), a llama.cpp "
         "K-quant grid or mix (q4_k, imatrix-q4_k_m, gptq-q4_k_m, awq-q6_k, gptq-q3_k_m-actorder), a float scheme with a "
         "method (gptq-nvfp4a16, awq-mxfp4a16, gptq-fp8-dynamic) or the path of a JSON recipe file"
     )

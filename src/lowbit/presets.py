@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from lowbit.errors import LowbitError
 from lowbit.numerics.kquant_mix import K_MIXES
-from lowbit.preset_names import FIT_SUFFIXES, FLOAT_SCHEMES, PRESETS, SWEEP_METHODS, parse_recipe_name
+from lowbit.preset_names import FIT_SUFFIXES, FLOAT_SCHEMES, PRESETS, ROTATE_PREFIX, SWEEP_METHODS, parse_recipe_name
 from lowbit.recipe import (
     AWQ,
     AutoRound,
@@ -14,6 +16,7 @@ from lowbit.recipe import (
     LLMInt8,
     Prune,
     Recipe,
+    Rotate,
     SmoothQuant,
     SparseGPT,
     WeightQuant,
@@ -26,7 +29,9 @@ W3_G128 = WeightQuant(bits=3, symmetric=False, granularity="group", group_size=1
 E8_G128 = WeightQuant(bits=8, symmetric=False, granularity="group", group_size=128)
 E6_G128 = WeightQuant(bits=6, symmetric=False, granularity="group", group_size=128)
 Q8_0 = WeightQuant(bits=8, symmetric=True, granularity="group", group_size=32)  # GGML's Q8_0 blocks exactly
+W4_SYM_G128 = WeightQuant(bits=4, symmetric=True, granularity="group", group_size=128)
 PER_TOKEN = ActQuant(bits=8, granularity="token", dynamic=True)
+PER_TOKEN_4 = ActQuant(bits=4, granularity="token", dynamic=True)
 # The -actorder presets: act-order visiting with groups kept in column order (GPTQ's default static_groups) and H's
 # off-diagonal shrunk by 10%, the best act-order variant on the three real models measured, over three calibration
 # seeds each (docs/actorder.md: bench/peers/actorder.py).
@@ -61,6 +66,11 @@ def _steps() -> dict[str, tuple]:
         "w4g128-e8": (RTN(W4_G128),),
         "w4g128-e6": (RTN(W4_G128),),
         "gptq-w4g128-e6": (GPTQ(W4_G128),),
+        "w4a8": (RTN(W4_SYM_G128), PER_TOKEN),
+        "gptq-w4a8": (GPTQ(W4_SYM_G128), PER_TOKEN),
+        "gptq-w4a8-actorder": (GPTQ(W4_SYM_G128, **ACT_ORDER), PER_TOKEN),
+        "gptq-w4a4": (GPTQ(W4_SYM_G128), PER_TOKEN_4),
+        "smoothquant-gptq-w4a8": (SmoothQuant(0.5, fold_into_linears=True), GPTQ(W4_SYM_G128), PER_TOKEN),
         **{name: float_steps("rtn", name) for name in FLOAT_SCHEMES},
     }
     assert list(steps) == list(PRESETS), "every preset has a name, a description (preset_names.py) and steps (here)"
@@ -79,6 +89,9 @@ def preset_names() -> dict[str, str]:
 def resolve_recipe(name_or_path: str) -> Recipe:
     """A preset name, a weight-only grid point named like the presets, or the path of a JSON recipe file."""
     kind, point = parse_recipe_name(name_or_path)
+    if kind == "rotated":
+        inner = resolve_recipe(name_or_path.removeprefix(ROTATE_PREFIX))
+        return dataclasses.replace(inner, steps=(Rotate(), *inner.steps), name=name_or_path)
     if kind == "preset":
         grid = OUTSIDE_GRIDS.get(name_or_path)
         return Recipe(steps=_steps()[name_or_path], name=name_or_path, embeddings=grid, head=grid)

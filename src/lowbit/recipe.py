@@ -13,26 +13,35 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lowbit.errors import LowbitError
 from lowbit.methods.act_quant import ActQuant
 from lowbit.methods.autoround import AutoRound
 from lowbit.methods.awq import AWQ
-from lowbit.methods.base import GRANULARITIES, RECIPE_FIX, STAGE_NAMES, TRANSFORM, Needs, Step, WeightQuant, check
+from lowbit.methods.base import (
+    GRANULARITIES, RECIPE_FIX, ROTATE, STAGE_NAMES, TRANSFORM, Needs, Step, WeightQuant, check,
+)
 from lowbit.methods.gptq import GPTQ
 from lowbit.methods.llm_int8 import LLMInt8
 from lowbit.methods.prune import Prune, parse_pattern
 from lowbit.methods.registry import STEP_TYPES
+from lowbit.methods.rotate import Rotate
 from lowbit.methods.rtn import RTN
 from lowbit.methods.smoothquant import SmoothQuant
 from lowbit.methods.sparsegpt import SparseGPT
 from lowbit.schema import check_fields, check_record, check_value, read_json
 
 __all__ = [
-    "GRANULARITIES", "RECIPE_FIX", "STEP_TYPES", "AWQ", "AutoRound", "GPTQ", "RTN", "ActQuant", "LLMInt8", "Prune", "Recipe",
+    "GRANULARITIES", "RECIPE_FIX", "STEP_TYPES", "AWQ", "AutoRound", "GPTQ", "RTN", "ActQuant", "LLMInt8", "Prune", "Recipe", "Rotate",
     "SmoothQuant", "SparseGPT", "Step", "WeightQuant", "parse_pattern", "step_from_dict",
 ]
+if TYPE_CHECKING:
+    from torch import nn
+
+    from lowbit.models.arch import Arch
+    from lowbit.pipeline.rotate import OutsideRotation
+
 _WEIGHT_FIELDS = {f.name for f in dataclasses.fields(WeightQuant)}
 _check = check
 
@@ -100,11 +109,9 @@ class Recipe:
         _check(len(rounding) <= 1, f"a recipe rounds the weights once, got {[s.kind for s in rounding]}")
         pruning = [s for s in self.steps if s.prunes]
         _check(len(pruning) <= 1, f"a recipe prunes at most once, got {[s.kind for s in pruning]}")
-        transforms = [s for s in self.steps if s.stage == TRANSFORM]
-        _check(
-            len(transforms) <= 1,
-            f"use one equivalence transform per recipe, got {[s.kind for s in transforms]}",
-        )
+        for stage in (ROTATE, TRANSFORM):
+            same = [s.kind for s in self.steps if s.stage == stage]
+            _check(len(same) <= 1, f"use one {STAGE_NAMES[stage]} step per recipe, got {same}")
         self._check_k_grids()
         self._check_float_grids()
         self._check_plan()
@@ -178,6 +185,15 @@ class Recipe:
     def transform(self) -> Step | None:
         """The recipe's equivalence transform (SmoothQuant, AWQ), if any."""
         return next((s for s in self.steps if s.stage == TRANSFORM), None)
+
+    @property
+    def block_transforms(self) -> tuple[Step, ...]:
+        """The steps that transform a whole block before compression, in order: a rotation, then SmoothQuant/AWQ."""
+        return tuple(s for s in self.steps if s.stage <= TRANSFORM)
+
+    def outside(self, model: nn.Module, arch: Arch, tied: bool) -> OutsideRotation | None:
+        """What the recipe does to the tensors outside the blocks (``Step.outside``: a rotation), or None."""
+        return next((o for o in (s.outside(model, arch, tied) for s in self.steps) if o is not None), None)
 
     @property
     def effective_steps(self) -> tuple[Step, ...]:

@@ -29,7 +29,9 @@ from lowbit.cli.quantize_cmd import add_nproc_option, stored_linear_bits
 from lowbit.errors import LowbitError
 from lowbit.io.atomic import refuse_non_directory, refuse_unsafe_target, report_folder, write_text_atomic
 from lowbit.pipeline.report import QuantizeReport
-from lowbit.preset_names import FIT_SUFFIXES, PRESETS, SWEEP_METHODS, check_recipe_name, parse_recipe_name
+from lowbit.preset_names import (
+    FIT_SUFFIXES, PRESETS, ROTATE_PREFIX, SWEEP_METHODS, check_recipe_name, parse_recipe_name,
+)
 from lowbit.schema import Range, check_record, read_json
 
 if TYPE_CHECKING:
@@ -131,10 +133,12 @@ def write_sweep_recipes(recipes: dict[str, tuple[str, Recipe]], out: Path) -> No
 
 def transform_step(recipe: Recipe) -> Step | None:
     """The search step whose result (scales, clips) a later row with the same step can re-apply. None where the
-    recipe plans a grid per Linear: its step searched on those grids, not on the step's own."""
+    recipe plans a grid per Linear (its step searched on those grids, not on the step's own) or transforms the block
+    before it (a rotation: its scales were searched on the rotated model)."""
     step = recipe.transform
     planned = recipe.budget is not None or bool(recipe.plan)
-    return step if step is not None and getattr(step, "artifact", None) is None and not planned else None
+    alone = recipe.block_transforms == (step,)
+    return step if step is not None and getattr(step, "artifact", None) is None and not planned and alone else None
 
 
 class _Diagnosis(TypedDict):
@@ -183,6 +187,14 @@ def read_diagnosis(path: Path) -> dict[str, Any]:
     diagnosis = read_json(path, "inspect report", fix)
     check_record(diagnosis, _Diagnosis, str(path), fix)
     return diagnosis
+
+
+def recipe_description(name: str, recipe: Recipe) -> str:
+    """A preset's description (a rotated preset's too), else the recipe's label."""
+    inner = name.removeprefix(ROTATE_PREFIX)
+    if inner != name and inner in PRESETS:
+        return f"residual stream rotated (QuaRot), then {PRESETS[inner]}"
+    return PRESETS.get(name, recipe.label)
 
 
 def run_compare(args: argparse.Namespace) -> int:
@@ -256,7 +268,7 @@ def compare(
                 console.print(f"[bold]{name}[/bold]: quantizing" + (f" (re-using {source}'s scales)" if source else ""))
                 summary = quantize_in_child(args, spec, out / name, out / source if source else None)
                 row = {
-                    "recipe": name, "description": PRESETS.get(name, recipe.label), "config": recipe.to_dict(),
+                    "recipe": name, "description": recipe_description(name, recipe), "config": recipe.to_dict(),
                     **measure(str(out / name)),
                     "quantize_seconds": summary["seconds"], "peak_rss_bytes": summary["peak_rss_bytes"],
                     "mean_linear_error": summary["mean_linear_error"], "block_errors": block_errors(out / name),

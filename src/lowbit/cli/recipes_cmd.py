@@ -23,7 +23,8 @@ def run_recipes(args: argparse.Namespace) -> int:
         return 0
     from rich.table import Table
 
-    table = Table(title="preset recipes (lowbit quantize --recipe NAME)")
+    table = Table(title="preset recipes (lowbit quantize --recipe NAME)",
+                  caption="rotate-NAME: any of them with the residual stream rotated first (QuaRot: docs/rotation.md)")
     table.add_column("name")
     table.add_column("what it does")
     for name, description in PRESETS.items():

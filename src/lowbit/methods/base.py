@@ -29,17 +29,20 @@ from lowbit.numerics.range_search import SEARCHES
 from lowbit.schema import check_fields
 
 if TYPE_CHECKING:
+    from lowbit.models.arch import Arch
     from lowbit.numerics.qweight import QWeight
     from lowbit.pipeline.context import BlockContext
+    from lowbit.pipeline.rotate import OutsideRotation
     from lowbit.recipe import Recipe
 
 GRANULARITIES = ("tensor", "channel", "group")
 FITS = ("range", "llama", *SEARCHES)
 RECIPE_FIX = "fix the recipe (`lowbit recipes gptq-w4g128` prints a valid one)"
 
-# the order of a recipe: equivalence transforms, then pruning, then rounding, then activation quantization
-TRANSFORM, PRUNE, ROUND, ACTIVATIONS = 0, 1, 2, 3
-STAGE_NAMES = {TRANSFORM: "transform", PRUNE: "prune", ROUND: "round", ACTIVATIONS: "activations"}
+# the order of a recipe: a rotation of the residual stream, equivalence transforms, then pruning, then rounding, then
+# activation quantization
+ROTATE, TRANSFORM, PRUNE, ROUND, ACTIVATIONS = -1, 0, 1, 2, 3
+STAGE_NAMES = {ROTATE: "rotate", TRANSFORM: "transform", PRUNE: "prune", ROUND: "round", ACTIVATIONS: "activations"}
 
 
 def check(condition: bool, message: str, fix: str = RECIPE_FIX) -> None:
@@ -288,6 +291,12 @@ class Step:
     ) -> list[torch.Tensor] | None:
         """An output-preserving transform of the whole block before compression; returns the block's
         full-precision outputs (or None when this step has no such transform)."""
+        return None
+
+    def outside(self, model: nn.Module, arch: Arch, tied: bool) -> OutsideRotation | None:
+        """What this step does to the tensors outside the blocks (embedding, final norm, head: a rotation of the
+        residual stream), for ``model`` (a skeleton is enough) whose head is its embedding when ``tied``; None when
+        nothing."""
         return None
 
     def tune_block(

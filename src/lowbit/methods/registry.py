@@ -10,6 +10,7 @@ from lowbit.methods.base import Step
 from lowbit.methods.gptq import GPTQ
 from lowbit.methods.llm_int8 import LLMInt8
 from lowbit.methods.prune import Prune
+from lowbit.methods.rotate import Rotate
 from lowbit.methods.rtn import RTN
 from lowbit.methods.smoothquant import SmoothQuant
 from lowbit.methods.sparsegpt import SparseGPT
@@ -25,5 +26,5 @@ def register(cls: type[Step]) -> type[Step]:
     return cls
 
 
-for _cls in (RTN, GPTQ, AutoRound, AWQ, SmoothQuant, ActQuant, LLMInt8, Prune, SparseGPT):
+for _cls in (Rotate, RTN, GPTQ, AutoRound, AWQ, SmoothQuant, ActQuant, LLMInt8, Prune, SparseGPT):
     register(_cls)

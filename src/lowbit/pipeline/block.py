@@ -25,8 +25,9 @@ def process_block(
     assert ctx.data is not None
     start = time.perf_counter()
     phases: dict[str, float] = {}
-    transform = recipe.transform
-    fp_outputs = transform.transform_block(ctx, batch_size, saved) if transform is not None else None
+    fp_outputs = None
+    for transform in recipe.block_transforms:  # a rotation (no outputs of its own), then SmoothQuant/AWQ
+        fp_outputs = transform.transform_block(ctx, batch_size, saved)
     if fp_outputs is None:
         # nothing to calibrate: only the reference outputs for the error measurement are needed
         fp_outputs = run_with_taps(ctx.block, ctx.data, max_outputs=ctx.error_batches, max_batches=ctx.error_batches)

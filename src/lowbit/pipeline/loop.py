@@ -59,8 +59,9 @@ def move_outside_blocks(model: nn.Module, blocks_path: str, device: torch.device
 class InMemoryStore:
     """Blocks of a model that is already in memory: moved to the work device one at a time, kept afterwards."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, outside: Callable[[nn.Module], None] | None = None) -> None:
         self.model = model
+        self.outside = outside  # applied once, before block 0's inputs are captured (a rotation of the embedding)
         self.model_type: str = model.config.model_type
         unfuse_experts(model)  # 3-D expert tensors become per-expert Linears, as in LazyModel
         self.arch = arch_for(self.model_type, model)
@@ -71,6 +72,9 @@ class InMemoryStore:
         self.home = next(model.parameters()).device
 
     def prepare(self, device: torch.device | str) -> None:
+        if self.outside is not None:
+            self.outside(self.model)
+            self.outside = None
         move_outside_blocks(self.model, self.arch.blocks, device)
 
     def captured(self) -> None:
@@ -89,13 +93,19 @@ class InMemoryStore:
 class LazyStore:
     """Blocks read from disk when their turn comes; each finished block goes to ``on_block_done`` and is freed."""
 
-    def __init__(self, lazy: LazyModel, on_block_done: Callable[[str, nn.Module], None]) -> None:
+    def __init__(
+        self, lazy: LazyModel, on_block_done: Callable[[str, nn.Module], None],
+        outside: Callable[[nn.Module], None] | None = None,
+    ) -> None:
         self.lazy = lazy
+        self.outside = outside  # applied to the modules outside the blocks each time they are read
         self.model, self.model_type, self.arch, self.blocks = lazy.model, lazy.model_type, lazy.arch, lazy.blocks
         self.on_block_done = on_block_done
 
     def prepare(self, device: torch.device | str) -> None:
         self.lazy.materialize_outside_blocks(device)
+        if self.outside is not None:
+            self.outside(self.model)
         move_outside_blocks(self.model, self.arch.blocks, device)
 
     def captured(self) -> None:

@@ -1,0 +1,46 @@
+"""Orthogonal rotations of the residual stream (QuaRot, Ashkboos et al. 2024; SpinQuant, Liu et al. 2024).
+
+A rotation Q [d, d] with Q Q^T = I moves a hidden state x to x Q without changing its norm, so an RMSNorm commutes
+with it (rms(x Q) = rms(x)), and a Linear reading the rotated state computes the same output from W Q. What it
+changes is how a vector's energy is spread over the channels: a channel carrying 1000x the others' values is
+spread over all of them, so a quantization grid fitted per token or per row no longer wastes its steps on it.
+
+QuaRot uses a randomized Walsh-Hadamard matrix, which exists for powers of two; residual widths are often not one
+(SmolLM2: 576 = 64 x 9, Qwen2.5 0.5B: 896 = 128 x 7). ``residual_rotation`` takes the Kronecker product of the
+normalised Hadamard matrix of the largest power-of-two factor and a random orthogonal matrix of the odd rest, times
+random signs: dense (every output channel mixes every input channel), orthogonal to float64 precision, and the same
+for the same (width, seed) on every machine (a float64 CPU generator).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+
+def hadamard(n: int) -> torch.Tensor:
+    """The Sylvester Hadamard matrix of order ``n`` (a power of two), normalised to be orthogonal: [n, n] float64."""
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"a Sylvester Hadamard matrix needs a power-of-two order, got {n}")
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], dim=1), torch.cat([h, -h], dim=1)], dim=0)
+    return h / n**0.5
+
+
+def random_orthogonal(n: int, generator: torch.Generator) -> torch.Tensor:
+    """A Haar-random orthogonal matrix [n, n] float64: QR of a Gaussian matrix, R's diagonal signs moved into Q."""
+    q, r = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=generator))
+    return (q * torch.sign(torch.diagonal(r)).unsqueeze(0)).contiguous()
+
+
+@lru_cache(maxsize=8)
+def residual_rotation(width: int, seed: int) -> torch.Tensor:
+    """Q [width, width] float64, orthogonal: diag(signs) (H_{2^k} kron O_m), width = 2^k * m with m odd."""
+    power = width & -width  # the largest power of two dividing width
+    generator = torch.Generator().manual_seed(seed)
+    signs = torch.randint(0, 2, (width,), generator=generator, dtype=torch.float64) * 2 - 1
+    odd = width // power
+    mix = torch.kron(hadamard(power), random_orthogonal(odd, generator)) if odd > 1 else hadamard(power)
+    return signs.unsqueeze(1) * mix  # rows scaled by +-1: still orthogonal
