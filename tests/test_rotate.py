@@ -176,3 +176,83 @@ def test_scales_searched_after_a_rotation_are_reapplied_only_to_the_same_rotatio
             lowbit.quantize(toy_model("llama"), other.reusing_transforms(str(tmp_path / "q")), ids, batch_size=2)
     # `lowbit compare` never hands a rotated row's scales to an unrotated one (or back)
     assert transform_step(rotated) is None and transform_step(Recipe(steps=(SmoothQuant(0.5), RTN(W8)))) is not None
+
+
+def test_structured_rotation_equals_the_dense_matrix():
+    from lowbit.numerics.rotation import rotate_last_dim, rotation_factors, walsh_hadamard
+
+    x = torch.randn(3, 64, 5, dtype=torch.float64)  # along dim -2
+    assert torch.allclose(walsh_hadamard(x), hadamard(64) @ x, atol=1e-12)  # Sylvester's order
+    for width in (64, 96, 1536, 4864):
+        signs, mix = rotation_factors(width, 5)
+        x = torch.randn(2, 7, width, dtype=torch.float64)
+        assert torch.allclose(rotate_last_dim(x, signs, mix), x @ residual_rotation(width, 5), atol=1e-12)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2_moe", "gemma", "phi3"])
+def test_online_rotations_leave_the_float_model_unchanged(model_type):
+    """o_proj / down_proj (every expert's) compute on inputs rotated at run time, their weights stored as W Q."""
+    from lowbit.runtime.rotated_input import RotatedInput
+
+    model = toy_model(model_type)
+    test = calibration(2, 40, seed=1)
+    expected = logits(model, test)
+    rotated = lowbit.quantize(model, Recipe(steps=(Rotate(seed=1, online=True),)), calibration(4, 32), batch_size=2)
+    assert relative(logits(rotated, test), expected) < 2e-6
+    wrapped = [n for n, m in rotated.named_modules() if isinstance(m, RotatedInput)]
+    assert any(n.endswith("o_proj") for n in wrapped) and any(n.endswith("down_proj") for n in wrapped)
+
+
+def test_online_rotations_save_load_and_run_on_every_backend_with_the_same_logits(tmp_path):
+    from lowbit.export.compressed_tensors import write_compressed_tensors
+    from lowbit.export.gptq_checkpoint import write_gptq
+    from toy import byte_tokenizer
+
+    ids, test = calibration(8, 32), calibration(2, 40, seed=1)
+    recipe = resolve_recipe("quarot-gptq-w4a4")
+    model = lowbit.quantize(toy_model("llama"), recipe, ids, batch_size=4)
+    lowbit.save(model, tmp_path / "mem", tokenizer=byte_tokenizer())
+    quantize_checkpoint(save_toy("llama", tmp_path / "src"), recipe, ids, tmp_path / "disk", batch_size=4, progress=False)
+    expected = logits(model, test)
+    for folder in ("mem", "disk"):
+        for backend in ("exact", "dequantized"):
+            assert torch.equal(logits(lowbit.load(tmp_path / folder, backend=backend), test), expected)
+    loaded = lowbit.load(tmp_path / "disk")
+    for write in (write_compressed_tensors, write_gptq):
+        with pytest.raises(LowbitError, match="rotates its input at run time"):
+            write(tmp_path / "disk", loaded, tmp_path / "export")
+    assert not (tmp_path / "export").exists()
+    with pytest.raises(LowbitError, match="online rotation"):
+        recipe.check_export("gguf")
+
+
+def test_online_rotations_spread_down_proj_outliers_for_4_bit_inputs():
+    """A down_proj input channel 50x the others (as in SmolLM2's block 11): 4-bit per-token inputs lose it
+    unrotated; rotated online, down_proj's error falls."""
+    model = toy_model("llama")
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.up_proj.weight[[5, 77]] *= 50.0
+            layer.mlp.down_proj.weight[:, [5, 77]] /= 50.0
+    ids, test = calibration(8, 32), calibration(2, 40, seed=1)
+    expected = logits(model, test)
+    steps = (RTN(W8), ActQuant(bits=4, granularity="token"))
+    errors = {}
+    for name, rotation in (("offline", Rotate()), ("online", Rotate(online=True))):
+        quantized = lowbit.quantize(toy_model_copy(model), Recipe(steps=(rotation, *steps)), ids, batch_size=4)
+        errors[name] = relative(logits(quantized, test), expected)
+    assert errors["online"] < 0.7 * errors["offline"], errors
+
+
+def toy_model_copy(model: torch.nn.Module) -> torch.nn.Module:
+    import copy
+
+    return copy.deepcopy(model)
+
+
+def test_online_rotations_refuse_steps_that_read_inputs_in_the_other_basis():
+    for name, message in (("quarot-smoothquant-w8a8", "not combined with"), ("quarot-wanda-50", "RTN or GPTQ"),
+                          ("quarot-autoround-w4g128", "RTN or GPTQ"), ("quarot-w8a8-naive", "RTN or GPTQ"),
+                          ("quarot-gptq-q4_k", "integer grids"), ("quarot-nvfp4", "RTN or GPTQ")):
+        with pytest.raises(LowbitError, match=message):
+            resolve_recipe(name)

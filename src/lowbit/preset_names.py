@@ -87,6 +87,7 @@ FLOAT_NAME = re.compile(r"(?P<method>gptq|awq|awq-gptq)-(?P<scheme>fp8-dynamic|f
 
 
 ROTATE_PREFIX = "rotate-"  # any recipe name after it, with the residual stream rotated first (methods/rotate.py)
+QUAROT_PREFIX = "quarot-"  # the same, and o_proj / down_proj rotate their inputs at run time (QuaRot's online Hadamard)
 
 
 def parse_recipe_name(name_or_path: str) -> tuple[str, tuple[str, int, int, int, bool, str, float | None] | None]:
@@ -96,11 +97,12 @@ def parse_recipe_name(name_or_path: str) -> tuple[str, tuple[str, int, int, int,
     one-line unknown-recipe error."""
     if name_or_path in PRESETS:
         return "preset", None
-    if name_or_path.startswith(ROTATE_PREFIX) and not Path(name_or_path).exists():
-        rest = name_or_path.removeprefix(ROTATE_PREFIX)
-        if parse_recipe_name(rest)[0] == "file":
-            raise LowbitError(f"unknown recipe {name_or_path!r}: \"rotate-\" goes before a recipe name (rotate-gptq-w4a8), "
-                              "not a file; put {\"type\": \"rotate\"} first in the file's steps instead")
+    prefix = next((p for p in (ROTATE_PREFIX, QUAROT_PREFIX) if name_or_path.startswith(p)), None)
+    if prefix is not None and not Path(name_or_path).exists():
+        if parse_recipe_name(name_or_path.removeprefix(prefix))[0] == "file":
+            raise LowbitError(f"unknown recipe {name_or_path!r}: \"{prefix}\" goes before a recipe name "
+                              f"({prefix}gptq-w4a8), not a file; put {{\"type\": \"rotate\"}} first in the file's "
+                              "steps instead")
         return "rotated", None
     float_point = FLOAT_NAME.fullmatch(name_or_path.lower())
     if float_point is not None and (float_point["method"] == "gptq" or not float_point["actorder"]):
@@ -124,7 +126,7 @@ def parse_recipe_name(name_or_path: str) -> tuple[str, tuple[str, int, int, int,
         f"unknown recipe {name_or_path!r}: pass a preset ({', '.join(PRESETS)}), a weight-only grid point named like "
         "the presets (e.g. gptq-w4g64, awq-w3pc, w2g32, gptq-w4g64-actorder, gptq-w4g128-sym, gptq-w3g128-mse, w3g128-imse, "
         "awq-w4g128-e8; gptq-w4g128-b3.5 plans each Linear's grid to 3.5 bits per weight; rotate-NAME rotates the residual "
-        "stream first, e.g. rotate-gptq-w4a8), a llama.cpp "
+        "stream first, e.g. rotate-gptq-w4a8; quarot-NAME rotates down_proj's inputs online too), a llama.cpp "
         "K-quant grid or mix (q4_k, imatrix-q4_k_m, gptq-q4_k_m, awq-q6_k, gptq-q3_k_m-actorder), a float scheme with a "
         "method (gptq-nvfp4a16, awq-mxfp4a16, gptq-fp8-dynamic) or the path of a JSON recipe file"
     )

@@ -6,7 +6,7 @@ import dataclasses
 
 from lowbit.errors import LowbitError
 from lowbit.numerics.kquant_mix import K_MIXES
-from lowbit.preset_names import FIT_SUFFIXES, FLOAT_SCHEMES, PRESETS, ROTATE_PREFIX, SWEEP_METHODS, parse_recipe_name
+from lowbit.preset_names import FIT_SUFFIXES, FLOAT_SCHEMES, PRESETS, QUAROT_PREFIX, ROTATE_PREFIX, SWEEP_METHODS, parse_recipe_name
 from lowbit.recipe import (
     AWQ,
     AutoRound,
@@ -90,8 +90,9 @@ def resolve_recipe(name_or_path: str) -> Recipe:
     """A preset name, a weight-only grid point named like the presets, or the path of a JSON recipe file."""
     kind, point = parse_recipe_name(name_or_path)
     if kind == "rotated":
-        inner = resolve_recipe(name_or_path.removeprefix(ROTATE_PREFIX))
-        return dataclasses.replace(inner, steps=(Rotate(), *inner.steps), name=name_or_path)
+        online = name_or_path.startswith(QUAROT_PREFIX)
+        inner = resolve_recipe(name_or_path.removeprefix(QUAROT_PREFIX if online else ROTATE_PREFIX))
+        return dataclasses.replace(inner, steps=(Rotate(online=online), *inner.steps), name=name_or_path)
     if kind == "preset":
         grid = OUTSIDE_GRIDS.get(name_or_path)
         return Recipe(steps=_steps()[name_or_path], name=name_or_path, embeddings=grid, head=grid)

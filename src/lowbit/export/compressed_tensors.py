@@ -48,6 +48,7 @@ from lowbit.runtime.kquant_linear import KQuantLinear, k_grid_refusal
 from lowbit.runtime.llm_int8 import Int8OutlierLinear
 from lowbit.runtime.sparse import SparseLinear
 from lowbit.runtime.weight_only import WeightOnlyLinear
+from lowbit.runtime.rotated_input import refuse_online_rotations
 
 CT_FORMAT = "pack-quantized"  # weight-only Linears
 CT_ACT_FORMAT = "int-quantized"  # Linears that quantize their inputs too
@@ -223,6 +224,7 @@ def write_compressed_tensors(
 ) -> dict[str, Any] | None:
     """Write the export of ``model`` (loaded from lowbit output ``folder``) to directory ``out``, atomically.
     Returns its quantization_config (None: a pruning-only model, written dense)."""
+    refuse_online_rotations(model, "compressed-tensors")
     # refused before any packing: llama.cpp's grids, and weight-only Linears (pack-quantized) on an asymmetric grid
     k_grids = [(n, m) for n, m in model.named_modules() if isinstance(m, KQuantLinear)]
     if k_grids:

@@ -31,6 +31,7 @@ from lowbit.runtime.float_linear import FloatQuantLinear
 from lowbit.runtime.kquant_linear import KQuantLinear
 from lowbit.runtime.sparse import SparseLinear
 from lowbit.runtime.weight_only import WeightOnlyLinear
+from lowbit.runtime.rotated_input import refuse_online_rotations
 
 GGUF_FILE = "model.gguf"  # where `lowbit quantize --format gguf` puts it, inside the output directory
 
@@ -180,6 +181,7 @@ def write_gguf(folder: Path, model: nn.Module, out: Path, overwrite: bool = Fals
     each quantized Linear. Atomic (io/atomic.py): a failure leaves no partial file and an existing ``out`` intact."""
     import gguf
 
+    refuse_online_rotations(model, "GGUF")
     types = check_exportable(model)
     tokenizer = tokenizer_metadata(folder)
     with atomic_file(out, overwrite, inputs=[folder]) as tmp:

@@ -45,6 +45,7 @@ from lowbit.runtime.kquant_linear import KQuantLinear, k_grid_refusal
 from lowbit.runtime.llm_int8 import Int8OutlierLinear
 from lowbit.runtime.sparse import SparseLinear
 from lowbit.runtime.weight_only import WeightOnlyLinear
+from lowbit.runtime.rotated_input import refuse_online_rotations
 
 GPTQ_DIR = "gptq"  # where `lowbit quantize --format gptq` puts it, inside the output
 GPTQ_BITS = (2, 3, 4, 8)
@@ -187,6 +188,7 @@ def write_gptq(folder: Path, model: nn.Module, out: Path, overwrite: bool = Fals
     """Write the GPTQ export of ``model`` (loaded from lowbit output ``folder``) to directory ``out``, atomically:
     model.safetensors, config.json with ``quantization_config``, quantize_config.json, the tokenizer files.
     Returns the quantize config."""
+    refuse_online_rotations(model, "a GPTQ checkpoint")
     state, quantize_config = gptq_state_dict(model)
     write_hf_folder(folder, out, overwrite, state, quantize_config, {QUANTIZE_CONFIG: quantize_config})
     return quantize_config

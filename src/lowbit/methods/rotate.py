@@ -6,7 +6,10 @@ matrix (numerics/rotation.py: a randomized Hadamard-Kronecker matrix seeded by `
 outliers` finds in the stream are spread over all channels, so per-token activation grids (W4A8, W4A4) and weight
 grids lose less to them. Each block's rotation is proven on calibration sequences; a block it does not hold for ends
 the run in one line (half a model cannot be rotated). Online rotations (QuaRot's Hadamard before down_proj) are not
-part of it: the rotated model is an ordinary one of its architecture, which every format holds.
+part of it unless ``online``: the rotated model is then an ordinary one of its architecture, which every format
+holds. With ``online`` the Linears writing to the stream (o_proj, down_proj: their inputs are no residual stream,
+down_proj's is act(gate) * up, which no weight can rotate) also rotate their inputs at run time (runtime/
+rotated_input.py), their weights compressed as W Q under Q^T H Q: QuaRot's online Hadamard, what W4A4 needs.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ class Rotate(Step):
     kind: ClassVar[str] = "rotate"
     stage: ClassVar[int] = ROTATE
     seed: int = 0
+    online: bool = False  # also rotate the inputs of the Linears writing to the stream at run time
 
     def check(self) -> None:
         check(self.seed >= 0, f"rotate seed must be >= 0, got {self.seed}")
@@ -50,6 +54,32 @@ class Rotate(Step):
               "embedding; quantizing them too is not supported", "drop the recipe's 'embeddings'/'head' grids")
         check(recipe.budget is None and not recipe.plan, "a budget's plan is measured on the unrotated model",
               "drop the budget, or the rotate step")
+        if self.online:
+            self._check_online(recipe)
+
+    def _check_online(self, recipe: Recipe) -> None:
+        """Online rotations hand the compression W Q and Q^T H Q; what else a step reads of the inputs (norms,
+        ranges, the block's float outputs, searched scales) would be in the other basis."""
+        fix = "drop \"online\" (or the step)"
+        others = [s.kind for s in recipe.block_transforms if s is not self]
+        check(not others, f"online rotations are not combined with {others}: their scales are searched on the "
+              "unrotated inputs", fix)
+        needs = recipe.needs()
+        check(not (needs.input_norm or needs.input_absmax or needs.float_targets or recipe.prunes),
+              "online rotations work with RTN or GPTQ and dynamic activation quantization; this recipe reads input "
+              "norms or ranges, prunes or tunes against the float block", fix)
+        grid = recipe.weight_step.grid if recipe.weight_step is not None else None
+        check(grid is None or not (grid.ggml or grid.float_type), f"online rotations are for integer grids, got "
+              f"{grid.label if grid is not None else ''}", fix)
+
+    @property
+    def label(self) -> str:
+        return "rotate online" if self.online else "rotate"
+
+    def check_export(self, fmt: str) -> None:
+        if self.online:
+            raise LowbitError(f"{fmt} has no way to say that o_proj / down_proj rotate their inputs at run time (an "
+                              "online rotation); quantize with an offline rotation only (rotate-, not quarot-) to export")
 
     @property
     def needs_calibration(self) -> bool:
@@ -96,5 +126,7 @@ class Rotate(Step):
                 f"(tolerance {proof.tolerance:.0e}): this block does not compute the same function on a rotated "
                 f"stream{suspects}; quantize without the rotate step"
             )
+        if self.online:
+            ctx.online.update({p: self.seed for p in layout.writers if p in ctx.targets})
         ctx.artifact[ROTATION_MARK] = torch.tensor([self.seed])  # scales searched after it hold in this basis only
         return None

@@ -35,12 +35,40 @@ def random_orthogonal(n: int, generator: torch.Generator) -> torch.Tensor:
     return (q * torch.sign(torch.diagonal(r)).unsqueeze(0)).contiguous()
 
 
-@lru_cache(maxsize=8)
-def residual_rotation(width: int, seed: int) -> torch.Tensor:
-    """Q [width, width] float64, orthogonal: diag(signs) (H_{2^k} kron O_m), width = 2^k * m with m odd."""
+def rotation_factors(width: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The factors of Q = diag(signs) (H_{2^k} kron O_m), width = 2^k * m with m odd: signs [width] (+-1) and O_m
+    [m, m] ([1, 1] of one when the width is a power of two), float64."""
     power = width & -width  # the largest power of two dividing width
     generator = torch.Generator().manual_seed(seed)
     signs = torch.randint(0, 2, (width,), generator=generator, dtype=torch.float64) * 2 - 1
     odd = width // power
-    mix = torch.kron(hadamard(power), random_orthogonal(odd, generator)) if odd > 1 else hadamard(power)
-    return signs.unsqueeze(1) * mix  # rows scaled by +-1: still orthogonal
+    mix = random_orthogonal(odd, generator) if odd > 1 else torch.ones(1, 1, dtype=torch.float64)
+    return signs, mix
+
+
+@lru_cache(maxsize=8)
+def residual_rotation(width: int, seed: int) -> torch.Tensor:
+    """Q [width, width] float64, orthogonal: diag(signs) (H_{2^k} kron O_m) (``rotation_factors``)."""
+    signs, mix = rotation_factors(width, seed)
+    return signs.unsqueeze(1) * torch.kron(hadamard(width // mix.shape[0]), mix)  # rows scaled by +-1: orthogonal
+
+
+def walsh_hadamard(y: torch.Tensor) -> torch.Tensor:
+    """H y along dim -2 (its size a power of two), H the normalised Sylvester matrix, by log2 butterflies (no
+    [p, p] matrix: an online rotation of a 14336-wide input would otherwise hold one per Linear)."""
+    shape = y.shape
+    p = shape[-2]
+    h = 1
+    while h < p:  # pairs (j, j + h) inside each run of 2h rows become (a + b, a - b): Sylvester's order
+        y = y.reshape(*shape[:-2], p // (2 * h), 2, h, shape[-1])
+        y = torch.stack((y[..., 0, :, :] + y[..., 1, :, :], y[..., 0, :, :] - y[..., 1, :, :]), dim=-3)
+        h *= 2
+    return y.reshape(shape) / p**0.5
+
+
+def rotate_last_dim(x: torch.Tensor, signs: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
+    """x Q for x [..., n], Q = diag(signs) (H_p kron O_m) with n = p * m, without forming Q: the row vector
+    (x * signs) seen as X [p, m] becomes H X O_m (the Kronecker identity), in x's dtype."""
+    m = mix.shape[0]
+    y = (x * signs.to(x.dtype)).reshape(*x.shape[:-1], x.shape[-1] // m, m)  # [..., p, m]
+    return (walsh_hadamard(y) @ mix.to(x.dtype)).reshape(x.shape)

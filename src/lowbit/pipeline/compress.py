@@ -25,7 +25,9 @@ from lowbit.pipeline.observers import AbsMaxObserver, HessianObserver, InputNorm
 from lowbit.pipeline.pass_cache import PassCache
 from lowbit.pipeline.taps import run_with_taps
 from lowbit.recipe import Recipe
+from lowbit.numerics.rotation import rotate_last_dim, rotation_factors
 from lowbit.runtime.kquant_linear import weight_only_linear
+from lowbit.runtime.rotated_input import RotatedInput
 from lowbit.runtime.sparse import SparseLinear
 
 
@@ -168,6 +170,9 @@ def _compress_linear(
     c = Compression(adjusted_weight(ctx, recipe, path))
     collected = stats.collected()
     collected.tuned = tuned
+    seed = ctx.online.get(path)
+    if seed is not None:  # an online rotation Q of the inputs: W Q is compressed, under Q^T H Q
+        c, collected = rotated_compression(c, collected, seed)
     for step in steps:
         step.compress(c, collected)
     if c.keep is not None:
@@ -179,7 +184,22 @@ def _compress_linear(
             module = SparseLinear.from_dense(c.weight.to(linear.weight.dtype), bias)
         else:
             module = weight_only_linear(c.qweight, bias)
+    if seed is not None:
+        module = RotatedInput.around(module, linear.in_features, linear.out_features, seed)
     return module, ", ".join(n for n in c.notes if n)
+
+
+def rotated_compression(c: Compression, stats: LinearStats, seed: int) -> tuple[Compression, LinearStats]:
+    """The weight [out, in] as W Q and the Hessian of the rotated inputs, Q^T H Q, for a Linear whose inputs are
+    rotated online by ``rotation_factors(in, seed)`` (its other statistics are refused with online rotations:
+    ``Rotate.check_recipe``)."""
+    signs, mix = rotation_factors(c.weight.shape[1], seed)
+    weight = rotate_last_dim(c.weight.double(), signs, mix).to(c.weight.dtype)  # each row w -> w Q
+    hessian = stats.hessian
+    if hessian is not None:  # H Q by rows, then (Q^T (H Q)) = ((H Q)^T Q)^T, H symmetric
+        hq = rotate_last_dim(hessian.double(), signs, mix)
+        hessian = rotate_last_dim(hq.T.contiguous(), signs, mix).T.contiguous().to(stats.hessian.dtype)
+    return Compression(weight, notes=c.notes), dataclasses.replace(stats, hessian=hessian)
 
 
 def placed(step: Step, ctx: BlockContext, path: str) -> Step:

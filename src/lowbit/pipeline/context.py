@@ -39,6 +39,9 @@ class BlockContext:
     layer: int = 0  # this block's index among the model's n_layers blocks (llama.cpp's mixes choose by it)
     n_layers: int = 1
     plan: dict[str, WeightQuant] = field(default_factory=dict)  # a grid per Linear by full name (Recipe.plan)
+    # Linears (paths in the block) whose inputs are rotated at run time, with the rotation's seed: their weight is
+    # compressed as W Q and their runtime module rotates its input (runtime/rotated_input.py; methods/rotate.py)
+    online: dict[str, int] = field(default_factory=dict)
 
     def full_name(self, path: str) -> str:
         return f"{self.prefix}.{path}"

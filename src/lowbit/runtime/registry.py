@@ -23,13 +23,15 @@ from lowbit.runtime.embedding import QuantizedEmbedding
 from lowbit.runtime.float_linear import FloatQuantLinear
 from lowbit.runtime.kquant_linear import KQuantLinear
 from lowbit.runtime.llm_int8 import Int8OutlierLinear
+from lowbit.runtime.rotated_input import RotatedInput
 from lowbit.runtime.sparse import SparseLinear
 from lowbit.runtime.weight_only import WeightOnlyLinear
 from lowbit.schema import Range, check_range, check_value
 
 RUNTIME_MODULES: dict[str, type[nn.Module]] = {
     cls.__name__: cls
-    for cls in (WeightOnlyLinear, KQuantLinear, FloatQuantLinear, ActQuantLinear, Int8OutlierLinear, SparseLinear, QuantizedEmbedding)
+    for cls in (WeightOnlyLinear, KQuantLinear, FloatQuantLinear, ActQuantLinear, Int8OutlierLinear, SparseLinear, QuantizedEmbedding,
+                RotatedInput)
 }
 CONFIG_FIX = "the checkpoint's lowbit_config.json is damaged: re-run lowbit quantize"
 # constructor arguments that say where a module is built, not what it stores
@@ -37,7 +39,7 @@ _PLACEMENT = ("self", "dtype", "device")
 _RANGES = {
     "in_features": Range(1), "out_features": Range(1), "group_size": Range(1), "nnz": Range(0),
     "num_embeddings": Range(1), "embedding_dim": Range(1), "embed_scale": Range(0, open_low=True),
-    "bits": Range(2, 8), "act_bits": Range(2, 8), "threshold": Range(0, open_low=True),
+    "bits": Range(2, 8), "act_bits": Range(2, 8), "threshold": Range(0, open_low=True), "seed": Range(0),
 }
 
 
