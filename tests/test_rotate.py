@@ -123,6 +123,10 @@ def test_rotate_recipes_compose_and_refuse_what_they_cannot_hold():
             resolve_recipe(name)
     with pytest.raises(LowbitError, match="out of order"):
         Recipe(steps=(RTN(W8), Rotate()))
+    from lowbit.cli.compare_cmd import recipe_description
+
+    assert recipe_description("quarot-gptq-w4a4", resolve_recipe("quarot-gptq-w4a4")).startswith(
+        "residual stream and o_proj/down_proj inputs rotated (QuaRot), then GPTQ INT4")
     with pytest.raises(LowbitError, match="needs calibration"):
         lowbit.quantize(toy_model("llama"), ROTATE_ONLY, None)
 
