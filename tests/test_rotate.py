@@ -254,6 +254,24 @@ def toy_model_copy(model: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(model)
 
 
+def test_stored_bits_of_online_rotated_linears_are_their_inner_modules(tmp_path):
+    import json
+
+    from lowbit.numerics.bit_budget import linear_bits_per_weight
+    from toy import byte_tokenizer
+
+    ids = calibration(4, 32)
+    folders = {}
+    for name in ("gptq-w4g128-sym", "quarot-gptq-w4g128-sym"):
+        model = lowbit.quantize(toy_model("llama"), resolve_recipe(name), ids, batch_size=2)
+        lowbit.save(model, tmp_path / name, tokenizer=byte_tokenizer())
+        names = [r.name for b in model.lowbit_info.report.blocks for r in b.linears]
+        modules = json.loads((tmp_path / name / "lowbit_config.json").read_text())["modules"]
+        folders[name] = linear_bits_per_weight(modules, names)
+    assert folders["quarot-gptq-w4g128-sym"] is not None
+    assert folders["quarot-gptq-w4g128-sym"] == folders["gptq-w4g128-sym"]
+
+
 def test_online_rotations_refuse_steps_that_read_inputs_in_the_other_basis():
     for name, message in (("quarot-smoothquant-w8a8", "not combined with"), ("quarot-wanda-50", "RTN or GPTQ"),
                           ("quarot-autoround-w4g128", "RTN or GPTQ"), ("quarot-w8a8-naive", "RTN or GPTQ"),

@@ -55,6 +55,8 @@ def linear_bits_per_weight(modules: dict[str, dict], linears: Iterable[str]) -> 
     bits = weights = 0
     for name in linears:
         config = modules.get(name)
+        if config is not None and config["class"] == "RotatedInput":  # an online rotation around the stored Linear
+            config = modules.get(f"{name}.inner")  # (its factors: in_features + m^2 floats, not counted)
         if config is None or config["class"] != "WeightOnlyLinear":
             return None
         n_in, n_out = config["in_features"], config["out_features"]
