@@ -6,8 +6,8 @@ matrix (numerics/rotation.py: a randomized Hadamard-Kronecker matrix seeded by `
 outliers` finds in the stream are spread over all channels, so per-token activation grids (W4A8, W4A4) and weight
 grids lose less to them. Each block's rotation is proven on calibration sequences; a block it does not hold for ends
 the run in one line (half a model cannot be rotated). Online rotations (QuaRot's Hadamard before down_proj) are not
-part of it unless ``online``: the rotated model is then an ordinary one of its architecture, which every format
-holds. With ``online`` the Linears writing to the stream (o_proj, down_proj: their inputs are no residual stream,
+part of it unless ``online``: without it the rotated model is an ordinary one of its architecture, which every
+format holds. With ``online`` the Linears writing to the stream (o_proj, down_proj: their inputs are no residual stream,
 down_proj's is act(gate) * up, which no weight can rotate) also rotate their inputs at run time (runtime/
 rotated_input.py), their weights compressed as W Q under Q^T H Q: QuaRot's online Hadamard, what W4A4 needs.
 """
@@ -25,8 +25,9 @@ from lowbit.errors import LowbitError
 from lowbit.methods.base import ROTATE, Step, check
 from lowbit.numerics.rotation import residual_rotation
 from lowbit.pipeline.context import BlockContext
-from lowbit.pipeline.fold import float32_parameters, probe_from, snapshot
+from lowbit.pipeline.fold import probe_from, snapshot
 from lowbit.pipeline.report import FoldRecord
+from lowbit.pipeline.transforms import proven_on_rank0
 from lowbit.pipeline.rotate import (
     ROTATION_MARK, OutsideRotation, outside_rotation, prove_rotation, residual_layout,
     rotate_block,
@@ -109,13 +110,8 @@ class Rotate(Step):
         def apply() -> None:
             rotate_block(ctx.block, layout, q, ctx.arch.norm_offset)
 
-        ranks = ctx.ranks
-        if ranks.writes:
-            proof = prove_rotation(ctx.block, probe_from(ctx.data), q, apply, snapshot(touched))
-        proof = ranks.broadcast(proof if ranks.writes else None, src=0)
-        if not ranks.writes and proof.holds:
-            with float32_parameters(ctx.block):
-                apply()
+        proof = proven_on_rank0(ctx, lambda: prove_rotation(ctx.block, probe_from(ctx.data), q, apply,
+                                                             snapshot(touched)), apply)
         ctx.folds.append(FoldRecord("rotate", "residual stream", [p for _, ls, _ in layout.readers for p in ls]
                                     + list(layout.writers), proof.holds, proof.change, ""))
         if not proof.holds:

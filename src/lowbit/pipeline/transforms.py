@@ -11,12 +11,13 @@ searched, whether or not their fold was kept; a re-applying run proves them agai
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
 from lowbit.errors import LowbitError
 from lowbit.pipeline.context import BlockContext, ResolvedGroup
-from lowbit.pipeline.fold import Probe, float32_parameters, fold_scales, prove_fold, snapshot
+from lowbit.pipeline.fold import FoldProof, Probe, float32_parameters, fold_scales, prove_fold, snapshot
 from lowbit.pipeline.report import FoldRecord
 
 SMOOTH_KEY = "smooth_scales"
@@ -42,6 +43,19 @@ def agreed_scales(ctx: BlockContext, s: torch.Tensor) -> torch.Tensor:
     return ctx.ranks.broadcast(s, src=0)  # one process: ``s`` itself
 
 
+def proven_on_rank0(ctx: BlockContext, prove: Callable[[], FoldProof], apply: Callable[[], None]) -> FoldProof:
+    """``prove()`` (which applies the change, or undoes it when it fails) on one process or rank 0, whose probe is
+    global batch 0's as in one process; the other ranks get its proof and, where it holds, ``apply`` the change as
+    rank 0 did (in float32, then narrowed back)."""
+    ranks = ctx.ranks
+    proof = prove() if ranks.writes else None
+    proof = ranks.broadcast(proof, src=0)
+    if not ranks.writes and proof.holds:
+        with float32_parameters(ctx.block):
+            apply()
+    return proof
+
+
 def fold_proven(ctx: BlockContext, probe: Probe, g: ResolvedGroup, s: torch.Tensor | None, method: str) -> bool:
     """The one way SmoothQuant and AWQ fold: ``s`` into group ``g`` of ``ctx.block``, kept only if ``prove_fold``
     finds the block's float32 output on ``probe`` unchanged (else undone exactly, and the group's Linears are
@@ -56,13 +70,9 @@ def fold_proven(ctx: BlockContext, probe: Probe, g: ResolvedGroup, s: torch.Tens
         def fold() -> None:
             fold_scales(g.prev, g.linears, s, ctx.arch.norm_offset, g.passengers)
 
-        ranks = ctx.ranks
-        if ranks.writes:  # one process, or rank 0: its probe is global batch 0's, as in one process
-            proof = prove_fold(ctx.block, probe, fold, snapshot([g.prev, *g.linears, *g.passengers]))
-        proof = ranks.broadcast(proof if ranks.writes else None, src=0)
-        if not ranks.writes and proof.holds:  # the others fold as rank 0 did (in float32, then narrowed back)
-            with float32_parameters(ctx.block):
-                fold()
+        proof = proven_on_rank0(
+            ctx, lambda: prove_fold(ctx.block, probe, fold, snapshot([g.prev, *g.linears, *g.passengers])), fold
+        )
         applied, change = proof.holds, proof.change
         reason = "" if applied else (
             f"folding changed the block's float32 output by {change:.1e} of its scale (tolerance "
