@@ -8,6 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export LOWBIT_GGUF_DTYPE="${LOWBIT_GGUF_DTYPE:-float32}"  # the GGUF's exact weights, as published (docs/gguf_import.md)
+NAME="${NAME:-autoround}"  # the results folder: bench/results/$NAME
 RECIPES=("${@:-bench/recipes/autoround-light-w3g128.json}")
 exec .venv/bin/lowbit compare --recipes "${RECIPES[@]}" --nsamples 64 --seq-len 512 --no-inspect \
-  --out out/bench/autoround --results bench/results/autoround --resume
+  --out "out/bench/$NAME" --results "bench/results/$NAME" --resume

@@ -87,7 +87,7 @@ def test_range_search_lowers_the_output_error_at_3_bits_and_quantizes_exactly():
 
 def test_gptq_and_rtn_quantize_a_model_with_searched_grids():
     ids = calibration(n=4, length=32)
-    for name in ("gptq-w3g32-mse", "w3g32-imse"):
+    for name in ("gptq-w3g32-mse", "w3g32-imse", "awq-w3g32-imse"):
         recipe = resolve_recipe(name)
         assert recipe.needs_calibration
         model = lowbit.quantize(toy_model("llama"), recipe, ids, batch_size=2)
@@ -96,6 +96,32 @@ def test_gptq_and_rtn_quantize_a_model_with_searched_grids():
     assert resolve_recipe("gptq-w3g128-mse").steps[0].weights.fit == "mse"
     assert resolve_recipe("w3g128-imse").steps[0].label == "rtn W3 asym g128 imatrix-mse"
     assert not resolve_recipe("w3g128-mse").needs_calibration  # the unweighted search reads the weights alone
+    assert not resolve_recipe("awq-w3g128-mse").steps[0].searches_clip  # the range search is its clip
+    assert resolve_recipe("awq-w3g128").steps[0].searches_clip
+
+
+@pytest.mark.parametrize("fit", ["mse", "imatrix-mse"])
+def test_awq_judges_its_scales_by_the_searched_grid(fit):
+    from lowbit.methods.awq import search_awq_scale
+
+    W = heavy_tailed(128, 256)
+    X = outlier_inputs(tokens=256, features=256, scale=20.0)
+    linear = torch.nn.Linear(256, 128, bias=False)
+    linear.weight.data = W.clone()
+    searched, plain = WeightQuant(bits=3, group_size=128, fit=fit), WeightQuant(bits=3, group_size=128)
+    sumsq = X.pow(2).sum(0)
+
+    def served_error(s: torch.Tensor) -> float:  # W s on the searched grid, its columns weighted by (x / s)^2
+        q = rtn(W * s, searched, sumsq / s.pow(2)).dequantize().float()
+        return ((X / s) @ q.T - X @ W.T).pow(2).sum().item()
+
+    ours = search_awq_scale([linear], X.abs().mean(0), searched, 20, lambda: [linear(X)], x_sumsq=sumsq)
+    min_max = search_awq_scale([linear], X.abs().mean(0), plain, 20, lambda: [linear(X)])
+    assert torch.equal(linear.weight, W)
+    # the same candidates, judged by the rounding that is served: never worse than the min-max search's pick, nor
+    # than no scaling (s = 1 is a candidate)
+    assert served_error(ours) <= served_error(min_max) * (1 + 1e-6)
+    assert served_error(ours) < 0.85 * served_error(torch.ones(256))
 
 
 @pytest.mark.parametrize("build, message", [
@@ -104,7 +130,6 @@ def test_gptq_and_rtn_quantize_a_model_with_searched_grids():
     (lambda: RTN(WeightQuant(fit="mse"), importance=True), "unweighted search"),
     (lambda: RTN(WeightQuant(fit="imatrix-mse"), importance=True), "always weighs"),
     (lambda: resolve_recipe("autoround-w3g128-mse"), "autoround learns each group's range"),
-    (lambda: resolve_recipe("awq-w4g128-imse"), "awq searches its scales and clips for min-max"),
     (lambda: Recipe(steps=(GPTQ(),), embeddings=WeightQuant(bits=8, fit="imatrix-mse")), "calibration inputs"),
     (lambda: Recipe(steps=(GPTQ(),), head=WeightQuant(bits=8, fit="imatrix-mse")), "calibration inputs"),
     (lambda: __import__("lowbit.presets").presets.sweep_recipe("gptq", 4, 128, fit="llama"), "a sweep's fit"),

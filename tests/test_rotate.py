@@ -278,3 +278,27 @@ def test_online_rotations_refuse_steps_that_read_inputs_in_the_other_basis():
                           ("quarot-gptq-q4_k", "integer grids"), ("quarot-nvfp4", "RTN or GPTQ")):
         with pytest.raises(LowbitError, match=message):
             resolve_recipe(name)
+
+
+def test_the_sweep_rotates_every_method_and_draws_each_rotation_as_its_own_curve(tmp_path):
+    import argparse
+
+    from lowbit.cli.compare_cmd import planned_recipes
+    from lowbit.evaluation.compare_plots import quant_curves
+    from lowbit.preset_names import ROTATED_SWEEP_METHODS
+    from lowbit.presets import sweep_recipe
+
+    for method in ROTATED_SWEEP_METHODS:  # every listed method builds (its steps' checks pass)
+        recipe = sweep_recipe(method, 4, 128)
+        assert recipe.name.startswith(method.split("-")[0] + "-") and resolve_recipe(recipe.name) == recipe
+    args = argparse.Namespace(recipes=[], methods=["gptq", "rotate-gptq", "quarot-gptq"], bits=[3, 4],
+                              group_sizes=[128], fits=["range"])
+    planned = planned_recipes(args, tmp_path)
+    assert planned["quarot-gptq-w3g128"][1].steps[0] == Rotate(online=True)
+    rows = [{"recipe": "fp", "config": None, "perplexity": 10.0}]
+    rows += [{"recipe": name, "config": recipe.to_dict(), "perplexity": 20.0} for name, (_, recipe) in planned.items()]
+    curves = quant_curves(rows)
+    assert sorted(curves) == ["gptq g128", "quarot+gptq g128", "rotate+gptq g128"]
+    assert all(sorted(b for b, _ in points) == [3, 4] for points in curves.values())
+    with pytest.raises(LowbitError, match="unknown sweep method 'quarot-awq'"):
+        sweep_recipe("quarot-awq", 4, 128)  # online rotations are not combined with AWQ's scales

@@ -88,6 +88,10 @@ FLOAT_NAME = re.compile(r"(?P<method>gptq|awq|awq-gptq)-(?P<scheme>fp8-dynamic|f
 
 ROTATE_PREFIX = "rotate-"  # any recipe name after it, with the residual stream rotated first (methods/rotate.py)
 QUAROT_PREFIX = "quarot-"  # the same, and o_proj / down_proj rotate their inputs at run time (QuaRot's online Hadamard)
+# the sweep takes them too ("--methods rotate-gptq quarot-gptq"); an online rotation goes with the roundings that
+# need no equivalence transform of their own and fit an integer grid (methods/rotate.py refuses the rest)
+ROTATED_SWEEP_METHODS = (*(ROTATE_PREFIX + m for m in SWEEP_METHODS),
+                         *(QUAROT_PREFIX + m for m in ("rtn", "gptq", "gptq-actorder")))
 
 
 def parse_recipe_name(name_or_path: str) -> tuple[str, tuple[str, int, int, int, bool, str, float | None] | None]:

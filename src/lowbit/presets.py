@@ -6,7 +6,10 @@ import dataclasses
 
 from lowbit.errors import LowbitError
 from lowbit.numerics.kquant_mix import K_MIXES
-from lowbit.preset_names import FIT_SUFFIXES, FLOAT_SCHEMES, PRESETS, QUAROT_PREFIX, ROTATE_PREFIX, SWEEP_METHODS, parse_recipe_name
+from lowbit.preset_names import (
+    FIT_SUFFIXES, FLOAT_SCHEMES, PRESETS, QUAROT_PREFIX, ROTATE_PREFIX, ROTATED_SWEEP_METHODS, SWEEP_METHODS,
+    parse_recipe_name,
+)
 from lowbit.recipe import (
     AWQ,
     AutoRound,
@@ -91,8 +94,7 @@ def resolve_recipe(name_or_path: str) -> Recipe:
     kind, point = parse_recipe_name(name_or_path)
     if kind == "rotated":
         online = name_or_path.startswith(QUAROT_PREFIX)
-        inner = resolve_recipe(name_or_path.removeprefix(QUAROT_PREFIX if online else ROTATE_PREFIX))
-        return dataclasses.replace(inner, steps=(Rotate(online=online), *inner.steps), name=name_or_path)
+        return rotated(resolve_recipe(name_or_path.removeprefix(QUAROT_PREFIX if online else ROTATE_PREFIX)), online)
     if kind == "preset":
         grid = OUTSIDE_GRIDS.get(name_or_path)
         return Recipe(steps=_steps()[name_or_path], name=name_or_path, embeddings=grid, head=grid)
@@ -104,6 +106,13 @@ def resolve_recipe(name_or_path: str) -> Recipe:
         method, scheme = point  # type: ignore[misc]
         return Recipe(steps=float_steps(method, scheme), name=name_or_path.lower())
     return sweep_recipe(*point)
+
+
+def rotated(inner: Recipe, online: bool) -> Recipe:
+    """``inner`` with the residual stream rotated first (and, ``online``, o_proj / down_proj's inputs at run time),
+    named ``rotate-NAME`` / ``quarot-NAME``."""
+    prefix = QUAROT_PREFIX if online else ROTATE_PREFIX
+    return dataclasses.replace(inner, steps=(Rotate(online=online), *inner.steps), name=prefix + inner.name)
 
 
 def k_recipe(method: str, ktype: str) -> Recipe:
@@ -160,8 +169,12 @@ def sweep_recipe(
     head on ``outside_grid(outside_bits)`` unless 0 (float), each Linear's grid planned to ``budget`` bits per weight
     around this one unless None. Named like the presets (``gptq-w4g128``, ``gptq-w4g128-sym``, ``gptq-w3g128-mse``,
     ``w4g128-e6``, ``gptq-w4g128-b3.5``), so a sweep point equal to a preset is it."""
+    if method in ROTATED_SWEEP_METHODS:
+        online = method.startswith(QUAROT_PREFIX)
+        inner = method.removeprefix(QUAROT_PREFIX if online else ROTATE_PREFIX)
+        return rotated(sweep_recipe(inner, bits, group_size, outside_bits, symmetric, fit, budget), online)
     if method not in SWEEP_METHODS:
-        raise LowbitError(f"unknown sweep method {method!r}; pick from {', '.join(SWEEP_METHODS)}")
+        raise LowbitError(f"unknown sweep method {method!r}; pick from {', '.join(SWEEP_METHODS + ROTATED_SWEEP_METHODS)}")
     if group_size < 0:
         raise LowbitError(f"group size {group_size} is negative; use 0 for per-channel or e.g. 128")
     if fit not in FIT_SUFFIXES.values():

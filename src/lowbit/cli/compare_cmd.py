@@ -30,7 +30,8 @@ from lowbit.errors import LowbitError
 from lowbit.io.atomic import refuse_non_directory, refuse_unsafe_target, report_folder, write_text_atomic
 from lowbit.pipeline.report import QuantizeReport
 from lowbit.preset_names import (
-    FIT_SUFFIXES, PRESETS, QUAROT_PREFIX, ROTATE_PREFIX, SWEEP_METHODS, check_recipe_name, parse_recipe_name,
+    FIT_SUFFIXES, PRESETS, QUAROT_PREFIX, ROTATE_PREFIX, ROTATED_SWEEP_METHODS, SWEEP_METHODS, check_recipe_name,
+    parse_recipe_name,
 )
 from lowbit.schema import Range, check_record, read_json
 
@@ -49,7 +50,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--model", default=default_model(), help=argparse.SUPPRESS)
     c.add_argument("--recipes", nargs="+", type=check_recipe_name, default=[],
                    help="presets or JSON recipe files, one row each")
-    c.add_argument("--methods", nargs="+", default=[], choices=SWEEP_METHODS, help="weight-only methods to sweep")
+    c.add_argument("--methods", nargs="+", default=[], choices=SWEEP_METHODS + ROTATED_SWEEP_METHODS,
+                   help="weight-only methods to sweep (rotate-/quarot- before one: rotated first)")
     add_number(c, "--bits", int, Range(2, 8), nargs="+", default=[4], help="bit widths of the sweep (default 4)")
     add_number(c, "--group-sizes", int, Range(0), nargs="+", default=[128],
                help="group sizes of the sweep, 0 = per-channel (default 128)")

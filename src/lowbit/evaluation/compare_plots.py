@@ -19,8 +19,8 @@ LAYER_ERROR_PNG = "layer_error.png"
 
 
 def _method(row: dict[str, Any]) -> str:
-    """The recipe's step types, e.g. 'awq+gptq'."""
-    return "+".join(s["type"] for s in row["config"]["steps"])
+    """The recipe's step types, e.g. 'awq+gptq', 'rotate+gptq' ('quarot+gptq': online rotations too)."""
+    return "+".join("quarot" if s["type"] == "rotate" and s.get("online") else s["type"] for s in row["config"]["steps"])
 
 
 def quant_curves(rows: list[dict[str, Any]]) -> dict[str, list[tuple[float, float]]]:

@@ -1,6 +1,11 @@
 """AWQ (Lin et al. 2023): activation-aware per-channel scale search, folded where proven exact, then a per-Linear
 clip search; the rounding itself is the recipe's rounding step (RTN on AWQ's grid when the recipe has none, under
-the inputs' importance where the grid searches its fit: K-quant grids)."""
+the inputs' importance where the grid searches its fit: K-quant grids).
+
+On a searched range ("mse", "imatrix-mse": numerics/range_search.py) each scale candidate is judged by the searched
+grid's rounding, "imatrix-mse" weighting each column of W s by its inputs' mean square over s^2 (the scaled
+Linear's inputs are x / s), and the range search takes the clip search's place: both shrink each group's range,
+and a clip searched for min-max rounding would be shrunk again by a search that did not see it."""
 
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ from lowbit.numerics.rtn import group_size_for, rtn
 from lowbit.numerics.scales import awq_ratios, awq_scales
 from lowbit.pipeline.context import BlockContext, resolve_groups
 from lowbit.pipeline.fold import probe_from
-from lowbit.pipeline.observers import CallRecorder, MeanAbsObserver, TokenSampleObserver
+from lowbit.pipeline.observers import CallRecorder, InputNormObserver, MeanAbsObserver, TokenSampleObserver
 from lowbit.pipeline.taps import replay, run_with_taps
 from lowbit.pipeline.transforms import AWQ_CLIP_KEY, AWQ_SCALE_KEY, agreed_scales, fold_proven, saved_tensor
 
@@ -55,10 +60,6 @@ class AWQ(Step):
     artifact: str | None = None  # re-apply scales/clips saved by an earlier run instead of searching
 
     def check(self) -> None:
-        # AWQ's scale and clip searches judge min-max rounding of each candidate; a searched range at rounding
-        # would serve weights neither search measured (combining them is not built)
-        check(not self.weights.searched, f"awq searches its scales and clips for min-max rounding, got "
-              f"{self.weights.label}", "drop \"fit\" (the -mse / -imse of a recipe name), or use rtn / gptq with it")
         check(self.n_grid >= 1, f"awq n_grid must be >= 1, got {self.n_grid}")
         check(0.0 <= self.max_shrink < 1.0, f"awq max_shrink must be in [0, 1), got {self.max_shrink}")
         check(self.replay_sequences >= 1, "awq replay_sequences must be >= 1")
@@ -80,6 +81,11 @@ class AWQ(Step):
     def needs_calibration(self) -> bool:
         return True
 
+    @property
+    def searches_clip(self) -> bool:
+        """Whether AWQ's own clip search runs: not on a searched range, whose search at rounding is the clip."""
+        return self.clip and not self.weights.searched
+
     def implied_rounding(self) -> RTN:
         # a grid that searches its fit (K types, "llama") does so under the inputs' importance, as llama-quantize
         # --imatrix does: AWQ calibrates anyway, and it lowers llama.cpp's perplexity of the file (docs/kquants.md)
@@ -99,12 +105,14 @@ class AWQ(Step):
 @torch.no_grad()
 def search_awq_scale(
     linears: list[torch.nn.Linear], x_mean: torch.Tensor, spec: WeightQuant | list[WeightQuant], n_grid: int,
-    run: Callable[[], list[torch.Tensor]], ranks: Ranks = SINGLE,
+    run: Callable[[], list[torch.Tensor]], ranks: Ranks = SINGLE, x_sumsq: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """AWQ grid search: the s = mean|x|^a (normalised) for which quantizing the Linears as Q(W s) / s changes the
     outputs of ``run`` (the inspected module replayed on recorded inputs) least. ``spec``: one grid for all, or each
-    Linear's own (a llama.cpp mix gives v_proj more bits than q_proj). The weights are restored. On several ranks each
-    replays its own recorded calls and the losses are summed over ranks."""
+    Linear's own (a llama.cpp mix gives v_proj more bits than q_proj). A grid whose range search weighs its columns
+    by their inputs ("imatrix-mse") is fitted under ``x_sumsq`` [in] (sum of x_j^2) / s^2, the importance of W s's
+    columns. The weights are restored. On several ranks each replays its own recorded calls and the losses are
+    summed over ranks."""
     grids = spec if isinstance(spec, list) else [spec] * len(linears)
     reference = run()
     originals = [lin.weight.detach().clone() for lin in linears]
@@ -113,7 +121,11 @@ def search_awq_scale(
         for ratio in awq_ratios(n_grid):
             s = awq_scales(x_mean, ratio).to(originals[0].device)
             for lin, W, grid in zip(linears, originals, grids):
-                lin.weight.copy_((rtn(W * s, grid).dequantize() / s).to(W.dtype))
+                importance = None
+                if grid.weighs_inputs:
+                    assert x_sumsq is not None, "a weighted range search needs the inputs' sum of squares"
+                    importance = x_sumsq.to(s.device) / s.pow(2)
+                lin.weight.copy_((rtn(W * s, grid, importance).dequantize() / s).to(W.dtype))
             local = sum(float((o - r).float().pow(2).sum()) for o, r in zip(run(), reference))
             loss = ranks.sum_floats([local])[0]  # one process: the local loss itself
             if loss < best_loss:
@@ -128,7 +140,7 @@ def awq_block(ctx: BlockContext, step: AWQ, batch_size: int, saved: dict[str, to
     """AWQ scale search per group (folded at once, if proven), then clip search per Linear; returns fp outputs."""
     assert ctx.data is not None, "AWQ runs with calibration data"
     groups = resolve_groups(ctx)
-    clip_paths = [p for p in ctx.targets if p not in ctx.arch.no_clip] if step.clip else []
+    clip_paths = [p for p in ctx.targets if p not in ctx.arch.no_clip] if step.searches_clip else []
     taps: dict[str, list] = {}
     recorders: dict[str, CallRecorder] = {}
     if saved is None:
@@ -136,6 +148,8 @@ def awq_block(ctx: BlockContext, step: AWQ, batch_size: int, saved: dict[str, to
         for g in groups:
             if not g.blocker:
                 taps.setdefault(g.spec.linears[0], []).append(MeanAbsObserver())
+                if step.weights.weighs_inputs:
+                    taps[g.spec.linears[0]].append(InputNormObserver())
                 recorders[g.inspect_path] = CallRecorder(n_calls)
         for path in clip_paths:
             taps.setdefault(path, []).append(TokenSampleObserver(step.clip_tokens, seed=ctx.seed))
@@ -150,11 +164,13 @@ def awq_block(ctx: BlockContext, step: AWQ, batch_size: int, saved: dict[str, to
             if saved is not None:
                 s = saved_tensor(saved, name, (g.linears[0].in_features,))
             else:
-                x_mean = next(o for o in taps[g.spec.linears[0]] if isinstance(o, MeanAbsObserver)).mean
+                observers = taps[g.spec.linears[0]]
+                x_mean = next(o for o in observers if isinstance(o, MeanAbsObserver)).mean
+                x_sumsq = next((o.sumsq for o in observers if isinstance(o, InputNormObserver)), None)
                 module, calls = ctx.block.get_submodule(g.inspect_path), recorders[g.inspect_path].calls
                 s = agreed_scales(ctx, search_awq_scale(
                     g.linears, x_mean, [ctx.linear_grid(p, step.weights) for p in g.spec.linears], step.n_grid,
-                    lambda: replay(module, calls), ctx.ranks,
+                    lambda: replay(module, calls), ctx.ranks, x_sumsq,
                 ))
             ctx.artifact[name] = s.cpu()
         if fold_proven(ctx, probe, g, s, "awq"):
