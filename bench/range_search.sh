@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 source bench/compare_protocol.sh range_search
 if [ "$MODEL" = smollm2-135m ]; then
   RECIPES=(w3g128-mse w3g128-imse gptq-w3g128-mse gptq-w3g128-imse w4g128-mse w4g128-imse gptq-w4g128-mse
-    gptq-w4g128-imse awq-w3g128-imse awq-w4g128-imse w3g128 gptq-w3g128 w4g128 gptq-w4g128)  # min-max rows last
+    gptq-w4g128-imse awq-w3g128-imse w3g128 gptq-w3g128 w4g128 gptq-w4g128)  # min-max rows last
 else
   RECIPES=(w3g128 w3g128-mse w3g128-imse w4g128 w4g128-mse w4g128-imse)
 fi

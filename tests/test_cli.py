@@ -284,6 +284,9 @@ def test_compare_writes_table_plot_and_resumes(toy_folder, corpus, tmp_path, cap
         raise AssertionError("--resume must reuse the rows it already has")
 
     monkeypatch.setattr(compare_cmd, "quantize_in_child", no_requantizing)
+    stale = json.loads((tmp_path / "results" / "results.json").read_text())
+    stale["rows"][1]["description"] = "an older description"  # derived text: a resumed run writes today's
+    (tmp_path / "results" / "results.json").write_text(json.dumps(stale))
     code, _, _ = run(capsys, *argv, "--resume")
     assert code == 0
     assert json.loads((tmp_path / "results" / "results.json").read_text())["rows"] == results["rows"]

@@ -279,6 +279,8 @@ def compare(
                     "linear_bits_per_weight": summary["linear_bits_per_weight"],
                     "transforms_from": source,
                 }
+            # a kept row's description is derived text: today's, not the one it was measured with
+            row = {**row, "description": recipe_description(name, recipe)}
             if not row.get("block_errors"):  # rows measured before per-block errors were recorded
                 row = {**row, "block_errors": block_errors(out / name)}
             report = None if "linear_bits_per_weight" in row else output_report(out / name)
