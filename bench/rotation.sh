@@ -7,8 +7,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/compare_protocol.sh rotation
-RECIPES=(gptq-w4a8 rotate-gptq-w4a8 w4a8 rotate-w4a8 gptq-w4a4 rotate-gptq-w4a4 w8a8-token rotate-w8a8-token
-         smoothquant-w8a8 gptq-w4g128 rotate-gptq-w4g128)
+RECIPES=(rotate-w4a8 w4a8 gptq-w4a8 rotate-gptq-w4a8 rotate-gptq-w4a4 gptq-w4a4 w8a8-token rotate-w8a8-token
+         quarot-gptq-w4a8 quarot-gptq-w4a4 quarot-gptq-w4a8-actorder)  # docs/rotation.md's SmolLM2 rows
 if [ $# -gt 0 ]; then RECIPES=("$@"); fi
 exec .venv/bin/lowbit compare "${PROTOCOL[@]}" --recipes "${RECIPES[@]}" --no-inspect \
   --out "out/bench/$(basename "$RESULTS")" --results "$RESULTS" --resume

@@ -52,9 +52,9 @@ PRESETS: dict[str, str] = {
     "w4g128-e6": "RTN INT4 g128 weights, embedding and head INT6 g128 (a llama.cpp Q4_K_M-class size)",
     "gptq-w4g128-e6": "GPTQ INT4 g128, embedding and head INT6 g128 (RTN)",
     "w4a8": "RTN INT4 symmetric g128 weights, per-token dynamic INT8 inputs",
-    "gptq-w4a8": "GPTQ INT4 symmetric g128 weights, per-token dynamic INT8 inputs (quarot-gptq-w4a8: QuaRot's)",
+    "gptq-w4a8": "GPTQ INT4 symmetric g128 weights, per-token dynamic INT8 inputs",
     "gptq-w4a8-actorder": "GPTQ act-order INT4 symmetric g128 weights, per-token dynamic INT8 inputs",
-    "gptq-w4a4": "GPTQ INT4 symmetric g128 weights, per-token dynamic INT4 inputs (quarot-gptq-w4a4: QuaRot's)",
+    "gptq-w4a4": "GPTQ INT4 symmetric g128 weights, per-token dynamic INT4 inputs",
     "smoothquant-gptq-w4a8": (
         "SmoothQuant a=0.5 on norm and Linear->Linear inputs, GPTQ INT4 symmetric g128, per-token dynamic INT8 inputs"
     ),
