@@ -23,7 +23,8 @@ from toy import save_toy, write_corpus
 
 # every method, and the compositions that route statistics differently (AWQ then GPTQ, pruning then rounding)
 METHOD_RECIPES = (
-    "w4g128", "gptq-w4g128", "gptq-w4g128-actorder", "awq-w4g128", "awq-gptq-w4g128-imse", "w8a8-token",
+    "w4g128", "gptq-w4g128", "gptq-w4g128-actorder", "awq-w4g128", "awq-gptq-w4g128", "w8a8-token",
+    "awq-gptq-w4g128-imse",  # AWQ judging its scales on the searched grid, then GPTQ on it
     "smoothquant-all-w8a8-static", "llm-int8", "magnitude-50", "wanda-50", "wanda-2of4-w4g128", "sparsegpt-50",
     "gptq-w4g128-e6",  # the head rounded by GPTQ from its inputs, reduced over ranks
     "rotate-gptq-w4a8",  # rank 0 proves each block's rotation, the others follow it

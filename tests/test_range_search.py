@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import lowbit
-from lowbit import GPTQ, RTN, WeightQuant
+from lowbit import AWQ, GPTQ, RTN, WeightQuant
 from lowbit.errors import LowbitError
 from lowbit.numerics.grid import fake_quantize, grouped
 from lowbit.numerics.range_search import SEARCHES
@@ -103,6 +103,7 @@ def test_gptq_and_rtn_quantize_a_model_with_searched_grids():
 @pytest.mark.parametrize("fit", ["mse", "imatrix-mse"])
 def test_awq_judges_its_scales_by_the_searched_grid(fit):
     from lowbit.methods.awq import search_awq_scale
+    from lowbit.numerics.scales import awq_ratios, awq_scales
 
     W = heavy_tailed(128, 256)
     X = outlier_inputs(tokens=256, features=256, scale=20.0)
@@ -118,10 +119,31 @@ def test_awq_judges_its_scales_by_the_searched_grid(fit):
     ours = search_awq_scale([linear], X.abs().mean(0), searched, 20, lambda: [linear(X)], x_sumsq=sumsq)
     min_max = search_awq_scale([linear], X.abs().mean(0), plain, 20, lambda: [linear(X)])
     assert torch.equal(linear.weight, W)
-    # the same candidates, judged by the rounding that is served: never worse than the min-max search's pick, nor
-    # than no scaling (s = 1 is a candidate)
-    assert served_error(ours) <= served_error(min_max) * (1 + 1e-6)
+    # the pick is the candidate whose served rounding (the searched grid, weighted by x / s) errs least ...
+    candidates = [awq_scales(X.abs().mean(0), r) for r in awq_ratios(20)]
+    assert served_error(ours) == pytest.approx(min(served_error(s) for s in candidates), rel=1e-6)
+    # ... which the min-max search's pick is not, nor no scaling (s = 1, a candidate)
+    assert served_error(ours) < 0.99 * served_error(min_max)
     assert served_error(ours) < 0.85 * served_error(torch.ones(256))
+
+
+def test_saved_awq_clips_are_reapplied_only_to_the_grid_they_were_searched_for(tmp_path):
+    from toy import byte_tokenizer
+
+    ids = calibration(n=4, length=32)
+    for made, reused, message in (("awq-w3g32", "awq-w3g32-mse", "searched for min-max rounding"),
+                                  ("awq-w3g32-mse", "awq-w3g32", "has no tensor")):
+        model = lowbit.quantize(toy_model("llama"), resolve_recipe(made), ids, batch_size=2)
+        lowbit.save(model, tmp_path / made, tokenizer=byte_tokenizer())
+        again = resolve_recipe(reused).reusing_transforms(str(tmp_path / made))
+        with pytest.raises(LowbitError, match=message):
+            lowbit.quantize(toy_model("llama"), again, ids, batch_size=2)
+    # a searched run re-applies its own scales: the same model
+    same = resolve_recipe("awq-w3g32-mse").reusing_transforms(str(tmp_path / "awq-w3g32-mse"))
+    test = calibration(n=2, length=40, seed=1)
+    with torch.no_grad():
+        first = lowbit.load(tmp_path / "awq-w3g32-mse")(test).logits
+        assert torch.equal(lowbit.quantize(toy_model("llama"), same, ids, batch_size=2)(test).logits, first)
 
 
 @pytest.mark.parametrize("build, message", [
@@ -129,6 +151,9 @@ def test_awq_judges_its_scales_by_the_searched_grid(fit):
     (lambda: WeightQuant(bits=4, symmetric=True, group_size=16, float_type="NVFP4", fit="mse"), "from their range"),
     (lambda: RTN(WeightQuant(fit="mse"), importance=True), "unweighted search"),
     (lambda: RTN(WeightQuant(fit="imatrix-mse"), importance=True), "always weighs"),
+    (lambda: Recipe(steps=(AWQ(WeightQuant(bits=4, group_size=32)),),
+                    plan={"model.layers.0.self_attn.q_proj": WeightQuant(bits=4, group_size=32, fit="imatrix-mse")}),
+     "fitted by 'imatrix-mse', the recipe's rounding by 'range'"),
     (lambda: resolve_recipe("autoround-w3g128-mse"), "autoround learns each group's range"),
     (lambda: Recipe(steps=(GPTQ(),), embeddings=WeightQuant(bits=8, fit="imatrix-mse")), "calibration inputs"),
     (lambda: Recipe(steps=(GPTQ(),), head=WeightQuant(bits=8, fit="imatrix-mse")), "calibration inputs"),

@@ -180,6 +180,9 @@ class Recipe:
         for name, linear_grid in self.plan.items():
             _check(not linear_grid.ggml and not linear_grid.float_type,
                    f"plan grid for {name} is {linear_grid.label}; a plan holds integer grids")
+            # the steps collect statistics and search clips for the rounding grid's fit, one per recipe
+            _check(linear_grid.fit == grid.fit, f"plan grid for {name} is fitted by {linear_grid.fit!r}, the "
+                   f"recipe's rounding by {grid.fit!r}", "give every plan grid the rounding grid's fit")
 
     @property
     def transform(self) -> Step | None:

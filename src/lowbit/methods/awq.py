@@ -3,7 +3,8 @@ clip search; the rounding itself is the recipe's rounding step (RTN on AWQ's gri
 the inputs' importance where the grid searches its fit: K-quant grids).
 
 On a searched range ("mse", "imatrix-mse": numerics/range_search.py) each scale candidate is judged by the searched
-grid's rounding, "imatrix-mse" weighting each column of W s by its inputs' mean square over s^2 (the scaled
+grid's rounding (K grids and "llama" fits are judged by their unweighted fit, though rounded under the inputs'
+importance: as before the searched ranges existed), "imatrix-mse" weighting each column of W s by its inputs' mean square over s^2 (the scaled
 Linear's inputs are x / s), and the range search takes the clip search's place: both shrink each group's range,
 and a clip searched for min-max rounding would be shrunk again by a search that did not see it."""
 
@@ -18,6 +19,7 @@ import torch
 
 from lowbit.distributed.divide import divide_work
 from lowbit.distributed.ranks import SINGLE, Ranks
+from lowbit.errors import LowbitError
 from lowbit.numerics.grid import group_count
 from lowbit.methods.base import TRANSFORM, Step, WeightQuant, check
 from lowbit.methods.rtn import RTN
@@ -187,16 +189,33 @@ def awq_block(ctx: BlockContext, step: AWQ, batch_size: int, saved: dict[str, to
 
     if saved is None:  # each rank searches its share of the Linears (distributed/divide.py)
         clips = divide_work(ctx.ranks, clip_paths, lambda p: ctx.targets[p].weight.numel(), search_clip)
+    if saved is not None:
+        check_saved_clips(ctx, step, saved)
     for path in clip_paths:
         name = ctx.full_name(f"{path}.{AWQ_CLIP_KEY}")
         if saved is not None:
             weight = ctx.targets[path].weight
             grid = ctx.linear_grid(path, step.weights).for_width(weight.shape[1])
             n_groups = group_count(weight.shape[1], group_size_for(grid, weight.shape[1]))
-            # per-tensor grids have no clip, so the artifact may rightly lack this tensor
-            max_val = saved_tensor(saved, name, (weight.shape[0], n_groups)) if name in saved else None
+            # per-tensor grids have no clip; every other grid's clip was searched and saved
+            per_tensor = grid.granularity == "tensor"
+            max_val = None if per_tensor else saved_tensor(saved, name, (weight.shape[0], n_groups))
         else:
             max_val = clips[path]
         if max_val is not None:
             ctx.artifact[name] = max_val.cpu()
     return reference
+
+
+def check_saved_clips(ctx: BlockContext, step: AWQ, saved: dict[str, torch.Tensor]) -> None:
+    """Saved clips re-applied only where this step searches clips: clips searched for min-max rounding would be
+    shrunk again by a searched range (a recipe without clips re-applying them is refused per tensor, above)."""
+    if step.searches_clip or not step.clip:
+        return
+    held = [p for p in ctx.targets if ctx.full_name(f"{p}.{AWQ_CLIP_KEY}") in saved]
+    if held:
+        raise LowbitError(
+            f"the saved transforms hold AWQ clips (e.g. {ctx.full_name(held[0])}) searched for min-max rounding, but "
+            f"this recipe's grid searches each group's range ({step.weights.label}); search again without "
+            "--transforms, or re-apply them to the min-max grid they were searched for"
+        )
