@@ -94,6 +94,12 @@ ROTATED_SWEEP_METHODS = (*(ROTATE_PREFIX + m for m in SWEEP_METHODS),
                          *(QUAROT_PREFIX + m for m in ("rtn", "gptq", "gptq-actorder")))
 
 
+def split_rotation(name: str) -> tuple[bool, str] | None:
+    """(online, the name after the prefix) of a ``rotate-NAME`` / ``quarot-NAME`` recipe or sweep method; else None."""
+    prefix = next((p for p in (ROTATE_PREFIX, QUAROT_PREFIX) if name.startswith(p)), None)
+    return None if prefix is None else (prefix == QUAROT_PREFIX, name.removeprefix(prefix))
+
+
 def parse_recipe_name(name_or_path: str) -> tuple[str, tuple[str, int, int, int, bool, str, float | None] | None]:
     """("preset" | "file" | "sweep" | "ggml" | "float", (method, bits, group size or 0, embedding/head bits or 0,
     symmetric, fit, budget or None) for a grid point, (method, K type) for a K-quant one, (method, scheme) for a float one) of
@@ -101,9 +107,10 @@ def parse_recipe_name(name_or_path: str) -> tuple[str, tuple[str, int, int, int,
     one-line unknown-recipe error."""
     if name_or_path in PRESETS:
         return "preset", None
-    prefix = next((p for p in (ROTATE_PREFIX, QUAROT_PREFIX) if name_or_path.startswith(p)), None)
-    if prefix is not None and not Path(name_or_path).exists():
-        if parse_recipe_name(name_or_path.removeprefix(prefix))[0] == "file":
+    rotation = split_rotation(name_or_path)
+    if rotation is not None and not Path(name_or_path).exists():
+        prefix = QUAROT_PREFIX if rotation[0] else ROTATE_PREFIX
+        if parse_recipe_name(rotation[1])[0] == "file":
             raise LowbitError(f"unknown recipe {name_or_path!r}: \"{prefix}\" goes before a recipe name "
                               f"({prefix}gptq-w4a8), not a file; put {{\"type\": \"rotate\"}} first in the file's "
                               "steps instead")

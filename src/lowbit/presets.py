@@ -8,7 +8,7 @@ from lowbit.errors import LowbitError
 from lowbit.numerics.kquant_mix import K_MIXES
 from lowbit.preset_names import (
     FIT_SUFFIXES, FLOAT_SCHEMES, PRESETS, QUAROT_PREFIX, ROTATE_PREFIX, ROTATED_SWEEP_METHODS, SWEEP_METHODS,
-    parse_recipe_name,
+    parse_recipe_name, split_rotation,
 )
 from lowbit.recipe import (
     AWQ,
@@ -92,9 +92,10 @@ def preset_names() -> dict[str, str]:
 def resolve_recipe(name_or_path: str) -> Recipe:
     """A preset name, a weight-only grid point named like the presets, or the path of a JSON recipe file."""
     kind, point = parse_recipe_name(name_or_path)
-    if kind == "rotated":
-        online = name_or_path.startswith(QUAROT_PREFIX)
-        return rotated(resolve_recipe(name_or_path.removeprefix(QUAROT_PREFIX if online else ROTATE_PREFIX)), online)
+    rotation = split_rotation(name_or_path)
+    if kind == "rotated" and rotation is not None:
+        online, inner = rotation
+        return rotated(resolve_recipe(inner), online)
     if kind == "preset":
         grid = OUTSIDE_GRIDS.get(name_or_path)
         return Recipe(steps=_steps()[name_or_path], name=name_or_path, embeddings=grid, head=grid)
@@ -169,9 +170,9 @@ def sweep_recipe(
     head on ``outside_grid(outside_bits)`` unless 0 (float), each Linear's grid planned to ``budget`` bits per weight
     around this one unless None. Named like the presets (``gptq-w4g128``, ``gptq-w4g128-sym``, ``gptq-w3g128-mse``,
     ``w4g128-e6``, ``gptq-w4g128-b3.5``), so a sweep point equal to a preset is it."""
-    if method in ROTATED_SWEEP_METHODS:
-        online = method.startswith(QUAROT_PREFIX)
-        inner = method.removeprefix(QUAROT_PREFIX if online else ROTATE_PREFIX)
+    rotation = split_rotation(method)
+    if method in ROTATED_SWEEP_METHODS and rotation is not None:
+        online, inner = rotation
         return rotated(sweep_recipe(inner, bits, group_size, outside_bits, symmetric, fit, budget), online)
     if method not in SWEEP_METHODS:
         raise LowbitError(f"unknown sweep method {method!r}; pick from {', '.join(SWEEP_METHODS + ROTATED_SWEEP_METHODS)}")

@@ -30,8 +30,8 @@ from lowbit.errors import LowbitError
 from lowbit.io.atomic import refuse_non_directory, refuse_unsafe_target, report_folder, write_text_atomic
 from lowbit.pipeline.report import QuantizeReport
 from lowbit.preset_names import (
-    FIT_SUFFIXES, PRESETS, QUAROT_PREFIX, ROTATE_PREFIX, ROTATED_SWEEP_METHODS, SWEEP_METHODS, check_recipe_name,
-    parse_recipe_name,
+    FIT_SUFFIXES, PRESETS, ROTATED_SWEEP_METHODS, SWEEP_METHODS, check_recipe_name, parse_recipe_name,
+    split_rotation,
 )
 from lowbit.schema import Range, check_record, read_json
 
@@ -193,11 +193,11 @@ def read_diagnosis(path: Path) -> dict[str, Any]:
 
 def recipe_description(name: str, recipe: Recipe) -> str:
     """A preset's description (a rotated preset's too), else the recipe's label."""
-    for prefix, rotated in ((ROTATE_PREFIX, "residual stream rotated"),
-                            (QUAROT_PREFIX, "residual stream and o_proj/down_proj inputs rotated (QuaRot)")):
-        inner = name.removeprefix(prefix)
-        if inner != name and inner in PRESETS:
-            return f"{rotated}, then {PRESETS[inner]}"
+    rotation = split_rotation(name)
+    if rotation is not None and rotation[1] in PRESETS:
+        online, inner = rotation
+        rotated = "residual stream and o_proj/down_proj inputs rotated (QuaRot)" if online else "residual stream rotated"
+        return f"{rotated}, then {PRESETS[inner]}"
     return PRESETS.get(name, recipe.label)
 
 

@@ -122,11 +122,10 @@ def search_awq_scale(
     try:
         for ratio in awq_ratios(n_grid):
             s = awq_scales(x_mean, ratio).to(originals[0].device)
+            scaled_sumsq = None if x_sumsq is None else x_sumsq.to(s.device) / s.pow(2)  # [in]: W s's inputs x / s
             for lin, W, grid in zip(linears, originals, grids):
-                importance = None
-                if grid.weighs_inputs:
-                    assert x_sumsq is not None, "a weighted range search needs the inputs' sum of squares"
-                    importance = x_sumsq.to(s.device) / s.pow(2)
+                assert scaled_sumsq is not None or not grid.weighs_inputs, "a weighted search needs the inputs' sumsq"
+                importance = scaled_sumsq if grid.weighs_inputs else None
                 lin.weight.copy_((rtn(W * s, grid, importance).dequantize() / s).to(W.dtype))
             local = sum(float((o - r).float().pow(2).sum()) for o, r in zip(run(), reference))
             loss = ranks.sum_floats([local])[0]  # one process: the local loss itself
@@ -189,7 +188,7 @@ def awq_block(ctx: BlockContext, step: AWQ, batch_size: int, saved: dict[str, to
 
     if saved is None:  # each rank searches its share of the Linears (distributed/divide.py)
         clips = divide_work(ctx.ranks, clip_paths, lambda p: ctx.targets[p].weight.numel(), search_clip)
-    if saved is not None:
+    else:
         check_saved_clips(ctx, step, saved)
     for path in clip_paths:
         name = ctx.full_name(f"{path}.{AWQ_CLIP_KEY}")
