@@ -8,9 +8,12 @@ Models (the two cases the issue names):
   * the embedded SmolLM2-135M, 2048-token windows (the float embedding head is a large share of the work);
   * a random Llama of hidden size 768 (4 blocks, MLP 2048, 512-token vocabulary), 256-token windows, where the
     Linears are the work. Written once to out/bench/eval_speed/.
-Outputs: RTN w8 and w4g128 of each (data-free). Writes bench/results/eval_speed.json and prints a table.
+Outputs: RTN w8 and w4g128 of each on both backends, and the outputs that quantize their inputs in every forward
+(W8A8 INT8 dynamic and static, W4A8, W4A8 with QuaRot's online rotation, FP8 dynamic and static, MXFP4 and NVFP4
+W4A4, LLM.int8()) on the dequantized backend, evaluation's default. The static ones are calibrated on 8 x 256
+tokens (their speed does not depend on it). Writes bench/results/eval_speed.json and prints a table.
 
-    OMP_NUM_THREADS=2 .venv/bin/python bench/eval_speed.py [--repeats 3] [--tokens 8192]
+    OMP_NUM_THREADS=2 .venv/bin/python bench/eval_speed.py [--repeats 3] [--tokens 8192] [--recipes ...]
 """
 
 from __future__ import annotations
@@ -57,6 +60,11 @@ def random_llama(folder: Path) -> Path:
     return folder
 
 
+WEIGHT_ONLY = ("w8", "w4g128")  # measured on both backends
+INPUT_QUANTIZING = ("w8a8-token", "w8a8-naive", "w4a8", "quarot-w4a8", "fp8-dynamic", "fp8", "mxfp4", "nvfp4",
+                    "llm-int8")
+
+
 def lowbit(*argv: str) -> None:
     subprocess.run([sys.executable, "-m", "lowbit.cli.main", "--quiet", *argv], check=True, stdout=subprocess.DEVNULL)
 
@@ -79,6 +87,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=8192, help="evaluation tokens per run (windows x window)")
+    parser.add_argument("--recipes", nargs="+", default=[*WEIGHT_ONLY, *INPUT_QUANTIZING],
+                        help=f"outputs to measure (weight-only ones, {', '.join(WEIGHT_ONLY)}, on both backends)")
     args = parser.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     models = {"smollm2-135m": ("smollm2-135m", 2048), "random llama h768": (str(random_llama(WORK / "llama-h768")), 256)}
@@ -86,23 +96,26 @@ def main() -> int:
     for label, (spec, window) in models.items():
         windows = max(1, args.tokens // window)
         configs = {("float32", "-"): (spec, window, windows, "exact")}
-        for recipe in ("w8", "w4g128"):
+        for recipe in args.recipes:
             out = WORK / f"{label.replace(' ', '-')}-{recipe}"
             if not (out / "lowbit_config.json").exists():
-                lowbit("quantize", "--model", spec, "--recipe", recipe, "--out", str(out), "--overwrite")
-            for backend in ("exact", "dequantized"):
+                lowbit("quantize", "--model", spec, "--recipe", recipe, "--out", str(out), "--overwrite",
+                       "--nsamples", "8", "--seq-len", "256")
+            for backend in ("exact", "dequantized") if recipe in WEIGHT_ONLY else ("dequantized",):
                 configs[(recipe, backend)] = (str(out), window, windows, backend)
         measured = measure_all(configs, args.repeats)
         base = measured[("float32", "-")]["tokens_per_second"]
         for (recipe, backend), m in measured.items():
-            same = recipe == "float32" or m["perplexity"] == measured[(recipe, "exact")]["perplexity"]
+            exact = measured.get((recipe, "exact"))  # the input-quantizing rows: tests/test_fast_backend.py
+            same = None if exact is None or recipe == "float32" else m["perplexity"] == exact["perplexity"]
             rows.append({"model": label, "recipe": recipe, "backend": backend, "windows": windows, "window": window,
                          **m, "vs_float": m["tokens_per_second"] / base, "same_perplexity_as_exact": same})
-            print(f"{label:18s} {recipe:7s} {backend:12s} {m['tokens_per_second']:8.1f} tok/s  ppl {m['perplexity']}  "
-                  f"{m['tokens_per_second'] / base:.2f}x float  same ppl as exact: {same}", flush=True)
+            print(f"{label:18s} {recipe:12s} {backend:12s} {m['tokens_per_second']:8.1f} tok/s  ppl {m['perplexity']}  "
+                  f"{m['tokens_per_second'] / base:.2f}x float" + ("" if same is None else f"  same ppl as exact: {same}"),
+                  flush=True)
     from lowbit.evaluation.speed import machine_description
 
-    RESULTS.write_text(json.dumps({"machine": machine_description(), "tokens": args.tokens,
+    RESULTS.write_text(json.dumps({"machine": machine_description(), "tokens": args.tokens, "recipes": args.recipes,
                                    "repeats": args.repeats, "rows": rows}, indent=2))
     print(f"written to {RESULTS.relative_to(ROOT)}")
     return 0

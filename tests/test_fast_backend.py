@@ -64,9 +64,10 @@ def test_a_fast_loaded_model_saves_its_stored_form(tmp_path):
 
 
 def test_the_dequantized_backend_gives_the_exact_logits_bit_for_bit(tmp_path):
-    """Evaluation's backend: every runtime Linear (weight-only symmetric/asymmetric/act-order, static and dynamic
-    W8A8, LLM.int8(), pruned, pruned and quantized) keeps its float weight instead of dequantizing it per call; the
+    """Evaluation's backend: every runtime Linear (weight-only symmetric/asymmetric/act-order, static, dynamic and
+    asymmetric W8A8, LLM.int8(), FP8 and NVFP4 inputs, QuaRot, pruned, pruned and quantized) keeps its float weight instead of dequantizing it per call; the
     logits are torch.equal to the exact backend's, in float32 and bfloat16, and what it saves is the stored form."""
+    from lowbit.presets import resolve_recipe
     from lowbit.recipe import LLMInt8, SparseGPT
 
     grid4 = WeightQuant(4, False, "group", 32)
@@ -75,7 +76,11 @@ def test_the_dequantized_backend_gives_the_exact_logits_bit_for_bit(tmp_path):
         "w4-actorder": (GPTQ(WeightQuant(4, True, "group", 32), act_order=True, static_groups=False),),  # g_idx
         "w8a8-static": (RTN(WeightQuant(8, True, "channel")), ActQuant(8, "tensor", dynamic=False)),
         "w8a8-token": (RTN(WeightQuant(8, True, "channel")), ActQuant(8, "token")),
+        "w8a8-asym": (RTN(WeightQuant(8, True, "channel")), ActQuant(8, "token", symmetric=False)),
         "llm-int8": (LLMInt8(threshold=0.5),),
+        "fp8-static": resolve_recipe("fp8"),
+        "nvfp4": resolve_recipe("nvfp4"),
+        "quarot-w4a8": resolve_recipe("quarot-w4a8"),  # the online rotation around a W4A8 down_proj
         "wanda": (Prune("wanda", 0.5),),
         "sparsegpt-w4": (SparseGPT(0.5, weights=grid4),),
     }
@@ -90,3 +95,47 @@ def test_the_dequantized_backend_gives_the_exact_logits_bit_for_bit(tmp_path):
                 assert torch.equal(fast(IDS).logits, exact(IDS).logits), (name, dtype)
     lowbit.save(fast, tmp_path / "again", tokenizer=byte_tokenizer())
     assert lowbit.load(tmp_path / "again").state_dict().keys() == exact.state_dict().keys()  # no float weight saved
+
+
+def test_linears_reading_one_input_quantize_it_once(tmp_path, monkeypatch):
+    """On the dequantized backend q/k/v (and gate/up) share one quantized input: 4 quantizations per Llama block,
+    not 7, with the exact backend's logits."""
+    from lowbit.runtime.act_quant import ActQuantLinear
+
+    folder, exact_logits = _saved(tmp_path, (RTN(WeightQuant(8, True, "channel")), ActQuant(8, "token")), "w8a8")
+    fast = lowbit.load(folder, backend="dequantized")
+    calls = []
+    quantize_input = ActQuantLinear.quantize_input
+    monkeypatch.setattr(ActQuantLinear, "quantize_input", lambda self, x: calls.append(1) or quantize_input(self, x))
+    with torch.no_grad():
+        assert torch.equal(fast(IDS).logits, exact_logits)
+    assert len(calls) == 4 * fast.config.num_hidden_layers
+
+
+def test_a_shared_quantized_input_is_served_only_for_the_same_unchanged_tensor_and_grid():
+    from torch import nn
+
+    from lowbit.runtime.fast import LastQuantizedInput
+
+    class Scaling(nn.Module):  # stands in for a runtime Linear: matmul_input multiplies by its factor
+        def __init__(self, factor: float) -> None:
+            super().__init__()
+            self.factor, self.calls = factor, 0
+
+        def matmul_input(self, x: torch.Tensor) -> torch.Tensor:
+            self.calls += 1
+            return x * self.factor
+
+    shared, two, three = LastQuantizedInput(), Scaling(2.0), Scaling(3.0)
+    x = torch.ones(4)
+    assert torch.equal(shared.quantized(x, ("grid", 2), two), 2 * x)
+    assert torch.equal(shared.quantized(x, ("grid", 2), two), 2 * x) and two.calls == 1  # served
+    assert torch.equal(shared.quantized(x, ("grid", 3), three), 3 * x) and three.calls == 1  # another grid
+    x.add_(1.0)  # changed in place: its version counter moved
+    assert torch.equal(shared.quantized(x, ("grid", 3), three), 3 * x) and three.calls == 2
+    assert torch.equal(shared.quantized(x.clone(), ("grid", 3), three), 3 * x) and three.calls == 3  # another tensor
+    with torch.inference_mode():  # inference tensors have no version counter: never served
+        y = torch.ones(4)
+        shared.quantized(y, ("grid", 2), two)
+        shared.quantized(y, ("grid", 2), two)
+    assert two.calls == 3

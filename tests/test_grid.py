@@ -59,3 +59,29 @@ def test_rtn_on_outlier_inputs_is_the_baseline_other_methods_must_beat():
     W = random_weight()
     err = output_error(W, rtn(W, WeightQuant(3, False, "group", 128)).dequantize(), X)
     assert 0.0 < err < 1.0
+
+
+def test_activation_quantization_is_the_grid_formula_bit_for_bit():
+    """quantize_activations computes round_to_grid's codes in place (for speed): the same bits as the formula
+    (q - zero) * scale on fresh tensors, for per-token and per-tensor, symmetric, asymmetric and static grids,
+    with saturating static inputs, all-zero rows and tiny negative inputs (round(-0.3) is -0.0; the grid gives +0)."""
+    from lowbit.numerics.activations import _range, quantize_activations, static_scale_from_absmax
+    from lowbit.numerics.grid import fake_quantize, fit_scale_zero, round_to_grid, symmetric_zero
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 40) * torch.linspace(0.1, 30.0, 40)
+    x[1] = 0.0
+    x[2, :5] = -1e-3
+    static = static_scale_from_absmax(torch.tensor(5.0), 8)  # inputs reach 30: saturate
+    for bits, per_token, symmetric, scale in [(8, True, True, None), (8, False, True, None), (4, True, True, None),
+                                              (8, True, False, None), (4, False, False, None), (8, False, True, static)]:
+        if scale is not None:
+            zero = torch.tensor(float(symmetric_zero(bits)))
+            expected = (round_to_grid(x, scale, zero, bits) - zero) * scale
+        else:
+            s, zero = fit_scale_zero(*_range(x, per_token), bits, symmetric, storable=False)
+            expected = fake_quantize(x, s, zero, bits)
+        got = quantize_activations(x, bits, per_token, symmetric, scale)
+        assert torch.equal(got.view(torch.int32), expected.view(torch.int32)), (bits, per_token, symmetric)
+    saturated = quantize_activations(x, 8, False, True, static)  # codes -128 .. 127, not wrapped around
+    assert saturated.min() == -128 * static and saturated.max() == 127 * static

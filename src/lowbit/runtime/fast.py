@@ -119,18 +119,44 @@ class Int8OutlierKernelLinear(KernelModule):
         return _bias(out, self.exact.bias)
 
 
+class LastQuantizedInput:
+    """The last input a model's Linears quantized, and the result: q, k and v (gate and up) are called one after
+    another on the same tensor and quantize it the same way, so the second and third calls reuse the first's.
+    Reused only for the very same tensor object, unchanged since (its version counter) and the same input grid
+    (``input_grid()``); it holds references to both tensors, so an object's id cannot be reused meanwhile."""
+
+    def __init__(self) -> None:
+        self.entry: tuple[torch.Tensor, int, tuple, torch.Tensor] | None = None
+
+    def quantized(self, x: torch.Tensor, grid: tuple, exact: nn.Module) -> torch.Tensor:
+        if x.is_inference():  # no version counter: an in-place change could not be seen
+            return exact.matmul_input(x)
+        entry = self.entry
+        if entry is not None and entry[0] is x and entry[1] == x._version and entry[2] == grid:
+            return entry[3]
+        quantized = exact.matmul_input(x)
+        self.entry = (x, x._version, grid, quantized)
+        return quantized
+
+
 class DequantizedLinear(KernelModule):
     """A runtime Linear with its float weight computed once: the exact module's own forward (its input quantization
     included) with the weight it would dequantize on every call kept instead, so outputs are bit-identical to the
     exact backend's at float speed, for float memory. The dequantized backend (evaluation) uses it for every
-    runtime Linear, the fast backend for pruned ones (no CPU kernel gains from 2:4 sparsity)."""
+    runtime Linear, the fast backend for pruned ones (no CPU kernel gains from 2:4 sparsity). Linears that quantize
+    their inputs share one ``LastQuantizedInput`` per model; their input grid (calibrated scales included) is read
+    once here, as the weight is."""
 
-    def __init__(self, exact: nn.Module, weight: torch.Tensor) -> None:
+    def __init__(self, exact: nn.Module, weight: torch.Tensor, shared: LastQuantizedInput | None = None) -> None:
         super().__init__(exact, weight=weight)  # [out, in]
+        grid = getattr(exact, "input_grid", lambda: None)()
+        self.input_grid, self.shared = grid, (shared if grid is not None else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != self.weight.dtype:  # the exact module dequantizes in the input's dtype: so does it here
             return self.exact(x)
+        if self.shared is not None:
+            return F.linear(self.shared.quantized(x, self.input_grid, self.exact), self.weight, self.exact.bias)
         return F.linear(self.exact.matmul_input(x), self.weight, self.exact.bias)
 
 
@@ -151,11 +177,11 @@ def exact_modules(model: nn.Module) -> Iterator[None]:
 def to_dequantized(model: nn.Module, dtype: torch.dtype) -> int:
     """Swap every runtime Linear of ``model`` for a ``DequantizedLinear`` holding its ``dtype`` weight; returns how
     many."""
-    switched = 0
+    switched, shared = 0, LastQuantizedInput()
     for name, module in list(model.named_modules()):
         make = getattr(module, "float_weight", None)
         if callable(make) and not isinstance(module, KernelModule):
-            model.set_submodule(name, DequantizedLinear(module, make(dtype)))
+            model.set_submodule(name, DequantizedLinear(module, make(dtype), shared))
             switched += 1
     return switched
 

@@ -85,6 +85,12 @@ class FloatQuantLinear(WeightOnlyLinear):
         return quantize_float_inputs(x, FLOAT_TYPES[self.input_type], self.input_per_token, self.input_scale,
                                      self.input_global)
 
+    def input_grid(self) -> tuple | None:
+        if not self.input_type:
+            return None
+        calibrated = tuple(float(t) for t in (self.input_scale, self.input_global) if t is not None)
+        return ("float", self.input_type, self.input_per_token, calibrated)
+
     def calibration_stand_in(self, dtype: torch.dtype) -> nn.Module:
         return InputQuantizingStandIn(self, dtype) if self.input_type else super().calibration_stand_in(dtype)
 

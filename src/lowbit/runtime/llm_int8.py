@@ -45,7 +45,13 @@ class Int8OutlierLinear(WeightOnlyLinear):
         """Outlier columns as they are, the rest quantized to INT8 per token."""
         outliers = outlier_columns(x, self.threshold)  # [in]
         regular = quantize_activations(x.masked_fill(outliers, 0.0), 8, per_token=True, symmetric=True)
-        return torch.where(outliers, x, regular)
+        columns = outliers.nonzero().flatten()  # a few: written into ``regular`` instead of a new torch.where tensor
+        if columns.numel():
+            regular[..., columns] = x[..., columns]
+        return regular
+
+    def input_grid(self) -> tuple:
+        return ("llm.int8", self.threshold)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, outlier threshold={self.threshold}"

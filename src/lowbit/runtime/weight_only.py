@@ -124,6 +124,12 @@ class WeightOnlyLinear(nn.Module):
         """What multiplies the weight: the input itself here; quantized inputs in the W8A8 / LLM.int8() modules."""
         return x
 
+    def input_grid(self) -> tuple | None:
+        """How ``matmul_input`` quantizes, as a hashable value: two modules with equal values give equal
+        ``matmul_input(x)`` for every x, so q/k/v (and gate/up) can share one quantized input. None: the input
+        is used as it is. Calibrated scales enter by value, read when this is called."""
+        return None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self.matmul_input(x), self.float_weight(x.dtype), self.bias)
 
