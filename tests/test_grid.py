@@ -72,6 +72,7 @@ def test_activation_quantization_is_the_grid_formula_bit_for_bit():
     x = torch.randn(6, 40) * torch.linspace(0.1, 30.0, 40)
     x[1] = 0.0
     x[2, :5] = -1e-3
+    before = x.clone()
     static = static_scale_from_absmax(torch.tensor(5.0), 8)  # inputs reach 30: saturate
     for bits, per_token, symmetric, scale in [(8, True, True, None), (8, False, True, None), (4, True, True, None),
                                               (8, True, False, None), (4, False, False, None), (8, False, True, static)]:
@@ -83,5 +84,13 @@ def test_activation_quantization_is_the_grid_formula_bit_for_bit():
             expected = fake_quantize(x, s, zero, bits)
         got = quantize_activations(x, bits, per_token, symmetric, scale)
         assert torch.equal(got.view(torch.int32), expected.view(torch.int32)), (bits, per_token, symmetric)
+        half = quantize_activations(x.bfloat16(), bits, per_token, symmetric, scale)  # computed in float32
+        if scale is None:
+            s, zero = fit_scale_zero(*_range(x.bfloat16().float(), per_token), bits, symmetric, storable=False)
+            expected = fake_quantize(x.bfloat16().float(), s, zero, bits)
+        else:
+            expected = (round_to_grid(x.bfloat16().float(), scale, zero, bits) - zero) * scale
+        assert torch.equal(half.view(torch.int16), expected.bfloat16().view(torch.int16))
+    assert torch.equal(x.view(torch.int32), before.view(torch.int32))  # the caller's tensor is left as it was
     saturated = quantize_activations(x, 8, False, True, static)  # codes -128 .. 127, not wrapped around
     assert saturated.min() == -128 * static and saturated.max() == 127 * static

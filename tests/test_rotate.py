@@ -307,18 +307,24 @@ def test_the_sweep_rotates_every_method_and_draws_each_rotation_as_its_own_curve
 def test_chunked_butterflies_give_the_stage_by_stage_bits(monkeypatch):
     """walsh_hadamard runs its butterflies on two buffers, a cache-sized chunk of rows at a time (for speed): every
     value is the same sums in the same order as one new tensor per stage over all rows, so the bits are equal, also
-    when the chunks do not divide the rows."""
+    when the chunks do not divide the rows; and a width with no odd factor skips the [[1]] matmul, bit for bit."""
     import lowbit.numerics.rotation as rotation
 
-    def stage_by_stage(y: torch.Tensor) -> torch.Tensor:
-        shape, p, h = y.shape, y.shape[-2], 1
-        while h < p:
-            y = y.reshape(*shape[:-2], p // (2 * h), 2, h, shape[-1])
-            y = torch.stack((y[..., 0, :, :] + y[..., 1, :, :], y[..., 0, :, :] - y[..., 1, :, :]), dim=-3)
-            h *= 2
-        return y.reshape(shape) / p**0.5
+    def bits(t: torch.Tensor) -> torch.Tensor:
+        return t.view(torch.int64 if t.dtype == torch.float64 else torch.int32)
 
     y = torch.randn(3, 11, 128, 3) * 7  # [..., p, m], float32: rounding differs with the order of the sums
+    y[0, 0] = -0.0
     for chunk_bytes in (1 << 22, 5 * 128 * 3 * 4, 1):  # all rows, 5 rows (33 = 6 x 5 + 3), one row
         monkeypatch.setattr(rotation, "_CHUNK_BYTES", chunk_bytes)
-        assert torch.equal(rotation.walsh_hadamard(y).view(torch.int32), stage_by_stage(y).view(torch.int32))
+        assert torch.equal(bits(rotation.walsh_hadamard(y)), bits(rotation._stage_by_stage(y)))
+    for other in (y.double(), y[..., :1, :], y.transpose(0, 1)):  # float64 (weights), p == 1, not contiguous
+        assert torch.equal(bits(rotation.walsh_hadamard(other)), bits(rotation._stage_by_stage(other)))
+    signs, mix = rotation.rotation_factors(128, 3)  # m == 1
+    x = torch.randn(4, 128)
+    x[1] = -0.0  # the rotated row is -0.0 throughout: the matmul by [[1]] made it +0.0
+    expected = (rotation._stage_by_stage((x * signs.float()).reshape(4, 128, 1)) @ mix.float()).reshape(4, 128)
+    assert torch.equal(bits(rotation.rotate_last_dim(x, signs, mix)), bits(expected))
+    leaf = x.clone().requires_grad_()  # under autograd (attribution through a QuaRot model): differentiable
+    rotation.rotate_last_dim(leaf, signs, mix).sum().backward()
+    assert leaf.grad is not None and leaf.grad.shape == x.shape

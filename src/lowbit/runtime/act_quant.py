@@ -15,7 +15,7 @@ from lowbit.numerics.activations import quantize_activations
 from torch import nn
 
 from lowbit.runtime.kernels import int8_int8_weights
-from lowbit.runtime.weight_only import InputQuantizingStandIn, WeightOnlyLinear
+from lowbit.runtime.weight_only import InputGrid, InputQuantizingStandIn, WeightOnlyLinear
 
 
 class ActQuantLinear(WeightOnlyLinear):
@@ -65,7 +65,8 @@ class ActQuantLinear(WeightOnlyLinear):
     def matmul_input(self, x: torch.Tensor) -> torch.Tensor:
         return self.quantize_input(x)
 
-    def input_grid(self) -> tuple:
+    def input_grid(self) -> InputGrid:
+        """Integer inputs: bits, per token or tensor, symmetric, and the calibrated step of a static grid."""
         static = float(self.input_scale) if self.input_scale is not None else None
         return ("int", self.act_bits, self.act_per_token, self.act_symmetric, static)
 

@@ -10,8 +10,10 @@ kernels' layouts are never saved). runtime/kernels.py says what each kernel comp
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +21,7 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.runtime.kernels import INT8_MAX_TOKENS, int4pack_linear, int8_int8_linear, int8pack_linear
+from lowbit.runtime.weight_only import InputGrid, WeightOnlyLinear
 
 
 def _bias(out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -119,24 +122,42 @@ class Int8OutlierKernelLinear(KernelModule):
         return _bias(out, self.exact.bias)
 
 
+class _Quantized(NamedTuple):
+    source: weakref.ref  # the input (not kept alive: a dead reference matches nothing, so ids cannot be confused)
+    version: int  # its version counter then (every in-place op on it, or on a view of it, moves the counter)
+    grid: InputGrid
+    grad: bool  # quantized with autograd recording: a result without a graph must not serve a call that needs one
+    value: torch.Tensor  # matmul_input(source)
+
+
 class LastQuantizedInput:
     """The last input a model's Linears quantized, and the result: q, k and v (gate and up) are called one after
     another on the same tensor and quantize it the same way, so the second and third calls reuse the first's.
-    Reused only for the very same tensor object, unchanged since (its version counter) and the same input grid
-    (``input_grid()``); it holds references to both tensors, so an object's id cannot be reused meanwhile."""
+    Served only for the very same tensor object, unchanged since, on the same input grid and autograd mode.
+    Holds one quantized input at a time, dropped when the model's forward returns (``to_dequantized``'s hook)."""
 
     def __init__(self) -> None:
-        self.entry: tuple[torch.Tensor, int, tuple, torch.Tensor] | None = None
+        self.last: _Quantized | None = None
 
-    def quantized(self, x: torch.Tensor, grid: tuple, exact: nn.Module) -> torch.Tensor:
+    def quantized(self, x: torch.Tensor, grid: InputGrid, exact: nn.Module) -> torch.Tensor:
         if x.is_inference():  # no version counter: an in-place change could not be seen
             return exact.matmul_input(x)
-        entry = self.entry
-        if entry is not None and entry[0] is x and entry[1] == x._version and entry[2] == grid:
-            return entry[3]
-        quantized = exact.matmul_input(x)
-        self.entry = (x, x._version, grid, quantized)
-        return quantized
+        last, grad = self.last, torch.is_grad_enabled()
+        # x._version: PyTorch's count of in-place changes to x's memory (what the pass cache keys on too)
+        if last is not None and last.source() is x and last.version == x._version and last.grid == grid and last.grad == grad:
+            return last.value
+        value = exact.matmul_input(x)
+        self.last = _Quantized(weakref.ref(x), x._version, grid, grad, value)
+        return value
+
+    def clear(self, *_: object) -> None:
+        self.last = None
+
+    def __getstate__(self) -> dict:  # copy.deepcopy / pickling of a loaded model: a weak reference cannot be copied
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.last = None
 
 
 class DequantizedLinear(KernelModule):
@@ -149,7 +170,7 @@ class DequantizedLinear(KernelModule):
 
     def __init__(self, exact: nn.Module, weight: torch.Tensor, shared: LastQuantizedInput | None = None) -> None:
         super().__init__(exact, weight=weight)  # [out, in]
-        grid = getattr(exact, "input_grid", lambda: None)()
+        grid = exact.input_grid() if isinstance(exact, WeightOnlyLinear) else None  # a pruned Linear: None
         self.input_grid, self.shared = grid, (shared if grid is not None else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -183,6 +204,7 @@ def to_dequantized(model: nn.Module, dtype: torch.dtype) -> int:
         if callable(make) and not isinstance(module, KernelModule):
             model.set_submodule(name, DequantizedLinear(module, make(dtype), shared))
             switched += 1
+    model.register_forward_hook(shared.clear)  # no quantized input outlives the forward that made it
     return switched
 
 

@@ -16,7 +16,7 @@ from torch import nn
 from lowbit.numerics.float_formats import FLOAT_TYPES
 from lowbit.numerics.float_quant import FloatQWeight, quantize_float_inputs
 from lowbit.numerics.grid import group_count
-from lowbit.runtime.weight_only import InputQuantizingStandIn, WeightOnlyLinear, filled
+from lowbit.runtime.weight_only import InputGrid, InputQuantizingStandIn, WeightOnlyLinear, filled
 
 _SCALE_DTYPES = {"float32": torch.float32, "e8m0": torch.uint8, "e4m3": torch.float8_e4m3fn}
 
@@ -85,7 +85,8 @@ class FloatQuantLinear(WeightOnlyLinear):
         return quantize_float_inputs(x, FLOAT_TYPES[self.input_type], self.input_per_token, self.input_scale,
                                      self.input_global)
 
-    def input_grid(self) -> tuple | None:
+    def input_grid(self) -> InputGrid | None:
+        """Float inputs: the format, per token or tensor, and the calibrated scales (FP8 static step, NVFP4 global)."""
         if not self.input_type:
             return None
         calibrated = tuple(float(t) for t in (self.input_scale, self.input_global) if t is not None)

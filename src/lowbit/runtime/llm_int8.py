@@ -15,7 +15,7 @@ from lowbit.numerics.activations import quantize_activations
 from torch import nn
 
 from lowbit.runtime.kernels import int8_int8_weights
-from lowbit.runtime.weight_only import InputQuantizingStandIn, WeightOnlyLinear
+from lowbit.runtime.weight_only import InputGrid, InputQuantizingStandIn, WeightOnlyLinear
 
 
 def outlier_columns(x: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -45,12 +45,10 @@ class Int8OutlierLinear(WeightOnlyLinear):
         """Outlier columns as they are, the rest quantized to INT8 per token."""
         outliers = outlier_columns(x, self.threshold)  # [in]
         regular = quantize_activations(x.masked_fill(outliers, 0.0), 8, per_token=True, symmetric=True)
-        columns = outliers.nonzero().flatten()  # a few: written into ``regular`` instead of a new torch.where tensor
-        if columns.numel():
-            regular[..., columns] = x[..., columns]
-        return regular
+        return torch.where(outliers, x, regular, out=regular)  # into regular's memory, not a new tensor
 
-    def input_grid(self) -> tuple:
+    def input_grid(self) -> InputGrid:
+        """The outlier threshold is all that decides the mixed input."""
         return ("llm.int8", self.threshold)
 
     def extra_repr(self) -> str:

@@ -14,6 +14,9 @@ from lowbit.numerics.qweight import QWeight
 from lowbit.runtime.kernels import int4pack_weights, int8pack_weights
 
 
+InputGrid = tuple[object, ...]  # what ``input_grid()`` returns: the input quantization's kind and parameters
+
+
 class WeightOnlyLinear(nn.Module):
     """A Linear whose weight lives as packed integer codes; forward dequantizes and multiplies.
 
@@ -124,10 +127,10 @@ class WeightOnlyLinear(nn.Module):
         """What multiplies the weight: the input itself here; quantized inputs in the W8A8 / LLM.int8() modules."""
         return x
 
-    def input_grid(self) -> tuple | None:
+    def input_grid(self) -> InputGrid | None:
         """How ``matmul_input`` quantizes, as a hashable value: two modules with equal values give equal
         ``matmul_input(x)`` for every x, so q/k/v (and gate/up) can share one quantized input. None: the input
-        is used as it is. Calibrated scales enter by value, read when this is called."""
+        is used as it is. Calibrated scales enter by value (the dequantized backend reads this once, at load)."""
         return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
