@@ -156,3 +156,17 @@ def test_a_shared_quantized_input_is_served_only_for_the_same_unchanged_tensor_a
     with torch.no_grad():
         shared.quantized(z, ("grid", 2), two)
     assert shared.quantized(z, ("grid", 2), two).requires_grad and two.calls == 5  # no graph was recorded before
+
+
+def test_input_quantizing_models_stay_differentiable(tmp_path):
+    """Attribution through a loaded model (gradients to the input embeddings): the buffered LLM.int8() input and
+    the buffered online rotation fall back to graph-recording ops where autograd records."""
+    from lowbit.presets import resolve_recipe
+    from lowbit.recipe import LLMInt8
+
+    for name, recipe in {"llm-int8": (LLMInt8(threshold=0.5),), "quarot": resolve_recipe("quarot-w4a8")}.items():
+        folder, _ = _saved(tmp_path, recipe, name)
+        model = lowbit.load(folder, backend="dequantized")
+        embeds = model.get_input_embeddings()(IDS).detach().requires_grad_()
+        model(inputs_embeds=embeds).logits.sum().backward()
+        assert embeds.grad is not None and embeds.grad.abs().sum() > 0, name

@@ -36,8 +36,8 @@ def quantize_activations(
 def _codes_in_place(q: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
     """``round_to_grid``'s codes clamp(round(q) + zero, 0, 2**bits - 1), computed in q's own memory: the same ops in
     the same order (the same bits), without a new [tokens, features] tensor per op. Inputs are quantized in every
-    forward of a W8A8 model, and there the allocations, not the arithmetic, were the cost (0.65 -> 0.25 s per
-    SmolLM2 forward of 2048 tokens)."""
+    forward of a W8A8 model, and there the allocations, not the arithmetic, were most of the cost
+    (bench/eval_overhead.py)."""
     return q.round_().add_(zero).clamp_(0, max_code(bits))
 
 

@@ -61,8 +61,8 @@ def walsh_hadamard(y: torch.Tensor) -> torch.Tensor:
     [p, p] matrix: an online rotation of a 14336-wide input would otherwise hold one per Linear).
 
     The butterflies run on two buffers in turn, a few MiB of rows at a time (each stage reads all of its input:
-    cache-sized chunks instead of a new tensor per stage ran 3-5x faster for a 2048-token input); every value is
-    the same sums in the same order as ``_stage_by_stage``, so the result is the same bits."""
+    cache-sized chunks, not a new tensor per stage; bench/eval_overhead.py's quarot rows); every value is the same
+    sums in the same order as ``_stage_by_stage``, so the result is the same bits."""
     if torch.is_grad_enabled() and y.requires_grad:  # ops writing into buffers (out=) record no graph
         return _stage_by_stage(y)
     shape = y.shape

@@ -45,6 +45,8 @@ class Int8OutlierLinear(WeightOnlyLinear):
         """Outlier columns as they are, the rest quantized to INT8 per token."""
         outliers = outlier_columns(x, self.threshold)  # [in]
         regular = quantize_activations(x.masked_fill(outliers, 0.0), 8, per_token=True, symmetric=True)
+        if torch.is_grad_enabled() and x.requires_grad:  # out= records no graph
+            return torch.where(outliers, x, regular)
         return torch.where(outliers, x, regular, out=regular)  # into regular's memory, not a new tensor
 
     def input_grid(self) -> InputGrid:
