@@ -62,11 +62,7 @@ def main() -> int:
         float_model = open_model(spec, None, "cpu", "exact").model
         forward_seconds(float_model, ids)  # warm-up
         for recipe in RECIPES:
-            out = eval_speed.WORK / f"{label.replace(' ', '-')}-{recipe}"
-            if not (out / "lowbit_config.json").exists():
-                eval_speed.lowbit("quantize", "--model", spec, "--recipe", recipe, "--out", str(out), "--overwrite",
-                                  "--nsamples", "8", "--seq-len", "256")
-            model = open_model(str(out), None, "cpu", "dequantized").model
+            model = open_model(str(eval_speed.output(label, spec, recipe)), None, "cpu", "dequantized").model
             forward_seconds(model, ids)
             ratios, seconds = [], []
             for _ in range(args.rounds):

@@ -69,6 +69,16 @@ def lowbit(*argv: str) -> None:
     subprocess.run([sys.executable, "-m", "lowbit.cli.main", "--quiet", *argv], check=True, stdout=subprocess.DEVNULL)
 
 
+def output(label: str, spec: str, recipe: str) -> Path:
+    """The lowbit output of model ``spec`` under ``recipe`` in WORK, quantized once (the static grids calibrated on
+    8 x 256 tokens: the speed measured does not depend on it)."""
+    out = WORK / f"{label.replace(' ', '-')}-{recipe}"
+    if not (out / "lowbit_config.json").exists():
+        lowbit("quantize", "--model", spec, "--recipe", recipe, "--out", str(out), "--overwrite",
+               "--nsamples", "8", "--seq-len", "256")
+    return out
+
+
 def measure_all(configs: dict[str, tuple[str, int, int, str]], repeats: int) -> dict[str, dict]:
     """Each config (spec, window, windows, backend) once per round, ``repeats`` rounds: a drift in the machine's
     speed spreads over every config instead of landing on one."""
@@ -97,10 +107,7 @@ def main() -> int:
         windows = max(1, args.tokens // window)
         configs = {("float32", "-"): (spec, window, windows, "exact")}
         for recipe in args.recipes:
-            out = WORK / f"{label.replace(' ', '-')}-{recipe}"
-            if not (out / "lowbit_config.json").exists():
-                lowbit("quantize", "--model", spec, "--recipe", recipe, "--out", str(out), "--overwrite",
-                       "--nsamples", "8", "--seq-len", "256")
+            out = output(label, spec, recipe)
             for backend in ("exact", "dequantized") if recipe in WEIGHT_ONLY else ("dequantized",):
                 configs[(recipe, backend)] = (str(out), window, windows, backend)
         measured = measure_all(configs, args.repeats)

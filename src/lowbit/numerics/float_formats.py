@@ -69,6 +69,13 @@ def element_codes(x: torch.Tensor, ft: FloatType) -> torch.Tensor:
     return (index | sign).to(torch.uint8)
 
 
+def round_e4m3_(x: torch.Tensor) -> torch.Tensor:
+    """x (float32, already divided by its step) rounded to E4M3 in its own memory: the values of ``element_codes``'
+    FP8 codes (saturating at 448, the float8_e4m3fn cast rounding to nearest even), without a new tensor per op
+    (inputs are rounded in every forward)."""
+    return x.copy_(x.clamp_(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn))
+
+
 def element_values(codes: torch.Tensor, ft: FloatType) -> torch.Tensor:
     """float32 values of uint8 element codes."""
     if ft.bits == 8:

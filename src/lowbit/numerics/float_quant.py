@@ -9,7 +9,6 @@ import torch
 
 from lowbit.errors import LowbitError
 from lowbit.numerics.float_formats import (
-    E4M3_MAX,
     FLOAT_TYPES,
     FloatType,
     block_scales,
@@ -17,6 +16,7 @@ from lowbit.numerics.float_formats import (
     element_values,
     fake_quantize_blocks,
     global_scale,
+    round_e4m3_,
     stored_steps,
 )
 from lowbit.numerics.grid import grouped
@@ -139,7 +139,4 @@ def quantize_float_inputs(
     else:
         absmax = xf.abs().amax(dim=-1, keepdim=True) if per_token else xf.abs().amax()
         _, step = block_scales(absmax, ft)
-    # element_values(element_codes(x / step)) * step in one buffer: inputs are quantized in every forward, where
-    # a new [tokens, features] tensor per op cost more than the arithmetic (tests/test_float_formats.py: same bits)
-    q = (xf / step).clamp_(-E4M3_MAX, E4M3_MAX)
-    return q.copy_(q.to(torch.float8_e4m3fn)).mul_(step).to(x.dtype)
+    return round_e4m3_(xf / step).mul_(step).to(x.dtype)  # element_values(element_codes(x / step)) * step
