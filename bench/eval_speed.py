@@ -100,6 +100,14 @@ def main() -> int:
     parser.add_argument("--recipes", nargs="+", default=[*WEIGHT_ONLY, *INPUT_QUANTIZING],
                         help=f"outputs to measure (weight-only ones, {', '.join(WEIGHT_ONLY)}, on both backends)")
     args = parser.parse_args()
+    from lowbit.errors import LowbitError
+    from lowbit.presets import resolve_recipe
+
+    for recipe in args.recipes:  # before any model is built: one line, not a child's traceback
+        try:
+            resolve_recipe(recipe)
+        except LowbitError as error:
+            parser.error(str(error))
     WORK.mkdir(parents=True, exist_ok=True)
     models = {"smollm2-135m": ("smollm2-135m", 2048), "random llama h768": (str(random_llama(WORK / "llama-h768")), 256)}
     rows = []
