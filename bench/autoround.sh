@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# AutoRound on the embedded SmolLM2-135M with the method comparison's protocol (bench/methods.sh: 64 x 512
-# calibration tokens, 16 x 2048 held-out evaluation tokens), so its rows sit beside that table's GPTQ and AWQ rows
-# (bench/results/methods). The light W3 g128 row (auto-round's own light setting: 50 steps, lr 5e-3) took 875 s
-# on two CPU cores; the published 200 steps would take about four times its tuning (an estimate). Writes
-# bench/results/autoround/; --resume keeps rows already measured. Extra options go to `lowbit compare`.
-#   usage: bench/autoround.sh [RECIPE ...]  (default: the light W3 g128 row)
+# AutoRound next to GPTQ, AWQ and round-to-nearest, each row a `lowbit compare` row (--resume keeps rows already
+# measured; the protocol per model: bench/compare_protocol.sh). On the embedded SmolLM2-135M (default) the default
+# row is the light W3 g128 one (auto-round's own light setting: 50 steps, lr 5e-3; 875 s on two CPU cores), beside
+# bench/methods.sh's GPTQ and AWQ rows of the same protocol (bench/results/methods). On a real model
+# (MODEL=gemma3-270m, qwen2.5-coder-0.5b) the default rows are the light W3 g128 one and its RTN, GPTQ and AWQ
+# neighbours, all in one report. The published 200 steps take about four times the light setting's tuning.
+# Writes bench/results/$NAME (NAME: autoround, or autoround-MODEL). Extra recipe names replace the default list.
+#   usage: [MODEL=gemma3-270m] [NAME=...] bench/autoround.sh [RECIPE ...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export LOWBIT_GGUF_DTYPE="${LOWBIT_GGUF_DTYPE:-float32}"  # the GGUF's exact weights, as published (docs/gguf_import.md)
-NAME="${NAME:-autoround}"  # the results folder: bench/results/$NAME
-RECIPES=("${@:-bench/recipes/autoround-light-w3g128.json}")
-exec .venv/bin/lowbit compare --recipes "${RECIPES[@]}" --nsamples 64 --seq-len 512 --no-inspect \
-  --out "out/bench/$NAME" --results "bench/results/$NAME" --resume
+source bench/compare_protocol.sh "${NAME:-autoround}"
+LIGHT=bench/recipes/autoround-light-w3g128.json
+if [ "$MODEL" = smollm2-135m ]; then RECIPES=("$LIGHT"); else RECIPES=(w3g128 gptq-w3g128 awq-w3g128 "$LIGHT"); fi
+if [ $# -gt 0 ]; then RECIPES=("$@"); fi
+exec .venv/bin/lowbit compare "${PROTOCOL[@]}" --recipes "${RECIPES[@]}" --no-inspect \
+  --out "out/bench/$(basename "$RESULTS")" --results "$RESULTS" --resume

@@ -387,3 +387,86 @@ def test_gguf_holds_qwen_architectures(tmp_path, monkeypatch, model_type):
         ours = loaded(ids).logits
         theirs = open_model(str(tmp_path / "m.gguf")).model(ids).logits
     assert (theirs - ours).abs().max() < 1e-4 * ours.abs().max()
+
+
+def test_gguf_holds_gemma3(tmp_path, monkeypatch):
+    """Gemma 3: its four norms per block under llama.cpp's names with 1 added (transformers scales by 1 + weight,
+    llama.cpp by the weight), q/k norms, NEOX rows as stored, the sliding window and which layers use it, the local
+    rope base; transformers reads the file back with lowbit's logits (non-zero norm weights, so the offset counts)."""
+    monkeypatch.setenv("LOWBIT_GGUF_DTYPE", "float32")
+    import gguf
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig
+
+    from toy import _COMMON
+
+    torch.manual_seed(0)
+    # 6 layers: transformers' GGUF reader builds the default pattern (every sixth layer global) and query scale
+    # (256), which llama.cpp reads from the file and its own rule (1/sqrt(head_dim)); the toy has both
+    config = Gemma3TextConfig(**{**_COMMON, "num_hidden_layers": 6}, head_dim=256, sliding_window=8)
+    source = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, param in source.named_parameters():
+            if name.endswith("norm.weight"):
+                param.normal_(0.0, 0.5)
+    model = lowbit.quantize(source, [GPTQ(WeightQuant(bits=4, symmetric=True, group_size=32))],
+                            calibration(n=4, length=32), batch_size=2)
+    lowbit.save(model, tmp_path / "q", tokenizer=byte_tokenizer())
+    loaded = lowbit.load(tmp_path / "q")
+    write_gguf(tmp_path / "q", loaded, tmp_path / "m.gguf")
+    reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    assert reader.fields["general.architecture"].contents() == "gemma3"
+    assert reader.fields["gemma3.attention.sliding_window_pattern"].contents() == [
+        t == "sliding_attention" for t in config.layer_types]
+    assert reader.fields["gemma3.rope.freq_base_swa"].contents() == 10000.0
+    stored = {t.name: t for t in reader.tensors}
+    for hf, gg in [("input_layernorm", "attn_norm"), ("post_attention_layernorm", "post_attention_norm"),
+                   ("pre_feedforward_layernorm", "ffn_norm"), ("post_feedforward_layernorm", "post_ffw_norm"),
+                   ("self_attn.q_norm", "attn_q_norm")]:
+        ours = dict(loaded.named_parameters())[f"model.layers.1.{hf}.weight"].detach()
+        assert torch.equal(torch.from_numpy(np.array(stored[f"blk.1.{gg}.weight"].data)), ours + 1)
+    ids = calibration(n=2, length=24, seed=5)  # longer than the window of 8
+    with torch.no_grad():
+        ours = loaded(ids).logits
+        theirs = open_model(str(tmp_path / "m.gguf")).model(ids).logits
+    assert (theirs - ours).abs().max() < 1e-4 * ours.abs().max()
+
+
+def test_gguf_holds_phi3(tmp_path, monkeypatch):
+    """Phi-3: q/k/v in one Linear and gate/up in one, written fused (attn_qkv, ffn_up) as llama.cpp reads them, rows
+    as stored (NEOX rope); transformers reads the file back with lowbit's logits."""
+    monkeypatch.setenv("LOWBIT_GGUF_DTYPE", "float32")
+    import gguf
+
+    model = lowbit.quantize(toy_model("phi3"), [GPTQ(WeightQuant(bits=4, symmetric=True, group_size=32))],
+                            calibration(n=4, length=32), batch_size=2)
+    lowbit.save(model, tmp_path / "q", tokenizer=byte_tokenizer())
+    loaded = lowbit.load(tmp_path / "q")
+    write_gguf(tmp_path / "q", loaded, tmp_path / "m.gguf")
+    reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    assert reader.fields["general.architecture"].contents() == "phi3"
+    stored = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert stored["blk.0.attn_qkv.weight"] == stored["blk.0.ffn_up.weight"] == "Q4_0"
+    assert not {"blk.0.attn_q.weight", "blk.0.ffn_gate.weight"} & set(stored)
+    ids = calibration(n=2, length=24, seed=5)
+    with torch.no_grad():
+        ours = loaded(ids).logits
+        theirs = open_model(str(tmp_path / "m.gguf")).model(ids).logits
+    assert (theirs - ours).abs().max() < 1e-4 * ours.abs().max()
+
+
+def test_gguf_refuses_a_long_context_phi3(tmp_path, capsys):
+    """Phi-3's 128k variants rotate with LongRoPE factors the export does not write: one line, no file."""
+    from transformers import AutoModelForCausalLM, Phi3Config
+
+    from lowbit.cli.main import main
+    from toy import _COMMON
+
+    dims = _COMMON["hidden_size"] // _COMMON["num_attention_heads"] // 2
+    rope = {"rope_type": "longrope", "long_factor": [1.5] * dims, "short_factor": [1.0] * dims,
+            "original_max_position_embeddings": 64}
+    source = AutoModelForCausalLM.from_config(Phi3Config(**_COMMON, rope_scaling=rope)).eval()
+    model = lowbit.quantize(source, [RTN(WeightQuant(bits=4, symmetric=True, group_size=32))], None)
+    lowbit.save(model, tmp_path / "q", tokenizer=byte_tokenizer())
+    code = main(["export", str(tmp_path / "q"), "--format", "gguf", "--out", str(tmp_path / "m.gguf")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "longrope" in err and not (tmp_path / "m.gguf").exists()

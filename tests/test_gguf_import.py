@@ -140,3 +140,48 @@ def test_streamed_shards_read_back_exactly_with_safetensors_own_loader(tmp_path)
     assert CheckpointReader(tmp_path).keys() and sorted(CheckpointReader(tmp_path).keys()) == sorted(tensors)
     with pytest.raises(ValueError, match="written twice"):
         writer.add("ids", torch.arange(2))
+
+
+def test_a_gguf_sources_own_tokenizer_travels_into_its_gguf_export(tmp_path, monkeypatch, capsys):
+    """transformers' tokenizer.json of a SentencePiece GGUF is lossy (scores, token types) and not a byte-level BPE
+    one lowbit can write back; the import keeps the source's tokenizer keys (tokenizer.gguf), the output carries them,
+    and its GGUF export has them exactly."""
+    import gguf
+    from gguf import GGMLQuantizationType as T
+
+    from lowbit.cli.main import main
+    from lowbit.models.gguf_import import import_gguf
+    from lowbit.models.gguf_tokenizer_fields import TOKENIZER_GGUF, tokenizer_fields
+    from tiny_gguf import tiny_model, write_tiny_gguf
+
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
+    source = write_tiny_gguf(tmp_path / "src.gguf", tiny_model("llama"), T.F32, spm=True)
+    assert (import_gguf(source) / TOKENIZER_GGUF).is_file()
+    code = main(["quantize", "--model", str(source), "--recipe", "w4g32-sym", "--format", "gguf",
+                 "--out", str(tmp_path / "out"), "--nsamples", "2", "--seq-len", "16"])
+    assert code == 0, capsys.readouterr().err
+    assert (tmp_path / "out" / TOKENIZER_GGUF).is_file()
+    theirs = tokenizer_fields(gguf.GGUFReader(str(source)))
+    ours = tokenizer_fields(gguf.GGUFReader(str(tmp_path / "out" / "model.gguf")))
+    assert [k for k, *_ in ours] == [k for k, *_ in theirs] and "tokenizer.ggml.scores" in [k for k, *_ in ours]
+    assert ours == theirs  # keys, values and value types
+    assert tokenizer_fields(gguf.GGUFReader(str(tmp_path / "out" / TOKENIZER_GGUF))) == theirs
+
+
+def test_a_sentencepiece_tokenizer_without_its_gguf_keys_is_refused_before_quantizing(tmp_path, monkeypatch, capsys):
+    """The same import without the kept keys (a cache entry of an older lowbit): the export cannot write this
+    tokenizer, so `quantize --format gguf` refuses in one line before any work and writes nothing."""
+    from gguf import GGMLQuantizationType as T
+
+    from lowbit.cli.main import main
+    from lowbit.models.gguf_import import import_gguf
+    from lowbit.models.gguf_tokenizer_fields import TOKENIZER_GGUF
+    from tiny_gguf import tiny_model, write_tiny_gguf
+
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
+    source = write_tiny_gguf(tmp_path / "src.gguf", tiny_model("llama"), T.F32, spm=True)
+    (import_gguf(source) / TOKENIZER_GGUF).unlink()
+    code = main(["quantize", "--model", str(source), "--recipe", "w4g32-sym", "--format", "gguf",
+                 "--out", str(tmp_path / "out"), "--nsamples", "2", "--seq-len", "16"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "SentencePiece" in err and not (tmp_path / "out").exists()

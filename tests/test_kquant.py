@@ -17,7 +17,7 @@ from lowbit.errors import LowbitError
 from lowbit.export.ggml_blocks import ggml_blocks
 from lowbit.export.gguf import permute_rows, write_gguf
 from lowbit.numerics.kquant import K_TYPES, KQWeight, k_rtn
-from lowbit.numerics.kquant_mix import LinearPlace, mix_type
+from lowbit.numerics.kquant_mix import LLAMA_FTYPES, LinearPlace, mix_type
 from lowbit.numerics.obs import gptq
 from lowbit.numerics.qweight import QWeight
 from lowbit.numerics.rtn import rtn
@@ -98,11 +98,11 @@ def test_a_width_that_is_not_a_multiple_of_256_falls_back_as_llama_quantize_does
         assert isinstance(qweight, QWeight) and ggml_blocks(qweight)[0] == fallback
 
 
-def k_llama(layers: int = 2) -> torch.nn.Module:
+def k_llama(layers: int = 2, kv_heads: int = 2) -> torch.nn.Module:
     """A tiny Llama whose Linears are 256 or 512 wide, so they hold K blocks (the toy models' 64 do not)."""
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=layers, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256, **SPECIAL)
+                         num_key_value_heads=kv_heads, vocab_size=VOCAB, max_position_embeddings=256, **SPECIAL)
     return AutoModelForCausalLM.from_config(config).eval()
 
 
@@ -174,6 +174,43 @@ def test_mixes_choose_types_as_llama_quantize_does():
     assert types("Q3_K_M", "v_proj")[:3] == ["Q5_K", "Q5_K", "Q4_K"] and set(types("Q3_K_M", "o_proj")) == {"Q4_K"}
     assert types("Q3_K_M", "down_proj")[:2] == ["Q5_K", "Q4_K"]  # the first 1/16 of 30 layers is layer 0
     assert set(types("Q3_K_L", "down_proj")) == {"Q5_K"} and set(types("Q3_K_S", "up_proj")) == {"Q3_K"}
+    # Phi-3's fused Linears: llama.cpp types attn_qkv as attn_v, and gate/up (ffn_up) as the base
+    assert types("Q4_K_M", "qkv_proj") == types("Q4_K_M", "v_proj") and set(types("Q4_K_M", "gate_up_proj")) == {"Q4_K"}
+
+
+def test_q2_k_mixes_choose_types_as_llama_quantize_does():
+    n = 16
+    def types(mix: str, role: str, n_gqa: int) -> list[str]:
+        return [mix_type(mix, LinearPlace(f"x.{role}", i, n, n_gqa)) for i in range(n)]
+
+    # llama-quantize's Q2_K: attn_v Q3_K, or Q4_K where 4+ query heads share a kv head; ffn_down, attn_output Q3_K
+    assert set(types("Q2_K_M", "v_proj", 3)) == {"Q3_K"} and set(types("Q2_K_M", "v_proj", 4)) == {"Q4_K"}
+    assert set(types("Q2_K_M", "down_proj", 1)) == set(types("Q2_K_M", "o_proj", 8)) == {"Q3_K"}
+    assert set(types("Q2_K_M", "q_proj", 8)) == set(types("Q2_K_M", "gate_proj", 8)) == {"Q2_K"}
+    # Q2_K_S: attn_v Q4_K only from 4 query heads per kv head, ffn_down Q4_K in the first eighth, the rest Q2_K
+    assert set(types("Q2_K_S", "v_proj", 3)) == {"Q2_K"} and set(types("Q2_K_S", "v_proj", 4)) == {"Q4_K"}
+    assert types("Q2_K_S", "down_proj", 4) == ["Q4_K"] * 2 + ["Q2_K"] * 14
+    assert set(types("Q2_K_S", "o_proj", 8)) == set(types("Q2_K_S", "up_proj", 8)) == {"Q2_K"}
+    assert LLAMA_FTYPES.get("Q2_K_M") == "Q2_K" and resolve_recipe("gptq-q2_k_m").weight_step.grid.ggml == "Q2_K_M"
+
+
+@pytest.mark.parametrize("kv_heads, attn_v", [(1, "Q4_K"), (2, "Q3_K")])
+def test_q2_k_m_model_exports_each_tensor_on_its_mix_type(tmp_path, monkeypatch, kv_heads, attn_v):
+    monkeypatch.setenv("LOWBIT_GGUF_DTYPE", "float32")
+    model = lowbit.quantize(k_llama(2, kv_heads), resolve_recipe("q2_k_m"), calibration(n=2, length=16), batch_size=2)
+    lowbit.save(model, tmp_path / "q", tokenizer=byte_tokenizer())
+    loaded = lowbit.load(tmp_path / "q")
+    write_gguf(tmp_path / "q", loaded, tmp_path / "m.gguf")
+    stored = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(tmp_path / "m.gguf")).tensors}
+    for i in range(2):  # 4 query heads over kv_heads: n_gqa 4 gives attn_v Q4_K, n_gqa 2 Q3_K
+        assert stored[f"blk.{i}.attn_v.weight"] == attn_v
+        assert stored[f"blk.{i}.ffn_down.weight"] == stored[f"blk.{i}.attn_output.weight"] == "Q3_K"
+        assert stored[f"blk.{i}.attn_q.weight"] == stored[f"blk.{i}.ffn_gate.weight"] == "Q2_K"
+    ids = calibration(n=2, length=24, seed=5)
+    with torch.no_grad():
+        ours = loaded(ids).logits
+        theirs = open_model(str(tmp_path / "m.gguf")).model(ids).logits
+    assert (theirs - ours).abs().max() < 1e-4 * ours.abs().max()
 
 
 def test_q4_k_m_model_exports_each_tensor_on_its_mix_type(tmp_path, monkeypatch):

@@ -81,8 +81,9 @@ def gguf_arch(model_type: str) -> str:
     return GGUF_ARCH.get(model_type, model_type)
 
 
-def write_tiny_gguf(path: Path, model: torch.nn.Module, ggml_type: T, seed: int = 0) -> Path:
-    """Write ``model`` (a tiny HF causal LM) as GGUF file ``path`` with its 2-D/3-D tensors in ``ggml_type``."""
+def write_tiny_gguf(path: Path, model: torch.nn.Module, ggml_type: T, seed: int = 0, spm: bool = False) -> Path:
+    """Write ``model`` (a tiny HF causal LM) as GGUF file ``path`` with its 2-D/3-D tensors in ``ggml_type``; ``spm``:
+    with a SentencePiece vocabulary (``write_spm_tokenizer``) instead of the byte-level BPE one."""
     config = model.config
     arch_name = gguf_arch(config.model_type)
     arch = next(key for key, value in gguf.MODEL_ARCH_NAMES.items() if value == arch_name)
@@ -90,7 +91,7 @@ def write_tiny_gguf(path: Path, model: torch.nn.Module, ggml_type: T, seed: int 
     rng = np.random.default_rng(seed)
     writer = gguf.GGUFWriter(str(path), arch_name)
     write_config(writer, arch_name, config)
-    write_tokenizer(writer)
+    (write_spm_tokenizer if spm else write_tokenizer)(writer)
     state = model.state_dict()
     for hf_name, tensor in state.items():
         if hf_name == "lm_head.weight" and getattr(config, "tie_word_embeddings", False):
@@ -194,3 +195,25 @@ def write_tokenizer(writer: gguf.GGUFWriter) -> None:
     writer.add_bos_token_id(SPECIAL["bos_token_id"])
     writer.add_eos_token_id(SPECIAL["eos_token_id"])
     writer.add_pad_token_id(SPECIAL["pad_token_id"])
+
+
+def write_spm_tokenizer(writer: gguf.GGUFWriter) -> None:
+    """A SentencePiece ("llama") vocabulary of VOCAB tokens, as llama.cpp writes Gemma's and Llama 2's: the 256 byte
+    tokens, toy.py's <s> and </s> at their ids, <unk>, then pieces whose scores fall with their merge order."""
+    pieces = ["\u2581", *"etaoinshrdlu", "\u2581t", "he", "\u2581the", "in", "er", "\u2581a", "on", "re"]
+    tokens = [f"<0x{b:02X}>" for b in range(256)] + ["<s>", "</s>", "<unk>"] + pieces
+    tokens += [f"\u2581{a}{b}" for a in "etaoinsh" for b in "etaoinsh"][: VOCAB - len(tokens)]
+    assert len(tokens) == VOCAB and tokens.index("<s>") == SPECIAL["bos_token_id"]
+    types = [gguf.TokenType.BYTE] * 256 + [gguf.TokenType.CONTROL] * 2 + [gguf.TokenType.UNKNOWN]
+    types += [gguf.TokenType.NORMAL] * (VOCAB - len(types))
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores([0.0] * 259 + [-float(i) for i in range(VOCAB - 259)])
+    writer.add_token_types(types)
+    writer.add_bos_token_id(SPECIAL["bos_token_id"])
+    writer.add_eos_token_id(SPECIAL["eos_token_id"])
+    writer.add_unk_token_id(258)
+    writer.add_pad_token_id(SPECIAL["pad_token_id"])
+    writer.add_add_bos_token(True)
+    writer.add_add_space_prefix(False)

@@ -3,8 +3,11 @@ same evaluation text.
 
 For one model and one llama.cpp mix (default Q4_K_M):
   float      the model as an F32 GGUF, by llama.cpp's convert_hf_to_gguf.py from the float folder lowbit quantizes
+             (--float-from-gguf: by llama-quantize from the .gguf --model itself: the same float32 values)
   llama.cpp  llama-quantize MIX of that file, without and with an importance matrix (llama-imatrix on the calibration
-             text lowbit calibrates on: the same documents in the same seeded order, --chunks N of --seq-len tokens)
+             text lowbit calibrates on: the same documents in the same seeded order, --chunks N of --seq-len tokens);
+             lowbit's Q2_K_M is llama-quantize's Q2_K, and Q2_K_S runs with the importance matrix only (it refuses
+             to make Q2_K_S without one)
   lowbit     `lowbit quantize --recipe {q4_k_m, gptq-q4_k_m, awq-q4_k_m} --format gguf` (RTN, GPTQ, AWQ on the same
              mix of types, embedding and head Q8_0), N x seq-len calibration tokens, the same seed
 Every file is evaluated by `llama-perplexity -c CTX --chunks K` on the evaluation documents (lowbit's held-out part of
@@ -12,7 +15,7 @@ the text, joined as lowbit joins them). The per-tensor types of lowbit's file an
 mix rules of numerics/kquant_mix.py against llama.cpp's own choice on this model).
 
     bench/llamacpp/tools.sh     (once: builds llama-quantize, llama-imatrix, llama-perplexity)
-    .venv/bin/python bench/llamacpp/kquants.py [--model smollm2-135m|FILE.gguf|DIR] [--mix Q4_K_M]
+    .venv/bin/python bench/llamacpp/kquants.py [--model smollm2-135m|FILE.gguf|DIR] [--mix Q4_K_M] [--float-from-gguf]
         [--methods rtn imatrix gptq awq] [--nsamples 16] [--seq-len 512] [--ctx 512] [--chunks 40] [--seed 0] [--fresh]
 
 Writes bench/results/llamacpp/kquants-<model>-<mix>.json and prints a Markdown table. Work files (GGUFs, logs) go to
@@ -110,6 +113,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m", help="the embedded default, a .gguf or a folder")
     parser.add_argument("--mix", default="Q4_K_M", help="a llama.cpp mix lowbit has (numerics/kquant_mix.py)")
+    parser.add_argument("--float-from-gguf", action="store_true",
+                        help="a .gguf --model: make the F32 reference by llama.cpp's own dequantization of that file "
+                             "(llama-quantize --allow-requantize ... F32) instead of convert_hf_to_gguf.py on the "
+                             "folder lowbit imported it into (whose converter needs a tokenizer.model for Gemma)")
     parser.add_argument("--methods", nargs="+", default=["rtn", "gptq", "awq"], choices=["rtn", "imatrix", "gptq", "awq"])
     parser.add_argument("--nsamples", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=512)
@@ -122,7 +129,7 @@ def main() -> None:
         if not (BIN / tool).is_file():
             sys.exit(f"{BIN / tool} is missing: run bench/llamacpp/tools.sh first")
     from lowbit.models.source import resolve_model
-    from lowbit.numerics.kquant_mix import K_MIXES
+    from lowbit.numerics.kquant_mix import K_MIXES, LLAMA_FTYPES
 
     mix = args.mix.upper()
     if mix not in K_MIXES:
@@ -143,7 +150,12 @@ def main() -> None:
     rows: list[dict] = []
     float_gguf = work / "float-f32.gguf"
     seconds = {}
-    if missing(float_gguf):
+    if missing(float_gguf) and args.float_from_gguf:
+        if not args.model.endswith(".gguf"):
+            sys.exit("--float-from-gguf needs a .gguf --model")
+        seconds["convert"] = run([str(BIN / "llama-quantize"), "--allow-requantize", args.model, str(float_gguf), "F32"],
+                                 work / "convert.log")
+    elif missing(float_gguf):
         seconds["convert"] = run([sys.executable, str(convert), str(folder), "--outfile", str(float_gguf),
                                   "--outtype", "f32"], work / "convert.log")
     imatrix = work / f"imatrix-{args.nsamples}x{args.seq_len}-seed{args.seed}.gguf"
@@ -152,11 +164,14 @@ def main() -> None:
                                   "-o", str(imatrix), "-c", str(args.seq_len), "--chunks", str(args.nsamples),
                                   "-t", str(os.cpu_count() or 1)], work / "imatrix.log")
     files = {"float (F32)": float_gguf}
-    for label, extra, stem in ((f"llama-quantize {mix}", [], "llamacpp"),
-                               (f"llama-quantize {mix} + imatrix", ["--imatrix", str(imatrix)], "llamacpp-imatrix")):
+    ftype = LLAMA_FTYPES.get(mix, mix)  # llama-quantize's name (lowbit's Q2_K_M is its Q2_K)
+    # llama-quantize refuses Q2_K_S without an importance matrix
+    theirs = [(f"llama-quantize {ftype}", [], "llamacpp")] if mix != "Q2_K_S" else []
+    theirs.append((f"llama-quantize {ftype} + imatrix", ["--imatrix", str(imatrix)], "llamacpp-imatrix"))
+    for label, extra, stem in theirs:
         path = work / f"{stem}-{mix}.gguf"
         if missing(path):
-            seconds[label] = run([str(BIN / "llama-quantize"), *extra, str(float_gguf), str(path), mix],
+            seconds[label] = run([str(BIN / "llama-quantize"), *extra, str(float_gguf), str(path), ftype],
                                  work / f"{stem}-{mix}.log")
         files[label] = path
     for method in args.methods:
@@ -168,7 +183,7 @@ def main() -> None:
                  "--nsamples", str(args.nsamples), "--seq-len", str(args.seq_len), "--seed", str(args.seed),
                  "--overwrite"], work / f"lowbit-{recipe}.log")
         files[f"lowbit {recipe}"] = out / "model.gguf"
-    reference = tensor_types(files[f"llama-quantize {mix}"])
+    reference = tensor_types(files[theirs[0][0]])
     for label, path in files.items():
         log = work / f"ppl-{path.parent.name if path.name == 'model.gguf' else path.stem}-c{args.ctx}x{args.chunks}.log"
         ppl, err, ppl_seconds = perplexity(path, work / "evaluation.txt", args.ctx, args.chunks, log, not fresh)

@@ -1,17 +1,17 @@
-"""Export a lowbit checkpoint of a Llama-architecture model to GGUF (llama.cpp, ollama), keeping lowbit's own
-GPTQ/AWQ-optimised integer weights: quantized Linears become K-quant (Q2_K .. Q6_K) or Q8_0 / Q5_0 / Q5_1 / Q4_0 /
-Q4_1 blocks, a quantized embedding (``token_embd``) and head (``output``) 32-column blocks (export/ggml_blocks.py),
-everything else float32.
+"""Export a lowbit checkpoint of a Llama, Mistral, Qwen2/3, Gemma 3 or Phi-3 model to GGUF (llama.cpp, ollama), keeping
+lowbit's own GPTQ/AWQ-optimised integer weights: quantized Linears become K-quant (Q2_K .. Q6_K) or Q8_0 / Q5_0 / Q5_1
+/ Q4_0 / Q4_1 blocks, a quantized embedding (``token_embd``) and head (``output``) 32-column blocks
+(export/ggml_blocks.py), everything else float32.
 
 GGUF follows llama.cpp's converter: tensor names ``blk.N.attn_q.weight`` ..., q/k rows permuted into llama.cpp's
-rotary layout (transformers undoes this on load), and the config and byte-level BPE tokenizer as metadata
-(export/gguf_tokenizer.py).
+rotary layout where its graph wants it (transformers undoes this on load), Gemma's norms stored as 1 + weight (each
+family's rules: export/gguf_arch.py), the config as llama.cpp's keys, and the tokenizer: derived from a byte-level BPE
+tokenizer.json (export/gguf_tokenizer.py), else a GGUF source's own keys (models/gguf_tokenizer_fields.py).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +21,12 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.export.ggml_blocks import GGML_HOLDS, ggml_blocks, ggml_kind, ggml_type_for
+from lowbit.export.gguf_arch import (
+    GGUF_ARCHITECTURES, add_arch_metadata, check_config, gguf_arch, gguf_tensor_names, no_biases,
+)
 from lowbit.export.gguf_tokenizer import tokenizer_metadata
 from lowbit.io.atomic import atomic_file
+from lowbit.models.gguf_tokenizer_fields import add_fields, read_tokenizer_gguf
 from lowbit.numerics.kquant import KParams, KQWeight
 from lowbit.numerics.qweight import QWeight
 from lowbit.recipe import Recipe
@@ -34,49 +38,6 @@ from lowbit.runtime.weight_only import WeightOnlyLinear
 from lowbit.runtime.rotated_input import refuse_online_rotations
 
 GGUF_FILE = "model.gguf"  # where `lowbit quantize --format gguf` puts it, inside the output directory
-
-
-@dataclass(frozen=True)
-class GGUFArch:
-    """How llama.cpp holds one model family: its architecture name, whether q/k rows are permuted into its rotary
-    layout (the Llama family's interleaved rope; Qwen's NEOX rope reads them as stored), which Linears may carry
-    biases, and whether the attention has q/k norms."""
-
-    name: str
-    permute_qk: bool
-    biases: tuple[str, ...] = ()
-    qk_norm: bool = False
-
-
-GGUF_ARCHITECTURES = {
-    "llama": GGUFArch("llama", True),
-    "mistral": GGUFArch("llama", True),
-    "qwen2": GGUFArch("qwen2", False, ("attn_q", "attn_k", "attn_v")),
-    "qwen3": GGUFArch("qwen3", False, qk_norm=True),
-}
-_LINEAR_NAMES = {
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
-}
-_NORM_NAMES = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
-_QK_NORM_NAMES = {"self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
-ARCHITECTURES_HELD = "GGUF export supports the Llama, Mistral, Qwen2 and Qwen3 architectures"
-
-
-def no_biases(model_type: str) -> str:
-    """The refusal of Linear biases llama.cpp's graph for ``model_type`` has no place for (transformers' reader would
-    drop them too)."""
-    held = GGUF_ARCHITECTURES[model_type].biases
-    where = f"only {', '.join(held)} biases" if held else "no Linear biases"
-    return (f"this {model_type} model has Linear biases its llama.cpp architecture cannot hold ({where}); "
-            "export compressed-tensors")
-
-
-def gguf_arch(model_type: str) -> GGUFArch:
-    if model_type not in GGUF_ARCHITECTURES:
-        raise LowbitError(f"{ARCHITECTURES_HELD} ({', '.join(GGUF_ARCHITECTURES)}); this is {model_type!r}. "
-                          "Use lowbit's own output folder or compressed-tensors for it")
-    return GGUF_ARCHITECTURES[model_type]
 
 
 def permute_rows(t: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -96,18 +57,6 @@ def permuted(qweight: QWeight | KQWeight, n_head: int) -> QWeight | KQWeight:
                    qweight.group_size, qweight.g_idx)
 
 
-def gguf_tensor_names(config: Any) -> dict[str, str]:
-    """HF module/parameter name -> GGUF tensor name."""
-    names = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
-    per_block = {**_LINEAR_NAMES, **_NORM_NAMES}
-    if gguf_arch(config.model_type).qk_norm:
-        per_block.update(_QK_NORM_NAMES)
-    for i in range(config.num_hidden_layers):
-        for hf, gg in per_block.items():
-            names[f"model.layers.{i}.{hf}"] = f"blk.{i}.{gg}"
-    return names
-
-
 def _has_unheld_biases(config: dict[str, Any]) -> bool:
     """Whether a config.json's flags give Linears biases its GGUF architecture has no place for (Qwen2's q/k/v biases
     are built in and held; an ``attention_bias`` flag elsewhere means o_proj's too)."""
@@ -123,6 +72,7 @@ def check_recipe_for_gguf(recipe: Recipe, source: Path) -> None:
     gguf_arch(model_type)
     if _has_unheld_biases(config):
         raise LowbitError(no_biases(model_type))
+    check_config(model_type, config)
     recipe.check_export("gguf")
     grids = [s.grid for s in recipe.steps if s.grid is not None]
     if not grids:
@@ -134,13 +84,14 @@ def check_recipe_for_gguf(recipe: Recipe, source: Path) -> None:
     for what, grid in [("weights", grids[-1]), *((k, g) for k, g in outside.items() if g is not None)]:
         if not grid.ggml and ggml_kind(grid.bits, grid.symmetric, grid.group_size if grid.granularity == "group" else None) is None:
             raise LowbitError(f"{GGML_HOLDS}; this recipe's {what} are {grid.label}: use group_size 32")
-    tokenizer_metadata(source)
+    gguf_tokenizer(source)
 
 
 def check_exportable(model: nn.Module) -> dict[str, str]:
     """GGML type of every quantized Linear, checked before anything is written."""
     model_type = model.config.model_type
     arch = gguf_arch(model_type)
+    check_config(model_type, model.config.to_dict())
     types: dict[str, str] = {}
     for name, module in model.named_modules():
         if isinstance(module, QuantizedEmbedding):  # token_embd: llama.cpp looks rows up in these blocks too
@@ -183,7 +134,8 @@ def write_gguf(folder: Path, model: nn.Module, out: Path, overwrite: bool = Fals
 
     refuse_online_rotations(model, "GGUF")
     types = check_exportable(model)
-    tokenizer = tokenizer_metadata(folder)
+    tokenizer = gguf_tokenizer(folder, model.get_input_embeddings().num_embeddings)
+    check_vocabulary(model, tokenizer)
     with atomic_file(out, overwrite, inputs=[folder]) as tmp:
         writer = gguf.GGUFWriter(str(tmp), gguf_arch(model.config.model_type).name)
         try:
@@ -197,8 +149,35 @@ def write_gguf(folder: Path, model: nn.Module, out: Path, overwrite: bool = Fals
     return types
 
 
-def add_metadata(writer: Any, name: str, config: Any, tokenizer: dict[str, Any]) -> None:
-    """llama.cpp's hyper-parameters and the byte-level BPE tokenizer."""
+def gguf_tokenizer(folder: Path, rows: int | None = None) -> dict[str, Any] | list[tuple[str, Any, Any, Any]]:
+    """The tokenizer keys to write: derived from a byte-level BPE tokenizer.json, padded to ``rows`` tokens
+    (``tokenizer_metadata``), which tokenizes as the Hugging Face tokenizer lowbit calibrated and evaluated with
+    (the SmolLM2 GGUF's own keys split the evaluation text into 2,133 tokens where it has 2,135: docs/engines.md);
+    else, for any other tokenizer (SentencePiece's: Gemma, Llama 2), a GGUF source's own keys as they are
+    (``tokenizer.gguf``); else the refusal of ``tokenizer_metadata``."""
+    try:
+        return tokenizer_metadata(folder, rows)
+    except LowbitError:
+        kept = read_tokenizer_gguf(folder)
+        if kept is None:
+            raise
+        return kept
+
+
+def check_vocabulary(model: nn.Module, tokenizer: dict[str, Any] | list[tuple[str, Any, Any, Any]]) -> None:
+    """llama.cpp sizes token_embd by the tokenizer's token list: refuse an embedding of another size."""
+    if isinstance(tokenizer, dict):
+        count = len(tokenizer["tokens"])
+    else:
+        count = next((len(v) for k, v, _, _ in tokenizer if k == "tokenizer.ggml.tokens"), 0)
+    rows = model.get_input_embeddings().num_embeddings
+    if count != rows:
+        raise LowbitError(f"the tokenizer has {count} tokens and the embedding {rows} rows, which llama.cpp refuses; "
+                          "export compressed-tensors, or give the model a tokenizer of its embedding's size")
+
+
+def add_metadata(writer: Any, name: str, config: Any, tokenizer: dict[str, Any] | list[tuple[str, Any, Any, Any]]) -> None:
+    """llama.cpp's hyper-parameters and the tokenizer: a GGUF source's own keys, or a byte-level BPE one's."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     writer.add_name(name)
     writer.add_block_count(config.num_hidden_layers)
@@ -207,12 +186,17 @@ def add_metadata(writer: Any, name: str, config: Any, tokenizer: dict[str, Any])
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_rope_dimension_count(head_dim)
+    rotary = (getattr(config, "rope_parameters", None) or {}).get("partial_rotary_factor") \
+        or getattr(config, "partial_rotary_factor", None) or 1.0
+    writer.add_rope_dimension_count(int(rotary * head_dim))
     writer.add_key_length(head_dim)  # read by llama.cpp where head_dim is not hidden_size / heads (Qwen3)
     writer.add_value_length(head_dim)
-    writer.add_rope_freq_base(float(getattr(config, "rope_theta", None) or config.rope_parameters["rope_theta"]))
+    add_arch_metadata(writer, config)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
+    if isinstance(tokenizer, list):  # the source GGUF's own keys, token ids and flags included
+        add_fields(writer, tokenizer)
+        return
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(tokenizer["pre"])
     writer.add_token_list(tokenizer["tokens"])
@@ -232,8 +216,10 @@ def add_tensors(writer: Any, model: nn.Module, types: dict[str, str]) -> None:
 
     config = model.config
     names = gguf_tensor_names(config)
-    permute = gguf_arch(config.model_type).permute_qk
+    arch = gguf_arch(config.model_type)
+    permute = arch.permute_qk
     heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads} if permute else {}
+    norms = {gg for _, gg in arch.norms} | {"attn_q_norm", "attn_k_norm", "output_norm"}
     tied = getattr(config, "tie_word_embeddings", False)
     for name, module in model.named_modules():
         gguf_name = names.get(name)
@@ -250,6 +236,8 @@ def add_tensors(writer: Any, model: nn.Module, types: dict[str, str]) -> None:
             weight = module.weight.detach().float()
             if n_head is not None:
                 weight = permute_rows(weight, n_head)
+            if arch.norm_offset and gguf_name.rsplit(".", 1)[-1] in norms:  # Gemma: llama.cpp scales by the weight
+                weight = weight + arch.norm_offset
             writer.add_tensor(f"{gguf_name}.weight", np.ascontiguousarray(weight.cpu().numpy()))
         bias = getattr(module, "bias", None)
         if isinstance(bias, torch.Tensor):  # Qwen2's q/k/v biases (check_exportable refused any other)

@@ -49,21 +49,26 @@ def gguf_pre_tokenizer(pre_tokenizer: dict[str, Any] | None) -> str:
     )
 
 
-def tokenizer_metadata(folder: Path) -> dict[str, Any]:
-    """GGUF tokenizer keys from a byte-level BPE tokenizer.json (GPT-2 style, as Llama 3, SmolLM2, Qwen use)."""
+def tokenizer_metadata(folder: Path, rows: int | None = None) -> dict[str, Any]:
+    """GGUF tokenizer keys from a byte-level BPE tokenizer.json (GPT-2 style, as Llama 3, SmolLM2, Qwen use); with
+    ``rows``, the token list padded with unused ``[PAD<id>]`` tokens to the embedding's rows, as llama.cpp's
+    converter pads it (llama.cpp sizes token_embd by the token count: Qwen2.5 has 151,665 tokens, 151,936 rows)."""
     path = folder / "tokenizer.json"
     try:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise LowbitError(f"cannot read {path} ({exc}); GGUF export needs the model's tokenizer.json") from None
     model = data.get("model", {})
-    if model.get("type") != "BPE":
-        raise LowbitError(f"GGUF export handles byte-level BPE tokenizers; {path} is {model.get('type')!r}")
+    if model.get("type") != "BPE" or model.get("byte_fallback"):
+        kind = "a SentencePiece-style BPE (byte fallback)" if model.get("byte_fallback") else repr(model.get("type"))
+        raise LowbitError(f"GGUF export derives the tokenizer of byte-level BPE tokenizer.json files only; {path} is "
+                          f"{kind}. A model imported from a GGUF file keeps that file's own tokenizer (tokenizer.gguf), "
+                          "which the export copies; export compressed-tensors otherwise")
     vocab: dict[str, int] = dict(model["vocab"])
     special = {t["content"] for t in data.get("added_tokens", []) if t.get("special")}
     for token in data.get("added_tokens", []):
         vocab[token["content"]] = token["id"]
-    tokens = [f"[PAD{i}]" for i in range(max(vocab.values()) + 1)]
+    tokens = [f"[PAD{i}]" for i in range(max(max(vocab.values()) + 1, rows or 0))]
     for token, index in vocab.items():
         tokens[index] = token
     types = [3 if t in special else (5 if t.startswith("[PAD") and t not in vocab else 1) for t in tokens]

@@ -12,6 +12,7 @@ import torch
 
 from lowbit.io.atomic import atomic_directory
 from lowbit.io.writer import TOKENIZER_FILES
+from lowbit.models.gguf_tokenizer_fields import TOKENIZER_GGUF
 
 
 def write_hf_folder(
@@ -33,5 +34,5 @@ def write_hf_folder(
         for name, content in (extra_json or {}).items():
             (tmp / name).write_text(json.dumps(content, indent=2))
         for name in TOKENIZER_FILES:
-            if (folder / name).exists():
+            if (folder / name).exists() and name != TOKENIZER_GGUF:  # lowbit's own GGUF export reads that one
                 shutil.copy(folder / name, tmp / name)

@@ -24,6 +24,7 @@ ARTIFACT_FILE = "transforms.safetensors"
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
     "tokenizer.model", "added_tokens.json", "generation_config.json", "chat_template.jinja",
+    "tokenizer.gguf",  # a GGUF source's own tokenizer keys (models/gguf_tokenizer_fields.py)
 )
 
 

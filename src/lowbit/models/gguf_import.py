@@ -6,7 +6,8 @@ Q4_K GGUF peaked at 9.3 GB of RSS; a 7B one would need ~40 GB). Here the file is
 each tensor is dequantized, passed through transformers' own per-architecture tensor processor and name map (the
 same code its loader runs, so the tensors are the ones it would load: q/k rotary un-permutation, renames), and its
 bytes written to the shard file before the next is read (io/stream_shards.py). Only the config, the tokenizer and
-the name map come from transformers' metadata reading; the model is a meta-device skeleton.
+the name map come from transformers' metadata reading; the model is a meta-device skeleton. The GGUF's own tokenizer
+keys are kept as well, in tokenizer.gguf (models/gguf_tokenizer_fields.py), for a GGUF export.
 
 The cache is bfloat16 by default, half of float32 on disk and when read (a 7B model: 13.5 GB instead of 27 GB);
 ``LOWBIT_GGUF_DTYPE=float32`` (or ``dtype=torch.float32``) keeps the dequantized values exactly (a Q4_K value
@@ -31,6 +32,7 @@ from lowbit.errors import LowbitError
 from lowbit.io.atomic import atomic_directory
 from lowbit.models.checkpoint import all_finite
 from lowbit.models.embedded import cache_dir, file_sha256
+from lowbit.models.gguf_tokenizer_fields import write_tokenizer_gguf
 
 log = logging.getLogger(__name__)
 IMPORT_RECORD = "lowbit_import.json"  # written last: which GGUF the entry came from and which tensors it holds
@@ -226,5 +228,6 @@ def _convert(path: Path, out: Path, dtype: torch.dtype = torch.float32) -> list[
     config.architectures = [type(skeleton).__name__]  # as every Hub folder names it (llama.cpp's converter needs it)
     config.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    write_tokenizer_gguf(reader, out)  # the source's own tokenizer keys, for a GGUF export (tokenizer.json is lossy)
     return sorted(written)
 

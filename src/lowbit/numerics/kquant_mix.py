@@ -4,6 +4,9 @@ Falcon, mixture-of-experts, 70B-class and IQ types are not carried over). A widt
 falls back as every K type does (numerics/kquant.py).
 
     mix      base   attn_v                                ffn_down                                attn_output
+    Q2_K_S   Q2_K   Q4_K where 4+ query heads share a kv  Q4_K in the first 1/8                   base
+    Q2_K_M   Q2_K   Q4_K where 4+ query heads share a kv, Q3_K                                    Q3_K
+                    else Q3_K
     Q3_K_S   Q3_K   base                                  base                                    base
     Q3_K_M   Q3_K   Q5_K in layers 0-1, else Q4_K         Q5_K in the first 1/16, else Q4_K       Q4_K
     Q3_K_L   Q3_K   Q5_K                                  Q5_K                                    Q5_K
@@ -14,6 +17,8 @@ falls back as every K type does (numerics/kquant.py).
 "Where more bits help": the first and last eighth of the layers, and every third layer between them.
 Every other Linear gets the base type. The output head (and a tied embedding) is Q6_K in llama-quantize, Q8_0 where its
 width is not a multiple of 256; lowbit's mix recipes put the embedding and head on Q8_0 (lowbit's W8 symmetric g32).
+Q2_K_M is llama-quantize's ``Q2_K`` ftype under another name: lowbit's ``q2_k``, like ``q3_k`` .. ``q6_k``, puts every
+Linear on that one type (``LLAMA_FTYPES`` maps the names back).
 """
 
 from __future__ import annotations
@@ -21,23 +26,29 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 K_MIXES: dict[str, str] = {
-    "Q3_K_S": "Q3_K", "Q3_K_M": "Q3_K", "Q3_K_L": "Q3_K", "Q4_K_S": "Q4_K", "Q4_K_M": "Q4_K", "Q5_K_S": "Q5_K",
+    "Q2_K_S": "Q2_K", "Q2_K_M": "Q2_K", "Q3_K_S": "Q3_K", "Q3_K_M": "Q3_K", "Q3_K_L": "Q3_K", "Q4_K_S": "Q4_K", "Q4_K_M": "Q4_K", "Q5_K_S": "Q5_K",
     "Q5_K_M": "Q5_K",
 }
+# llama-quantize's name of each mix where it differs from lowbit's (its Q2_K is a mix; lowbit's q2_k is not)
+LLAMA_FTYPES: dict[str, str] = {"Q2_K_M": "Q2_K"}
 # a Linear's role in llama.cpp's terms, from the last part of its path (the Llama family's module names)
 ROLES = {
     "q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
     "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down",
+    # Phi-3's fused Linears: llama.cpp gives attn_qkv attn_v's types (category_is_attn_v) and names gate/up ffn_up
+    "qkv_proj": "attn_v", "gate_up_proj": "ffn_up",
 }
 
 
 @dataclass(frozen=True)
 class LinearPlace:
-    """Where a Linear sits: its ``path`` inside its block, the block's ``layer`` index of ``n_layers``."""
+    """Where a Linear sits: its ``path`` inside its block, the block's ``layer`` index of ``n_layers``, and the model's
+    ``n_gqa``: query heads per key/value head (llama.cpp's n_gqa; the Q2_K mixes give attn_v more bits from 4)."""
 
     path: str
     layer: int
     n_layers: int
+    n_gqa: int = 1
 
     @property
     def role(self) -> str:
@@ -54,6 +65,10 @@ def mix_type(mix: str, place: LinearPlace) -> str:
     base = K_MIXES[mix]
     role, i, n = place.role, place.layer, place.n_layers
     if role == "attn_v":
+        if mix == "Q2_K_M":
+            return "Q4_K" if place.n_gqa >= 4 else "Q3_K"
+        if mix == "Q2_K_S" and place.n_gqa >= 4:
+            return "Q4_K"
         if mix == "Q3_K_M":
             return "Q5_K" if i < 2 else "Q4_K"
         if mix == "Q3_K_L":
@@ -63,6 +78,10 @@ def mix_type(mix: str, place: LinearPlace) -> str:
         if mix == "Q4_K_S" and i < 4:
             return "Q5_K"
     elif role == "ffn_down":
+        if mix == "Q2_K_M":
+            return "Q3_K"
+        if mix == "Q2_K_S" and i < n // 8:
+            return "Q4_K"
         if mix == "Q3_K_M":
             return "Q5_K" if i < n // 16 else "Q4_K"
         if mix == "Q3_K_L":
@@ -72,6 +91,8 @@ def mix_type(mix: str, place: LinearPlace) -> str:
         if mix == "Q4_K_S" and i < n // 8:
             return "Q5_K"
     elif role == "attn_output":
+        if mix == "Q2_K_M":
+            return "Q3_K"
         if mix == "Q3_K_M":
             return "Q4_K"
         if mix == "Q3_K_L":

@@ -38,6 +38,7 @@ class BlockContext:
     ranks: Ranks = SINGLE  # the run's processes (per-Linear work is divided among them)
     layer: int = 0  # this block's index among the model's n_layers blocks (llama.cpp's mixes choose by it)
     n_layers: int = 1
+    n_gqa: int = 1  # query heads per key/value head (the Q2_K mixes choose attn_v's type by it)
     plan: dict[str, WeightQuant] = field(default_factory=dict)  # a grid per Linear by full name (Recipe.plan)
     # Linears (paths in the block) whose inputs are rotated at run time, with the rotation's seed: their weight is
     # compressed as W Q and their runtime module rotates its input (runtime/rotated_input.py; methods/rotate.py)
@@ -52,7 +53,7 @@ class BlockContext:
         planned = self.plan.get(self.full_name(path))
         if planned is not None:
             return planned
-        return grid.for_linear(LinearPlace(path, self.layer, self.n_layers))
+        return grid.for_linear(LinearPlace(path, self.layer, self.n_layers, self.n_gqa))
 
 
 @dataclass(frozen=True)

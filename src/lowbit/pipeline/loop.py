@@ -322,6 +322,7 @@ def _run(
             ranks=ranks,
             layer=i,
             n_layers=len(store.blocks),
+            n_gqa=query_heads_per_kv_head(store.model.config),
             plan=recipe.plan,
         )
         if data is None:
@@ -344,3 +345,11 @@ def _run(
         blocks.close()  # the store is closed now, not when the generator is collected
     for line in report.refused_folds():  # once per scale group, not once per block
         log.warning(line)
+
+
+def query_heads_per_kv_head(config: Any) -> int:
+    """llama.cpp's n_gqa: attention heads per key/value head (1 for multi-head attention or a config without heads)."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = getattr(config, "num_attention_heads", None)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return heads // kv_heads if isinstance(heads, int) and isinstance(kv_heads, int) and kv_heads else 1
