@@ -470,3 +470,54 @@ def test_gguf_refuses_a_long_context_phi3(tmp_path, capsys):
     code = main(["export", str(tmp_path / "q"), "--format", "gguf", "--out", str(tmp_path / "m.gguf")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "longrope" in err and not (tmp_path / "m.gguf").exists()
+
+
+def _sentencepiece_folder(tmp_path, vocab: int = 400):
+    """A SentencePiece BPE model (byte fallback, a user-defined and a control piece) trained on lowbit's text, saved
+    as a Hugging Face tokenizer folder with its tokenizer.model, as Llama 2 / Gemma / Phi-3-mini folders ship it."""
+    import sentencepiece as spm
+    from transformers import LlamaTokenizer
+
+    from lowbit.data.text import DEFAULT_TEXT, documents
+
+    (tmp_path / "text.txt").write_text("\n".join(documents(DEFAULT_TEXT, "calibration")[:200]))
+    spm.SentencePieceTrainer.train(input=str(tmp_path / "text.txt"), model_prefix=str(tmp_path / "sp"),
+                                   vocab_size=vocab, model_type="bpe", byte_fallback=True, character_coverage=0.999,
+                                   user_defined_symbols=["<tool>"], control_symbols=["<ctrl>"], minloglevel=2)
+    tokenizer = LlamaTokenizer(vocab_file=str(tmp_path / "sp.model"))
+    return tokenizer, spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
+
+
+def test_gguf_writes_a_sentencepiece_vocabulary_as_llama_cpp_converts_it(tmp_path, monkeypatch):
+    """A model with a tokenizer.model (no GGUF source): llama.cpp's "llama" vocabulary built as its converter builds
+    it (scores, types, [PAD] rows up to the embedding's size), checked against the sentencepiece library itself, and
+    transformers' reader of the file tokenizes text as SentencePiece does."""
+    import shutil
+
+    import gguf
+    from transformers import AutoTokenizer, LlamaConfig, AutoModelForCausalLM
+
+    from toy import _COMMON
+
+    hf_tokenizer, sp = _sentencepiece_folder(tmp_path)
+    rows = sp.vocab_size() + 16  # an embedding larger than the vocabulary, as Llama 2 chat variants pad it
+    torch.manual_seed(0)
+    config = LlamaConfig(**{**_COMMON, "vocab_size": rows, "bos_token_id": sp.bos_id(), "eos_token_id": sp.eos_id(),
+                            "pad_token_id": None})
+    source = AutoModelForCausalLM.from_config(config).eval()
+    model = lowbit.quantize(source, [RTN(WeightQuant(bits=4, symmetric=True, group_size=32))], None)
+    lowbit.save(model, tmp_path / "q", tokenizer=hf_tokenizer)
+    shutil.copy(tmp_path / "sp.model", tmp_path / "q" / "tokenizer.model")
+    write_gguf(tmp_path / "q", lowbit.load(tmp_path / "q"), tmp_path / "m.gguf")
+    fields = gguf.GGUFReader(str(tmp_path / "m.gguf")).fields
+    assert fields["tokenizer.ggml.model"].contents() == "llama"
+    tokens, scores, types = (fields[f"tokenizer.ggml.{k}"].contents() for k in ("tokens", "scores", "token_type"))
+    assert len(tokens) == len(scores) == len(types) == rows
+    for i in range(sp.vocab_size()):
+        kind = 2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 5 if sp.is_unused(i) else 6 if sp.is_byte(i) else 1
+        assert (tokens[i], scores[i], types[i]) == (sp.id_to_piece(i), pytest.approx(sp.get_score(i)), kind)
+    assert tokens[-1] == f"[PAD{rows - 1}]" and types[-1] == 5 and scores[-1] == -10000.0
+    assert fields["tokenizer.ggml.bos_token_id"].contents() == sp.bos_id()
+    theirs = AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
+    text = "The river flows north through the old city, 1,234 km in all."
+    assert theirs(text, add_special_tokens=False)["input_ids"] == sp.encode(text)

@@ -5,8 +5,8 @@ lowbit's own GPTQ/AWQ-optimised integer weights: quantized Linears become K-quan
 
 GGUF follows llama.cpp's converter: tensor names ``blk.N.attn_q.weight`` ..., q/k rows permuted into llama.cpp's
 rotary layout where its graph wants it (transformers undoes this on load), Gemma's norms stored as 1 + weight (each
-family's rules: export/gguf_arch.py), the config as llama.cpp's keys, and the tokenizer: derived from a byte-level BPE
-tokenizer.json (export/gguf_tokenizer.py), else a GGUF source's own keys (models/gguf_tokenizer_fields.py).
+family's rules: export/gguf_arch.py), the config as llama.cpp's keys, and the tokenizer llama.cpp must run it with
+(export/gguf_vocab.py).
 """
 
 from __future__ import annotations
@@ -24,9 +24,8 @@ from lowbit.export.ggml_blocks import GGML_HOLDS, ggml_blocks, ggml_kind, ggml_t
 from lowbit.export.gguf_arch import (
     GGUF_ARCHITECTURES, add_arch_metadata, check_config, gguf_arch, gguf_tensor_names, no_biases,
 )
-from lowbit.export.gguf_tokenizer import tokenizer_metadata
+from lowbit.export.gguf_vocab import TokenizerKeys, check_vocabulary, gguf_tokenizer
 from lowbit.io.atomic import atomic_file
-from lowbit.models.gguf_tokenizer_fields import add_fields, read_tokenizer_gguf
 from lowbit.numerics.kquant import KParams, KQWeight
 from lowbit.numerics.qweight import QWeight
 from lowbit.recipe import Recipe
@@ -84,7 +83,7 @@ def check_recipe_for_gguf(recipe: Recipe, source: Path) -> None:
     for what, grid in [("weights", grids[-1]), *((k, g) for k, g in outside.items() if g is not None)]:
         if not grid.ggml and ggml_kind(grid.bits, grid.symmetric, grid.group_size if grid.granularity == "group" else None) is None:
             raise LowbitError(f"{GGML_HOLDS}; this recipe's {what} are {grid.label}: use group_size 32")
-    gguf_tokenizer(source)
+    gguf_tokenizer(source, int(config.get("vocab_size") or 0), gguf_arch(model_type).space_prefix)
 
 
 def check_exportable(model: nn.Module) -> dict[str, str]:
@@ -134,8 +133,9 @@ def write_gguf(folder: Path, model: nn.Module, out: Path, overwrite: bool = Fals
 
     refuse_online_rotations(model, "GGUF")
     types = check_exportable(model)
-    tokenizer = gguf_tokenizer(folder, model.get_input_embeddings().num_embeddings)
-    check_vocabulary(model, tokenizer)
+    rows = model.get_input_embeddings().num_embeddings
+    tokenizer = gguf_tokenizer(folder, rows, gguf_arch(model.config.model_type).space_prefix)
+    check_vocabulary(tokenizer, rows)
     with atomic_file(out, overwrite, inputs=[folder]) as tmp:
         writer = gguf.GGUFWriter(str(tmp), gguf_arch(model.config.model_type).name)
         try:
@@ -149,35 +149,8 @@ def write_gguf(folder: Path, model: nn.Module, out: Path, overwrite: bool = Fals
     return types
 
 
-def gguf_tokenizer(folder: Path, rows: int | None = None) -> dict[str, Any] | list[tuple[str, Any, Any, Any]]:
-    """The tokenizer keys to write: derived from a byte-level BPE tokenizer.json, padded to ``rows`` tokens
-    (``tokenizer_metadata``), which tokenizes as the Hugging Face tokenizer lowbit calibrated and evaluated with
-    (the SmolLM2 GGUF's own keys split the evaluation text into 2,133 tokens where it has 2,135: docs/engines.md);
-    else, for any other tokenizer (SentencePiece's: Gemma, Llama 2), a GGUF source's own keys as they are
-    (``tokenizer.gguf``); else the refusal of ``tokenizer_metadata``."""
-    try:
-        return tokenizer_metadata(folder, rows)
-    except LowbitError:
-        kept = read_tokenizer_gguf(folder)
-        if kept is None:
-            raise
-        return kept
-
-
-def check_vocabulary(model: nn.Module, tokenizer: dict[str, Any] | list[tuple[str, Any, Any, Any]]) -> None:
-    """llama.cpp sizes token_embd by the tokenizer's token list: refuse an embedding of another size."""
-    if isinstance(tokenizer, dict):
-        count = len(tokenizer["tokens"])
-    else:
-        count = next((len(v) for k, v, _, _ in tokenizer if k == "tokenizer.ggml.tokens"), 0)
-    rows = model.get_input_embeddings().num_embeddings
-    if count != rows:
-        raise LowbitError(f"the tokenizer has {count} tokens and the embedding {rows} rows, which llama.cpp refuses; "
-                          "export compressed-tensors, or give the model a tokenizer of its embedding's size")
-
-
-def add_metadata(writer: Any, name: str, config: Any, tokenizer: dict[str, Any] | list[tuple[str, Any, Any, Any]]) -> None:
-    """llama.cpp's hyper-parameters and the tokenizer: a GGUF source's own keys, or a byte-level BPE one's."""
+def add_metadata(writer: Any, name: str, config: Any, tokenizer: TokenizerKeys) -> None:
+    """llama.cpp's hyper-parameters and the tokenizer (export/gguf_vocab.py)."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     writer.add_name(name)
     writer.add_block_count(config.num_hidden_layers)
@@ -194,21 +167,7 @@ def add_metadata(writer: Any, name: str, config: Any, tokenizer: dict[str, Any] 
     add_arch_metadata(writer, config)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
-    if isinstance(tokenizer, list):  # the source GGUF's own keys, token ids and flags included
-        add_fields(writer, tokenizer)
-        return
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(tokenizer["pre"])
-    writer.add_token_list(tokenizer["tokens"])
-    writer.add_token_types(tokenizer["token_types"])
-    if tokenizer["merges"]:
-        writer.add_token_merges(tokenizer["merges"])
-    else:  # a byte vocabulary without merges (GGUF readers then expect scores to derive them from)
-        writer.add_token_scores([0.0] * len(tokenizer["tokens"]))
-    writer.add_add_bos_token(tokenizer["add_bos"])
-    for key, value in (("bos", config.bos_token_id), ("eos", config.eos_token_id), ("pad", config.pad_token_id)):
-        if isinstance(value, int):
-            getattr(writer, f"add_{key}_token_id")(value)
+    tokenizer.write(writer, config)
 
 
 def add_tensors(writer: Any, model: nn.Module, types: dict[str, str]) -> None:

@@ -23,8 +23,9 @@ _SANDWICH_NORM_NAMES = {"input_layernorm": "attn_norm", "post_attention_layernor
 class GGUFArch:
     """How llama.cpp holds one model family: its architecture name, whether q/k rows are permuted into its rotary
     layout (the Llama family's interleaved rope; Qwen's and Gemma's NEOX rope reads them as stored), which Linears
-    may carry biases, whether the attention has q/k norms, the block's norms by name, and what llama.cpp adds to
-    every norm weight (Gemma's norms scale by 1 + weight in transformers, by the stored weight in llama.cpp)."""
+    may carry biases, whether the attention has q/k norms, the block's norms by name, what llama.cpp adds to every
+    norm weight (Gemma's norms scale by 1 + weight in transformers, by the stored weight in llama.cpp), and whether
+    its SentencePiece text starts with a space (Gemma's does not)."""
 
     name: str
     permute_qk: bool
@@ -32,6 +33,7 @@ class GGUFArch:
     qk_norm: bool = False
     norms: tuple[tuple[str, str], ...] = tuple(_NORM_NAMES.items())
     norm_offset: float = 0.0
+    space_prefix: bool | None = None  # a SentencePiece vocabulary's add_space_prefix (None: llama.cpp's default)
 
 
 GGUF_ARCHITECTURES = {
@@ -39,7 +41,8 @@ GGUF_ARCHITECTURES = {
     "mistral": GGUFArch("llama", True),
     "qwen2": GGUFArch("qwen2", False, ("attn_q", "attn_k", "attn_v")),
     "qwen3": GGUFArch("qwen3", False, qk_norm=True),
-    "gemma3_text": GGUFArch("gemma3", False, qk_norm=True, norms=tuple(_SANDWICH_NORM_NAMES.items()), norm_offset=1.0),
+    "gemma3_text": GGUFArch("gemma3", False, qk_norm=True, norms=tuple(_SANDWICH_NORM_NAMES.items()), norm_offset=1.0,
+                            space_prefix=False),
     "phi3": GGUFArch("phi3", False),  # fused q/k/v and gate/up Linears, stored fused as llama.cpp reads them
 }
 _LINEAR_NAMES = {

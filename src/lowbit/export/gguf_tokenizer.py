@@ -61,9 +61,9 @@ def tokenizer_metadata(folder: Path, rows: int | None = None) -> dict[str, Any]:
     model = data.get("model", {})
     if model.get("type") != "BPE" or model.get("byte_fallback"):
         kind = "a SentencePiece-style BPE (byte fallback)" if model.get("byte_fallback") else repr(model.get("type"))
-        raise LowbitError(f"GGUF export derives the tokenizer of byte-level BPE tokenizer.json files only; {path} is "
-                          f"{kind}. A model imported from a GGUF file keeps that file's own tokenizer (tokenizer.gguf), "
-                          "which the export copies; export compressed-tensors otherwise")
+        raise LowbitError(f"GGUF export writes byte-level BPE tokenizers, SentencePiece ones from their tokenizer.model, "
+                          f"and a GGUF source's own (kept as tokenizer.gguf at import); {path} is {kind} and the folder "
+                          "has neither of the others. Export compressed-tensors, or add the model's tokenizer.model")
     vocab: dict[str, int] = dict(model["vocab"])
     special = {t["content"] for t in data.get("added_tokens", []) if t.get("special")}
     for token in data.get("added_tokens", []):
