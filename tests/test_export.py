@@ -521,3 +521,84 @@ def test_gguf_writes_a_sentencepiece_vocabulary_as_llama_cpp_converts_it(tmp_pat
     theirs = AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
     text = "The river flows north through the old city, 1,234 km in all."
     assert theirs(text, add_special_tokens=False)["input_ids"] == sp.encode(text)
+
+
+def test_sentencepiece_added_tokens_are_typed_as_llama_cpp_types_them(tmp_path):
+    """added_tokens_decoder: control when marked special or looking special (<|...|>), else user-defined with "▁"
+    as a space, score -1000; tokenizer.json's added tokens (transformers 5 folders) for ids still normal; the
+    folder's add_prefix_space is written (llama.cpp's converter for Llama)."""
+    import json
+
+    import gguf
+
+    from lowbit.export.gguf_vocab import gguf_tokenizer
+    from lowbit.export.sentencepiece_vocab import CONTROL, USER_DEFINED, sentencepiece_vocab
+
+    hf_tokenizer, sp = _sentencepiece_folder(tmp_path)
+    hf_tokenizer.save_pretrained(tmp_path / "tok")
+    (tmp_path / "tok" / "tokenizer.model").write_bytes((tmp_path / "sp.model").read_bytes())
+    config = json.loads((tmp_path / "tok" / "tokenizer_config.json").read_text())
+    normal = [i for i in range(sp.vocab_size()) if not (sp.is_control(i) or sp.is_byte(i) or sp.is_unknown(i))]
+    a, b, c, d = normal[-4:]
+    config["added_tokens_decoder"] = {str(a): {"content": "<|im_start|>", "special": False},
+                                      str(b): {"content": "two\u2581words", "special": False},
+                                      str(c): {"content": "<turn>", "special": True}}
+    config["add_prefix_space"] = False
+    (tmp_path / "tok" / "tokenizer_config.json").write_text(json.dumps(config))
+    data = json.loads((tmp_path / "tok" / "tokenizer.json").read_text())
+    data["added_tokens"].append({"id": d, "content": "<start_of_turn>", "special": True})
+    (tmp_path / "tok" / "tokenizer.json").write_text(json.dumps(data))
+    vocab = sentencepiece_vocab(tmp_path / "tok", sp.vocab_size())
+    assert [(vocab.tokens[i], vocab.types[i], vocab.scores[i]) for i in (a, b, c, d)] == [
+        ("<|im_start|>", CONTROL, -1000.0), ("two words", USER_DEFINED, -1000.0), ("<turn>", CONTROL, -1000.0),
+        ("<start_of_turn>", CONTROL, -1000.0)]
+    assert vocab.types[0] == 2 and vocab.tokens[0] == sp.id_to_piece(0)  # <unk> stays unknown
+    writer = gguf.GGUFWriter(str(tmp_path / "t.gguf"), "llama")
+    gguf_tokenizer(tmp_path / "tok", sp.vocab_size()).write(writer, None)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    assert gguf.GGUFReader(str(tmp_path / "t.gguf")).fields["tokenizer.ggml.add_space_prefix"].contents() is False
+
+
+@pytest.mark.parametrize("change, says", [
+    ({"attn_logit_softcapping": 50.0}, "caps attention logits"),
+    ({"use_bidirectional_attention": True}, "bidirectionally"),
+    ({"query_pre_attn_scalar": 128}, "query_pre_attn_scalar=128"),
+    ({"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                          "sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}},
+     "sliding_attention layers use 'linear'"),
+    ({"rope_parameters": {"full_attention": {"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e6},
+                          "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}, "'yarn'"),
+])
+def test_gguf_refuses_a_gemma3_llama_cpp_would_compute_otherwise(change, says):
+    from lowbit.export.gguf_arch import check_config
+
+    config = {"hidden_size": 640, "num_attention_heads": 4, "num_hidden_layers": 18, "head_dim": 256}
+    check_config("gemma3_text", config)  # the real Gemma 3 270M's values (defaults left out, as config.json may)
+    with pytest.raises(LowbitError, match=says):
+        check_config("gemma3_text", {**config, **change})
+
+
+def test_gguf_writes_gemma3_linear_rope_scaling_of_the_global_layers(tmp_path):
+    """Gemma 3 4B+ scale the global layers' rope linearly (factor 8): llama.cpp's rope scaling keys, which its gemma3
+    graph applies to the non-sliding layers only."""
+    import gguf
+    from transformers import Gemma3TextConfig
+
+    from lowbit.export.gguf_arch import add_arch_metadata
+
+    rope = {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}
+    config = Gemma3TextConfig(num_hidden_layers=6, rope_parameters=rope, final_logit_softcapping=30.0)
+    writer = gguf.GGUFWriter(str(tmp_path / "t.gguf"), "gemma3")
+    add_arch_metadata(writer, config)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    fields = gguf.GGUFReader(str(tmp_path / "t.gguf")).fields
+    assert fields["gemma3.rope.scaling.type"].contents() == "linear"
+    assert fields["gemma3.rope.scaling.factor"].contents() == 8.0
+    assert fields["gemma3.rope.freq_base"].contents() == 1e6 and fields["gemma3.rope.freq_base_swa"].contents() == 1e4
+    assert fields["gemma3.final_logit_softcapping"].contents() == 30.0
+    assert fields["gemma3.attention.sliding_window_pattern"].contents() == [True] * 5 + [False]

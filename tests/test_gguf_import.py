@@ -26,7 +26,7 @@ def test_streamed_import_equals_transformers_loading(tmp_path, grid, monkeypatch
     monkeypatch.setattr("lowbit.models.gguf_import.SHARD_BYTES", 1 << 16)  # several shards even for a toy
     out = tmp_path / "imported"
     out.mkdir()
-    names = _convert(gguf_file, out)
+    names, _ = _convert(gguf_file, out)
     reader = CheckpointReader(out)
     assert len({reader._file_of[n] for n in names}) > 1  # noqa: SLF001 (sharded as a large model would be)
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=gguf_file.name, dtype=torch.float32).state_dict()
@@ -168,20 +168,23 @@ def test_a_gguf_sources_own_tokenizer_travels_into_its_gguf_export(tmp_path, mon
     assert tokenizer_fields(gguf.GGUFReader(str(tmp_path / "out" / TOKENIZER_GGUF))) == theirs
 
 
-def test_a_sentencepiece_tokenizer_without_its_gguf_keys_is_refused_before_quantizing(tmp_path, monkeypatch, capsys):
-    """The same import without the kept keys (a cache entry of an older lowbit): the export cannot write this
-    tokenizer, so `quantize --format gguf` refuses in one line before any work and writes nothing."""
+def test_an_import_of_an_older_lowbit_without_the_tokenizer_keys_is_converted_again(tmp_path, monkeypatch):
+    """A cache entry written before the import kept the file's tokenizer keys (no tokenizer.gguf, no record of it)
+    does not validate: it is converted again, so its GGUF export gets the SentencePiece keys instead of a refusal."""
+    import json
+
     from gguf import GGMLQuantizationType as T
 
-    from lowbit.cli.main import main
-    from lowbit.models.gguf_import import import_gguf
+    from lowbit.models.gguf_import import IMPORT_RECORD, import_gguf
     from lowbit.models.gguf_tokenizer_fields import TOKENIZER_GGUF
     from tiny_gguf import tiny_model, write_tiny_gguf
 
     monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
     source = write_tiny_gguf(tmp_path / "src.gguf", tiny_model("llama"), T.F32, spm=True)
-    (import_gguf(source) / TOKENIZER_GGUF).unlink()
-    code = main(["quantize", "--model", str(source), "--recipe", "w4g32-sym", "--format", "gguf",
-                 "--out", str(tmp_path / "out"), "--nsamples", "2", "--seq-len", "16"])
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and len(err.splitlines()) == 1 and "SentencePiece" in err and not (tmp_path / "out").exists()
+    folder = import_gguf(source)
+    (folder / TOKENIZER_GGUF).unlink()
+    record = json.loads((folder / IMPORT_RECORD).read_text())
+    del record["tokenizer_kept"]
+    (folder / IMPORT_RECORD).write_text(json.dumps(record))
+    assert import_gguf(source) == folder and (folder / TOKENIZER_GGUF).is_file()
+    assert json.loads((folder / IMPORT_RECORD).read_text())["tokenizer_kept"] is True

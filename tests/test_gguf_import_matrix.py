@@ -63,7 +63,7 @@ def imported_and_loaded(folder, gguf_file, dtype=None):  # noqa: ANN001, ANN201
     """(lowbit's imported tensors, transformers' state dict in float32) for ``gguf_file`` in ``folder``."""
     out = folder / "imported"
     out.mkdir()
-    names = _convert(gguf_file, out) if dtype is None else _convert(gguf_file, out, dtype=dtype)
+    names, _ = _convert(gguf_file, out) if dtype is None else _convert(gguf_file, out, dtype=dtype)
     ours = CheckpointReader(out).get_many(names)
     theirs = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file.name, dtype=torch.float32).state_dict()
     return ours, theirs

@@ -83,7 +83,8 @@ def check_recipe_for_gguf(recipe: Recipe, source: Path) -> None:
     for what, grid in [("weights", grids[-1]), *((k, g) for k, g in outside.items() if g is not None)]:
         if not grid.ggml and ggml_kind(grid.bits, grid.symmetric, grid.group_size if grid.granularity == "group" else None) is None:
             raise LowbitError(f"{GGML_HOLDS}; this recipe's {what} are {grid.label}: use group_size 32")
-    gguf_tokenizer(source, int(config.get("vocab_size") or 0), gguf_arch(model_type).space_prefix)
+    rows = int(config.get("vocab_size") or 0)  # the embedding's rows, before the whole run, not after it
+    check_vocabulary(gguf_tokenizer(source, rows, gguf_arch(model_type).space_prefix), rows)
 
 
 def check_exportable(model: nn.Module) -> dict[str, str]:
@@ -178,7 +179,7 @@ def add_tensors(writer: Any, model: nn.Module, types: dict[str, str]) -> None:
     arch = gguf_arch(config.model_type)
     permute = arch.permute_qk
     heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads} if permute else {}
-    norms = {gg for _, gg in arch.norms} | {"attn_q_norm", "attn_k_norm", "output_norm"}
+    norms = arch.norm_tensors
     tied = getattr(config, "tie_word_embeddings", False)
     for name, module in model.named_modules():
         gguf_name = names.get(name)

@@ -35,6 +35,11 @@ class GGUFArch:
     norm_offset: float = 0.0
     space_prefix: bool | None = None  # a SentencePiece vocabulary's add_space_prefix (None: llama.cpp's default)
 
+    @property
+    def norm_tensors(self) -> set[str]:
+        """The GGUF names (without ``blk.N.``) of every norm weight, the final one included."""
+        return {gg for _, gg in self.norms} | set(_QK_NORM_NAMES.values()) | {"output_norm"}
+
 
 GGUF_ARCHITECTURES = {
     "llama": GGUFArch("llama", True),
@@ -47,7 +52,8 @@ GGUF_ARCHITECTURES = {
 }
 _LINEAR_NAMES = {
     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
     # Phi-3: [q; k; v] rows in one Linear, and [gate; up] rows, whose halves llama.cpp's SwiGLU splits the same way
     "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up",
 }
@@ -88,16 +94,19 @@ def check_gemma3(config: dict[str, Any]) -> None:
     """Refuse a Gemma 3 text config whose forward llama.cpp's gemma3 graph would compute otherwise."""
     name = "this Gemma 3 model"
     if config.get("attn_logit_softcapping") is not None:
-        raise LowbitError(f"{name} caps attention logits, which llama.cpp's gemma3 graph does not; export compressed-tensors")
+        raise LowbitError(f"{name} caps attention logits, which llama.cpp's gemma3 graph does not; "
+                          "export compressed-tensors")
     if config.get("use_bidirectional_attention"):
         raise LowbitError(f"{name} attends bidirectionally (an embedding model), which llama.cpp's gemma3 graph does "
                           "not; export compressed-tensors")
-    head_dim, layers = config["head_dim"], config["num_hidden_layers"]
+    # transformers' defaults where config.json leaves them out: head_dim 256, query_pre_attn_scalar 256
+    head_dim, scalar = config.get("head_dim") or 256, config.get("query_pre_attn_scalar") or 256
     # llama.cpp scales queries by 1/sqrt(head_dim), except for its 27B (62 layers): 1/sqrt(hidden / heads)
-    llama_scalar = config["hidden_size"] // config["num_attention_heads"] if layers == 62 else head_dim
-    if config.get("query_pre_attn_scalar", head_dim) != llama_scalar:
-        raise LowbitError(f"{name} scales queries by query_pre_attn_scalar={config['query_pre_attn_scalar']}, llama.cpp "
-                          f"by {llama_scalar}; export compressed-tensors")
+    llama_scalar = config["hidden_size"] // config["num_attention_heads"] if config["num_hidden_layers"] == 62 \
+        else head_dim
+    if scalar != llama_scalar:
+        raise LowbitError(f"{name} scales queries by query_pre_attn_scalar={scalar}, llama.cpp by {llama_scalar}; "
+                          "export compressed-tensors")
     for layer_type, rope in _gemma3_rope(config).items():
         kind = rope.get("rope_type", "default")
         if kind not in ("default", "linear") or (kind == "linear" and layer_type == "sliding_attention"):
@@ -106,8 +115,8 @@ def check_gemma3(config: dict[str, Any]) -> None:
 
 
 def check_phi3(config: dict[str, Any]) -> None:
-    """Refuse a Phi-3 whose rope llama.cpp would compute otherwise: its long-context variants' LongRoPE factors are
-    not written by lowbit (the 4k-context models, Phi-4-mini's plain rope, are)."""
+    """Refuse a Phi-3 whose rope llama.cpp would compute otherwise: the LongRoPE factors of the long-context variants
+    (Phi-3-*-128k, Phi-3.5, Phi-4-mini) are not written by lowbit; the plain-rope ones (Phi-3-*-4k, Phi-4) are."""
     scaling = config.get("rope_scaling") or {}
     params = config.get("rope_parameters") or {}
     kind = scaling.get("rope_type") or scaling.get("type") or params.get("rope_type", "default")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lowbit.errors import LowbitError
+from lowbit.export.sentencepiece_vocab import CONTROL, NORMAL, UNUSED, USER_DEFINED, looks_special
 
 # The Split regexes of the tokenizers llama.cpp names (its convert_hf_to_gguf.py tells them apart the same way).
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
@@ -61,20 +62,30 @@ def tokenizer_metadata(folder: Path, rows: int | None = None) -> dict[str, Any]:
     model = data.get("model", {})
     if model.get("type") != "BPE" or model.get("byte_fallback"):
         kind = "a SentencePiece-style BPE (byte fallback)" if model.get("byte_fallback") else repr(model.get("type"))
-        raise LowbitError(f"GGUF export writes byte-level BPE tokenizers, SentencePiece ones from their tokenizer.model, "
-                          f"and a GGUF source's own (kept as tokenizer.gguf at import); {path} is {kind} and the folder "
-                          "has neither of the others. Export compressed-tensors, or add the model's tokenizer.model")
+        raise LowbitError(f"GGUF export writes byte-level BPE tokenizers, SentencePiece ones from their "
+                          f"tokenizer.model, and a GGUF source's own (kept as tokenizer.gguf at import); {path} is "
+                          f"{kind} and the folder has neither of the others. Export compressed-tensors, or add the "
+                          "model's tokenizer.model")
     vocab: dict[str, int] = dict(model["vocab"])
-    special = {t["content"] for t in data.get("added_tokens", []) if t.get("special")}
-    for token in data.get("added_tokens", []):
+    added = {t["content"]: t for t in data.get("added_tokens", [])}
+    for token in added.values():
         vocab[token["content"]] = token["id"]
     tokens = [f"[PAD{i}]" for i in range(max(max(vocab.values()) + 1, rows or 0))]
     for token, index in vocab.items():
         tokens[index] = token
-    types = [3 if t in special else (5 if t.startswith("[PAD") and t not in vocab else 1) for t in tokens]
+    types = [_token_type(t, added.get(t), t in vocab) for t in tokens]
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     pre = gguf_pre_tokenizer(data.get("pre_tokenizer"))
     return {"tokens": tokens, "token_types": types, "merges": merges, "pre": pre, "add_bos": adds_bos(folder, data)}
+
+
+def _token_type(token: str, added: dict[str, Any] | None, known: bool) -> int:
+    """llama.cpp's converter's type for a byte-level BPE token: an added token is control when marked special or
+    looking special (Qwen's ``<|im_start|>``), else user-defined (matched whole, as Hugging Face matches added tokens
+    before BPE: Qwen2.5's ``<tool_call>``); an id no token has is unused; every other token is normal."""
+    if added is not None:
+        return CONTROL if added.get("special") or looks_special(token) else USER_DEFINED
+    return NORMAL if known else UNUSED
 
 
 def adds_bos(folder: Path, data: dict[str, Any]) -> bool:

@@ -24,7 +24,7 @@ from typing import Any
 
 from lowbit.errors import LowbitError
 from lowbit.export.gguf_tokenizer import tokenizer_metadata
-from lowbit.export.sentencepiece_vocab import SentencePieceVocab, sentencepiece_vocab
+from lowbit.export.sentencepiece_vocab import SentencePieceVocab, json_object, sentencepiece_vocab
 from lowbit.models.gguf_tokenizer_fields import add_fields, read_tokenizer_gguf
 
 
@@ -60,7 +60,7 @@ def check_vocabulary(tokenizer: TokenizerKeys, rows: int) -> None:
                           "refuses; export compressed-tensors, or give the model a tokenizer of its embedding's size")
 
 
-def _write_bpe(bpe: dict[str, Any], writer: Any, config: Any) -> None:  # noqa: ANN401 (gguf writer, HF config)
+def _write_bpe(bpe: dict[str, Any], writer: Any, config: Any) -> None:
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(bpe["pre"])
     writer.add_token_list(bpe["tokens"])
@@ -76,7 +76,8 @@ def _write_bpe(bpe: dict[str, Any], writer: Any, config: Any) -> None:  # noqa: 
 
 
 def _write_sentencepiece(vocab: SentencePieceVocab, folder: Path, space_prefix: bool | None, writer: Any,
-                         _config: Any) -> None:  # noqa: ANN401 (gguf writer, HF config)
+                         _config: Any) -> None:
+    """The "llama" vocabulary; ``space_prefix``: the family's add_space_prefix (Gemma: false), else the folder's."""
     import gguf
 
     writer.add_tokenizer_model("llama")
@@ -85,5 +86,8 @@ def _write_sentencepiece(vocab: SentencePieceVocab, folder: Path, space_prefix: 
     writer.add_token_scores(vocab.scores)
     writer.add_token_types(vocab.types)
     gguf.SpecialVocab(folder, n_vocab=len(vocab.tokens)).add_to_gguf(writer, quiet=True)
+    if space_prefix is None:  # llama.cpp's converter: tokenizer_config.json's add_prefix_space, where it is set
+        stated = json_object(folder / "tokenizer_config.json").get("add_prefix_space")
+        space_prefix = stated if isinstance(stated, bool) else None
     if space_prefix is not None:
         writer.add_add_space_prefix(space_prefix)

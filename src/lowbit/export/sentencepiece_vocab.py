@@ -1,5 +1,6 @@
-"""A SentencePiece vocabulary (tokenizer.model: Gemma, Llama 2, Phi-3-mini) as GGUF tokenizer keys, built as llama.cpp's
-converter builds them (convert_hf_to_gguf.py ``_create_vocab_sentencepiece``), without the sentencepiece package.
+"""A SentencePiece vocabulary (tokenizer.model: Gemma, Llama 2, Mistral v0.1, Phi-3-mini) as GGUF tokenizer keys, built
+as llama.cpp's converter builds them (convert_hf_to_gguf.py ``_create_vocab_sentencepiece``; its Phi-3 variant differs
+only for added tokens that are not marked special, which Phi-3-mini does not have), without the sentencepiece package.
 
 tokenizer.model is a protobuf ModelProto: field 1 repeats the pieces (each: 1 the piece text, 2 its score, 3 its
 type: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte; llama.cpp's token types use the same
@@ -11,6 +12,10 @@ numbers). llama.cpp's rules on top of the pieces:
   * added_tokens.json's tokens are user-defined, and tokenizer_config.json's ``added_tokens_decoder`` ones control
     when marked special or when they look special (``<pad>``, ``<mask>``, ``<|...|>``, ``<unused...>`` ...), else
     user-defined with "▁" written as a space; both with score -1000.
+One step beyond the converter: a folder saved by transformers 5 has no ``added_tokens_decoder`` (its added tokens are
+in tokenizer.json), where the converter would leave chat markers such as Gemma's ``<start_of_turn>`` normal, and
+llama.cpp would then split them into pieces; tokenizer.json's added tokens get the same rule, for ids nothing above
+has typed other than normal or unused.
 The special token ids, add_bos / add_eos and the chat template come from gguf-py's own SpecialVocab (export/gguf.py).
 """
 
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,7 +52,7 @@ def _varint(data: bytes, at: int) -> tuple[int, int]:
         shift += 7
 
 
-def _fields(data: bytes):  # noqa: ANN202 (yields (field number, wire type, value))
+def _fields(data: bytes) -> Iterator[tuple[int, int, int | bytes]]:
     """The (field, wire type, value) of a protobuf message: an int for varints, bytes for length-delimited fields and
     the raw 4 / 8 bytes of fixed-width ones."""
     at = 0
@@ -104,24 +110,34 @@ def sentencepiece_vocab(folder: Path, rows: int) -> SentencePieceVocab:
     types = [UNUSED] * rows
     for i, (piece, score, kind) in enumerate(read_pieces(folder / "tokenizer.model")[:rows]):
         tokens[i], scores[i], types[i] = piece, score, kind if kind in _KEPT_TYPES else NORMAL
-    added = _json(folder / "added_tokens.json")
+    added = json_object(folder / "added_tokens.json")
     for token, i in added.items():
         if isinstance(i, int) and 0 <= i < rows:
             tokens[i], scores[i], types[i] = token, -1000.0, USER_DEFINED
-    decoder = _json(folder / "tokenizer_config.json").get("added_tokens_decoder", {})
+    decoder = json_object(folder / "tokenizer_config.json").get("added_tokens_decoder", {})
     for key, entry in decoder.items():
-        i, token = int(key), entry["content"]
-        if not 0 <= i < rows:
-            continue
-        if entry.get("special") or looks_special(token):
-            tokens[i], types[i] = token, CONTROL
-        else:
-            tokens[i], types[i] = token.replace(_SPACE, " "), USER_DEFINED
-        scores[i] = -1000.0
+        _add_token(tokens, scores, types, int(key), entry)
+    for entry in json_object(folder / "tokenizer.json").get("added_tokens", []):
+        if isinstance(entry.get("id"), int) and 0 <= entry["id"] < rows and types[entry["id"]] in (NORMAL, UNUSED):
+            _add_token(tokens, scores, types, entry["id"], entry)
     return SentencePieceVocab(tokens, scores, types)
 
 
-def _json(path: Path) -> dict:
+def _add_token(tokens: list[str], scores: list[float], types: list[int], i: int, entry: dict) -> None:
+    """An added token at id ``i``: control when marked special or looking special, else user-defined with "▁" as a
+    space (llama.cpp keeps user-defined tokens pre-normalized); score -1000."""
+    if not 0 <= i < len(tokens):
+        return
+    token = entry["content"]
+    if entry.get("special") or looks_special(token):
+        tokens[i], types[i] = token, CONTROL
+    else:
+        tokens[i], types[i] = token.replace(_SPACE, " "), USER_DEFINED
+    scores[i] = -1000.0
+
+
+def json_object(path: Path) -> dict:
+    """The JSON object in ``path``; {} when the file is missing, unreadable or holds something else."""
     try:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):

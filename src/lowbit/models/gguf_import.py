@@ -32,7 +32,7 @@ from lowbit.errors import LowbitError
 from lowbit.io.atomic import atomic_directory
 from lowbit.models.checkpoint import all_finite
 from lowbit.models.embedded import cache_dir, file_sha256
-from lowbit.models.gguf_tokenizer_fields import write_tokenizer_gguf
+from lowbit.models.gguf_tokenizer_fields import TOKENIZER_GGUF, write_tokenizer_gguf
 
 log = logging.getLogger(__name__)
 IMPORT_RECORD = "lowbit_import.json"  # written last: which GGUF the entry came from and which tensors it holds
@@ -60,16 +60,16 @@ def import_gguf(path: Path, sha256: str | None = None, dtype: torch.dtype | None
     folder.parent.mkdir(parents=True, exist_ok=True)
     log.info("converting %s to a %s Hugging Face folder in %s (once)", path.name, dtype_name, folder)
     with atomic_directory(folder, overwrite=True, inputs=[path], wait=True) as tmp:
-        tensors = _convert(path, tmp, dtype)
-        record = {"gguf_sha256": digest, "dtype": dtype_name, "tensors": tensors}
+        tensors, kept = _convert(path, tmp, dtype)
+        record = {"gguf_sha256": digest, "dtype": dtype_name, "tensors": tensors, "tokenizer_kept": kept}
         (tmp / IMPORT_RECORD).write_text(json.dumps(record, indent=2))
     return folder
 
 
 def cache_entry_is_valid(folder: Path, digest: str, dtype_name: str) -> bool:
     """The entry was converted from this very file to this dtype, its weight files hold exactly the tensors written
-    (names from the shards' headers, which a truncated shard fails to give), and its config names the model class
-    (entries of lowbit before that did not)."""
+    (names from the shards' headers, which a truncated shard fails to give), its config names the model class and its
+    record says whether the file's own tokenizer keys were kept (entries of lowbit before either did not)."""
     from lowbit.models.checkpoint import CheckpointReader
 
     try:
@@ -79,7 +79,9 @@ def cache_entry_is_valid(folder: Path, digest: str, dtype_name: str) -> bool:
     except (OSError, ValueError, SafetensorError, LowbitError):
         return False
     return (isinstance(record, dict) and record.get("gguf_sha256") == digest and record.get("dtype") == dtype_name
-            and record.get("tensors") == names and isinstance(config, dict) and bool(config.get("architectures")))
+            and record.get("tensors") == names and isinstance(config, dict) and bool(config.get("architectures"))
+            and isinstance(record.get("tokenizer_kept"), bool)
+            and record["tokenizer_kept"] == (folder / TOKENIZER_GGUF).is_file())
 
 
 SHARD_BYTES = 2 << 30  # shards are written tensor by tensor, so their size costs disk files, not memory
@@ -160,8 +162,9 @@ def _read_metadata(path: Path):
     return config, tokenizer, parsed
 
 
-def _convert(path: Path, out: Path, dtype: torch.dtype = torch.float32) -> list[str]:
-    """Write the HF folder tensor by tensor, floats in ``dtype``; returns the names of the tensors written.
+def _convert(path: Path, out: Path, dtype: torch.dtype = torch.float32) -> tuple[list[str], bool]:
+    """Write the HF folder tensor by tensor, floats in ``dtype``; returns the names of the tensors written and whether
+    the file's own tokenizer keys were kept (tokenizer.gguf).
     Memory beyond the floor (modules, metadata, skeleton): the largest tensor in float32, plus its ``dtype`` copy."""
     from accelerate import init_empty_weights
     from gguf import GGUFReader, dequantize
@@ -228,6 +231,6 @@ def _convert(path: Path, out: Path, dtype: torch.dtype = torch.float32) -> list[
     config.architectures = [type(skeleton).__name__]  # as every Hub folder names it (llama.cpp's converter needs it)
     config.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    write_tokenizer_gguf(reader, out)  # the source's own tokenizer keys, for a GGUF export (tokenizer.json is lossy)
-    return sorted(written)
+    kept = write_tokenizer_gguf(reader, out)  # its own tokenizer keys, for a GGUF export (tokenizer.json is lossy)
+    return sorted(written), kept
 

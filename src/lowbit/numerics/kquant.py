@@ -46,8 +46,8 @@ class KType:
     sub_bits: int
     asymmetric: bool
     # llama-quantize's type for a tensor whose width is not a multiple of 256, as lowbit's (bits, symmetric) over
-    # 32-column groups: Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0. Q2_K and Q3_K fall back to IQ4_NL there, a
-    # non-uniform grid lowbit does not have: Q4_0, of the same size, instead.
+    # 32-column groups: Q2_K, Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0 (llama.cpp's
+    # tensor_type_fallback; releases before it gave Q2_K and Q3_K the non-uniform IQ4_NL, which lowbit does not have)
     fallback: tuple[int, bool]
 
     @property

@@ -4,8 +4,8 @@ Falcon, mixture-of-experts, 70B-class and IQ types are not carried over). A widt
 falls back as every K type does (numerics/kquant.py).
 
     mix      base   attn_v                                ffn_down                                attn_output
-    Q2_K_S   Q2_K   Q4_K where 4+ query heads share a kv  Q4_K in the first 1/8                   base
-    Q2_K_M   Q2_K   Q4_K where 4+ query heads share a kv, Q3_K                                    Q3_K
+    Q2_K_S   Q2_K   Q4_K if 4+ query heads per kv head    Q4_K in the first 1/8                   base
+    Q2_K_M   Q2_K   Q4_K if 4+ query heads per kv head,   Q3_K                                    Q3_K
                     else Q3_K
     Q3_K_S   Q3_K   base                                  base                                    base
     Q3_K_M   Q3_K   Q5_K in layers 0-1, else Q4_K         Q5_K in the first 1/16, else Q4_K       Q4_K
@@ -26,8 +26,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 K_MIXES: dict[str, str] = {
-    "Q2_K_S": "Q2_K", "Q2_K_M": "Q2_K", "Q3_K_S": "Q3_K", "Q3_K_M": "Q3_K", "Q3_K_L": "Q3_K", "Q4_K_S": "Q4_K", "Q4_K_M": "Q4_K", "Q5_K_S": "Q5_K",
-    "Q5_K_M": "Q5_K",
+    "Q2_K_S": "Q2_K", "Q2_K_M": "Q2_K", "Q3_K_S": "Q3_K", "Q3_K_M": "Q3_K", "Q3_K_L": "Q3_K", "Q4_K_S": "Q4_K",
+    "Q4_K_M": "Q4_K", "Q5_K_S": "Q5_K", "Q5_K_M": "Q5_K",
 }
 # llama-quantize's name of each mix where it differs from lowbit's (its Q2_K is a mix; lowbit's q2_k is not)
 LLAMA_FTYPES: dict[str, str] = {"Q2_K_M": "Q2_K"}
