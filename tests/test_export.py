@@ -11,6 +11,7 @@ from lowbit.errors import LowbitError
 from lowbit.export.gguf import permute_rows, write_gguf
 from lowbit.api import open_model
 from lowbit.presets import resolve_recipe
+from tiny_gguf import assert_gguf_gives_lowbits_logits
 from toy import byte_tokenizer, calibration, toy_model
 
 
@@ -357,12 +358,24 @@ def test_compressed_tensors_export_keeps_every_tokenizer_file(tmp_path):
     assert all((tmp_path / "ct" / name).read_bytes() == (folder / name).read_bytes() for name in present)
 
 
+def gptq_q4_0_gguf(source: torch.nn.Module, tmp_path):  # noqa: ANN201 (lowbit model, gguf.GGUFReader)
+    """``source`` quantized by GPTQ W4 symmetric g32 (Q4_0 blocks), saved, loaded back and exported as
+    tmp_path/m.gguf: (the loaded lowbit model, a reader of the file)."""
+    import gguf
+
+    model = lowbit.quantize(source, [GPTQ(WeightQuant(bits=4, symmetric=True, group_size=32))],
+                            calibration(n=4, length=32), batch_size=2)
+    lowbit.save(model, tmp_path / "q", tokenizer=byte_tokenizer())
+    loaded = lowbit.load(tmp_path / "q")
+    write_gguf(tmp_path / "q", loaded, tmp_path / "m.gguf")
+    return loaded, gguf.GGUFReader(str(tmp_path / "m.gguf"))
+
+
 @pytest.mark.parametrize("model_type", ["qwen2", "qwen3"])
 def test_gguf_holds_qwen_architectures(tmp_path, monkeypatch, model_type):
     """Qwen2 (q/k/v biases) and Qwen3 (q/k norms, head_dim given): llama.cpp's qwen2 / qwen3 tensors, rows as stored
     (NEOX rope: no permutation), read back by transformers with lowbit's logits."""
     monkeypatch.setenv("LOWBIT_GGUF_DTYPE", "float32")
-    import gguf
     from transformers import AutoModelForCausalLM, Qwen3Config
 
     from toy import _COMMON
@@ -371,22 +384,13 @@ def test_gguf_holds_qwen_architectures(tmp_path, monkeypatch, model_type):
     source = toy_model("qwen2") if model_type == "qwen2" else \
         AutoModelForCausalLM.from_config(Qwen3Config(**_COMMON)).eval()  # transformers' GGUF reader ignores
     # key_length and builds Qwen3's default head_dim (128), so the toy has it too; llama.cpp reads key_length
-    model = lowbit.quantize(source, [GPTQ(WeightQuant(bits=4, symmetric=True, group_size=32))],
-                            calibration(n=4, length=32), batch_size=2)
-    lowbit.save(model, tmp_path / "q", tokenizer=byte_tokenizer())
-    loaded = lowbit.load(tmp_path / "q")
-    write_gguf(tmp_path / "q", loaded, tmp_path / "m.gguf")
-    reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    loaded, reader = gptq_q4_0_gguf(source, tmp_path)
     arch = reader.fields["general.architecture"]
     assert bytes(arch.parts[arch.data[0]]).decode() == model_type
     names = {t.name for t in reader.tensors}
     extra = {"blk.0.attn_q.bias", "blk.0.attn_v.bias"} if model_type == "qwen2" else {"blk.0.attn_q_norm.weight"}
     assert extra <= names
-    ids = calibration(n=2, length=24, seed=5)
-    with torch.no_grad():
-        ours = loaded(ids).logits
-        theirs = open_model(str(tmp_path / "m.gguf")).model(ids).logits
-    assert (theirs - ours).abs().max() < 1e-4 * ours.abs().max()
+    assert_gguf_gives_lowbits_logits(loaded, tmp_path / "m.gguf")
 
 
 def test_gguf_holds_gemma3(tmp_path, monkeypatch):
@@ -394,7 +398,6 @@ def test_gguf_holds_gemma3(tmp_path, monkeypatch):
     llama.cpp by the weight), q/k norms, NEOX rows as stored, the sliding window and which layers use it, the local
     rope base; transformers reads the file back with lowbit's logits (non-zero norm weights, so the offset counts)."""
     monkeypatch.setenv("LOWBIT_GGUF_DTYPE", "float32")
-    import gguf
     from transformers import AutoModelForCausalLM, Gemma3TextConfig
 
     from toy import _COMMON
@@ -408,12 +411,7 @@ def test_gguf_holds_gemma3(tmp_path, monkeypatch):
         for name, param in source.named_parameters():
             if name.endswith("norm.weight"):
                 param.normal_(0.0, 0.5)
-    model = lowbit.quantize(source, [GPTQ(WeightQuant(bits=4, symmetric=True, group_size=32))],
-                            calibration(n=4, length=32), batch_size=2)
-    lowbit.save(model, tmp_path / "q", tokenizer=byte_tokenizer())
-    loaded = lowbit.load(tmp_path / "q")
-    write_gguf(tmp_path / "q", loaded, tmp_path / "m.gguf")
-    reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    loaded, reader = gptq_q4_0_gguf(source, tmp_path)
     assert reader.fields["general.architecture"].contents() == "gemma3"
     assert reader.fields["gemma3.attention.sliding_window_pattern"].contents() == [
         t == "sliding_attention" for t in config.layer_types]
@@ -424,34 +422,20 @@ def test_gguf_holds_gemma3(tmp_path, monkeypatch):
                    ("self_attn.q_norm", "attn_q_norm")]:
         ours = dict(loaded.named_parameters())[f"model.layers.1.{hf}.weight"].detach()
         assert torch.equal(torch.from_numpy(np.array(stored[f"blk.1.{gg}.weight"].data)), ours + 1)
-    ids = calibration(n=2, length=24, seed=5)  # longer than the window of 8
-    with torch.no_grad():
-        ours = loaded(ids).logits
-        theirs = open_model(str(tmp_path / "m.gguf")).model(ids).logits
-    assert (theirs - ours).abs().max() < 1e-4 * ours.abs().max()
+    assert_gguf_gives_lowbits_logits(loaded, tmp_path / "m.gguf")  # 24 tokens: longer than the window of 8
 
 
 def test_gguf_holds_phi3(tmp_path, monkeypatch):
     """Phi-3: q/k/v in one Linear and gate/up in one, written fused (attn_qkv, ffn_up) as llama.cpp reads them, rows
     as stored (NEOX rope); transformers reads the file back with lowbit's logits."""
     monkeypatch.setenv("LOWBIT_GGUF_DTYPE", "float32")
-    import gguf
 
-    model = lowbit.quantize(toy_model("phi3"), [GPTQ(WeightQuant(bits=4, symmetric=True, group_size=32))],
-                            calibration(n=4, length=32), batch_size=2)
-    lowbit.save(model, tmp_path / "q", tokenizer=byte_tokenizer())
-    loaded = lowbit.load(tmp_path / "q")
-    write_gguf(tmp_path / "q", loaded, tmp_path / "m.gguf")
-    reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    loaded, reader = gptq_q4_0_gguf(toy_model("phi3"), tmp_path)
     assert reader.fields["general.architecture"].contents() == "phi3"
     stored = {t.name: t.tensor_type.name for t in reader.tensors}
     assert stored["blk.0.attn_qkv.weight"] == stored["blk.0.ffn_up.weight"] == "Q4_0"
     assert not {"blk.0.attn_q.weight", "blk.0.ffn_gate.weight"} & set(stored)
-    ids = calibration(n=2, length=24, seed=5)
-    with torch.no_grad():
-        ours = loaded(ids).logits
-        theirs = open_model(str(tmp_path / "m.gguf")).model(ids).logits
-    assert (theirs - ours).abs().max() < 1e-4 * ours.abs().max()
+    assert_gguf_gives_lowbits_logits(loaded, tmp_path / "m.gguf")
 
 
 def test_gguf_refuses_a_long_context_phi3(tmp_path, capsys):

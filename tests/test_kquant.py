@@ -25,6 +25,7 @@ from lowbit.pipeline.observers import HessianObserver
 from lowbit.presets import resolve_recipe
 from lowbit.recipe import AWQ, Prune, Recipe
 from metrics import output_error
+from tiny_gguf import assert_gguf_gives_lowbits_logits
 from toy import SPECIAL, VOCAB, byte_tokenizer, calibration, outlier_inputs, random_weight
 
 
@@ -206,11 +207,7 @@ def test_q2_k_m_model_exports_each_tensor_on_its_mix_type(tmp_path, monkeypatch,
         assert stored[f"blk.{i}.attn_v.weight"] == attn_v
         assert stored[f"blk.{i}.ffn_down.weight"] == stored[f"blk.{i}.attn_output.weight"] == "Q3_K"
         assert stored[f"blk.{i}.attn_q.weight"] == stored[f"blk.{i}.ffn_gate.weight"] == "Q2_K"
-    ids = calibration(n=2, length=24, seed=5)
-    with torch.no_grad():
-        ours = loaded(ids).logits
-        theirs = open_model(str(tmp_path / "m.gguf")).model(ids).logits
-    assert (theirs - ours).abs().max() < 1e-4 * ours.abs().max()
+    assert_gguf_gives_lowbits_logits(loaded, tmp_path / "m.gguf")
 
 
 def test_q4_k_m_model_exports_each_tensor_on_its_mix_type(tmp_path, monkeypatch):
@@ -227,8 +224,4 @@ def test_q4_k_m_model_exports_each_tensor_on_its_mix_type(tmp_path, monkeypatch)
         assert stored[f"blk.{i}.attn_v.weight"] == expected and stored[f"blk.{i}.ffn_down.weight"] == expected
         assert stored[f"blk.{i}.attn_q.weight"] == stored[f"blk.{i}.ffn_up.weight"] == "Q4_K"
     assert stored["token_embd.weight"] == stored["output.weight"] == "Q8_0"
-    ids = calibration(n=2, length=24, seed=5)
-    with torch.no_grad():
-        ours = loaded(ids).logits
-        theirs = open_model(str(tmp_path / "m.gguf")).model(ids).logits
-    assert (theirs - ours).abs().max() < 1e-4 * ours.abs().max()
+    assert_gguf_gives_lowbits_logits(loaded, tmp_path / "m.gguf")

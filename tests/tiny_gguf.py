@@ -217,3 +217,15 @@ def write_spm_tokenizer(writer: gguf.GGUFWriter) -> None:
     writer.add_pad_token_id(SPECIAL["pad_token_id"])
     writer.add_add_bos_token(True)
     writer.add_add_space_prefix(False)
+
+
+def assert_gguf_gives_lowbits_logits(loaded: torch.nn.Module, path: Path) -> None:
+    """transformers' reader of GGUF file ``path`` gives ``loaded``'s logits (a lowbit model), to 1e-4 of their range."""
+    from lowbit.api import open_model
+    from toy import calibration
+
+    ids = calibration(n=2, length=24, seed=5)
+    with torch.no_grad():
+        ours = loaded(ids).logits
+        theirs = open_model(str(path)).model(ids).logits
+    assert (theirs - ours).abs().max() < 1e-4 * ours.abs().max()
