@@ -11,6 +11,7 @@ export copies where it cannot derive the keys from a byte-level BPE tokenizer.js
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,9 @@ def write_tokenizer_gguf(reader: Any, folder: Path) -> bool:  # noqa: ANN401 (gg
     fields = tokenizer_fields(reader)
     if not fields:
         return False
+    chatty = logging.getLogger("gguf")  # its writer announces every file at INFO: an import detail, not the user's
+    level = chatty.level
+    chatty.setLevel(logging.WARNING)
     writer = gguf.GGUFWriter(str(folder / TOKENIZER_GGUF), _ARCH)
     try:
         add_fields(writer, fields)
@@ -48,6 +52,7 @@ def write_tokenizer_gguf(reader: Any, folder: Path) -> bool:  # noqa: ANN401 (gg
         writer.write_tensors_to_file()
     finally:
         writer.close()
+        chatty.setLevel(level)
     return True
 
 
