@@ -144,6 +144,11 @@ class Recipe:
                "break", "use act-order's default static groups")
         plain = [s.grid.label for s in self.steps if s.grid is not None and not s.grid.ggml]
         _check(not plain, f"every step searches or rounds on the same grid; got {k_grids[0]} and {plain}")
+        # llama-quantize refuses Q2_K_S without an importance matrix: mostly 2-bit rounded blind is far off
+        # (SmolLM2 in llama.cpp: 82.3 rounded to nearest, 18.9 with an importance; docs/kquants.md)
+        _check(k_grids[0] != "Q2_K_S" or self.needs_calibration, "Q2_K_S rounded to nearest without the inputs' "
+               "importance is far from the model (llama-quantize refuses it too)",
+               "use imatrix-q2_k_s or gptq-q2_k_s, or q2_k_m for a data-free 2-bit mix")
 
     def _check_float_grids(self) -> None:
         """Float grids (FP8, MXFP4, NVFP4) on the blocks' Linears, one type per recipe, in column-order groups."""
