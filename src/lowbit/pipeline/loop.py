@@ -307,6 +307,7 @@ def _run(
     compute_dtype: torch.dtype | None,
 ) -> None:
     """Quantization's visit of each block: transform, compress, measure (or compress only, data-free)."""
+    n_gqa = query_heads_per_kv_head(store.model.config)
 
     def quantize_block(i: int, prefix: str, block: nn.Module, data: BlockData | None) -> BlockRecord:
         ctx = BlockContext(
@@ -322,7 +323,7 @@ def _run(
             ranks=ranks,
             layer=i,
             n_layers=len(store.blocks),
-            n_gqa=query_heads_per_kv_head(store.model.config),
+            n_gqa=n_gqa,
             plan=recipe.plan,
         )
         if data is None:
