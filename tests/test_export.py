@@ -586,3 +586,67 @@ def test_gguf_writes_gemma3_linear_rope_scaling_of_the_global_layers(tmp_path):
     assert fields["gemma3.rope.freq_base"].contents() == 1e6 and fields["gemma3.rope.freq_base_swa"].contents() == 1e4
     assert fields["gemma3.final_logit_softcapping"].contents() == 30.0
     assert fields["gemma3.attention.sliding_window_pattern"].contents() == [True] * 5 + [False]
+
+
+def _piece_boundary(model: bytes, pieces: int) -> int:
+    """The byte offset after the first ``pieces`` top-level fields of a SentencePiece model (all pieces come first)."""
+    def varint(at: int) -> tuple[int, int]:
+        value, shift = 0, 0
+        while True:
+            value, at, shift = value | (model[at] & 0x7F) << shift, at + 1, shift + 7
+            if model[at - 1] < 0x80:
+                return value, at
+
+    at = 0
+    for _ in range(pieces):
+        _key, at = varint(at)  # every piece is field 1, length-delimited
+        size, at = varint(at)
+        at += size
+    return at
+
+
+@pytest.mark.parametrize("spoil", ["truncated mid-piece", "truncated between pieces", "decoder entry",
+                                   "decoder id", "added_tokens.json list", "tokenizer_config not json",
+                                   "damaged tokenizer.gguf"])
+def test_a_damaged_tokenizer_is_refused_in_one_line_and_no_gguf_is_written(tmp_path, capsys, spoil):
+    """Every tokenizer file the export reads, damaged: one line, exit 2, no file; never a shorter vocabulary."""
+    import json
+    import shutil
+
+    from lowbit.cli.main import main
+
+    hf_tokenizer, sp = _sentencepiece_folder(tmp_path)
+    torch.manual_seed(0)
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from toy import _COMMON
+
+    config = LlamaConfig(**{**_COMMON, "vocab_size": sp.vocab_size(), "bos_token_id": sp.bos_id(),
+                            "eos_token_id": sp.eos_id(), "pad_token_id": None})
+    model = lowbit.quantize(AutoModelForCausalLM.from_config(config).eval(),
+                            [RTN(WeightQuant(bits=4, symmetric=True, group_size=32))], None)
+    folder = tmp_path / "q"
+    lowbit.save(model, folder, tokenizer=hf_tokenizer)
+    data = (tmp_path / "sp.model").read_bytes()
+    shutil.copy(tmp_path / "sp.model", folder / "tokenizer.model")
+    hf = json.loads((folder / "tokenizer.json").read_text())  # as a Hub folder has it: every piece in the vocabulary
+    hf["model"]["vocab"] = {sp.id_to_piece(i): i for i in range(sp.vocab_size())}
+    (folder / "tokenizer.json").write_text(json.dumps(hf))
+    if spoil == "truncated mid-piece":
+        (folder / "tokenizer.model").write_bytes(data[: _piece_boundary(data, 300) + 3])
+    elif spoil == "truncated between pieces":
+        (folder / "tokenizer.model").write_bytes(data[: _piece_boundary(data, 300)])
+    elif spoil.startswith("decoder"):
+        entry = {"5": "not an entry"} if spoil == "decoder entry" else {"five": {"content": "<x>"}}
+        (folder / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": entry}))
+    elif spoil == "added_tokens.json list":
+        (folder / "added_tokens.json").write_text("[1, 2]")
+    elif spoil == "tokenizer_config not json":
+        (folder / "tokenizer_config.json").write_text("{not json")
+    else:  # a kept GGUF tokenizer is read before tokenizer.model
+        (folder / "tokenizer.gguf").write_bytes(b"GGUF" + bytes(range(64)))
+    capsys.readouterr()
+    code = main(["export", str(folder), "--format", "gguf", "--out", str(tmp_path / "m.gguf")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("lowbit: error:"), err
+    assert not (tmp_path / "m.gguf").exists()

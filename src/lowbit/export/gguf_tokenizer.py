@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lowbit.errors import LowbitError
-from lowbit.export.sentencepiece_vocab import CONTROL, NORMAL, UNUSED, USER_DEFINED, looks_special
+from lowbit.export.sentencepiece_vocab import CONTROL, NORMAL, UNUSED, USER_DEFINED, json_object, looks_special
 
 # The Split regexes of the tokenizers llama.cpp names (its convert_hf_to_gguf.py tells them apart the same way).
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
@@ -92,11 +92,8 @@ def adds_bos(folder: Path, data: dict[str, Any]) -> bool:
     """Whether the Hugging Face tokenizer starts every text with its BOS token: tokenizer_config.json's add_bos_token
     where set, else whether tokenizer.json's post-processor template begins with a special token. Written into the
     GGUF, since llama.cpp's default depends on the pre-tokenizer's name (true for Llama 3's, false for SmolLM's)."""
-    try:
-        config = json.loads((folder / "tokenizer_config.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        config = {}
-    if isinstance(config, dict) and isinstance(config.get("add_bos_token"), bool):
+    config = json_object(folder / "tokenizer_config.json")
+    if isinstance(config.get("add_bos_token"), bool):
         return config["add_bos_token"]
     post = data.get("post_processor") or {}
     processors = post.get("processors", [post]) if post.get("type") == "Sequence" else [post]

@@ -61,12 +61,14 @@ def _fields(data: bytes) -> Iterator[tuple[int, int, int | bytes]]:
         field, wire = key >> 3, key & 7
         if wire == 0:
             value, at = _varint(data, at)
-        elif wire == 2:
-            size, at = _varint(data, at)
+        elif wire in (1, 2, 5):
+            if wire == 2:
+                size, at = _varint(data, at)
+            else:
+                size = 8 if wire == 1 else 4
+            if at + size > len(data):  # a slice would come back short: a truncated file, not a shorter message
+                raise ValueError(f"a field of {size} bytes runs past the end ({len(data)} bytes): the file is truncated")
             value, at = data[at : at + size], at + size
-        elif wire in (1, 5):
-            width = 8 if wire == 1 else 4
-            value, at = data[at : at + width], at + width
         else:
             raise ValueError(f"protobuf wire type {wire}")
         yield field, wire, value
@@ -108,27 +110,47 @@ def sentencepiece_vocab(folder: Path, rows: int) -> SentencePieceVocab:
     tokens = [f"[PAD{i}]" for i in range(rows)]
     scores = [-10000.0] * rows
     types = [UNUSED] * rows
-    for i, (piece, score, kind) in enumerate(read_pieces(folder / "tokenizer.model")[:rows]):
+    pieces = read_pieces(folder / "tokenizer.model")
+    hf = json_object(folder / "tokenizer.json")
+    # a file cut at a piece boundary parses, only shorter: tokenizer.json's own pieces (its added tokens aside) say
+    # how many there are
+    known = hf.get("model", {}).get("vocab") if isinstance(hf.get("model"), dict) else None
+    added = {t.get("id") for t in hf.get("added_tokens", []) if isinstance(t, dict)}
+    ids = [i for i in known.values() if isinstance(i, int) and i not in added] if isinstance(known, dict) else []
+    if ids and max(ids) >= len(pieces):
+        raise LowbitError(f"{folder / 'tokenizer.model'} holds {len(pieces)} pieces, tokenizer.json names piece "
+                          f"{max(ids)}: the file is truncated or another model's; GGUF export needs the model's own "
+                          "tokenizer.model")
+    for i, (piece, score, kind) in enumerate(pieces[:rows]):
         tokens[i], scores[i], types[i] = piece, score, kind if kind in _KEPT_TYPES else NORMAL
-    added = json_object(folder / "added_tokens.json")
-    for token, i in added.items():
+    for token, i in json_object(folder / "added_tokens.json").items():
         if isinstance(i, int) and 0 <= i < rows:
             tokens[i], scores[i], types[i] = token, -1000.0, USER_DEFINED
     decoder = json_object(folder / "tokenizer_config.json").get("added_tokens_decoder", {})
-    for key, entry in decoder.items():
-        _add_token(tokens, scores, types, int(key), entry)
-    for entry in json_object(folder / "tokenizer.json").get("added_tokens", []):
-        if isinstance(entry.get("id"), int) and 0 <= entry["id"] < rows and types[entry["id"]] in (NORMAL, UNUSED):
-            _add_token(tokens, scores, types, entry["id"], entry)
+    for key, entry in (decoder.items() if isinstance(decoder, dict) else [(None, decoder)]):
+        _add_token(tokens, scores, types, key, entry, "tokenizer_config.json's added_tokens_decoder")
+    for entry in hf.get("added_tokens", []):
+        i = entry.get("id") if isinstance(entry, dict) else None
+        if not isinstance(i, int) or (0 <= i < rows and types[i] in (NORMAL, UNUSED)):
+            _add_token(tokens, scores, types, i, entry, "tokenizer.json's added_tokens")
     return SentencePieceVocab(tokens, scores, types)
 
 
-def _add_token(tokens: list[str], scores: list[float], types: list[int], i: int, entry: dict) -> None:
-    """An added token at id ``i``: control when marked special or looking special, else user-defined with "▁" as a
-    space (llama.cpp keeps user-defined tokens pre-normalized); score -1000."""
+def _add_token(tokens: list[str], scores: list[float], types: list[int], key: object, entry: object,
+               where: str) -> None:
+    """An added token at id ``key``: control when marked special or looking special, else user-defined with "▁" as
+    a space (llama.cpp keeps user-defined tokens pre-normalized); score -1000. An id past the vocabulary is skipped
+    (as llama.cpp's converter skips it); an entry of another shape is refused."""
+    try:
+        i = int(key)  # type: ignore[call-overload]
+        token = entry["content"]  # type: ignore[index]
+        if not isinstance(token, str):
+            raise TypeError
+    except (TypeError, ValueError, KeyError):
+        raise LowbitError(f"{where} has an entry {str(key)[:40]!r}: {str(entry)[:80]!r}, not an id with "
+                          "{\"content\": TOKEN}; fix the tokenizer files (`save_pretrained` of the tokenizer writes them)")
     if not 0 <= i < len(tokens):
         return
-    token = entry["content"]
     if entry.get("special") or looks_special(token):
         tokens[i], types[i] = token, CONTROL
     else:
@@ -137,9 +159,13 @@ def _add_token(tokens: list[str], scores: list[float], types: list[int], i: int,
 
 
 def json_object(path: Path) -> dict:
-    """The JSON object in ``path``; {} when the file is missing, unreadable or holds something else."""
+    """The JSON object in ``path``; {} when there is no such file; refused when it is unreadable or not an object."""
+    if not path.is_file():
+        return {}
     try:
         data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-    return data if isinstance(data, dict) else {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LowbitError(f"cannot read {path} ({str(exc)[:120]}); fix or remove the file") from None
+    if not isinstance(data, dict):
+        raise LowbitError(f"{path} holds a JSON {type(data).__name__}, not an object; fix or remove the file")
+    return data

@@ -15,6 +15,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from lowbit.errors import LowbitError
+
 TOKENIZER_GGUF = "tokenizer.gguf"
 _PREFIX = "tokenizer."
 _ARCH = "tokenizer"  # GGUFWriter needs an architecture name; nothing reads this file as a model
@@ -38,7 +40,11 @@ def write_tokenizer_gguf(reader: Any, folder: Path) -> bool:  # noqa: ANN401 (gg
     """Write the source's tokenizer fields as ``folder/tokenizer.gguf``; False (nothing written) when it has none."""
     import gguf
 
-    fields = tokenizer_fields(reader)
+    try:
+        fields = tokenizer_fields(reader)
+    except (UnicodeDecodeError, ValueError) as exc:  # a token gguf-py cannot read back: keep none (the export refuses)
+        logging.getLogger(__name__).warning("not keeping the GGUF's own tokenizer keys: %s", str(exc)[:200])
+        return False
     if not fields:
         return False
     chatty = logging.getLogger("gguf")  # its writer announces every file at INFO: an import detail, not the user's
@@ -63,7 +69,11 @@ def read_tokenizer_gguf(folder: Path) -> list[tuple[str, Any, Any, Any]] | None:
         return None
     from gguf import GGUFReader
 
-    return tokenizer_fields(GGUFReader(str(path)))
+    try:
+        return tokenizer_fields(GGUFReader(str(path)))
+    except Exception as exc:  # gguf-py raises many types for a damaged file; all mean the same to the user
+        raise LowbitError(f"cannot read {path} ({type(exc).__name__}: {str(exc)[:120]}); it is damaged: delete it, "
+                          "and import the source GGUF again to write it anew") from None
 
 
 def add_fields(writer: Any, fields: list[tuple[str, Any, Any, Any]]) -> None:  # noqa: ANN401 (gguf's GGUFWriter)
