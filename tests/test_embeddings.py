@@ -218,3 +218,21 @@ def test_gptq_head_statistics_run_on_other_untied_architectures(model_type: str)
                     batch_size=2)
     head = model.get_output_embeddings()
     assert head.bits == 8 and (logits(model, ids) - reference).norm() < 0.2 * reference.norm()
+
+
+@pytest.mark.parametrize("grid", [WeightQuant(bits=8, symmetric=True, group_size=32),
+                                  WeightQuant(bits=4, group_size=32, fit="mse"),
+                                  WeightQuant(bits=6, granularity="channel"),
+                                  WeightQuant.k_grid("Q4_K"), WeightQuant.k_grid("Q6_K")])
+def test_a_table_rounded_in_row_slices_is_the_table_rounded_whole(grid: WeightQuant, monkeypatch) -> None:
+    """Large vocabularies are rounded a slice of rows at a time (memory); every row's grid is its own, so the codes
+    and scales are those of rounding the whole table."""
+    import lowbit.pipeline.outside as outside
+
+    table = torch.randn(1000, 256) * torch.rand(1000, 1) * 3
+    whole = outside.quantize_table(table, grid)
+    monkeypatch.setattr(outside, "TABLE_ROWS", 96)
+    sliced = outside.quantize_table(table, grid)
+    assert type(sliced) is type(whole)
+    assert all(torch.equal(a, b) for a, b in zip(whole.pack().values(), sliced.pack().values(), strict=True))
+    assert torch.equal(sliced.dequantize(), whole.dequantize())

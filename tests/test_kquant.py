@@ -99,11 +99,12 @@ def test_a_width_that_is_not_a_multiple_of_256_falls_back_as_llama_quantize_does
         assert isinstance(qweight, QWeight) and ggml_blocks(qweight)[0] == fallback
 
 
-def k_llama(layers: int = 2, kv_heads: int = 2) -> torch.nn.Module:
+def k_llama(layers: int = 2, kv_heads: int = 2, hidden: int = 256, tied: bool = False) -> torch.nn.Module:
     """A tiny Llama whose Linears are 256 or 512 wide, so they hold K blocks (the toy models' 64 do not)."""
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=layers, num_attention_heads=4,
-                         num_key_value_heads=kv_heads, vocab_size=VOCAB, max_position_embeddings=256, **SPECIAL)
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=512, num_hidden_layers=layers, num_attention_heads=4,
+                         num_key_value_heads=kv_heads, vocab_size=VOCAB, max_position_embeddings=256,
+                         tie_word_embeddings=tied, **SPECIAL)
     return AutoModelForCausalLM.from_config(config).eval()
 
 
@@ -146,8 +147,6 @@ def test_k_grid_refusals(tmp_path, capsys):
         Recipe((Prune("wanda", 0.5), RTN(q4k)))
     with pytest.raises(LowbitError, match="same grid"):
         Recipe((AWQ(WeightQuant(bits=4, group_size=32)), GPTQ(q4k)))
-    with pytest.raises(LowbitError, match="blocks' Linears"):
-        Recipe((RTN(q4k),), embeddings=q4k)
     with pytest.raises(LowbitError, match="static groups"):
         Recipe((GPTQ(q4k, act_order=True, static_groups=False),))
     with pytest.raises(LowbitError, match="only GGUF holds"):
@@ -227,5 +226,35 @@ def test_q4_k_m_model_exports_each_tensor_on_its_mix_type(tmp_path, monkeypatch)
         expected = "Q6_K" if i in more else "Q4_K"
         assert stored[f"blk.{i}.attn_v.weight"] == expected and stored[f"blk.{i}.ffn_down.weight"] == expected
         assert stored[f"blk.{i}.attn_q.weight"] == stored[f"blk.{i}.ffn_up.weight"] == "Q4_K"
-    assert stored["token_embd.weight"] == stored["output.weight"] == "Q8_0"
+    assert stored["token_embd.weight"] == "Q4_K" and stored["output.weight"] == "Q6_K"  # llama-quantize's, untied
+    assert_gguf_gives_lowbits_logits(loaded, tmp_path / "m.gguf")
+
+
+@pytest.mark.parametrize("hidden, tied, embd, output", [
+    (256, False, "Q4_K", "Q6_K"),  # the mix's base type for the lookup table, Q6_K for the head
+    (256, True, "Q6_K", None),  # one table, quantized as the head (llama.cpp: has_tied_embeddings)
+    (64, False, "Q5_0", "Q8_0"),  # widths that hold no super-block: Q4_K's fallback, and the head's Q8_0
+    (64, True, "Q8_0", None),
+])
+def test_mix_tables_get_llama_quantizes_types(tmp_path, monkeypatch, hidden, tied, embd, output):
+    """The embedding and head of a K mix recipe are on the types llama-quantize gives token_embd and output; the
+    saved model gives the in-memory logits, and the GGUF blocks hold lowbit's table bit for bit."""
+    monkeypatch.setenv("LOWBIT_GGUF_DTYPE", "float32")
+    model = lowbit.quantize(k_llama(1, hidden=hidden, tied=tied), resolve_recipe("imatrix-q4_k_m"),
+                            calibration(n=2, length=16), batch_size=2)
+    lowbit.save(model, tmp_path / "q", tokenizer=byte_tokenizer())
+    loaded = lowbit.load(tmp_path / "q")
+    ids = calibration(n=2, length=16, seed=5)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    write_gguf(tmp_path / "q", loaded, tmp_path / "m.gguf")
+    tensors = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "m.gguf")).tensors}
+    assert tensors["token_embd.weight"].tensor_type.name == embd
+    assert ("output.weight" in tensors) == (output is not None)
+    if output is not None:
+        assert tensors["output.weight"].tensor_type.name == output
+        head = loaded.lm_head.dequantized_weight()
+        assert torch.equal(dequantized_by_gguf(tensors["output.weight"].data, output).reshape(head.shape), head)
+    table = loaded.get_input_embeddings().float_table(torch.float32)
+    assert torch.equal(dequantized_by_gguf(tensors["token_embd.weight"].data, embd).reshape(table.shape), table)
     assert_gguf_gives_lowbits_logits(loaded, tmp_path / "m.gguf")

@@ -103,3 +103,16 @@ def test_load_rejects_an_unknown_backend(tmp_path):
 
     with pytest.raises(LowbitError, match="backend 'turbo'"):
         lowbit.load(tmp_path, backend="turbo")
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7])
+def test_packing_in_row_slices_gives_the_same_bytes(bits, monkeypatch):
+    """Large tables pack a slice of rows at a time (their 64-bit words would take 8 bytes per code at once)."""
+    import lowbit.numerics.packing as packing
+
+    codes = torch.randint(0, 2**bits, (3, 37, 45), dtype=torch.uint8)
+    whole = packing.pack_bits(codes, bits)
+    monkeypatch.setattr(packing, "_SLICE_CODES", 100)  # two rows of 45 codes at a time
+    sliced = packing.pack_bits(codes, bits)
+    assert torch.equal(sliced, whole)
+    assert torch.equal(packing.unpack_bits(sliced, bits, 45), codes)

@@ -9,7 +9,7 @@ For one model and one llama.cpp mix (default Q4_K_M):
              lowbit's Q2_K_M is llama-quantize's Q2_K, and Q2_K_S runs with the importance matrix only (it refuses
              to make Q2_K_S without one)
   lowbit     `lowbit quantize --recipe {q4_k_m, gptq-q4_k_m, awq-q4_k_m} --format gguf` (RTN, GPTQ, AWQ on the same
-             mix of types, embedding and head Q8_0), N x seq-len calibration tokens, the same seed
+             mix of types, the embedding and head too), N x seq-len calibration tokens, the same seed
 Every file is evaluated by `llama-perplexity -c CTX --chunks K` on the evaluation documents (lowbit's held-out part of
 the text, joined as lowbit joins them). The per-tensor types of lowbit's file and llama-quantize's are compared (the
 mix rules of numerics/kquant_mix.py against llama.cpp's own choice on this model).

@@ -36,6 +36,7 @@ from lowbit.pipeline.report import QuantizeReport
 from lowbit.pipeline.rotate import OutsideRotation, check_saved_rotation
 from lowbit.pipeline.sensitivity import PLAN_PHASE, needs_plan, plan_budget
 from lowbit.recipe import Recipe, Step
+from lowbit.runtime.embedding import EMBEDDING_CLASSES
 from lowbit.runtime.registry import build_empty
 from lowbit.runtime.backends import BACKENDS
 from lowbit.runtime.fast import exact_modules, to_dequantized, to_fast
@@ -317,7 +318,7 @@ def read_lowbit_config(folder: Path) -> dict:
     if "tied_head" in config:
         check_record(config["tied_head"], TiedHead, str(path), CONFIG_FIX, "tied_head")
         embedding = config["modules"].get(config["tied_head"]["embedding"], {})
-        if embedding.get("class") != "QuantizedEmbedding":
+        if embedding.get("class") not in EMBEDDING_CLASSES:
             raise LowbitError(f"{path}: tied_head names an embedding that is not a quantized one; {CONFIG_FIX}")
     if config["dtype"] not in ("float16", "bfloat16", "float32", "float64"):
         raise LowbitError(f"{path}: dtype {config['dtype']!r} is not a float dtype lowbit loads (float16, bfloat16, "
@@ -361,7 +362,7 @@ def load(
     dtype = dtype or getattr(torch, config.get("dtype", "float32"))
     lazy = LazyModel(folder, dtype)
     for name, module_config in config["modules"].items():
-        kind = nn.Embedding if module_config["class"] == "QuantizedEmbedding" else nn.Linear
+        kind = nn.Embedding if module_config["class"] in EMBEDDING_CLASSES else nn.Linear
         if not isinstance(_module_or_none(lazy.model, name), kind):
             raise LowbitError(
                 f"{folder / LOWBIT_CONFIG} lists module {name!r}, which is not a {kind.__name__} of the model its "

@@ -77,7 +77,7 @@ SWEEP_NAME = re.compile(
 FIT_SUFFIXES = {"": "range", "-mse": "mse", "-imse": "imatrix-mse"}
 SWEEP_METHODS = ("rtn", "gptq", "gptq-actorder", "awq", "awq-gptq", "autoround", "awq-autoround")
 # a llama.cpp K-quant grid or mix is a recipe name too: "q4_k" (RTN, every Linear Q4_K), "gptq-q4_k", "awq-q6_k",
-# "gptq-q4_k_m" (llama-quantize's Q4_K_M mix of types, embedding and head Q8_0), "gptq-q3_k_m-actorder"
+# "gptq-q4_k_m" (llama-quantize's Q4_K_M mix of types, for the embedding and head too), "gptq-q3_k_m-actorder"
 # (numerics/kquant.py, numerics/kquant_mix.py; widths that are not multiples of 256 get the type's fallback grid)
 # "imatrix-q4_k_m": RTN whose fit is weighed by the calibration inputs (llama-quantize --imatrix)
 K_NAME = re.compile(r"(?:(?P<method>gptq|awq|awq-gptq|imatrix)-)?(?P<ktype>q[2-6]_k(?:_[sml])?)(?P<actorder>-actorder)?")

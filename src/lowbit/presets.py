@@ -31,7 +31,6 @@ W4_G128 = WeightQuant(bits=4, symmetric=False, granularity="group", group_size=1
 W3_G128 = WeightQuant(bits=3, symmetric=False, granularity="group", group_size=128)
 E8_G128 = WeightQuant(bits=8, symmetric=False, granularity="group", group_size=128)
 E6_G128 = WeightQuant(bits=6, symmetric=False, granularity="group", group_size=128)
-Q8_0 = WeightQuant(bits=8, symmetric=True, granularity="group", group_size=32)  # GGML's Q8_0 blocks exactly
 W4_SYM_G128 = WeightQuant(bits=4, symmetric=True, granularity="group", group_size=128)
 PER_TOKEN = ActQuant(bits=8, granularity="token", dynamic=True)
 PER_TOKEN_4 = ActQuant(bits=4, granularity="token", dynamic=True)
@@ -118,13 +117,13 @@ def rotated(inner: Recipe, online: bool) -> Recipe:
 
 def k_recipe(method: str, ktype: str) -> Recipe:
     """``method`` (a K_METHODS name; "imatrix": RTN fitted under the inputs' importance) on llama.cpp's K-quant grid
-    ``ktype`` ("Q4_K": every Linear) or mix ("Q4_K_M": each Linear's type as llama-quantize chooses it, the
-    embedding and head on Q8_0), named like ``gptq-q4_k`` / ``imatrix-q4_k_m``."""
+    ``ktype`` ("Q4_K": every Linear) or mix ("Q4_K_M": each Linear's, the embedding's and the head's type as
+    llama-quantize chooses it), named like ``gptq-q4_k`` / ``imatrix-q4_k_m``."""
     grid = WeightQuant.k_grid(ktype)
     steps = (RTN(grid, importance=True),) if method == "imatrix" else _method_steps(grid, method)
     head = {"rtn": "", "gptq-actorder": "gptq-"}.get(method, f"{method}-")
     tail = "-actorder" if method == "gptq-actorder" else ""
-    outside = Q8_0 if grid.ggml in K_MIXES else None
+    outside = grid if grid.ggml in K_MIXES else None  # WeightQuant.for_table chooses each table's type
     return Recipe(steps=steps, name=f"{head}{ktype.lower()}{tail}", embeddings=outside, head=outside)
 
 

@@ -125,12 +125,9 @@ class Recipe:
                 step.check_recipe(self)
 
     def _check_k_grids(self) -> None:
-        """K-quant grids (llama.cpp's Q2_K .. Q6_K) on the blocks' Linears only, and never on pruned weights: their
-        offset dmin * m cannot hold an exact zero, so a pruned weight would come back non-zero."""
-        for key in ("embeddings", "head"):
-            grid = getattr(self, key)
-            _check(grid is None or not grid.ggml, f"the {key} grid is {grid.ggml if grid else ''}: K-quant grids are "
-                   "for the blocks' Linears", "give it an integer grid (e.g. bits 8 symmetric g32: Q8_0) or none")
+        """K-quant grids (llama.cpp's Q2_K .. Q6_K, or a mix: the embedding and head then get the types llama-quantize
+        gives them, ``WeightQuant.for_table``) never on pruned weights: their offset dmin * m cannot hold an exact
+        zero, so a pruned weight would come back non-zero."""
         k_grids = [s.grid.ggml for s in self.steps if s.grid is not None and s.grid.ggml]
         if not k_grids:
             return

@@ -24,7 +24,7 @@ from torch import nn
 from lowbit.errors import LowbitError
 from lowbit.numerics.float_formats import FLOAT_TYPES
 from lowbit.numerics.kquant import FALLBACK_GROUP, K_TYPES, SUPER_BLOCK, k_type
-from lowbit.numerics.kquant_mix import K_MIXES, LinearPlace, mix_type
+from lowbit.numerics.kquant_mix import K_MIXES, LinearPlace, mix_type, table_type
 from lowbit.numerics.range_search import SEARCHES
 from lowbit.schema import check_fields
 
@@ -162,6 +162,18 @@ class WeightQuant:
             return self
         bits, symmetric = K_TYPES[K_MIXES.get(self.ggml, self.ggml)].fallback
         return WeightQuant(bits=bits, symmetric=symmetric, granularity="group", group_size=FALLBACK_GROUP, fit="llama")
+
+    def for_table(self, head: bool, width: int) -> WeightQuant:
+        """The grid of a table outside the blocks, ``width`` columns wide: the output head (``head``; also a tied
+        embedding) or an untied input embedding. A llama.cpp mix gives each the type llama-quantize gives it
+        (numerics/kquant_mix.py ``table_type``); a K type falls back where the width is not a multiple of 256, a
+        head of a mix to Q8_0 as llama.cpp computes it (absmax / 127, no search); other grids are used as given."""
+        if not self.ggml:
+            return self
+        grid = WeightQuant.k_grid(table_type(self.ggml, head)) if self.ggml in K_MIXES else self
+        if head and self.ggml in K_MIXES and width % SUPER_BLOCK:
+            return WeightQuant(bits=8, symmetric=True, granularity="group", group_size=FALLBACK_GROUP)
+        return grid.for_width(width)
 
     @property
     def label(self) -> str:

@@ -11,6 +11,7 @@ from lowbit.errors import LowbitError
 from lowbit.numerics.float_formats import (
     FLOAT_TYPES,
     FloatType,
+    abs_max,
     block_scales,
     element_codes,
     element_values,
@@ -133,10 +134,10 @@ def quantize_float_inputs(
     xf = x.float()
     if ft.block:
         blocks = xf.reshape(*xf.shape[:-1], -1, ft.block)  # [..., n_blocks, block]
-        return fake_quantize_blocks(blocks, blocks.abs().amax(dim=-1), ft, global_).reshape(x.shape).to(x.dtype)
+        return fake_quantize_blocks(blocks, abs_max(blocks), ft, global_).reshape(x.shape).to(x.dtype)
     if static_scale is not None:
         step = static_scale.float()
     else:
-        absmax = xf.abs().amax(dim=-1, keepdim=True) if per_token else xf.abs().amax()
+        absmax = abs_max(xf, keepdim=True) if per_token else xf.abs().amax()
         _, step = block_scales(absmax, ft)
     return round_e4m3_(xf / step).mul_(step).to(x.dtype)  # element_values(element_codes(x / step)) * step

@@ -15,8 +15,9 @@ falls back as every K type does (numerics/kquant.py).
     Q5_K_S   Q5_K   base                                  base                                    base
     Q5_K_M   Q5_K   Q6_K where more bits help             Q6_K where more bits help               base
 "Where more bits help": the first and last eighth of the layers, and every third layer between them.
-Every other Linear gets the base type. The output head (and a tied embedding) is Q6_K in llama-quantize, Q8_0 where its
-width is not a multiple of 256; lowbit's mix recipes put the embedding and head on Q8_0 (lowbit's W8 symmetric g32).
+Every other Linear gets the base type. Outside the blocks (``table_type``): the output head, and an embedding tied to
+it, is Q6_K (Q8_0 where its width is not a multiple of 256); an untied input embedding gets the base type, which falls
+back like a Linear's.
 Q2_K_M is llama-quantize's ``Q2_K`` ftype under another name: lowbit's ``q2_k``, like ``q3_k`` .. ``q6_k``, puts every
 Linear on that one type (``LLAMA_FTYPES`` maps the names back).
 """
@@ -53,6 +54,13 @@ class LinearPlace:
     @property
     def role(self) -> str:
         return ROLES.get(self.path.rsplit(".", 1)[-1], "")
+
+
+def table_type(mix: str, head: bool) -> str:
+    """The K type of a table outside the blocks in ``mix``: the output head (``head``; a tied embedding is quantized
+    as the head) gets Q6_K, an untied input embedding the mix's base type (llama.cpp's rules for OUTPUT and
+    TOKEN_EMBD; a width that is not a multiple of 256 falls back, the head to Q8_0)."""
+    return "Q6_K" if head else K_MIXES[mix]
 
 
 def more_bits(layer: int, n_layers: int) -> bool:

@@ -20,12 +20,14 @@ from lowbit.errors import LowbitError
 from lowbit.methods.base import Compression, LinearStats, Step, WeightQuant
 from lowbit.methods.rtn import RTN
 from lowbit.models.lazy import ties_embeddings
+from lowbit.numerics.float_quant import FloatQWeight
+from lowbit.numerics.kquant import KParams, KQWeight
 from lowbit.numerics.qweight import QWeight
 from lowbit.numerics.rtn import rtn
 from lowbit.recipe import Recipe
-from lowbit.runtime.embedding import QuantizedEmbedding, TiedQuantizedHead
+from lowbit.runtime.embedding import QuantizedEmbedding, TiedQuantizedHead, quantized_embedding
+from lowbit.runtime.kquant_linear import weight_only_linear
 from lowbit.runtime.registry import module_config
-from lowbit.runtime.weight_only import WeightOnlyLinear
 
 FIX = "quantize without the recipe's 'embeddings'/'head' grids"
 
@@ -66,8 +68,13 @@ def plan_outside(model: nn.Module, recipe: Recipe) -> OutsidePlan | None:
     head_grid = recipe.head if not tied else embedding_grid
     if embedding_grid is not None:
         _check_lookup(emb)
-    if head_grid is not None and not tied and not isinstance(head, nn.Linear):
-        raise LowbitError(f"the output head is a {type(head).__name__}, not a Linear lowbit can quantize; {FIX}")
+        # a llama.cpp mix's type for the table (a tied one is quantized as the head), falling back by its width
+        embedding_grid = embedding_grid.for_table(head=tied, width=emb.embedding_dim)  # type: ignore[union-attr]
+        head_grid = embedding_grid if tied else head_grid
+    if head_grid is not None and not tied:
+        if not isinstance(head, nn.Linear):
+            raise LowbitError(f"the output head is a {type(head).__name__}, not a Linear lowbit can quantize; {FIX}")
+        head_grid = head_grid.for_table(head=True, width=head.in_features)
     return OutsidePlan(
         embedding=_path_of(model, emb) if embedding_grid is not None else None,
         head=_path_of(model, head) if head_grid is not None else None,
@@ -85,10 +92,12 @@ def head_rounding(recipe: Recipe, grid: WeightQuant) -> Step:
     return RTN(grid)
 
 
-def round_head(weight: torch.Tensor, plan: OutsidePlan, hessian: torch.Tensor | None) -> QWeight:
+def round_head(weight: torch.Tensor, plan: OutsidePlan, hessian: torch.Tensor | None) -> QWeight | KQWeight:
     """An untied head's weight [vocab, hidden] rounded by the plan's head step (``hessian`` [hidden, hidden] when
     that step needs one)."""
-    assert plan.head_step is not None
+    assert plan.head_step is not None and plan.head_grid is not None
+    if isinstance(plan.head_step, RTN) and not plan.head_step.weighs:  # rounded to nearest: a slice at a time
+        return quantize_table(weight, plan.head_grid)
     if plan.head_needs_hessian and hessian is None:
         raise LowbitError(f"{plan.head_step.kind} rounds the head from its inputs, which need calibration data")
     c = Compression(weight.detach().float())
@@ -116,9 +125,31 @@ def embed_scale_of(emb: nn.Module | None) -> float | None:
     return None if value is None else float(torch.tensor(value, dtype=torch.float32))
 
 
-def quantize_table(weight: torch.Tensor, grid: WeightQuant) -> QWeight:
-    """A table [rows, dim] (an embedding, or a head's weight [vocab, hidden]) rounded to nearest on ``grid``."""
-    return rtn(weight.detach().float(), grid)
+# rows of a table rounded at a time: rounding makes several float32 copies of what it rounds (the grid expanded
+# to every column, the codes), which for a whole 128k x 4096 vocabulary would be gigabytes
+TABLE_ROWS = 16384
+
+
+def quantize_table(weight: torch.Tensor, grid: WeightQuant) -> QWeight | KQWeight:
+    """A table [rows, dim] (an embedding, or a head's weight [vocab, hidden]) rounded to nearest on ``grid``, in
+    slices of rows where each row's grid is its own (the same codes and scales as rounding it whole)."""
+    step = weight.shape[0] if grid.granularity == "tensor" else TABLE_ROWS
+    parts = [rtn(weight[i : i + step].detach().float(), grid) for i in range(0, weight.shape[0], step)]
+    assert not any(isinstance(p, FloatQWeight) for p in parts)  # the recipe refuses float grids outside the blocks
+    return parts[0] if len(parts) == 1 else _rows_joined(parts)  # type: ignore[return-value]
+
+
+def _rows_joined(parts: list) -> QWeight | KQWeight:
+    """One weight from row slices of it, each rounded on its own (per-row grids: no per-tensor scale, no g_idx)."""
+    def cat(tensors: list[torch.Tensor | None]) -> torch.Tensor | None:
+        return None if tensors[0] is None else torch.cat(tensors)  # type: ignore[arg-type]
+
+    first = parts[0]
+    if isinstance(first, KQWeight):
+        params = KParams(*(cat([getattr(p.params, f.name) for p in parts]) for f in dataclasses.fields(KParams)))
+        return KQWeight(torch.cat([p.codes for p in parts]), params, first.kind)
+    return dataclasses.replace(first, codes=torch.cat([p.codes for p in parts]), scale=cat([p.scale for p in parts]),
+                               zero=cat([p.zero for p in parts]))
 
 
 def quantize_outside_in_memory(
@@ -131,7 +162,7 @@ def quantize_outside_in_memory(
     if plan.embedding is not None:
         assert plan.embedding_grid is not None
         table = model.get_submodule(plan.embedding).weight
-        embedding = QuantizedEmbedding.from_qweight(quantize_table(table, plan.embedding_grid), plan.embed_scale, dtype)
+        embedding = quantized_embedding(quantize_table(table, plan.embedding_grid), plan.embed_scale, dtype)
         model.set_submodule(plan.embedding, embedding)
     if plan.head is not None:
         if plan.tied:
@@ -139,8 +170,7 @@ def quantize_outside_in_memory(
             model.set_submodule(plan.head, TiedQuantizedHead(embedding))
         else:
             head = model.get_submodule(plan.head)
-            model.set_submodule(plan.head, WeightOnlyLinear.from_qweight(round_head(head.weight, plan, head_hessian),
-                                                                         head.bias))
+            model.set_submodule(plan.head, weight_only_linear(round_head(head.weight, plan, head_hessian), head.bias))
 
 
 def packed_outside(
@@ -154,11 +184,10 @@ def packed_outside(
         return None
     if plan.embedding is not None and name == f"{plan.embedding}.weight":
         assert plan.embedding_grid is not None
-        module: nn.Module = QuantizedEmbedding.from_qweight(
-            quantize_table(tensor, plan.embedding_grid), plan.embed_scale, dtype)
+        module: nn.Module = quantized_embedding(quantize_table(tensor, plan.embedding_grid), plan.embed_scale, dtype)
         path = plan.embedding
     elif plan.head is not None and not plan.tied and name == f"{plan.head}.weight":
-        module = WeightOnlyLinear.from_qweight(round_head(tensor, plan, head_hessian), None)
+        module = weight_only_linear(round_head(tensor, plan, head_hessian), None)
         path = plan.head
     else:
         return None

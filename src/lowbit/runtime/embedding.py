@@ -1,7 +1,9 @@
 """The tensors outside the decoder blocks, packed: the input embedding table (looked up, then only the rows asked
 for are dequantized, so its memory stays packed) and a head tied to it (the same packed table, multiplied).
 
-An untied head is a ``WeightOnlyLinear`` like any other Linear. A tied head has no tensors of its own: the
+The table is on an integer grid (``QuantizedEmbedding``) or on a llama.cpp K-quant grid (``KQuantEmbedding``: the
+types llama-quantize gives token_embd and output in its mixes). An untied head is a runtime Linear like any other
+(``WeightOnlyLinear``, ``KQuantLinear``). A tied head has no tensors of its own: the
 checkpoint stores the table once, as the embedding's, and ``TiedQuantizedHead`` reads it from the embedding module.
 """
 
@@ -14,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.numerics.grid import group_count
+from lowbit.numerics.kquant import K_TYPES, SUPER_BLOCK, KQWeight
 from lowbit.numerics.packing import packed_length
 from lowbit.numerics.qweight import QWeight
 
@@ -73,18 +76,20 @@ class QuantizedEmbedding(nn.Module):
             "embed_scale": self.embed_scale,
         }
 
-    def _rows(self, rows: torch.Tensor | None) -> QWeight:
+    def _rows(self, rows: torch.Tensor | None) -> QWeight | KQWeight:
         """The packed table (``rows`` None) or the given rows of it, unpacked."""
-        def take(t: torch.Tensor) -> torch.Tensor:
-            return t if rows is None or t.shape[0] == 1 else t[rows]
-
-        tensors = {"qweight": take(self.qweight), "scales": take(self.scales)}
+        tensors = {"qweight": self.qweight, "scales": self.scales}
         if self.qzeros is not None:
-            tensors["qzeros"] = take(self.qzeros)
-        return QWeight.unpack(tensors, self.bits, self.group_size, self.embedding_dim)
+            tensors["qzeros"] = self.qzeros
+        return QWeight.unpack(_take(tensors, rows), self.bits, self.group_size, self.embedding_dim)
 
-    def unpacked(self) -> QWeight:
+    def unpacked(self) -> QWeight | KQWeight:
         return self._rows(None)
+
+    def kernel_weights(self) -> QWeight | None:
+        """The table as the int4 / int8 kernels take it (a tied head's fast form), or None where none fits."""
+        table = self.unpacked()
+        return table if isinstance(table, QWeight) else None
 
     def float_table(self, dtype: torch.dtype) -> torch.Tensor:
         """The whole dequantized table [num, dim] in ``dtype``, bit-identical to the rows ``forward`` returns."""
@@ -103,6 +108,79 @@ class QuantizedEmbedding(nn.Module):
     def extra_repr(self) -> str:
         grid = "per-tensor" if self.per_tensor else f"group_size={self.group_size}"
         return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}, {grid}, sym={self.symmetric}"
+
+
+def _take(tensors: dict[str, torch.Tensor], rows: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The given ``rows`` of every per-row tensor (one of a single row is shared by all: a per-tensor scale)."""
+    return {k: t if rows is None or t.shape[0] == 1 else t[rows] for k, t in tensors.items()}
+
+
+class KQuantEmbedding(QuantizedEmbedding):
+    """A lookup table [num_embeddings, embedding_dim] on a llama.cpp K-quant grid (numerics/kquant.py), stored as
+    ``KQuantLinear`` stores its weight, so the GGUF export copies the blocks exactly.
+
+    Buffers: qweight uint8 [num, packed], kd float16 [num, dim / 256], ksc int8 [num, dim / sub], kdmin float16 and
+    km int8 likewise (asymmetric types only)."""
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        ggml: str,
+        embed_scale: float | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "meta",
+    ) -> None:
+        nn.Module.__init__(self)  # QuantizedEmbedding's per-group scales are not this grid's
+        kt = K_TYPES[ggml]
+        self.num_embeddings, self.embedding_dim, self.ggml = num_embeddings, embedding_dim, ggml
+        self.bits, self.group_size, self.symmetric, self.per_tensor = kt.bits, kt.sub, not kt.asymmetric, False
+        self.embed_scale = embed_scale
+        n_super, n_sub = embedding_dim // SUPER_BLOCK, embedding_dim // kt.sub
+        self.register_buffer("qweight", torch.empty(num_embeddings, packed_length(embedding_dim, kt.bits),
+                                                    dtype=torch.uint8, device=device))
+        self.register_buffer("kd", torch.empty(num_embeddings, n_super, dtype=torch.float16, device=device))
+        self.register_buffer("ksc", torch.empty(num_embeddings, n_sub, dtype=torch.int8, device=device))
+        self.kdmin: torch.Tensor | None
+        self.km: torch.Tensor | None
+        asym = kt.asymmetric
+        self.register_buffer("kdmin", torch.empty(num_embeddings, n_super, dtype=torch.float16, device=device)
+                             if asym else None)
+        self.register_buffer("km", torch.empty(num_embeddings, n_sub, dtype=torch.int8, device=device) if asym else None)
+        anchor_device = "cpu" if torch.device(device).type == "meta" else device
+        self.register_buffer("anchor", torch.empty(0, dtype=dtype, device=anchor_device), persistent=False)
+
+    @classmethod
+    def from_qweight(cls, qweight: QWeight | KQWeight, embed_scale: float | None, dtype: torch.dtype) -> KQuantEmbedding:
+        assert isinstance(qweight, KQWeight)
+        module = cls(qweight.out_features, qweight.in_features, qweight.kind, embed_scale=embed_scale, dtype=dtype,
+                     device=qweight.codes.device)
+        for name, tensor in qweight.pack().items():
+            setattr(module, name, tensor)
+        return module
+
+    def config(self) -> dict[str, Any]:
+        return {"num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim, "ggml": self.ggml,
+                "embed_scale": self.embed_scale}
+
+    def _rows(self, rows: torch.Tensor | None) -> KQWeight:
+        tensors = {"qweight": self.qweight, "kd": self.kd, "ksc": self.ksc}
+        if self.kdmin is not None and self.km is not None:
+            tensors.update(kdmin=self.kdmin, km=self.km)
+        return KQWeight.unpack(_take(tensors, rows), self.ggml, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, {self.ggml}"
+
+
+def quantized_embedding(qweight: QWeight | KQWeight, embed_scale: float | None, dtype: torch.dtype) -> QuantizedEmbedding:
+    """The runtime table holding a rounded embedding: KQuantEmbedding for a K grid, else QuantizedEmbedding."""
+    cls = KQuantEmbedding if isinstance(qweight, KQWeight) else QuantizedEmbedding
+    return cls.from_qweight(qweight, embed_scale, dtype)
+
+
+# the runtime classes of a quantized input embedding, by the name lowbit_config.json records
+EMBEDDING_CLASSES = ("QuantizedEmbedding", "KQuantEmbedding")
 
 
 class TiedQuantizedHead(nn.Module):
@@ -147,5 +225,6 @@ class TiedQuantizedHead(nn.Module):
         from lowbit.runtime.fast import DequantizedLinear
         from lowbit.runtime.weight_only import weight_kernel
 
-        kernel = weight_kernel(self, self.embedding.unpacked())
+        table = self.embedding.kernel_weights()
+        kernel = weight_kernel(self, table) if table is not None else None
         return kernel if kernel is not None else DequantizedLinear(self, self.float_weight(self.embedding.anchor.dtype))

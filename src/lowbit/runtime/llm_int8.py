@@ -19,8 +19,10 @@ from lowbit.runtime.weight_only import InputGrid, InputQuantizingStandIn, Weight
 
 
 def outlier_columns(x: torch.Tensor, threshold: float) -> torch.Tensor:
-    """bool [in]: columns of x [..., in] where any token exceeds the threshold in magnitude."""
-    return (x.abs() > threshold).reshape(-1, x.shape[-1]).any(dim=0)
+    """bool [in]: columns of x [..., in] where any token exceeds the threshold in magnitude (from each column's
+    largest and smallest value: no [tokens, in] |x| or mask tensor, in every forward)."""
+    rows = x.reshape(-1, x.shape[-1])
+    return (rows.amax(dim=0) > threshold) | (rows.amin(dim=0) < -threshold)
 
 
 class Int8OutlierLinear(WeightOnlyLinear):

@@ -19,7 +19,7 @@ from lowbit.errors import LowbitError
 from lowbit.numerics.float_formats import FLOAT_TYPES
 from lowbit.numerics.kquant import K_TYPES, SUPER_BLOCK
 from lowbit.runtime.act_quant import ActQuantLinear
-from lowbit.runtime.embedding import QuantizedEmbedding
+from lowbit.runtime.embedding import KQuantEmbedding, QuantizedEmbedding
 from lowbit.runtime.float_linear import FloatQuantLinear
 from lowbit.runtime.kquant_linear import KQuantLinear
 from lowbit.runtime.llm_int8 import Int8OutlierLinear
@@ -31,7 +31,7 @@ from lowbit.schema import Range, check_range, check_value
 RUNTIME_MODULES: dict[str, type[nn.Module]] = {
     cls.__name__: cls
     for cls in (WeightOnlyLinear, KQuantLinear, FloatQuantLinear, ActQuantLinear, Int8OutlierLinear, SparseLinear, QuantizedEmbedding,
-                RotatedInput)
+                KQuantEmbedding, RotatedInput)
 }
 CONFIG_FIX = "the checkpoint's lowbit_config.json is damaged: re-run lowbit quantize"
 # constructor arguments that say where a module is built, not what it stores
@@ -98,8 +98,9 @@ def check_module_config(name: str, config: Any) -> type[nn.Module]:
             check_range(value, _RANGES[key], f"{where}: {key}", CONFIG_FIX)
     if "ggml" in arguments and arguments["ggml"] not in K_TYPES:
         raise LowbitError(f"{where}: ggml {arguments['ggml']!r} is not a K-quant type ({', '.join(K_TYPES)}); {CONFIG_FIX}")
-    if "ggml" in arguments and arguments["in_features"] % SUPER_BLOCK:
-        raise LowbitError(f"{where}: in_features of a {arguments['ggml']} weight must be a multiple of {SUPER_BLOCK}; {CONFIG_FIX}")
+    width = "in_features" if "in_features" in arguments else "embedding_dim"
+    if "ggml" in arguments and arguments[width] % SUPER_BLOCK:
+        raise LowbitError(f"{where}: {width} of a {arguments['ggml']} weight must be a multiple of {SUPER_BLOCK}; {CONFIG_FIX}")
     _check_float_types(where, arguments)
     if "nnz" in arguments and arguments["nnz"] > arguments["in_features"] * arguments["out_features"]:
         raise LowbitError(f"{where}: nnz {arguments['nnz']} exceeds in_features x out_features; {CONFIG_FIX}")
