@@ -10,7 +10,7 @@ from lowbit import GPTQ, RTN, WeightQuant
 from lowbit.errors import LowbitError
 from lowbit.methods.act_quant import ActQuant
 from lowbit.numerics.float_formats import (
-    FLOAT_TYPES, abs_max, element_codes, element_values, global_scale, mx_exponents, round_e2m1_,
+    FLOAT_TYPES, abs_max, element_codes, element_values, global_scale, mx_exponents, round_e2m1_, round_e4m3_,
 )
 from lowbit.numerics.float_quant import FloatQWeight, float_rtn, quantize_float_inputs
 from lowbit.numerics.obs import gptq
@@ -52,17 +52,23 @@ def test_e2m1_rounding_and_mx_exponents_are_the_references():
 
 
 def test_run_time_rounding_is_the_codes_values_bit_for_bit():
-    """Inputs are rounded by arithmetic on the float32 bits (round_e2m1_) and their block ranges taken without an
-    |x| tensor (abs_max): the same bits as the codes' values and x.abs().amax, ties, signed zeros, saturation and
-    extremes included."""
+    """Inputs are rounded by arithmetic on the float32 bits (round_e2m1_, round_e4m3_) and their block ranges taken
+    without an |x| tensor (abs_max): the same bits as the codes' values and x.abs().amax, ties, signed zeros,
+    subnormals, saturation and extremes included."""
     ft = FLOAT_TYPES["MXFP4"]
     x = torch.cat([torch.linspace(-10, 10, 400_001), torch.tensor(
         [0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0, 7.0, 1e9, 3e38, 0.0, -0.0, 1e-40, -1e-40, -0.25, -5.0, -3e38])])
     x = torch.cat([x, torch.nextafter(x, torch.tensor(float("inf"))), torch.nextafter(x, torch.tensor(float("-inf")))])
     reference = element_values(element_codes(x, ft), ft)
     assert torch.equal(round_e2m1_(x.clone()).view(torch.int32), reference.view(torch.int32))
-    blocks = torch.cat([x[: 32 * 1000], -x[: 32 * 1000].abs(), torch.zeros(32)]).view(-1, 32)
-    assert torch.equal(abs_max(blocks).view(torch.int32), blocks.abs().amax(dim=-1).view(torch.int32))
+    fp8 = FLOAT_TYPES["FP8"]  # E4M3: subnormals below 2^-6, saturating at 448, -0 kept as the cast keeps it
+    wide = torch.cat([x * 50, x / 200, x / 5e4, torch.tensor([448.0, 464.0, 465.0, 480.0, 2.0**-10, -(2.0**-10)])])
+    reference = element_values(element_codes(wide, fp8), fp8)
+    assert torch.equal(round_e4m3_(wide.clone()).view(torch.int32), reference.view(torch.int32))
+    for block in (16, 32):  # NVFP4's, MXFP4's
+        blocks = torch.cat([x[:32_000], -x[:32_000].abs(), torch.zeros(160)]).view(-1, 5, block)
+        assert torch.equal(abs_max(blocks).view(torch.int32), blocks.abs().amax(dim=-1).view(torch.int32))
+        assert abs_max(blocks, keepdim=True).shape == (blocks.shape[0], 5, 1)
 
 
 @pytest.mark.parametrize("preset, kind, group", [("FP8_DYNAMIC", "FP8", 256), ("MXFP4A16", "MXFP4", 32),
