@@ -76,8 +76,8 @@ def _round_to_float_(x: torch.Tensor, mantissa_bits: int, min_exponent: int) -> 
     float32 exponent bits, so exactly), rounded to an integer half to even, and multiplied back; a zero keeps its
     sign. Inputs are rounded in every forward: this is a few passes over x, where PyTorch's float8 cast back to
     float32, and E2M1's comparisons and table, were not vectorized."""
-    biased = ((x.view(torch.int32) >> 23) & 0xFF).clamp_(min=127 + min_exponent)
-    step = biased.sub_(mantissa_bits).bitwise_left_shift_(23).view(torch.float32)  # [same shape] 2^(e - bits)
+    exponent = (x.view(torch.int32) & 0x7F800000).clamp_(min=(127 + min_exponent) << 23)  # biased, in place
+    step = exponent.sub_(mantissa_bits << 23).view(torch.float32)  # [same shape] 2^(e - bits)
     return x.div_(step).round_().mul_(step)
 
 
