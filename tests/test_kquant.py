@@ -247,6 +247,11 @@ def test_mix_tables_get_llama_quantizes_types(tmp_path, monkeypatch, hidden, tie
     ids = calibration(n=2, length=16, seed=5)
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)
+        exact = model(ids).logits
+        # evaluation's backend: the same logits; the fast one (int kernels where a grid fits one) close to them
+        assert torch.equal(lowbit.load(tmp_path / "q", backend="dequantized")(ids).logits, exact)
+        fast = lowbit.load(tmp_path / "q", backend="fast")(ids).logits
+        assert (fast - exact).abs().max() <= 0.05 * exact.abs().max()
     write_gguf(tmp_path / "q", loaded, tmp_path / "m.gguf")
     tensors = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "m.gguf")).tensors}
     assert tensors["token_embd.weight"].tensor_type.name == embd
