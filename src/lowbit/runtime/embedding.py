@@ -16,9 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.numerics.grid import group_count
-from lowbit.numerics.kquant import K_TYPES, SUPER_BLOCK, KQWeight
+from lowbit.numerics.kquant import K_TYPES, KQWeight
 from lowbit.numerics.packing import packed_length
 from lowbit.numerics.qweight import QWeight
+from lowbit.runtime.kquant_linear import register_k_levels
 
 
 class QuantizedEmbedding(nn.Module):
@@ -122,6 +123,9 @@ class KQuantEmbedding(QuantizedEmbedding):
     Buffers: qweight uint8 [num, packed], kd float16 [num, dim / 256], ksc int8 [num, dim / sub], kdmin float16 and
     km int8 likewise (asymmetric types only)."""
 
+    kdmin: torch.Tensor | None
+    km: torch.Tensor | None
+
     def __init__(
         self,
         num_embeddings: int,
@@ -136,17 +140,9 @@ class KQuantEmbedding(QuantizedEmbedding):
         self.num_embeddings, self.embedding_dim, self.ggml = num_embeddings, embedding_dim, ggml
         self.bits, self.group_size, self.symmetric, self.per_tensor = kt.bits, kt.sub, not kt.asymmetric, False
         self.embed_scale = embed_scale
-        n_super, n_sub = embedding_dim // SUPER_BLOCK, embedding_dim // kt.sub
         self.register_buffer("qweight", torch.empty(num_embeddings, packed_length(embedding_dim, kt.bits),
                                                     dtype=torch.uint8, device=device))
-        self.register_buffer("kd", torch.empty(num_embeddings, n_super, dtype=torch.float16, device=device))
-        self.register_buffer("ksc", torch.empty(num_embeddings, n_sub, dtype=torch.int8, device=device))
-        self.kdmin: torch.Tensor | None
-        self.km: torch.Tensor | None
-        asym = kt.asymmetric
-        self.register_buffer("kdmin", torch.empty(num_embeddings, n_super, dtype=torch.float16, device=device)
-                             if asym else None)
-        self.register_buffer("km", torch.empty(num_embeddings, n_sub, dtype=torch.int8, device=device) if asym else None)
+        register_k_levels(self, num_embeddings, embedding_dim, kt, device)
         anchor_device = "cpu" if torch.device(device).type == "meta" else device
         self.register_buffer("anchor", torch.empty(0, dtype=dtype, device=anchor_device), persistent=False)
 

@@ -14,15 +14,29 @@ import torch
 from torch import nn
 
 from lowbit.numerics.float_quant import FloatQWeight
-from lowbit.numerics.kquant import K_TYPES, SUPER_BLOCK, KQWeight
+from lowbit.numerics.kquant import K_TYPES, SUPER_BLOCK, KQWeight, KType
 from lowbit.numerics.qweight import QWeight
 from lowbit.runtime.float_linear import FloatQuantLinear
 from lowbit.runtime.weight_only import WeightOnlyLinear, filled
 
 
+def register_k_levels(module: nn.Module, rows: int, width: int, kt: KType, device: torch.device | str) -> None:
+    """A K grid's two levels as empty buffers of ``module`` (a weight [rows, width]): kd float16 [rows, width / 256],
+    ksc int8 [rows, width / sub], and for the asymmetric types kdmin and km likewise (else None)."""
+    n_super, n_sub = width // SUPER_BLOCK, width // kt.sub
+    module.register_buffer("kd", torch.empty(rows, n_super, dtype=torch.float16, device=device))
+    module.register_buffer("ksc", torch.empty(rows, n_sub, dtype=torch.int8, device=device))
+    asym = kt.asymmetric
+    module.register_buffer("kdmin", torch.empty(rows, n_super, dtype=torch.float16, device=device) if asym else None)
+    module.register_buffer("km", torch.empty(rows, n_sub, dtype=torch.int8, device=device) if asym else None)
+
+
 class KQuantLinear(WeightOnlyLinear):
     """Buffers: qweight uint8 [out, packed], kd float16 [out, in / 256], ksc int8 [out, in / sub], kdmin float16
     and km int8 likewise (asymmetric types only), bias [out] (if any)."""
+
+    kdmin: torch.Tensor | None
+    km: torch.Tensor | None
 
     def __init__(
         self,
@@ -37,14 +51,7 @@ class KQuantLinear(WeightOnlyLinear):
         kt = K_TYPES[ggml]
         self._init_codes(in_features, out_features, kt.bits, kt.sub, not kt.asymmetric, False, False, device)
         self.ggml = ggml
-        n_super, n_sub = in_features // SUPER_BLOCK, in_features // kt.sub
-        self.register_buffer("kd", torch.empty(out_features, n_super, dtype=torch.float16, device=device))
-        self.register_buffer("ksc", torch.empty(out_features, n_sub, dtype=torch.int8, device=device))
-        self.kdmin: torch.Tensor | None
-        self.km: torch.Tensor | None
-        asym = kt.asymmetric
-        self.register_buffer("kdmin", torch.empty(out_features, n_super, dtype=torch.float16, device=device) if asym else None)
-        self.register_buffer("km", torch.empty(out_features, n_sub, dtype=torch.int8, device=device) if asym else None)
+        register_k_levels(self, out_features, in_features, kt, device)
         self.g_idx = None
         self._init_bias(has_bias, dtype, device)
 
