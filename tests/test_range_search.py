@@ -177,6 +177,10 @@ def test_the_recommendation_measures_a_searched_grid_against_min_max_rounding():
     sentence = next(s for s in recommendations({"rows": rows}) if s.startswith("For W3 g128"))
     assert sentence.startswith("For W3 g128, use w3g128-mse: perplexity 14.000")
     assert "round-to-nearest (w3g128) gives +100.0%" in sentence and "gptq-w3g128 did not beat it" in sentence
+    # of two rows of the same size within a budget, the smallest-within sentence names the better one
+    rows = [row("fp", 10.0), row("awq-w4g128", 12.2), row("gptq-w4g128", 11.5)]
+    smallest = next(s for s in recommendations({"rows": rows}) if s.startswith("Smallest within 25%"))
+    assert "gptq-w4g128" in smallest and "awq" not in smallest
 
 
 def test_gptq_fits_each_group_by_the_search_under_the_hessian_diagonal():

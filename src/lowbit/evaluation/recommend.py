@@ -124,7 +124,7 @@ def recommendations(results: dict[str, Any], diagnosis: dict[str, Any] | None = 
     for budget in BUDGETS:
         fits = [r for r in quantized if delta(r, base) <= budget]
         if fits:
-            small = min(fits, key=lambda r: r["disk_bytes"])
+            small = min(fits, key=lambda r: (r["disk_bytes"], r["perplexity"]))  # of equal sizes, the better one
             lines.append(
                 f"Smallest within {100 * budget:g}% of {base['recipe']} perplexity: {small['recipe']} "
                 f"({mib(small['disk_bytes'])}, {base['disk_bytes'] / small['disk_bytes']:.2f}x smaller, {_pct(delta(small, base))})."
