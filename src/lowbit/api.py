@@ -36,8 +36,7 @@ from lowbit.pipeline.report import QuantizeReport
 from lowbit.pipeline.rotate import OutsideRotation, check_saved_rotation
 from lowbit.pipeline.sensitivity import PLAN_PHASE, needs_plan, plan_budget
 from lowbit.recipe import Recipe, Step
-from lowbit.runtime.embedding import EMBEDDING_CLASSES
-from lowbit.runtime.registry import build_empty
+from lowbit.runtime.registry import EMBEDDING_CLASSES, build_empty
 from lowbit.runtime.backends import BACKENDS
 from lowbit.runtime.fast import exact_modules, to_dequantized, to_fast
 

@@ -65,12 +65,11 @@ def plan_outside(model: nn.Module, recipe: Recipe) -> OutsidePlan | None:
             f"{recipe.embeddings.label} and head {recipe.head.label}; give both the same grid (or one of them)"
         )
     embedding_grid = recipe.embeddings if not tied else (recipe.embeddings or recipe.head)
-    head_grid = recipe.head if not tied else embedding_grid
     if embedding_grid is not None:
         _check_lookup(emb)
         # a llama.cpp mix's type for the table (a tied one is quantized as the head), falling back by its width
         embedding_grid = embedding_grid.for_table(head=tied, width=emb.embedding_dim)  # type: ignore[union-attr]
-        head_grid = embedding_grid if tied else head_grid
+    head_grid = embedding_grid if tied else recipe.head
     if head_grid is not None and not tied:
         if not isinstance(head, nn.Linear):
             raise LowbitError(f"the output head is a {type(head).__name__}, not a Linear lowbit can quantize; {FIX}")

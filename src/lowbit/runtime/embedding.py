@@ -20,6 +20,7 @@ from lowbit.numerics.kquant import K_TYPES, KQWeight
 from lowbit.numerics.packing import packed_length
 from lowbit.numerics.qweight import QWeight
 from lowbit.runtime.kquant_linear import register_k_levels
+from lowbit.runtime.weight_only import filled
 
 
 class QuantizedEmbedding(nn.Module):
@@ -54,8 +55,11 @@ class QuantizedEmbedding(nn.Module):
         self.qzeros: torch.Tensor | None
         self.register_buffer("qzeros", None if symmetric else torch.empty(
             rows, packed_length(n_groups, bits), dtype=torch.uint8, device=device))
-        # an empty float buffer whose dtype follows model.to(dtype): the dtype rows are dequantized in (never on
-        # meta: it holds no data, and a loaded model must not keep a meta tensor)
+        self._register_anchor(dtype, device)
+
+    def _register_anchor(self, dtype: torch.dtype, device: torch.device | str) -> None:
+        """An empty float buffer whose dtype follows model.to(dtype): the dtype rows are dequantized in (never on
+        meta: it holds no data, and a loaded model must not keep a meta tensor)."""
         anchor_device = "cpu" if torch.device(device).type == "meta" else device
         self.register_buffer("anchor", torch.empty(0, dtype=dtype, device=anchor_device), persistent=False)
 
@@ -66,9 +70,7 @@ class QuantizedEmbedding(nn.Module):
             per_tensor=qweight.scale.shape[0] == 1 and qweight.out_features > 1, embed_scale=embed_scale,
             dtype=dtype, device=qweight.codes.device,
         )
-        for name, tensor in qweight.pack().items():
-            setattr(module, name, tensor)
-        return module
+        return filled(module, qweight.pack(), None)
 
     def config(self) -> dict[str, Any]:
         return {
@@ -90,7 +92,8 @@ class QuantizedEmbedding(nn.Module):
     def kernel_weights(self) -> QWeight | None:
         """The table as the int4 / int8 kernels take it (a tied head's fast form), or None where none fits."""
         table = self.unpacked()
-        return table if isinstance(table, QWeight) else None
+        assert isinstance(table, QWeight)  # an integer grid here; KQuantEmbedding answers None
+        return table
 
     def float_table(self, dtype: torch.dtype) -> torch.Tensor:
         """The whole dequantized table [num, dim] in ``dtype``, bit-identical to the rows ``forward`` returns."""
@@ -143,17 +146,14 @@ class KQuantEmbedding(QuantizedEmbedding):
         self.register_buffer("qweight", torch.empty(num_embeddings, packed_length(embedding_dim, kt.bits),
                                                     dtype=torch.uint8, device=device))
         register_k_levels(self, num_embeddings, embedding_dim, kt, device)
-        anchor_device = "cpu" if torch.device(device).type == "meta" else device
-        self.register_buffer("anchor", torch.empty(0, dtype=dtype, device=anchor_device), persistent=False)
+        self._register_anchor(dtype, device)
 
     @classmethod
     def from_qweight(cls, qweight: QWeight | KQWeight, embed_scale: float | None, dtype: torch.dtype) -> KQuantEmbedding:
         assert isinstance(qweight, KQWeight)
         module = cls(qweight.out_features, qweight.in_features, qweight.kind, embed_scale=embed_scale, dtype=dtype,
                      device=qweight.codes.device)
-        for name, tensor in qweight.pack().items():
-            setattr(module, name, tensor)
-        return module
+        return filled(module, qweight.pack(), None)
 
     def config(self) -> dict[str, Any]:
         return {"num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim, "ggml": self.ggml,
@@ -165,6 +165,10 @@ class KQuantEmbedding(QuantizedEmbedding):
             tensors.update(kdmin=self.kdmin, km=self.km)
         return KQWeight.unpack(_take(tensors, rows), self.ggml, self.embedding_dim)
 
+    def kernel_weights(self) -> None:
+        """None: no int4 / int8 kernel holds a K grid's codes (a tied head computes with the dequantized table)."""
+        return None
+
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, {self.ggml}"
 
@@ -173,10 +177,6 @@ def quantized_embedding(qweight: QWeight | KQWeight, embed_scale: float | None, 
     """The runtime table holding a rounded embedding: KQuantEmbedding for a K grid, else QuantizedEmbedding."""
     cls = KQuantEmbedding if isinstance(qweight, KQWeight) else QuantizedEmbedding
     return cls.from_qweight(qweight, embed_scale, dtype)
-
-
-# the runtime classes of a quantized input embedding, by the name lowbit_config.json records
-EMBEDDING_CLASSES = ("QuantizedEmbedding", "KQuantEmbedding")
 
 
 class TiedQuantizedHead(nn.Module):

@@ -33,6 +33,8 @@ RUNTIME_MODULES: dict[str, type[nn.Module]] = {
     for cls in (WeightOnlyLinear, KQuantLinear, FloatQuantLinear, ActQuantLinear, Int8OutlierLinear, SparseLinear, QuantizedEmbedding,
                 KQuantEmbedding, RotatedInput)
 }
+# the names lowbit_config.json records for a quantized input embedding (a lookup table, not a Linear)
+EMBEDDING_CLASSES = frozenset(name for name, cls in RUNTIME_MODULES.items() if issubclass(cls, QuantizedEmbedding))
 CONFIG_FIX = "the checkpoint's lowbit_config.json is damaged: re-run lowbit quantize"
 # constructor arguments that say where a module is built, not what it stores
 _PLACEMENT = ("self", "dtype", "device")
