@@ -32,10 +32,10 @@ import datetime
 import json
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 
+from run import evaluate
 from shared import MODELS, REPO, WORK, ids_file, model_folder
 
 RESULTS = REPO / "bench" / "results" / "peers" / "actorder.json"
@@ -72,10 +72,9 @@ def run(model: str, variant: str, seed: int, group: int, nsamples: int, seq_len:
     wall = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(f"actorder: {variant} on {model} seed {seed} failed: {done.stderr.strip()[-300:]}")
-    evaluated = subprocess.run(
-        [sys.executable, str(Path(__file__).parent / "evaluate.py"), "lowbit", str(out), "--ids",
-         str(ids_file(model, seed))], capture_output=True, text=True, check=True)
-    result = json.loads(evaluated.stdout.strip().splitlines()[-1])
+    result = evaluate("lowbit", out, ids_file(model, seed))
+    if "error" in result:
+        raise SystemExit(f"actorder: evaluating {variant} on {model} seed {seed} failed: {result['error']}")
     return {"command": " ".join(command[3:]), "seed": seed, "perplexity": result["perplexity"],
             "wall_seconds": round(wall, 1), "date": f"{datetime.date.today()}"}
 

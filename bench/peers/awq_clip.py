@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from run import evaluate
 from shared import REPO, WORK, ids_file, model_folder, model_name
 
 LOWBIT = REPO / ".venv" / "bin" / "lowbit"
@@ -55,9 +54,10 @@ def quantize(recipe: dict, folder: Path, name: str, seed: int) -> None:
 
 
 def perplexity(folder: Path, name: str, seed: int) -> float:
-    out = subprocess.run([sys.executable, str(Path(__file__).parent / "evaluate.py"), "lowbit", str(folder), "--ids",
-                          str(ids_file(name, seed))], check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])["perplexity"]
+    evaluated = evaluate("lowbit", folder, ids_file(name, seed))
+    if "error" in evaluated:
+        raise SystemExit(f"awq_clip: evaluating {folder} failed: {evaluated['error']}")
+    return evaluated["perplexity"]
 
 
 def main() -> None:
@@ -94,5 +94,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("LOWBIT_GGUF_DTYPE", "float32")
     main()
