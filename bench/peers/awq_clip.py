@@ -48,9 +48,11 @@ def quantize(recipe: dict, folder: Path, name: str, seed: int) -> None:
     recipe_file = folder.with_suffix(".json")
     recipe_file.write_text(json.dumps(recipe, indent=1))
     if not (folder / "lowbit_config.json").is_file():
-        subprocess.run([str(LOWBIT), "quantize", "--model", str(model_folder(name)), "--recipe", str(recipe_file),
-                        "--nsamples", "16", "--seq-len", "512", "--seed", str(seed), "--out", str(folder)],
-                       check=True, stdout=subprocess.DEVNULL)
+        done = subprocess.run([str(LOWBIT), "quantize", "--model", str(model_folder(name)), "--recipe",
+                               str(recipe_file), "--nsamples", "16", "--seq-len", "512", "--seed", str(seed), "--out",
+                               str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if done.returncode != 0:  # lowbit's own one-line error (a missing model folder: run prepare.py first)
+            raise SystemExit(f"awq_clip: {done.stderr.strip()[-300:]}")
 
 
 def perplexity(folder: Path, name: str, seed: int) -> float:
@@ -68,6 +70,9 @@ def main() -> None:
     parser.add_argument("--clip-tokens", type=int, default=512, help="tokens the clip search samples (AWQ's default)")
     args = parser.parse_args()
     name = model_name(args.model)
+    if not (model_folder(name) / "config.json").is_file() or not ids_file(name, args.seed).is_file():
+        raise SystemExit(f"awq_clip: {name}'s shared inputs for seed {args.seed} are missing; run "
+                         f"bench/peers/prepare.py --model {args.model} --seeds {args.seed} first")
     work = WORK / name / f"awq_clip-g{args.group_size}-seed{args.seed}-t{args.clip_tokens}"
     work.mkdir(parents=True, exist_ok=True)
     preset = json.loads(subprocess.run([str(LOWBIT), "recipes", f"awq-w4g{args.group_size}"], check=True,
