@@ -109,12 +109,15 @@ class TwoRanksByHand:
         return [obj, self.other]
 
 
-def test_token_sample_of_two_ranks_is_the_one_process_sample() -> None:
+@pytest.mark.parametrize("first_positions", [0, 2])
+def test_token_sample_of_two_ranks_is_the_one_process_sample(first_positions: int) -> None:
     batches = [torch.randn(2, 24, 16, generator=torch.Generator().manual_seed(b)) for b in range(5)]
-    one = TokenSampleObserver(max_tokens=40, seed=3)
+    one = TokenSampleObserver(max_tokens=40, seed=3, first_positions=first_positions)
     for x in batches:
         one.add_batch(x)
-    rank0, rank1 = TokenSampleObserver(40, seed=3), TokenSampleObserver(40, seed=3)
+    assert one.rows.shape[0] == 40 + 5 * 2 * first_positions  # every sequence's first positions, kept besides
+    rank0 = TokenSampleObserver(40, seed=3, first_positions=first_positions)
+    rank1 = TokenSampleObserver(40, seed=3, first_positions=first_positions)
     for b, x in enumerate(batches):  # rank b % 2 runs batch b; the other draws (and drops) its keys
         (rank0 if b % 2 == 0 else rank1).add_batch(x)
         (rank1 if b % 2 == 0 else rank0).skip_batch(x.shape[0] * x.shape[1])

@@ -47,8 +47,12 @@ class AWQ(Step):
     """Per-channel mean|x|, grid search of s = mean|x|^a / sqrt(max min) over a in [0, 1) against the inspected
     sub-module's output, then a clip search per Linear. The search result is saved as ``transforms.safetensors`` in
     the output; ``artifact`` points a later run at it. ``replay_sequences`` bounds how many calibration sequences
-    are replayed through each sub-module per grid point (the search cost); ``clip_tokens`` bounds the tokens used
-    by the clip search.
+    are replayed through each sub-module per grid point (the search cost); ``clip_tokens`` bounds the tokens the clip
+    search draws at random; besides them it always sees the first ``clip_sink_positions`` positions of every
+    calibration sequence, the attention sinks (0: AutoAWQ's random sample alone). Every later token reads a sink
+    through attention, so its outputs matter far beyond its share of the tokens; a random sample that holds about
+    one of them let the search clip the down_proj that writes the sinks' massive activation as if nothing fed those
+    weights (Qwen2.5: that block's output error 3.7x the unclipped one's; docs/peers.md).
     """
 
     kind: ClassVar[str] = "awq"
@@ -59,6 +63,7 @@ class AWQ(Step):
     max_shrink: float = 0.5
     replay_sequences: int = 16
     clip_tokens: int = 512
+    clip_sink_positions: int = 1
     artifact: str | None = None  # re-apply scales/clips saved by an earlier run instead of searching
 
     def check(self) -> None:
@@ -66,6 +71,7 @@ class AWQ(Step):
         check(0.0 <= self.max_shrink < 1.0, f"awq max_shrink must be in [0, 1), got {self.max_shrink}")
         check(self.replay_sequences >= 1, "awq replay_sequences must be >= 1")
         check(self.clip_tokens >= 1, "awq clip_tokens must be >= 1")
+        check(self.clip_sink_positions >= 0, f"awq clip_sink_positions must be >= 0, got {self.clip_sink_positions}")
 
     def check_recipe(self, recipe) -> None:  # noqa: ANN001 (Recipe: imported lazily, it imports the registry)
         rounding = next((s for s in recipe.steps if s.rounds), None)
@@ -153,7 +159,7 @@ def awq_block(ctx: BlockContext, step: AWQ, batch_size: int, saved: dict[str, to
                     taps[g.spec.linears[0]].append(InputNormObserver())
                 recorders[g.inspect_path] = CallRecorder(n_calls)
         for path in clip_paths:
-            taps.setdefault(path, []).append(TokenSampleObserver(step.clip_tokens, seed=ctx.seed))
+            taps.setdefault(path, []).append(TokenSampleObserver(step.clip_tokens, ctx.seed, step.clip_sink_positions))
     reference = run_with_taps(ctx.block, ctx.data, taps, recorders, max_outputs=ctx.error_batches)
     samples = {p: next(o for o in taps[p] if isinstance(o, TokenSampleObserver)) for p in clip_paths if p in taps}
 

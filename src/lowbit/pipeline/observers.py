@@ -131,26 +131,43 @@ class MomentsObserver:
 
 
 class TokenSampleObserver:
-    """A uniform random sample of at most ``max_tokens`` input rows (AWQ clip search), seeded."""
+    """A uniform random sample of at most ``max_tokens`` input rows (AWQ clip search), seeded, plus every row at the
+    first ``first_positions`` positions of each sequence (x [batch, seq, in]; a 2-D input, such as an expert's
+    routed tokens, has no positions). Those are the attention sinks: every later token reads them through
+    attention, and a uniform sample holds about one of them (docs/peers.md, AWQ on Qwen2.5).
 
-    def __init__(self, max_tokens: int, seed: int = 0) -> None:
+    Each row gets a key: a uniform draw in [0, 1), or, at a kept position, 1 + its row number over all batches (every
+    rank's, so the keys are the ones one process would give); the rows kept are the ones with keys >= 1 and the
+    ``max_tokens`` with the largest others, in descending key order, so the sample does not depend on how batches
+    are divided among ranks.
+    """
+
+    def __init__(self, max_tokens: int, seed: int = 0, first_positions: int = 0) -> None:
         self.max_tokens = max_tokens
+        self.first_positions = first_positions
         self.generator = torch.Generator().manual_seed(seed)
+        self.rows_seen = 0  # over all ranks' batches: the row numbers behind the kept positions' keys
         self.rows: torch.Tensor | None = None
-        self.keys: torch.Tensor | None = None
+        self.keys: torch.Tensor | None = None  # float64: row numbers stay exact
 
     def add_batch(self, x: torch.Tensor) -> None:
         rows = _rows(x)
-        keys = torch.rand(rows.shape[0], generator=self.generator)
+        keys = torch.rand(rows.shape[0], generator=self.generator).double()
+        if self.first_positions and x.dim() == 3:
+            at_start = (torch.arange(x.shape[1]) < self.first_positions).repeat(x.shape[0])  # [batch * seq]
+            numbers = torch.arange(self.rows_seen, self.rows_seen + rows.shape[0], dtype=torch.float64)
+            keys = torch.where(at_start, 1.0 + numbers, keys)
+        self.rows_seen += rows.shape[0]
         if self.rows is not None:
             rows = torch.cat([self.rows, rows.to(self.rows.device)])
             keys = torch.cat([self.keys, keys])
         self._keep_top(rows, keys)
 
     def skip_batch(self, tokens: int) -> None:
-        """Another rank's batch of ``tokens`` rows: draw (and drop) its keys, so every row of every batch gets the
-        key one process would have drawn for it."""
+        """Another rank's batch of ``tokens`` rows: draw (and drop) its keys and count its rows, so every row of
+        every batch gets the key one process would have drawn for it."""
         torch.rand(tokens, generator=self.generator)
+        self.rows_seen += tokens
 
     def reduce(self, ranks: Ranks) -> None:
         """The rows with the largest keys over all ranks: one process's sample (top-k of a union of top-ks)."""
@@ -160,7 +177,8 @@ class TokenSampleObserver:
         self._keep_top(rows, torch.cat([k.cpu() for _, k in every]))
 
     def _keep_top(self, rows: torch.Tensor, keys: torch.Tensor) -> None:
-        keep = torch.topk(keys, min(self.max_tokens, keys.numel())).indices
+        kept_positions = int((keys >= 1).sum())
+        keep = torch.topk(keys, min(self.max_tokens + kept_positions, keys.numel())).indices
         self.rows, self.keys = rows[keep.to(rows.device)], keys[keep]
 
 
