@@ -123,6 +123,7 @@ def test_token_sample_of_two_ranks_is_the_one_process_sample(first_positions: in
         (rank1 if b % 2 == 0 else rank0).skip_batch(x.shape[0] * x.shape[1])
     rank0.reduce(TwoRanksByHand((rank1.rows, rank1.keys)))
     assert torch.equal(rank0.rows, one.rows) and torch.equal(rank0.keys, one.keys)
+    assert torch.equal(rank0.weights, one.weights)
 
 
 def test_work_is_divided_longest_first_and_identically_everywhere() -> None:

@@ -59,10 +59,13 @@ def test_awq_clip_search_sees_the_attention_sinks():
     sinks = x[:, 0]  # [16, in]
     assert not (uniform.rows[:, 5] == 300.0).any()  # this draw holds no sink (1 expected in 64 of 1,024)
     assert with_sinks.rows.shape[0] == 64 + 16 and int((with_sinks.rows[:, 5] == 300.0).sum()) == 16
+    # each sink counts once, each drawn row for the 1,008 / 64 it stands for: the sample's weights sum to every row
+    assert torch.allclose(with_sinks.weights.sum(), torch.tensor(1024.0))
+    assert torch.equal(with_sinks.weights[with_sinks.rows[:, 5] == 300.0], torch.ones(16))
     errors = {}
     for name, observer in (("uniform", uniform), ("with sinks", with_sinks)):
-        clipped = rtn(apply_clip(W, awq_clip(W, observer.rows, W3), W3), W3).dequantize()
-        errors[name] = output_error(W, clipped, sinks)
+        max_val = awq_clip(W, observer.rows, W3, token_weights=observer.weights)
+        errors[name] = output_error(W, rtn(apply_clip(W, max_val, W3), W3).dequantize(), sinks)
     # measured on the sinks: uniform sample 0.427 (min-max RTN 0.057), with the sinks 0.045 (ratio 0.11)
     assert errors["with sinks"] < 0.5 * errors["uniform"], errors
 

@@ -49,10 +49,10 @@ class AWQ(Step):
     the output; ``artifact`` points a later run at it. ``replay_sequences`` bounds how many calibration sequences
     are replayed through each sub-module per grid point (the search cost); ``clip_tokens`` bounds the tokens the clip
     search draws at random; besides them it always sees the first ``clip_sink_positions`` positions of every
-    calibration sequence, the attention sinks (0: AutoAWQ's random sample alone). Every later token reads a sink
-    through attention, so its outputs matter far beyond its share of the tokens; a random sample that holds about
-    one of them let the search clip the down_proj that writes the sinks' massive activation as if nothing fed those
-    weights (Qwen2.5: that block's output error 3.7x the unclipped one's; docs/peers.md).
+    calibration sequence, the attention sinks, each weighted by its share of the tokens (0: AutoAWQ's uniform sample
+    alone). A uniform sample holds about one sink, and without them the search clipped the weights that write the
+    sinks' massive activation as if nothing went through them (Qwen2.5: that block's output error 3.7x the unclipped
+    one's; docs/peers.md).
     """
 
     kind: ClassVar[str] = "awq"
@@ -190,7 +190,9 @@ def awq_block(ctx: BlockContext, step: AWQ, batch_size: int, saved: dict[str, to
         rows = samples[path].rows
         assert rows is not None
         grid = ctx.linear_grid(path, step.weights)  # a llama.cpp mix's type for this Linear
-        return awq_clip(ctx.targets[path].weight.detach(), rows, grid, step.n_grid, step.max_shrink)
+        weights = samples[path].weights if step.clip_sink_positions else None  # none: AutoAWQ's plain mean
+        return awq_clip(ctx.targets[path].weight.detach(), rows, grid, step.n_grid, step.max_shrink,
+                        token_weights=weights)
 
     if saved is None:  # each rank searches its share of the Linears (distributed/divide.py)
         clips = divide_work(ctx.ranks, clip_paths, lambda p: ctx.targets[p].weight.numel(), search_clip)

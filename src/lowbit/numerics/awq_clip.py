@@ -25,13 +25,15 @@ def _quantize_groups(Wg: torch.Tensor, spec: WeightQuant, global_: torch.Tensor 
 
 
 def awq_clip(
-    W: torch.Tensor, X: torch.Tensor, spec: WeightQuant, n_grid: int = 20, max_shrink: float = 0.5, row_batch: int = 1024
+    W: torch.Tensor, X: torch.Tensor, spec: WeightQuant, n_grid: int = 20, max_shrink: float = 0.5,
+    row_batch: int = 1024, token_weights: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Best clipping threshold max_val [out, n_groups] for W [out, in] given sample inputs X [tokens, in].
 
     Candidates are max|w| * (1 - i / n_grid) for i < max_shrink * n_grid; the error of a group is the mean squared
-    difference of its partial outputs X_g W_g^T before and after clip + quantization. Per-tensor grids have no
-    per-group range to clip: None.
+    difference of its partial outputs X_g W_g^T before and after clip + quantization, over the tokens weighted by
+    ``token_weights`` [tokens] where given (a stratified sample's: observers.TokenSampleObserver). Per-tensor grids
+    have no per-group range to clip: None.
     """
     spec = spec.for_width(W.shape[1])  # a K-quant grid: searched on its sub-blocks' ranges (before sc is rounded)
     if spec.granularity == "tensor":
@@ -50,12 +52,20 @@ def awq_clip(
             max_val = org_max * (1 - i / n_grid)
             clipped = torch.clamp(Wg, -max_val.unsqueeze(-1), max_val.unsqueeze(-1))
             out = torch.einsum("tgk,ogk->ogt", Xg, _quantize_groups(clipped, spec, global_))
-            err = (out - reference).pow(2).mean(dim=-1)  # [rows, g]
+            err = _mean(out - reference, token_weights)  # [rows, g]
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best_max = torch.where(better, max_val, best_max)
         best_rows.append(best_max)
     return torch.cat(best_rows, dim=0)
+
+
+def _mean(difference: torch.Tensor, token_weights: torch.Tensor | None) -> torch.Tensor:
+    """difference [rows, g, t] -> the (weighted) mean of its squares over the tokens [rows, g]."""
+    if token_weights is None:
+        return difference.pow(2).mean(dim=-1)
+    w = token_weights.to(difference.device, difference.dtype)
+    return difference.pow(2) @ (w / w.sum())
 
 
 def apply_clip(W: torch.Tensor, max_val: torch.Tensor, spec: WeightQuant) -> torch.Tensor:

@@ -131,10 +131,13 @@ class MomentsObserver:
 
 
 class TokenSampleObserver:
-    """A uniform random sample of at most ``max_tokens`` input rows (AWQ clip search), seeded, plus every row at the
-    first ``first_positions`` positions of each sequence (x [batch, seq, in]; a 2-D input, such as an expert's
-    routed tokens, has no positions). Those are the attention sinks: every later token reads them through
-    attention, and a uniform sample holds about one of them (docs/peers.md, AWQ on Qwen2.5).
+    """A seeded sample of a module's input rows (AWQ clip search), stratified by position: every row at the first
+    ``first_positions`` positions of each sequence (x [batch, seq, in]; a 2-D input, such as an expert's routed
+    tokens, has no positions), and at most ``max_tokens`` of the others drawn uniformly. The first positions are the
+    attention sinks, about one of which a uniform sample of 512 of 8,192 tokens holds, while in the blocks that
+    write their massive activations they decide which weights matter (docs/peers.md, AWQ on Qwen2.5). ``weights``
+    [rows] count each kept row for the rows it stands for (1 for a first position, rows seen / rows drawn for the
+    others), so a weighted mean over the sample estimates the mean over every row without missing the sinks.
 
     Each row gets a key: a uniform draw in [0, 1), or, at a kept position, 1 + its row number over all batches (every
     rank's, so the keys are the ones one process would give); the rows kept are the ones with keys >= 1 and the
@@ -175,6 +178,15 @@ class TokenSampleObserver:
         every = ranks.gather((self.rows.cpu(), self.keys))
         rows = torch.cat([r for r, _ in every]).to(self.rows.device)
         self._keep_top(rows, torch.cat([k.cpu() for _, k in every]))
+
+    @property
+    def weights(self) -> torch.Tensor:
+        """[rows]: how many rows of all batches each kept row stands for (float32)."""
+        assert self.keys is not None
+        at_start = self.keys >= 1
+        drawn = int((~at_start).sum())
+        others_seen = self.rows_seen - int(at_start.sum())
+        return torch.where(at_start, 1.0, others_seen / max(drawn, 1)).float()
 
     def _keep_top(self, rows: torch.Tensor, keys: torch.Tensor) -> None:
         kept_positions = int((keys >= 1).sum())
