@@ -105,3 +105,15 @@ def test_a_stored_recipe_loads_under_rules_added_later():
     with pytest.raises(LowbitError, match="one grid per recipe"):
         Recipe.from_dict(stored)
     assert Recipe.from_dict(stored, stored=True).method_label == "awq + gptq W4 sym g32"
+
+
+def test_a_stored_recipe_reads_back_what_it_was_made_with():
+    """A field added with a default that changed the method (AWQ's clip sample keeps the sinks since stop 43): an
+    output or report written before it reads back with the value it was made with, so `compare --resume` measures
+    such a row again instead of taking it for today's; a new recipe without the field gets today's default."""
+    earlier = {"steps": [{"type": "awq", "bits": 4, "group_size": 128}]}
+    assert Recipe.from_dict(earlier, stored=True).steps[0].clip_sink_positions == 0
+    assert Recipe.from_dict(earlier).steps[0].clip_sink_positions == 1
+    assert Recipe.from_dict(earlier, stored=True) != Recipe.from_dict(earlier)
+    today = Recipe.from_dict(earlier).to_dict()  # written today: the field is stored and read back as written
+    assert Recipe.from_dict(today, stored=True) == Recipe.from_dict(earlier)

@@ -46,14 +46,17 @@ _WEIGHT_FIELDS = {f.name for f in dataclasses.fields(WeightQuant)}
 _check = check
 
 
-def step_from_dict(data: dict[str, Any]) -> Step:
-    """Build a step from JSON; weight-grid keys may be nested under 'weights' or given flat."""
+def step_from_dict(data: dict[str, Any], stored: bool = False) -> Step:
+    """Build a step from JSON; weight-grid keys may be nested under 'weights' or given flat. A ``stored`` step (read
+    back from an output or a report) lacking a field its class ``predates`` gets the value it was made with."""
     check_value(data, dict[str, Any], "recipe step", RECIPE_FIX)
     data = dict(data)
     kind = data.pop("type", None)
     if not isinstance(kind, str) or kind not in STEP_TYPES:
         raise LowbitError(f"unknown recipe step type {kind!r}; known types: {', '.join(STEP_TYPES)}")
     cls, where = STEP_TYPES[kind], f"recipe step {kind!r}"
+    if stored:
+        data = {**cls.predates, **data}
     names = {f.name for f in dataclasses.fields(cls)}
     if "weights" in names:
         flat = {k: data.pop(k) for k in list(data) if k in _WEIGHT_FIELDS}
@@ -350,7 +353,7 @@ class Recipe:
             except LowbitError as exc:
                 raise LowbitError(f"recipe plan {name}: {exc}") from None
         return cls(
-            steps=tuple(step_from_dict(s) for s in data["steps"]),
+            steps=tuple(step_from_dict(s, stored) for s in data["steps"]),
             ignore=data.get("ignore", ("lm_head",)),
             name=data.get("name", "custom"),
             stored=stored,

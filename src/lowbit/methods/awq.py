@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -57,6 +57,7 @@ class AWQ(Step):
 
     kind: ClassVar[str] = "awq"
     stage: ClassVar[int] = TRANSFORM
+    predates: ClassVar[dict[str, Any]] = {"clip_sink_positions": 0}  # outputs before stop 43 sampled uniformly
     weights: WeightQuant = field(default_factory=WeightQuant)
     n_grid: int = 20
     clip: bool = True

@@ -252,6 +252,9 @@ class Step:
     stage: ClassVar[int] = ROUND
     prunes: ClassVar[bool] = False  # sets weights to zero
     quantizes_inputs: ClassVar[bool] = False  # computes on quantized activations (W8A8-style)
+    # fields added with a default that changed what the step does: a stored recipe (an output's or a report's)
+    # without one was made before it existed, with this value, and reads back so (recipe.step_from_dict)
+    predates: ClassVar[dict[str, Any]] = {}
 
     def __post_init__(self) -> None:
         check_fields(self, f"recipe step {self.kind!r}", RECIPE_FIX)
