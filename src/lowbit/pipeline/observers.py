@@ -173,11 +173,13 @@ class TokenSampleObserver:
         self.rows_seen += tokens
 
     def reduce(self, ranks: Ranks) -> None:
-        """The rows with the largest keys over all ranks: one process's sample (top-k of a union of top-ks)."""
+        """The rows with the largest keys over all ranks: one process's sample (top-k of a union of top-ks). A rank
+        counts the batches up to its own last one; the rank that ran the last batch has counted them all."""
         assert self.rows is not None and self.keys is not None
-        every = ranks.gather((self.rows.cpu(), self.keys))
-        rows = torch.cat([r for r, _ in every]).to(self.rows.device)
-        self._keep_top(rows, torch.cat([k.cpu() for _, k in every]))
+        every = ranks.gather((self.rows.cpu(), self.keys, self.rows_seen))
+        rows = torch.cat([r for r, _, _ in every]).to(self.rows.device)
+        self._keep_top(rows, torch.cat([k.cpu() for _, k, _ in every]))
+        self.rows_seen = max(n for _, _, n in every)
 
     @property
     def weights(self) -> torch.Tensor:
