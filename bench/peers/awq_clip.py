@@ -2,9 +2,10 @@
 output's transforms.safetensors), then the same scales and clips re-applied with the clips of chosen Linears removed
 (set to +inf: nothing clamped), so each variant differs from the base only in those clips. Each output is evaluated
 by bench/peers/evaluate.py on the model's shared evaluation windows. Prints one JSON line per variant and writes
-bench/results/peers/awq_clip-<model>-seed<S>.json.
+bench/results/peers/awq_clip-<model>-g<G>-seed<S>-t<T>-sink<P>.json (rows of earlier runs of other variants kept).
 
   usage: .venv/bin/python bench/peers/awq_clip.py --model M --seed S [--group-size 128] [--clip-tokens 512]
+         [--variants NAME ...] [--sink-positions 1]
          (after bench/peers/prepare.py --model M --seeds S; the base run takes AWQ's full time, each variant a
          quantize pass without the searches)
 """
@@ -31,6 +32,8 @@ VARIANTS = {
     "no clip on gate_proj, up_proj": [r"\.gate_proj\.", r"\.up_proj\."],
     "no clip on v_proj, o_proj": [r"\.v_proj\.", r"\.o_proj\."],
     "no clip anywhere": [r"."],
+    # Qwen2.5-Coder 0.5B's block 3 down_proj writes the attention sinks' massive activation (docs/peers.md)
+    "no clip on block 3's down_proj": [r"\.layers\.3\.mlp\.down_proj\."],
 }
 
 
@@ -68,20 +71,27 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=2)
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--clip-tokens", type=int, default=512, help="tokens the clip search samples (AWQ's default)")
+    parser.add_argument("--sink-positions", type=int, default=1, help="AWQ's clip_sink_positions (0: AutoAWQ's "
+                        "random sample alone, lowbit's before stop 43)")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     args = parser.parse_args()
     name = model_name(args.model)
     if not (model_folder(name) / "config.json").is_file() or not ids_file(name, args.seed).is_file():
         raise SystemExit(f"awq_clip: {name}'s shared inputs for seed {args.seed} are missing; run "
                          f"bench/peers/prepare.py --model {args.model} --seeds {args.seed} first")
-    work = WORK / name / f"awq_clip-g{args.group_size}-seed{args.seed}-t{args.clip_tokens}"
+    tag = f"g{args.group_size}-seed{args.seed}-t{args.clip_tokens}-sink{args.sink_positions}"
+    work = WORK / name / f"awq_clip-{tag}"
     work.mkdir(parents=True, exist_ok=True)
     preset = json.loads(subprocess.run([str(LOWBIT), "recipes", f"awq-w4g{args.group_size}"], check=True,
                                        capture_output=True, text=True).stdout)
     preset["steps"][0]["clip_tokens"] = args.clip_tokens
+    preset["steps"][0]["clip_sink_positions"] = args.sink_positions
     base = work / "base"
     quantize(preset, base, name, args.seed)
-    results = []
-    for variant, patterns in VARIANTS.items():
+    out = REPO / "bench" / "results" / "peers" / f"awq_clip-{name}-{tag}.json"
+    results = json.loads(out.read_text())["rows"] if out.is_file() else []  # other variants' rows are kept
+    for variant in args.variants:
+        patterns = VARIANTS[variant]
         folder = base if not patterns else work / re.sub(r"\W+", "-", variant).strip("-")
         removed = 0
         if patterns:
@@ -92,10 +102,10 @@ def main() -> None:
             quantize(recipe, folder, name, args.seed)
         row = {"variant": variant, "clips_removed": removed, "perplexity": perplexity(folder, name, args.seed)}
         print(json.dumps(row), flush=True)
-        results.append(row)
-    out = REPO / "bench" / "results" / "peers" / f"awq_clip-{name}-g{args.group_size}-seed{args.seed}-t{args.clip_tokens}.json"
+        results = [r for r in results if r["variant"] != variant] + [row]
     out.write_text(json.dumps({"model": name, "seed": args.seed, "group_size": args.group_size,
-                               "clip_tokens": args.clip_tokens, "rows": results}, indent=1) + "\n")
+                               "clip_tokens": args.clip_tokens,
+                               "clip_sink_positions": args.sink_positions, "rows": results}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
