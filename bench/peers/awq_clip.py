@@ -32,9 +32,11 @@ VARIANTS = {
     "no clip on gate_proj, up_proj": [r"\.gate_proj\.", r"\.up_proj\."],
     "no clip on v_proj, o_proj": [r"\.v_proj\.", r"\.o_proj\."],
     "no clip anywhere": [r"."],
-    # Qwen2.5-Coder 0.5B's block 3 down_proj writes the attention sinks' massive activation (docs/peers.md)
+    # Qwen2.5-Coder 0.5B's block 3 down_proj writes the attention sinks' massive activation (docs/peers.md): run only
+    # when named, since on another model that block means nothing
     "no clip on block 3's down_proj": [r"\.layers\.3\.mlp\.down_proj\."],
 }
+MODEL_SPECIFIC = {"no clip on block 3's down_proj"}
 
 
 def without_clips(artifact: Path, patterns: list[str], out: Path) -> int:
@@ -73,7 +75,8 @@ def main() -> None:
     parser.add_argument("--clip-tokens", type=int, default=512, help="tokens the clip search samples (AWQ's default)")
     parser.add_argument("--sink-positions", type=int, default=1, help="AWQ's clip_sink_positions (0: AutoAWQ's "
                         "random sample alone, lowbit's before stop 43)")
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS),
+                        default=[v for v in VARIANTS if v not in MODEL_SPECIFIC])
     args = parser.parse_args()
     name = model_name(args.model)
     if not (model_folder(name) / "config.json").is_file() or not ids_file(name, args.seed).is_file():
